@@ -1,0 +1,175 @@
+"""Metric computations shared by the trainer and the benchmarks: perplexity, stability, memory, MFU.
+
+Names of the values logged to MLflow are fixed in DESIGN.md; this module only computes them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SPIKE_FACTOR = 5.0  # a grad-norm "spike" is a norm above 5x the rolling median (DESIGN.md)
+SPIKE_WINDOW = 50  # steps in the rolling median window
+
+# Dense bf16 peak FLOP/s per device, from the vendors' datasheets (dense, no sparsity). nanoGPT hard-codes
+# A100's 312e12; we look the device name up and let --peak-tflops override it.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "4090": 165e12,
+    "3090": 71e12,
+    "V100": 125e12,
+}
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of the mean token negative log-likelihood (nats); inf past float range rather than an error."""
+    return math.exp(mean_nll) if mean_nll < 700 else float("inf")
+
+
+def rolling_median_spikes(values: Sequence[float], window: int = SPIKE_WINDOW, factor: float = SPIKE_FACTOR) -> int:
+    """Count steps whose value exceeds `factor` x the median of the previous `window` steps.
+
+    The first step has no history and cannot be a spike; a window shorter than `window` is used at the start.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    spikes = 0
+    for i in range(1, len(x)):
+        history = x[max(0, i - window) : i]
+        history = history[np.isfinite(history)]
+        if history.size and x[i] > factor * np.median(history):
+            spikes += 1
+    return spikes
+
+
+def grad_norm_summary(norms: Sequence[float]) -> dict[str, float]:
+    """Stability summary of per-step gradient norms (before clipping): median, p99/median, CV, spikes."""
+    x = np.asarray([v for v in norms if math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return {}
+    median = float(np.median(x))
+    mean = float(x.mean())
+    return {
+        "grad/norm_median": median,
+        "grad/norm_p99_over_median": float(np.percentile(x, 99) / median) if median > 0 else float("nan"),
+        "grad/norm_cv": float(x.std() / mean) if mean > 0 else float("nan"),
+        "grad/norm_spikes": float(rolling_median_spikes(norms)),
+    }
+
+
+def loss_spike_count(losses: Sequence[float], window: int = SPIKE_WINDOW, threshold: float = 0.5) -> int:
+    """Steps whose train loss jumps more than `threshold` nats above the rolling median of the last window."""
+    x = np.asarray(losses, dtype=np.float64)
+    count = 0
+    for i in range(1, len(x)):
+        history = x[max(0, i - window) : i]
+        if x[i] > np.median(history) + threshold:
+            count += 1
+    return count
+
+
+def load_balance(load: torch.Tensor) -> dict[str, float]:
+    """Balance of tokens over experts: CV (std/mean) and max/mean of the per-expert token counts."""
+    load = load.double()
+    mean = load.mean()
+    if mean <= 0:
+        return {"load_cv": 0.0, "max_load": 0.0}
+    return {"load_cv": float(load.std(unbiased=False) / mean), "max_load": float(load.max() / mean)}
+
+
+def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device from PEAK_BF16_FLOPS (None on CPU or an unknown device)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():  # dict order puts the specific names first
+        if key in name:
+            return flops
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilization: achieved model FLOP/s over the device peak."""
+    if not peak_flops:
+        return None
+    return flops_per_token * tokens_per_s / peak_flops
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory of a block: CUDA max_memory_allocated, or on CPU the peak RSS sampled by a thread.
+
+    CPU uses sampled RSS rather than ru_maxrss because ru_maxrss is the whole process's lifetime peak, which
+    would leak one trial's peak into the next when a matrix runs trials in one process.
+    """
+
+    device: torch.device
+    interval_s: float = 0.05
+    peak_bytes: int = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        self._proc = psutil.Process(os.getpid())
+        self._stop = threading.Event()
+        self.peak_bytes = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return max(self.peak_bytes, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type != "cuda":
+            self._stop.set()
+            self._thread.join()
+        self.peak_bytes = self.read()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Accumulates wall-clock time of the timed sections only (training steps, not evals)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.total = 0.0
+        self._start: float | None = None
+
+    def __enter__(self) -> Stopwatch:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.total += time.perf_counter() - self._start

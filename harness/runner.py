@@ -1,0 +1,156 @@
+"""Run a matrix: prepare data once, size the arms, then each trial in turn with MLflow tracking.
+
+Re-running the same matrix skips trials whose key already has a terminal run (finished, diverged, oom,
+failed) and resumes interrupted ones into the same MLflow run, from their last checkpoint when one exists.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from harness.data import DataConfig, PreparedData, prepare
+from harness.dist import DistInfo, barrier, broadcast_object
+from harness.errors import UserError
+from harness.matrix import Matrix
+from harness.registry import TrialSpec
+from harness.tracking import Tracker, git_commit, strip_credentials
+from harness.trial import TrialResult, resolve_device, run_trial
+
+
+@dataclass
+class MatrixOutcome:
+    experiment_id: str
+    parent_run_id: str | None
+    results: list[tuple[TrialSpec, TrialResult | None]]  # None: skipped (already finished)
+    interrupted: bool = False
+
+
+def prepare_data(fields: dict, cache_dir: str | None, console: Console) -> PreparedData:
+    cfg = DataConfig(**fields, **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
+    with Progress(TextColumn("[bold]data[/]"), TextColumn("{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("preparing", total=None)
+
+        def on_progress(description: str, completed: int, total: int | None) -> None:
+            bar.update(task, description=description, completed=completed, total=total)
+
+        return prepare(cfg, progress=on_progress)
+
+
+def run_tags(data: PreparedData, device: torch.device) -> dict[str, str]:
+    return {"kb.git_commit": git_commit(), "kb.torch_version": torch.__version__,
+            "kb.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "kb.data_hash": data.data_hash}
+
+
+def trial_tags(spec: TrialSpec, key: str) -> dict[str, str]:
+    tags = {"kb.trial_key": key, "kb.arm": spec.arm, "kb.variant": spec.variant, "kb.optimizer": spec.optimizer,
+            "kb.preset": spec.preset, "kb.seed": str(spec.seed), "kb.experiment": spec.experiment}
+    if spec.tuned_from:
+        tags["kb.tuned_from"] = spec.tuned_from
+    return tags
+
+
+def last_logged_step(tracker: Tracker, run_id: str) -> int:
+    history = tracker.client.get_metric_history(run_id, "train/loss")
+    return max((m.step for m in history), default=-1)
+
+
+def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tracking_uri: str | None,
+               out_root: Path, console: Console, dist_info: DistInfo = DistInfo(),
+               peak_tflops: float | None = None) -> MatrixOutcome:
+    """Run every trial; Ctrl-C marks the current run killed and stops with a resume hint."""
+    tracker = Tracker(tracking_uri) if dist_info.is_main else None
+    experiment_id = tracker.ensure_experiment(matrix.name) if tracker else ""
+    device = resolve_device(trials[0].train.device) if trials else torch.device("cpu")
+    common_tags = run_tags(data, device)
+    parent = None
+    if tracker:
+        command = " ".join(shlex.quote(a) for a in ["kimi-bench", *sys.argv[1:]])
+        parent = tracker.start_parent(experiment_id, matrix.name, strip_credentials(command), {
+            **common_tags, "kb.matrix_file": str(matrix.path), "kb.n_trials": str(len(trials))})
+    outcome = MatrixOutcome(experiment_id, parent, [])
+    try:
+        for i, spec in enumerate(trials, 1):
+            result = _run_one(spec, i, len(trials), data, tracker, experiment_id, parent, common_tags, out_root,
+                              console, dist_info, peak_tflops)
+            outcome.results.append((spec, result))
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        console.print(f"[yellow]interrupted[/]: the current trial is marked killed; finished trials are kept. "
+                      f"Resume with the same command: kimi-bench run --matrix {matrix.path}")
+    finally:
+        if tracker and parent:
+            tracker.end_parent(parent, "killed" if outcome.interrupted else "finished")
+    return outcome
+
+
+def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Tracker | None, experiment_id: str,
+             parent: str | None, common_tags: dict, out_root: Path, console: Console, dist_info: DistInfo,
+             peak_tflops: float | None) -> TrialResult | None:
+    key = spec.key(data.data_hash)
+    existing = tracker.find_trial(experiment_id, key) if tracker else None
+    skip = broadcast_object(existing is not None and existing.data.tags.get("kb.status") in
+                            ("finished", "diverged", "oom", "failed"))
+    if skip:
+        console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags['kb.status'] if existing else 'done'}"
+                      f" (run {existing.info.run_id[:8] if existing else '?'}), skipped[/]")
+        return None
+    run = None
+    if tracker:
+        resume_id = existing.info.run_id if existing is not None else None
+        run = tracker.start_trial(experiment_id, parent, spec.name, {**common_tags, **trial_tags(spec, key)},
+                                  spec.flat_params(), resume_run_id=resume_id)
+        if resume_id:
+            run.min_step = last_logged_step(tracker, resume_id)
+        run.log_dataset(data.corpus_name, data.data_hash, str(data.path))
+    barrier()
+    with Progress(TextColumn(f"[bold][{i}/{n}][/] {spec.name}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                  disable=not dist_info.is_main) as bar:
+        task = bar.add_task("train", total=spec.train.total_steps(spec.dims.block_size, dist_info.world_size),
+                            info="")
+
+        def on_progress(step: int, total: int | None, info: dict) -> None:
+            bar.update(task, completed=step, info=f"loss {info['loss']:.3f}  {info['tok/s']:,.0f} tok/s")
+
+        result = run_trial(spec, data, out_root / spec.experiment / key, run, dist_info, on_progress,
+                           peak_tflops=peak_tflops)
+    style = {"finished": "green", "diverged": "red", "oom": "red", "failed": "red"}.get(result.status, "yellow")
+    ppl = result.metrics.get("val/ppl_final")
+    detail = f"val ppl {ppl:.3f}" if ppl else (result.error or "")
+    console.print(f"[{style}]{result.status}[/] {spec.name} at step {result.step}: {detail}")
+    return result
+
+
+def summary_table(outcome: MatrixOutcome) -> Table:
+    table = Table(title="matrix summary", header_style="bold")
+    for col in ("trial", "status", "step", "params total", "params active", "val ppl", "train tok/s",
+                "decode tok/s", "peak mem MB"):
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    for spec, result in outcome.results:
+        if result is None:
+            table.add_row(spec.name, "skipped (done)", *[""] * 7)
+            continue
+        m = result.metrics
+
+        def fmt(key: str, spec_: str = ",.0f", scale: float = 1.0, m=m) -> str:
+            return format(m[key] / scale, spec_) if key in m else "-"
+
+        table.add_row(spec.name, result.status, str(result.step), fmt("params/total"), fmt("params/active"),
+                      fmt("val/ppl_final", ".3f"), fmt("train/tokens_per_s"), fmt("infer/decode_tokens_per_s"),
+                      fmt("mem/peak_bytes", ",.0f", 1e6))
+    return table
+
+
+def check_trials(trials: list[TrialSpec]) -> None:
+    if not trials:
+        raise UserError("matrix: expands to no trials; list at least one arm, preset and seed")

@@ -1,0 +1,216 @@
+"""The MLflow sink: the experiment, a parent run per matrix, a child run per trial, batched metrics.
+
+Default store: `sqlite:///<cwd>/mlflow.db` (MLflow's own default). One synchronous MLflow call costs 3-11 ms
+on sqlite, so step metrics are buffered and sent with `log_batch` every `flush_every` values or
+`flush_seconds`, and always at evals and at the end. The time spent logging is measured and logged as
+`track/log_s` and `track/overhead_frac` (share of the training time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+TERMINAL = {"finished", "diverged", "oom", "failed", "pruned"}  # a rerun does not retry these
+RUN_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED",
+              "pruned": "FINISHED", "killed": "KILLED"}
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def strip_credentials(uri: str) -> str:
+    """Remove user:password@ from a URI so it can be printed or logged."""
+    return re.sub(r"//[^/@]+@", "//", uri)
+
+
+def git_commit() -> str:
+    """The project's git commit (+ '-dirty' with uncommitted changes), or 'unknown' outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _mlflow():
+    import mlflow  # heavy import: only when tracking is used
+
+    return mlflow
+
+
+class Tracker:
+    """One tracking store; creates the experiment once, before any worker starts (no migration races)."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        mlflow = _mlflow()
+        self.uri = resolve_tracking_uri(tracking_uri)
+        if self.uri.startswith("sqlite:///"):
+            parent = Path(self.uri.removeprefix("sqlite:///")).parent
+            if not parent.is_dir():
+                raise UserError(f"--tracking-uri: folder {parent} does not exist; create it or pick another path")
+        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
+
+    def ensure_experiment(self, name: str) -> str:
+        try:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                return self.client.create_experiment(name)
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        except Exception as e:  # connection refused, bad URI, locked store ...
+            if isinstance(e, UserError):
+                raise
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
+                            f"({first}); start the server or fix the URI") from None
+
+    def start_parent(self, experiment_id: str, name: str, command: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(experiment_id, run_name=f"matrix {name}", tags={
+            "kb.kind": "matrix", "kb.command": command, **tags})
+        return run.info.run_id
+
+    def end_parent(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, RUN_STATUS.get(status, "FINISHED"))
+
+    def find_trial(self, experiment_id: str, trial_key: str):
+        """The newest run with this trial key: finished ones first (a rerun skips them)."""
+        runs = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`kb.trial_key` = '{trial_key}'",
+            order_by=["attributes.start_time DESC"], max_results=50)
+        terminal = [r for r in runs if r.data.tags.get("kb.status") in TERMINAL]
+        return (terminal or runs or [None])[0]
+
+    def trials(self, experiment_id: str) -> list:
+        return self.client.search_runs([experiment_id], filter_string="tags.`kb.kind` = 'trial'",
+                                       max_results=10000)
+
+    def start_trial(self, experiment_id: str, parent_id: str | None, run_name: str, tags: dict[str, str],
+                    params: dict[str, Any], resume_run_id: str | None = None, system_metrics: bool = True,
+                    kind: str = "trial") -> TrialRun:
+        from mlflow.entities import Param, RunTag
+
+        if resume_run_id:
+            run_id = resume_run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = {"kb.kind": kind, **tags}
+            if parent_id:
+                all_tags["mlflow.parentRunId"] = parent_id
+            run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+            param_list = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+            for i in range(0, len(param_list), 100):  # MLflow caps a batch at 100 params
+                self.client.log_batch(run_id, params=param_list[i : i + 100])
+        self.client.log_batch(run_id, tags=[RunTag("kb.status", "running")])
+        return TrialRun(self, run_id, system_metrics=system_metrics)
+
+
+def _param_value(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return strip_credentials(s)[:6000]
+
+
+@dataclass
+class TrialRun:
+    """A child run with a metric buffer. `log` is cheap; `flush` sends one log_batch."""
+
+    tracker: Tracker
+    run_id: str
+    system_metrics: bool = True
+    flush_every: int = 500
+    flush_seconds: float = 10.0
+    min_step: int = -1  # on resume: steps <= this were logged by the killed run and are not logged again
+    log_seconds: float = 0.0
+    _buffer: list = field(default_factory=list)
+    _last_flush: float = field(default_factory=time.perf_counter)
+    _monitor: Any = None
+
+    def __post_init__(self) -> None:
+        if self.system_metrics:
+            self._start_system_metrics()
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=True,
+                                                 tracking_uri=self.tracker.uri)
+            self._monitor.start()
+        except Exception:  # psutil missing or an unsupported platform: system metrics are a nicety
+            self._monitor = None
+
+    def log(self, step: int, metrics: dict[str, float], final: bool = False) -> None:
+        from mlflow.entities import Metric
+
+        if step <= self.min_step and not final:
+            return
+        ts = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            self._buffer.append(Metric(key, float(value), ts, step))
+        if len(self._buffer) >= self.flush_every or time.perf_counter() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        t0 = time.perf_counter()
+        while self._buffer:
+            batch, self._buffer = self._buffer[:1000], self._buffer[1000:]  # MLflow's per-batch cap
+            self.tracker.client.log_batch(self.run_id, metrics=batch)
+        self._last_flush = time.perf_counter()
+        self.log_seconds += self._last_flush - t0
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.tracker.client.log_batch(self.run_id, tags=[RunTag(k, strip_credentials(str(v)))
+                                                         for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.tracker.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
+        """Record the corpus as an MLflow dataset input (name + digest), so runs show what they trained on."""
+        try:
+            from mlflow.data.meta_dataset import MetaDataset
+            from mlflow.data.sources import LocalArtifactDatasetSource
+            from mlflow.entities import DatasetInput, InputTag
+
+            ds = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest[:36])
+            self.tracker.client.log_inputs(self.run_id, [DatasetInput(
+                ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+        except Exception:  # older MLflow without dataset inputs: the data hash is still a tag
+            pass
+
+    def end(self, status: str) -> None:
+        """Flush, set kb.status and the MLflow run status; safe to call twice."""
+        try:
+            self.flush()
+        finally:
+            if self._monitor is not None:
+                try:
+                    self._monitor.finish()
+                except Exception:
+                    pass
+                self._monitor = None
+            self.set_tags({"kb.status": status})
+            self.tracker.client.set_terminated(self.run_id, RUN_STATUS.get(status, "FAILED"))

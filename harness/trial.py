@@ -1,0 +1,512 @@
+"""One training trial: build, train on the budget, evaluate, checkpoint, benchmark inference, log.
+
+The loop is the same on CPU and CUDA (bf16 autocast there). Per-step values stay on the device and are read
+once per `log_interval` steps, so the hot path has no host-device sync. A trial ends in one status:
+finished | diverged (non-finite loss; the step is recorded) | oom | killed (Ctrl-C: re-raised so the matrix
+stops) | failed (any other error) | pruned (Optuna). Checkpoints are written to a temporary file and renamed,
+so a kill at any moment leaves either the old or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from arch.counting import count_params, flops_per_token
+from arch.moe import moe_modules
+from arch.muon import enable_max_logit_tracking, qk_clip_
+from harness.data import PreparedData, TokenBatches, val_batches
+from harness.dist import DistInfo, all_reduce_
+from harness.inference import benchmark_inference
+from harness.metrics import (
+    PeakMemory,
+    device_peak_flops,
+    grad_norm_summary,
+    load_balance,
+    loss_spike_count,
+    mfu,
+    perplexity,
+    synchronize,
+)
+from harness.registry import TrialSpec, build_model
+from harness.tracking import TrialRun
+
+STATE_FILE = "trial_state.pt"  # resume point: model, optimizer, step, RNG, histories
+MODEL_FILE = "model.pt"  # final weights + config: what `ckpt/bytes` measures and `generate` loads
+
+
+class Diverged(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite training loss {value} at step {step}")
+        self.step = step
+
+
+class Pruned(Exception):
+    """Raised by an on_eval callback (Optuna) to stop a trial early."""
+
+
+@dataclass
+class TrialResult:
+    status: str
+    trial_key: str
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    error: str | None = None
+    out_dir: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(spec: TrialSpec, device: torch.device) -> torch.dtype | None:
+    if spec.train.dtype == "bfloat16" or (spec.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
+    """Linear warmup over the first `warmup` fraction, then cosine from 1 to min_ratio (nanoGPT's shape)."""
+    if progress < warmup:
+        return (progress + 1e-12) / warmup if warmup > 0 else 1.0
+    span = max(1e-12, 1.0 - warmup)
+    decay = min(1.0, (progress - warmup) / span)
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * decay))
+
+
+def atomic_save(obj: Any, path: Path) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: PreparedData, spec: TrialSpec, device: torch.device,
+             amp: torch.dtype | None) -> dict[str, float]:
+    """Mean token NLL over the fixed val set (the first eval_tokens of the val split); max attention logit."""
+    was_training = model.training
+    model.eval()
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    max_logit = None
+    block = spec.dims.block_size
+    for i, (x, y) in enumerate(val_batches(data.val, block, spec.train.micro_batch_size,
+                                           max_tokens=spec.train.eval_tokens)):
+        x, y = x.to(device), y.to(device)
+        track = i == 0  # the max-logit pass costs a little: one batch is enough for a monitor
+        if track:
+            enable_max_logit_tracking(model, True)
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            logits, _ = model(x)
+        nll_sum += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                                     reduction="sum").double()
+        count += y.numel()
+        if track:
+            max_logit = _max_attention_logit(model)
+            enable_max_logit_tracking(model, spec.optimizer == "muonclip")
+    model.train(was_training)
+    if count == 0:
+        raise RuntimeError("the validation split has fewer tokens than one block; use a larger corpus")
+    mean_nll = float(nll_sum) / count
+    out = {"val/loss": mean_nll, "val/ppl": perplexity(mean_nll)}
+    if max_logit is not None:
+        out["attn/max_logit"] = max_logit
+    return out
+
+
+def _max_attention_logit(model: nn.Module) -> float | None:
+    values = [float(m.max_logit.max()) for m in model.modules()
+              if getattr(m, "track_max_logit", False) and getattr(m, "max_logit", None) is not None]
+    return max(values) if values else None
+
+
+class LoadMeter:
+    """Tokens routed to each expert of each MoE layer since the last read (for load stats and heatmaps)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = moe_modules(model)
+        self.acc = [torch.zeros_like(m.last_load, dtype=torch.float64) if getattr(m, "last_load", None) is not None
+                    else None for m in self.layers]
+
+    def add(self) -> None:
+        for i, m in enumerate(self.layers):
+            if self.acc[i] is None:
+                self.acc[i] = torch.zeros(m.last_load.shape, dtype=torch.float64, device=m.last_load.device)
+            self.acc[i] += m.last_load.double()
+
+    def read(self) -> list[torch.Tensor]:
+        loads = [all_reduce_(a.clone()).cpu() for a in self.acc if a is not None]
+        self.acc = [torch.zeros_like(a) if a is not None else None for a in self.acc]
+        return loads
+
+
+def _save_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        if history.get(key):
+            steps, values = zip(*history[key], strict=True)
+            ax.plot(steps, values, style, label=key, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed trial needs besides model and optimizer weights."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    history: dict[str, list] = field(default_factory=lambda: {"train/loss": [], "val/loss": []})
+    moe_rows: list[tuple[int, int, int, float]] = field(default_factory=list)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    window_rates: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Holds the pieces of one trial so the loop reads top to bottom."""
+
+    def __init__(self, spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun | None,
+                 dist_info: DistInfo = DistInfo(), progress: Callable[[int, int | None, dict], None] | None = None,
+                 on_eval: Callable[[int, dict], None] | None = None, peak_tflops: float | None = None):
+        self.spec, self.data, self.out_dir, self.run = spec, data, out_dir, run
+        self.dist, self.progress, self.on_eval = dist_info, progress, on_eval
+        self.device = resolve_device(spec.train.device)
+        if self.device.type == "cuda" and dist_info.enabled:
+            self.device = torch.device("cuda", dist_info.local_rank)
+        self.amp = autocast_dtype(spec, self.device)
+        self.peak_flops = device_peak_flops(self.device, peak_tflops)
+        self.total_steps = spec.train.total_steps(spec.dims.block_size, dist_info.world_size)
+        self.state = TrainState()
+
+        torch.manual_seed(spec.seed)  # init seed; data order has its own seed (TokenBatches)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = build_model(spec.variant, spec.dims).to(self.device)
+        self.optimizer = spec.optim.build(self.model)
+        for group in self.optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+        enable_max_logit_tracking(self.model, spec.optimizer == "muonclip")
+        self.train_model = self.model
+        if dist_info.enabled:
+            ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, **ddp_kwargs)
+        if spec.train.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.batches = TokenBatches(data.train, spec.dims.block_size, spec.train.micro_batch_size,
+                                    spec.train.grad_accum, spec.effective_data_seed, dist_info.world_size)
+        self.tokens_per_step = spec.train.tokens_per_step(spec.dims.block_size, dist_info.world_size)
+        self.moe = moe_modules(self.model)
+        self.load_meter = LoadMeter(self.model)
+        self.counts = count_params(self.model)
+        self.flops_per_token = flops_per_token(self.model, spec.dims.block_size)
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    def state_path(self) -> Path:
+        return self.out_dir / STATE_FILE
+
+    def save_state(self) -> None:
+        if not self.dist.is_main:
+            return
+        if self.run is not None:
+            self.run.flush()  # metrics up to this step reach MLflow before the resume point moves past them
+        atomic_save({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "train_state": dataclasses.asdict(self.state),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "trial_key_spec": json.dumps(self.spec.flat_params(), sort_keys=True, default=str),
+        }, self.state_path())
+
+    def load_state(self) -> bool:
+        path = self.state_path()
+        if not path.is_file():
+            return False
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = TrainState(**ckpt["train_state"])
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())
+        if ckpt["rng_cuda"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def budget_progress(self) -> float:
+        if self.total_steps is not None:
+            return self.state.step / self.total_steps
+        return self.state.train_seconds / self.spec.train.seconds
+
+    def done(self) -> bool:
+        return self.budget_progress() >= 1.0
+
+    def set_lr(self) -> float:
+        t = self.spec.train
+        if t.warmup_steps is not None and self.total_steps:
+            warmup = t.warmup_steps / self.total_steps
+        else:
+            warmup = t.warmup_frac
+        factor = lr_factor(self.budget_progress(), warmup, t.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return factor
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) on device."""
+        accum = self.spec.train.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.batches.get(self.state.step, micro, self.dist.rank)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if self.dist.enabled and micro < accum - 1:
+                sync = self.train_model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext():
+                    _, loss = self.train_model(x, y)
+                    total = loss + self.model.aux_loss
+                (total / accum).backward()
+            loss_sum += loss.detach().float()
+            if self.moe:
+                self.load_meter.add()
+        clip = self.spec.train.grad_clip if self.spec.train.grad_clip > 0 else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for m in self.moe:
+            all_reduce_(m.load_accum)
+            m.update_bias()
+        if self.spec.optimizer == "muonclip":
+            qk_clip_(self.model, self.spec.optim.qk_clip_tau)
+        loss_mean = loss_sum / accum
+        if self.dist.enabled:
+            loss_mean = all_reduce_(loss_mean) / self.dist.world_size
+        return loss_mean, grad_norm
+
+    def log(self, step: int, metrics: dict[str, float], final: bool = False) -> None:
+        if self.run is not None and self.dist.is_main:
+            self.run.log(step, metrics, final=final)
+
+    def flush_window(self, pending: list, window_start: float, window_tokens: int) -> None:
+        """Read the window's per-step values (one sync), check divergence, log step metrics."""
+        synchronize(self.device)
+        now = time.perf_counter()
+        window_seconds = now - window_start
+        base_seconds = self.state.train_seconds
+        self.state.train_seconds += window_seconds
+        if window_seconds > 0 and window_tokens:
+            self.state.window_rates.append(window_tokens / window_seconds)
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _, _ in pending]).cpu()
+        for (step, _, _, lr_factor_, t_step), (loss, norm) in zip(pending, values.tolist(), strict=True):
+            if not math.isfinite(loss):
+                raise Diverged(step, loss)
+            self.state.losses.append(loss)
+            self.state.grad_norms.append(norm)
+            self.state.history["train/loss"].append((step, loss))
+            tokens = step * self.tokens_per_step
+            self.log(step, {
+                "train/loss": loss, "grad/norm": norm, "train/lr_factor": lr_factor_,
+                "train/lr": lr_factor_ * self.optimizer.param_groups[0]["base_lr"],
+                "train/tokens": tokens, "train/elapsed_s": base_seconds + (t_step - window_start),
+                "train/tokens_per_s": self.state.window_rates[-1] if self.state.window_rates else None,
+            })
+
+    def run_eval(self) -> dict[str, float]:
+        metrics = evaluate(self.model, self.data, self.spec, self.device, self.amp)
+        if self.moe:
+            loads = self.load_meter.read()
+            stats = [load_balance(load) for load in loads if load.sum() > 0]
+            if stats:
+                metrics["moe/load_cv"] = sum(s["load_cv"] for s in stats) / len(stats)
+                metrics["moe/max_load"] = max(s["max_load"] for s in stats)
+            for layer, load in enumerate(loads):
+                total = float(load.sum()) or 1.0
+                for expert, value in enumerate(load.tolist()):
+                    self.state.moe_rows.append((self.state.step, layer, expert, value / total))
+        self.state.history["val/loss"].append((self.state.step, metrics["val/loss"]))
+        self.state.last_eval = metrics
+        self.log(self.state.step, metrics)
+        if self.run is not None and self.dist.is_main:
+            self.run.flush()
+        if self.on_eval is not None:
+            self.on_eval(self.state.step, metrics)
+        return metrics
+
+    def train(self) -> None:
+        t = self.spec.train
+        pending: list = []
+        window_start = time.perf_counter()
+        window_steps = 0
+        while not self.done():
+            lr = self.set_lr()
+            loss, norm = self.train_step()
+            self.state.step += 1
+            self.state.tokens += self.tokens_per_step
+            window_steps += 1
+            pending.append((self.state.step, loss, norm, lr, time.perf_counter()))
+            last = self.done() if self.total_steps is not None else False
+            if self.total_steps is None or len(pending) >= t.log_interval or last \
+                    or self.state.step % t.eval_interval == 0:
+                self.flush_window(pending, window_start, window_steps * self.tokens_per_step)
+                pending, window_steps = [], 0
+                last = self.done()
+                if self.progress:
+                    self.progress(self.state.step, self.total_steps, {
+                        "loss": self.state.losses[-1],
+                        "tok/s": self.state.window_rates[-1] if self.state.window_rates else 0.0})
+                if self.state.step % t.eval_interval == 0 or last:
+                    self.run_eval()
+                if t.checkpoint_interval and self.state.step % t.checkpoint_interval == 0 and not last:
+                    self.save_state()
+                window_start = time.perf_counter()
+
+    # ------------------------------------------------------------------ after training
+    def final_metrics(self) -> dict[str, float]:
+        s = self.state
+        rates = s.window_rates[1:] or s.window_rates  # the first window holds warm-up / compilation
+        tokens_per_s = sum(rates) / len(rates) if rates else 0.0
+        out: dict[str, float] = {
+            "params/total": self.counts.total, "params/active": self.counts.active,
+            "params/embedding": self.counts.embedding, "train/flops_per_token": self.flops_per_token,
+            "train/tokens_per_s": tokens_per_s, "train/seconds": s.train_seconds, "train/tokens": s.tokens,
+            "train/loss_spikes": float(loss_spike_count(s.losses)),
+        }
+        out.update(grad_norm_summary(s.grad_norms))
+        if s.last_eval:
+            out["val/loss_final"] = s.last_eval["val/loss"]
+            out["val/ppl_final"] = s.last_eval["val/ppl"]
+            for key in ("moe/load_cv", "moe/max_load", "attn/max_logit"):
+                if key in s.last_eval:
+                    out[key] = s.last_eval[key]
+        if self.moe:
+            out["moe/dropped"] = 0.0  # dropless dispatch: every routed (token, expert) pair is computed
+        achieved = mfu(self.flops_per_token, tokens_per_s, self.peak_flops)
+        if achieved is not None:
+            out["train/mfu"] = achieved
+        return out
+
+    def save_model(self) -> int:
+        payload = {"model": self.model.state_dict(), "variant": self.spec.variant,
+                   "dims": dataclasses.asdict(self.spec.dims), "data": self.spec.data,
+                   "data_hash": self.data.data_hash}
+        return atomic_save(payload, self.out_dir / MODEL_FILE)
+
+    def write_artifacts(self, final: dict[str, float]) -> None:
+        if self.run is None or not self.dist.is_main:
+            return
+        config = self.out_dir / "config.json"
+        config.write_text(json.dumps({"spec": self.spec.flat_params(), "final": final}, indent=2,
+                                     sort_keys=True, default=str))
+        self.run.log_artifact(config)
+        curve = self.out_dir / "loss_curve.png"
+        _save_loss_curve(self.state.history, curve, f"{self.spec.name}")
+        self.run.log_artifact(curve)
+        if self.state.moe_rows:
+            csv = self.out_dir / "moe_load.csv"
+            csv.write_text("step,layer,expert,load\n" + "".join(
+                f"{s},{layer},{e},{v:.6g}\n" for s, layer, e, v in self.state.moe_rows))
+            self.run.log_artifact(csv)
+
+
+def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun | None = None,
+              dist_info: DistInfo = DistInfo(), progress=None, on_eval=None, resume: bool = True,
+              peak_tflops: float | None = None) -> TrialResult:
+    """Train one trial to its budget and log everything; never raises except KeyboardInterrupt."""
+    key = spec.key(data.data_hash)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = TrialResult(status="failed", trial_key=key, run_id=run.run_id if run else None, out_dir=out_dir)
+    trainer = None
+    try:
+        trainer = Trainer(spec, data, out_dir, run, dist_info, progress, on_eval, peak_tflops)
+        resumed = resume and trainer.load_state()
+        if run is not None and dist_info.is_main:
+            run.set_tags({"kb.resumed_from_step": trainer.state.step} if resumed else {})
+            if trainer.state.step == 0:
+                trainer.run_eval()  # step 0: the untrained model (loss should be near ln(vocab))
+        with PeakMemory(trainer.device) as mem:
+            trainer.train()
+        final = trainer.final_metrics()
+        final["mem/peak_bytes"] = mem.peak_bytes
+        if dist_info.is_main:
+            final["ckpt/bytes"] = trainer.save_model()
+            final.update(benchmark_inference(
+                trainer.model, spec.dims.vocab_size, spec.dims.block_size, spec.train.infer_batch_sizes,
+                spec.train.infer_new_tokens, seed=spec.seed, autocast_dtype=trainer.amp))
+            if run is not None:
+                run.flush()
+                final["track/log_s"] = run.log_seconds
+                final["track/overhead_frac"] = run.log_seconds / max(trainer.state.train_seconds, 1e-9)
+        trainer.log(trainer.state.step, final, final=True)
+        trainer.write_artifacts(final)
+        trainer.save_state()  # the finished state: a rerun with a longer budget could continue from it
+        result.status, result.metrics = "finished", final
+    except Diverged as e:
+        result.status, result.error = "diverged", str(e)
+        result.metrics = {"train/diverged_step": e.step}
+        if trainer is not None:
+            trainer.log(e.step, result.metrics, final=True)
+    except Pruned as e:
+        result.status, result.error = "pruned", str(e)
+    except torch.OutOfMemoryError as e:
+        result.status, result.error = "oom", str(e).splitlines()[0]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        result.status, result.error = "killed", "interrupted (Ctrl-C)"
+        _finish_run(run, result, trainer)
+        raise
+    except Exception as e:  # isolate the failure: the matrix goes on with the next trial
+        result.status = "failed"
+        result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        (out_dir / "error.txt").write_text(traceback.format_exc())
+        if run is not None:
+            with contextlib.suppress(Exception):
+                run.log_artifact(out_dir / "error.txt")
+    _finish_run(run, result, trainer)
+    return result
+
+
+def _finish_run(run: TrialRun | None, result: TrialResult, trainer: Trainer | None) -> None:
+    if trainer is not None:
+        result.step = trainer.state.step
+    if run is None:
+        return
+    tags = {"kb.final_step": result.step}
+    if result.error:
+        tags["kb.error"] = result.error[:500]
+    with contextlib.suppress(Exception):
+        run.set_tags(tags)
+    run.end(result.status)

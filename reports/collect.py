@@ -1,0 +1,249 @@
+"""Read one kimi-bench experiment out of MLflow into tidy pandas frames.
+
+Only MLflow is read (never harness.trial or arch), so a report can be rebuilt from any tracking
+server long after the runs. Schema: see CONTRACT.md, "MLflow schema".
+
+    c = collect("sqlite:///mlflow.db", "paper")
+    c.runs                      # one row per trial (kb.kind=trial), final metrics as columns
+    c.history(["val/loss"])     # long frame: run_id, arm, seed, key, step, value, timestamp
+    c.moe_load                  # moe_load.csv artifacts, concatenated, with run_id/arm/seed
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+from mlflow.entities import Run, ViewType
+from mlflow.tracking import MlflowClient
+
+from harness.errors import UserError
+
+# Final metrics of a trial (logged once, at the last step). Always present as columns of `runs`
+# (NaN where a run did not log one), so callers can index them without checking.
+FINAL_METRICS = (
+    "params/total", "params/active", "params/embedding", "ckpt/bytes", "mem/peak_bytes",
+    "train/flops_per_token", "train/tokens_per_s", "train/mfu", "infer/prefill_tokens_per_s",
+    "infer/decode_tokens_per_s", "infer/decode_tokens_per_s_b8", "infer/ttft_s",
+    "infer/kv_bytes_per_token", "grad/norm_median", "grad/norm_p99_over_median", "grad/norm_cv",
+    "grad/norm_spikes", "train/loss_spikes", "val/loss_final", "val/ppl_final", "moe/load_cv",
+    "moe/max_load", "moe/dropped", "attn/max_logit", "train/diverged_step",
+)
+
+# tag -> column of `runs`
+TRIAL_TAGS = {
+    "kb.trial_key": "trial_key", "kb.arm": "arm", "kb.variant": "variant", "kb.optimizer": "optimizer",
+    "kb.preset": "preset", "kb.seed": "seed", "kb.status": "status", "kb.git_commit": "git_commit",
+    "kb.device": "device", "kb.torch_version": "torch_version", "kb.data_hash": "data_hash",
+    "kb.tuned_from": "tuned_from", "mlflow.parentRunId": "parent_run_id",
+}
+ID_COLUMNS = ["run_id", "experiment_id", "arm", "variant", "optimizer", "preset", "seed", "status",
+              "trial_key", "start_time", "end_time"]
+HISTORY_COLUMNS = ["run_id", "arm", "seed", "key", "step", "value", "timestamp"]
+# MLflow run status, used when a run has no kb.status tag (e.g. the process died before tagging)
+_MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed",
+                  "RUNNING": "running", "SCHEDULED": "running"}
+_PAGE = 1000
+
+
+def strip_credentials(uri: str) -> str:
+    """`scheme://user:pass@host/...` -> `scheme://host/...` (safe to print in a report)."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@]*@", r"\1", uri or "")
+
+
+@dataclass
+class Collected:
+    """Everything a report needs from one experiment. `runs` is sorted by (arm, seed, run_id)."""
+    tracking_uri: str                 # as given or resolved (may hold credentials: print strip_credentials)
+    experiment: str
+    experiment_id: str
+    runs: pd.DataFrame                # one row per trial after de-duplication
+    dropped: pd.DataFrame             # runs superseded by another run with the same trial key
+    matrix_runs: pd.DataFrame         # parent runs (kb.kind=matrix): run_id, start_time, command, git_commit
+    client: MlflowClient = field(repr=False)
+
+    @property
+    def n_dropped(self) -> int:
+        return len(self.dropped)
+
+    @property
+    def tuning(self) -> pd.DataFrame:
+        """Optuna provenance: (arm, tuned_from) pairs from the `kb.tuned_from` tags."""
+        t = self.runs.loc[self.runs.tuned_from.notna(), ["arm", "tuned_from"]]
+        return t.drop_duplicates().sort_values(["arm", "tuned_from"]).reset_index(drop=True)
+
+    def history(self, keys: str | list[str], run_ids: list[str] | None = None) -> pd.DataFrame:
+        """Step-metric history of the trial runs (all of them unless `run_ids`), long format."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        ids = sorted(self.runs.run_id if run_ids is None else run_ids)
+        frames = [_history_frame(self.client, key, ids) for key in keys]
+        h = pd.concat(frames, ignore_index=True) if frames else _history_frame(self.client, "", [])
+        meta = self.runs[["run_id", "arm", "seed"]]
+        h = h.merge(meta, on="run_id", how="left")[HISTORY_COLUMNS]
+        return h.sort_values(["key", "run_id", "step", "timestamp"], kind="stable").reset_index(drop=True)
+
+    @cached_property
+    def moe_load(self) -> pd.DataFrame:
+        """`moe_load.csv` artifacts (step, layer, expert, load) of every trial that has one."""
+        cols = ["run_id", "arm", "seed", "step", "layer", "expert", "load"]
+        frames = []
+        with tempfile.TemporaryDirectory(prefix="kb-moe-") as tmp, _no_progress_bar():
+            for run in self.runs.itertuples():
+                names = {Path(f.path).name for f in self.client.list_artifacts(run.run_id)}
+                if "moe_load.csv" not in names:
+                    continue
+                path = self.client.download_artifacts(run.run_id, "moe_load.csv", tmp)
+                df = pd.read_csv(path)
+                df["run_id"], df["arm"], df["seed"] = run.run_id, run.arm, run.seed
+                frames.append(df[cols])
+        if not frames:
+            return pd.DataFrame(columns=cols)
+        df = pd.concat(frames, ignore_index=True)
+        return df.sort_values(["arm", "seed", "run_id", "step", "layer", "expert"]).reset_index(drop=True)
+
+
+@contextmanager
+def _no_progress_bar():
+    """MLflow draws a tqdm bar per artifact download; silence it without leaving the setting changed."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def collect(tracking_uri: str | None, experiment: str) -> Collected:
+    """Read the trial runs of `experiment`; raise UserError if the store or the experiment is missing."""
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    _check_sqlite_exists(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage != "active":
+        names = sorted(e.name for e in _all_experiments(client))
+        raise UserError(
+            f"experiment: no MLflow experiment named {experiment!r} at {strip_credentials(uri)}; "
+            f"existing: {', '.join(names) or '(none)'}; pass one of them")
+    trials = _search(client, exp.experiment_id, "tags.`kb.kind` = 'trial'")
+    matrices = _search(client, exp.experiment_id, "tags.`kb.kind` = 'matrix'")
+    runs, dropped = _dedupe(_runs_frame(trials))
+    return Collected(tracking_uri=uri, experiment=experiment, experiment_id=exp.experiment_id,
+                     runs=runs, dropped=dropped, matrix_runs=_matrix_frame(matrices), client=client)
+
+
+def _check_sqlite_exists(uri: str) -> None:
+    # MlflowClient would silently create an empty database at a mistyped path.
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        path = Path(uri[len("sqlite:///"):].split("?")[0])
+        if not path.exists():
+            raise UserError(f"tracking_uri: no MLflow database at {path} ({uri}); "
+                            "run some trials first or pass the right --tracking-uri")
+
+
+def _all_experiments(client: MlflowClient) -> list:
+    out, token = [], None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=_PAGE, page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+    out, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=_PAGE, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _ms_to_time(ms: int | None) -> pd.Timestamp:
+    return pd.to_datetime(ms, unit="ms", utc=True) if ms else pd.NaT
+
+
+def _runs_frame(trials: list[Run]) -> pd.DataFrame:
+    rows = []
+    for r in trials:
+        tags = r.data.tags
+        row = {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id,
+               "start_time": _ms_to_time(r.info.start_time), "end_time": _ms_to_time(r.info.end_time),
+               "mlflow_status": r.info.status}
+        row |= {col: tags.get(tag) for tag, col in TRIAL_TAGS.items()}
+        row["status"] = row["status"] or _MLFLOW_STATUS.get(r.info.status, r.info.status.lower())
+        row |= dict(r.data.metrics)
+        row |= {f"param.{k}": v for k, v in r.data.params.items()}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in ID_COLUMNS + list(TRIAL_TAGS.values()) + ["mlflow_status"] + list(FINAL_METRICS):
+        if col not in df:
+            df[col] = float("nan") if col in FINAL_METRICS else None
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    # Column order: ids, tags, metrics (sorted), params (sorted)
+    tag_cols = [c for c in TRIAL_TAGS.values() if c not in ID_COLUMNS] + ["mlflow_status"]
+    params = sorted(c for c in df.columns if c.startswith("param."))
+    metrics = sorted(c for c in df.columns if c not in ID_COLUMNS + tag_cols + params)
+    return df[ID_COLUMNS + tag_cols + metrics + params]
+
+
+def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One run per trial key: the finished one if any, else the newest (resumes and reruns share a key)."""
+    key = df.trial_key.fillna(df.run_id)   # a run without a key is its own trial
+    order = df.assign(_key=key, _fin=df.status.eq("finished"))
+    order = order.sort_values(["_key", "_fin", "start_time", "run_id"], ascending=[True, False, False, True])
+    keep = ~order._key.duplicated()
+    sort = ["arm", "seed", "run_id"]
+    runs = order[keep].drop(columns=["_key", "_fin"]).sort_values(sort, na_position="last")
+    dropped = order[~keep].drop(columns=["_key", "_fin"]).sort_values(sort, na_position="last")
+    return runs.reset_index(drop=True), dropped.reset_index(drop=True)
+
+
+def _matrix_frame(matrices: list[Run]) -> pd.DataFrame:
+    rows = [{"run_id": r.info.run_id, "start_time": _ms_to_time(r.info.start_time),
+             "command": r.data.tags.get("kb.command"),
+             "git_commit": r.data.tags.get("kb.git_commit") or r.data.tags.get("mlflow.source.git.commit")}
+            for r in matrices]
+    df = pd.DataFrame(rows, columns=["run_id", "start_time", "command", "git_commit"])
+    return df.sort_values(["start_time", "run_id"]).reset_index(drop=True)
+
+
+def _history_frame(client: MlflowClient, key: str, run_ids: list[str]) -> pd.DataFrame:
+    """History of one key for many runs: one bulk query on SQL stores, parallel requests elsewhere."""
+    rows = _bulk_history(client, key, run_ids)
+    if rows is None:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            per_run = pool.map(lambda rid: (rid, client.get_metric_history(rid, key)), run_ids)
+            rows = [(rid, m.step, m.value, m.timestamp) for rid, ms in per_run for m in ms]
+    df = pd.DataFrame(rows, columns=["run_id", "step", "value", "timestamp"])
+    df.insert(1, "key", key)
+    return df.astype({"step": "int64", "value": "float64", "timestamp": "int64"})
+
+
+def _bulk_history(client: MlflowClient, key: str, run_ids: list[str]) -> list[tuple] | None:
+    # SqlAlchemyStore.get_metric_history_bulk is not on the public client; use it when the store has it
+    # (sqlite/postgres/mysql backends), else return None and the caller falls back to per-run requests.
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    bulk = getattr(store, "get_metric_history_bulk", None)
+    if bulk is None:
+        return None
+    rows = []
+    for i in range(0, len(run_ids), 500):   # bounded IN (...) lists
+        for m in bulk(run_ids[i:i + 500], key, max_results=2**62):
+            rows.append((m.run_id, m.step, m.value, m.timestamp))
+    return rows
