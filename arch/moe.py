@@ -98,24 +98,43 @@ class Experts(nn.Module):
 
     def forward_loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [M, dim] sorted by expert with counts[e] rows for expert e -> [M, dim]; skips idle experts."""
+        # unbind once: indexing w1[e] per expert would make autograd build and sum E full-size zero grads
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             xe = x[start : start + n]
-            h = F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e])
-            outs.append(F.linear(h, self.w2[e]))
+            h = F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e])
+            outs.append(F.linear(h, w2[e]))
             start += n
         return torch.cat(outs) if outs else x.new_zeros(0, x.size(-1))
 
-    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Same as forward_loop with one grouped GEMM per projection (offs = cumulative group ends)."""
-        offs = counts.cumsum(0).to(torch.int32)
+    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, align: int = 1) -> torch.Tensor:
+        """Same as forward_loop with one grouped GEMM per projection (offs = cumulative group ends).
+
+        align > 1 pads every expert's group with zero rows to a multiple of `align` (CUDA grouped GEMM
+        kernels want 16-byte aligned group offsets, as torchtitan pads them). The padded buffer has the
+        static upper bound M + E*(align-1) rows, so no device-to-host sync is needed; zero rows give zero
+        outputs and add nothing to the weight gradients."""
         dt = _matmul_dtype(x)
         x = x.to(dt)
+        dest = None
+        if align > 1:
+            padded = (counts + align - 1) // align * align
+            start = counts.cumsum(0) - counts  # first sorted slot of each expert
+            start_padded = padded.cumsum(0) - padded
+            slot_expert = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
+                                                  output_size=x.size(0))
+            dest = torch.arange(x.size(0), device=x.device) - start[slot_expert] + start_padded[slot_expert]
+            rows = x.size(0) + counts.numel() * (align - 1)
+            x = x.new_zeros(rows, x.size(1)).index_copy(0, dest, x)
+            counts = padded
+        offs = counts.cumsum(0).to(torch.int32)
         w1, w3, w2 = (w.to(dt).transpose(-2, -1) for w in (self.w1, self.w3, self.w2))
         h = F.silu(F.grouped_mm(x, w1, offs=offs)) * F.grouped_mm(x, w3, offs=offs)
-        return F.grouped_mm(h, w2, offs=offs)
+        y = F.grouped_mm(h, w2, offs=offs)
+        return y if dest is None else y[dest]
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -191,7 +210,7 @@ class MoE(nn.Module):
         xs = flat[token_of_slot]
         self.last_dispatch = self._dispatch(x)
         if self.last_dispatch == "grouped_mm":
-            ys = self.experts.forward_grouped(xs, counts)
+            ys = self.experts.forward_grouped(xs, counts, align=1 if x.device.type == "cpu" else 16)
         else:
             ys = self.experts.forward_loop(xs, counts.tolist())
         ys = ys.to(x.dtype) * weights.reshape(-1)[order].unsqueeze(-1)

@@ -163,6 +163,7 @@ class Muon(torch.optim.Optimizer):
         for key, value in defaults.items():
             group.setdefault(key, value)
         params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        group["params"] = params  # a generator would be exhausted by the checks below
         if group["use_muon"]:
             for p in params:
                 if p.ndim not in (2, 3):
@@ -195,15 +196,17 @@ class Muon(torch.optim.Optimizer):
 
     # -- Muon -------------------------------------------------------------------------------------
 
-    def _momentum_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Update p's momentum buffer; return the tensor to orthogonalize (torch.optim.Muon's ops)."""
+    def _update_momentum(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """buf = mu * buf + (1 - mu) * grad, in place (torch.optim.Muon's EMA form)."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-        buf = state["momentum_buffer"]
-        mu = group["momentum"]
-        buf.lerp_(p.grad, 1 - mu)
-        return p.grad.lerp(buf, mu) if group["nesterov"] else buf
+        state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+
+    def _to_orthogonalize(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Nesterov: (1 - mu) * grad + mu * buf (a new tensor); else the buffer itself."""
+        buf = self.state[p]["momentum_buffer"]
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
     @staticmethod
     def _orthogonalize(u: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -221,31 +224,32 @@ class Muon(torch.optim.Optimizer):
         p.add_(update, alpha=-adjust_lr(lr, group["adjust_lr_fn"], shape))
 
     def _muon_step(self, groups: list[dict[str, Any]]) -> None:
-        jobs = [(p, self._momentum_update(p, g), g)
-                for g in groups for p in g["params"] if p.grad is not None]
+        jobs = [(p, g) for g in groups for p in g["params"] if p.grad is not None]
         rank, world = _dist_world()
-        if world == 1:
-            for p, u, g in jobs:
-                self._apply(p, self._orthogonalize(u, g), g)
+        if world == 1:  # one parameter at a time: no more than one temporary update alive
+            for p, g in jobs:
+                self._update_momentum(p, g)
+                self._apply(p, self._orthogonalize(self._to_orthogonalize(p, g), g), g)
             return
-        # Bucket by everything the gathered tensor depends on; the order is the same on every rank.
+        # Every rank updates every momentum buffer (cheap, and its state_dict stays complete); each
+        # rank orthogonalizes its share of every bucket of same-shape parameters, then one all-gather
+        # per bucket gives every rank every update. Bucket order is the same on every rank.
         buckets: dict[tuple, list] = {}
-        for job in jobs:
-            p, _, g = job
-            key = (tuple(p.shape), g["ns_dtype"] or default_ns_dtype(p.device), p.device)
-            buckets.setdefault(key, []).append(job)
+        for p, g in jobs:
+            self._update_momentum(p, g)
+            ns_dtype = getattr(torch, g["ns_dtype"]) if g["ns_dtype"] else default_ns_dtype(p.device)
+            buckets.setdefault((tuple(p.shape), ns_dtype, p.device), []).append((p, g))
         for (shape, ns_dtype, device), bucket in buckets.items():
-            ns_dtype = getattr(torch, ns_dtype) if isinstance(ns_dtype, str) else ns_dtype
             per_rank = math.ceil(len(bucket) / world)  # rank r orthogonalizes bucket[r*k : (r+1)*k]
             local = torch.zeros((per_rank, *shape), dtype=ns_dtype, device=device)
             for k in range(per_rank):
                 i = rank * per_rank + k
                 if i < len(bucket):
-                    _, u, g = bucket[i]
-                    local[k] = self._orthogonalize(u, g)
+                    p, g = bucket[i]
+                    local[k] = self._orthogonalize(self._to_orthogonalize(p, g), g)
             gathered = torch.empty((world * per_rank, *shape), dtype=ns_dtype, device=device)
             _all_gather_single(gathered, local)
-            for i, (p, _, g) in enumerate(bucket):
+            for i, (p, g) in enumerate(bucket):
                 self._apply(p, gathered[i], g)
 
     # -- AdamW ------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ on sqlite, so step metrics are buffered and sent with `log_batch` every `flush_e
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -50,6 +52,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """An exclusive file lock beside a sqlite store while it is created: several processes starting at once
+    on a fresh store would otherwise race MLflow's schema migration and can break the file for good."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _mlflow():
     import mlflow  # heavy import: only when tracking is used
 
@@ -67,7 +85,18 @@ class Tracker:
             if not parent.is_dir():
                 raise UserError(f"--tracking-uri: folder {parent} does not exist; create it or pick another path")
         mlflow.set_tracking_uri(self.uri)
-        self.client = mlflow.MlflowClient(self.uri)
+        with _store_lock(self.uri):  # the first process creates the store; the others wait, then open it
+            self.client = mlflow.MlflowClient(self.uri)
+            self._touch_store()
+
+    def _touch_store(self) -> None:
+        """Open the store once (MLflow creates and migrates a fresh sqlite schema on first use)."""
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
+                            f"({first}); start the server or fix the URI") from None
 
     def ensure_experiment(self, name: str) -> str:
         try:

@@ -353,7 +353,9 @@ class Trainer:
                 metrics["moe/load_cv"] = sum(s["load_cv"] for s in stats) / len(stats)
                 metrics["moe/max_load"] = max(s["max_load"] for s in stats)
             for layer, load in enumerate(loads):
-                total = float(load.sum()) or 1.0
+                total = float(load.sum())
+                if total == 0:  # nothing routed since the last eval (the step-0 eval)
+                    continue
                 for expert, value in enumerate(load.tolist()):
                     self.state.moe_rows.append((self.state.step, layer, expert, value / total))
         self.state.history["val/loss"].append((self.state.step, metrics["val/loss"]))

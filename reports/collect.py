@@ -195,6 +195,12 @@ def _runs_frame(trials: list[Run]) -> pd.DataFrame:
         if col not in df:
             df[col] = float("nan") if col in FINAL_METRICS else None
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    # arm is "{variant}+{optimizer}": fill either side from the other when a tag is missing
+    parts = df.arm.fillna("").str.split("+", n=1, expand=True).reindex(columns=[0, 1])
+    df["variant"] = df.variant.fillna(parts[0].where(df.arm.notna()))
+    df["optimizer"] = df.optimizer.fillna(parts[1].where(df.arm.notna()))
+    combined = df.variant + "+" + df.optimizer
+    df["arm"] = df.arm.fillna(combined)
     # Column order: ids, tags, metrics (sorted), params (sorted)
     tag_cols = [c for c in TRIAL_TAGS.values() if c not in ID_COLUMNS] + ["mlflow_status"]
     params = sorted(c for c in df.columns if c.startswith("param."))

@@ -102,7 +102,7 @@ def fmt_pm(e: Estimate, scale: float = 1.0) -> str:
         return "n/a"
     if e.n == 1 or math.isnan(e.low):
         return f"{fmt(e.mean, scale)} (n=1)"
-    d = decimals(e.mean / scale)
+    d = decimals(e.mean / scale) if e.mean != 0 else None   # mean 0: the half-width's own 4 digits
     return f"{fmt(e.mean, scale)} ± {fmt(e.high - e.mean, scale, d)}"
 
 
@@ -199,7 +199,6 @@ def comparison_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
 def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """summary.csv: one row per arm (per preset and arm with several presets), full precision."""
     keys = _group_keys(runs)
-    fin = _finished(runs)
     rows = []
     for key, g in runs.groupby(keys, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -207,7 +206,7 @@ def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
         row |= {"variant": g.variant.iloc[0], "optimizer": g.optimizer.iloc[0],
                 "trials": status_counts(g.status), "n_trials": len(g),
                 "n_finished": int(g.status.eq("finished").sum())}
-        f = fin.loc[fin.run_id.isin(g.run_id)]
+        f = _finished(g)
         for metric, _, _ in [m for table in TABLES.values() for m in table]:
             e = estimate(f[metric])
             row |= {f"{metric}:n": e.n, f"{metric}:mean": e.mean, f"{metric}:std": e.std,
@@ -346,7 +345,14 @@ def _figures(c: Collected, out_dir: Path, hist: pd.DataFrame, optuna) -> list[tu
     fig_dir = out_dir / "figures"
     fin = _finished(c.runs)
     h = hist[hist.run_id.isin(fin.run_id)]
-    colors = plots.arm_colors(c.runs.arm.dropna())
+    moe = c.moe_load
+    moe = moe[moe.run_id.isin(fin.run_id)]
+    if len(_group_keys(c.runs)) > 1:
+        # several size presets: one curve/bar per (arm, preset), labelled "arm [preset]"
+        label = fin.set_index("run_id").apply(lambda r: f"{r.arm} [{r.preset}]", axis=1)
+        h, moe = (d.assign(arm=d.run_id.map(label)) for d in (h, moe))
+        fin = fin.assign(arm=fin.run_id.map(label).values)
+    colors = plots.arm_colors(fin.arm.dropna())
     throughput = {"train/tokens_per_s": ("train tokens/s", 1.0),
                   "infer/decode_tokens_per_s": ("decode tokens/s (batch 1)", 1.0),
                   "infer/decode_tokens_per_s_b8": ("decode tokens/s (batch 8)", 1.0)}
@@ -373,9 +379,7 @@ def _figures(c: Collected, out_dir: Path, hist: pd.DataFrame, optuna) -> list[tu
         path = fn(fig_dir / f"{name}.png")
         if path is not None:
             out.append((caption, path))
-    moe = c.moe_load
     if not moe.empty:
-        moe = moe[moe.run_id.isin(fin.run_id)]
         for arm in sorted(moe.arm.dropna().unique()):
             path = plots.plot_moe_heatmap(moe, arm, fig_dir / f"moe_load_{plots.slug(arm)}.png")
             if path is not None:
@@ -468,8 +472,8 @@ def write_report(collected: Collected, out_dir: str | Path, command: str | None 
 
     newest = runs.start_time.max() if len(runs) else pd.NaT
     date = newest.strftime("%Y-%m-%d %H:%M UTC") if pd.notna(newest) else "n/a"
-    dropped = (f"; {c.n_dropped} duplicate run(s) of an already-kept trial key dropped (the finished run is "
-               "kept)" if c.n_dropped else "")
+    dropped = (f"; {c.n_dropped} duplicate run(s) of a trial key dropped (kept per key: the finished run, "
+               "else the newest)" if c.n_dropped else "")
     sections = [
         f"# kimi-bench report: {c.experiment}",
         f"Experiment `{c.experiment}` (MLflow id {c.experiment_id}); newest trial started {date}.  \n"

@@ -67,7 +67,8 @@ def _plain_log_labels(ax) -> None:
 
 def _with_x(history: pd.DataFrame, key: str, x: str) -> pd.DataFrame:
     """Rows of `key` with an `x` column: the step itself, or train/tokens / train/elapsed_s at that step
-    (interpolated per run over the steps where those were logged)."""
+    (interpolated per run over the steps where those were logged; both are 0 at step 0, before training,
+    which is where the first eval usually is)."""
     h = history[history.key.eq(key)].copy()
     if x == "step":
         h["x"] = h.step.astype(float)
@@ -78,7 +79,10 @@ def _with_x(history: pd.DataFrame, key: str, x: str) -> pd.DataFrame:
         s = src[src.run_id.eq(run_id)].sort_values("step")
         if s.empty:
             continue
-        parts.append(g.assign(x=np.interp(g.step, s.step, s.value)))
+        steps, values = s.step.to_numpy(float), s.value.to_numpy(float)
+        if steps[0] > 0:
+            steps, values = np.r_[0.0, steps], np.r_[0.0, values]
+        parts.append(g.assign(x=np.interp(g.step, steps, values)))
     return pd.concat(parts) if parts else h.iloc[0:0].assign(x=[])
 
 
@@ -129,8 +133,11 @@ def plot_bars(runs: pd.DataFrame, metrics: dict[str, tuple[str, float]], path: P
     if not metrics:
         return None
     colors = colors or arm_colors(runs.arm)
+    n_arms = runs.arm.nunique()
+    rotate = n_arms > 4
     with sns.axes_style("whitegrid"):
-        fig = Figure(figsize=(3.4 * len(metrics) + 0.6, 4.0), dpi=DPI, layout="constrained")
+        fig = Figure(figsize=(max(3.4, 1.1 * n_arms) * len(metrics) + 0.6, 4.4 if rotate else 4.0),
+                     dpi=DPI, layout="constrained")
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, (metric, (label, scale)) in zip(axes, metrics.items(), strict=True):
         s = summarize(runs, metric).dropna(subset=["mean"])
@@ -139,7 +146,10 @@ def plot_bars(runs: pd.DataFrame, metrics: dict[str, tuple[str, float]], path: P
         err = np.nan_to_num(err, nan=0.0)
         pos = np.arange(len(s))
         ax.bar(pos, y, yerr=err, capsize=4, color=[colors[a] for a in s.arm])
-        ax.set_xticks(pos, [f"{a}\n(n={n})" for a, n in zip(s.arm, s.n, strict=True)], fontsize=8)
+        labels = [f"{a} (n={n})" if rotate else f"{a}\n(n={n})".replace(" [", "\n[")
+                  for a, n in zip(s.arm, s.n, strict=True)]
+        ax.set_xticks(pos, labels, fontsize=8, rotation=35 if rotate else 0,
+                      ha="right" if rotate else "center")
         ax.set_title(label, fontsize=10)
     fig.suptitle(title)
     return _save(fig, path)
@@ -149,6 +159,8 @@ def plot_moe_heatmap(moe_load: pd.DataFrame, arm: str, path: Path) -> Path | Non
     """Expert load over training for one arm: x = step, y = layer/expert, colour = load fraction
     (mean over seeds). Uniform routing is 1/n_experts everywhere."""
     d = moe_load[moe_load.arm.eq(arm)]
+    # a (step, layer) whose loads sum to 0 routed no token yet (e.g. step 0): not a distribution, skip it
+    d = d[d.groupby(["run_id", "step", "layer"]).load.transform("sum") > 0]
     if d.empty:
         return None
     grid = d.groupby(["layer", "expert", "step"]).load.mean().unstack("step").sort_index()

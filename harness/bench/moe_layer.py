@@ -50,14 +50,18 @@ class AllExpertsMoE(nn.Module):
         return out.view(B, T, D)
 
 
-def time_ms(fn: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+def time_round_robin(fns: list[Callable[[], None]], warmup: int, repeats: int) -> list[list[float]]:
+    """Milliseconds per call, one list per fn. Rounds visit every fn once, so slow phases of a shared
+    machine hit all variants alike instead of whichever happened to be running."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
@@ -119,29 +123,29 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("all-experts (nanoKimi)", all_exp, n_params(all_exp)))
 
     tokens = args.batch * args.seq
-    results = []
-    for name, module, active in rows:
-        fb = statistics.median(time_ms(fwd_bwd(module, x), args.warmup, args.repeats))
-        fo = statistics.median(time_ms(fwd_only(module, x), args.warmup, args.repeats))
-        results.append((name, n_params(module), active, fo, fb))
-    dense_fb = next(r[4] for r in results if r[0].startswith("dense"))
+    fb = time_round_robin([fwd_bwd(m, x) for _, m, _ in rows], args.warmup, args.repeats)
+    fo = time_round_robin([fwd_only(m, x) for _, m, _ in rows], args.warmup, args.repeats)
+    dense_i = next(i for i, r in enumerate(rows) if r[0].startswith("dense"))
+    dense_fb = statistics.median(fb[dense_i])
 
     table = Table(title=(f"MoE layer, {tokens} tokens (B={args.batch}, T={args.seq}), dim {args.dim}, "
                          f"{args.experts} experts top-{args.top_k}, inter {args.inter}, "
                          f"shared {args.shared}, {args.dtype}, {args.score_func}"))
-    for col in ("variant", "params", "active params/token", "fwd ms (median)", "fwd+bwd ms (median)",
-                "fwd+bwd tokens/s", "fwd+bwd vs dense-active"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for name, total, active, fo, fb in results:
-        table.add_row(name, f"{total:,}", f"{active:,}", f"{fo:.2f}", f"{fb:.2f}",
-                      f"{tokens / fb * 1e3:,.0f}", f"{fb / dense_fb:.2f}x")
-    console = Console()
+    for col in ("variant", "params", "active/token", "fwd ms", "fwd+bwd ms", "fwd+bwd min ms",
+                "tokens/s", "vs dense"):
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
+    for i, (name, module, active) in enumerate(rows):
+        med = statistics.median(fb[i])
+        table.add_row(name, f"{n_params(module):,}", f"{active:,}", f"{statistics.median(fo[i]):.1f}",
+                      f"{med:.1f}", f"{min(fb[i]):.1f}", f"{tokens / med * 1e3:,.0f}",
+                      f"{med / dense_fb:.2f}x")
+    console = Console(width=max(Console().width, 130))
     console.print(table)
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-                  f"{args.warmup} warm-up + {args.repeats} timed repeats per cell; "
+    console.print(f"medians over {args.repeats} timed rounds after {args.warmup} warm-up (variants "
+                  f"interleaved); "
+                  f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; tokens/s = fwd+bwd; "
                   f"grouped_mm {'available' if 'grouped_mm' in dispatches else 'not available'} "
                   f"for {args.dtype}.")
-
 
 if __name__ == "__main__":
     main()

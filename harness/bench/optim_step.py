@@ -9,7 +9,8 @@ n_embd 768, 12 heads, vocab 50257, tied head; ~75M). Each parameter gets a fixed
 
 Rows: one per (model, optimizer) with the step time, and for the Muon arm the time of its Muon groups
 alone and of its AdamW groups alone (the same groups, stepped by two separate optimizers), so the
-share of the step spent orthogonalizing is visible. Newton-Schulz runs in fp32 on CPU, bf16 on CUDA.
+share of the step spent orthogonalizing is visible, and the Newton-Schulz GFLOP per step (exact count,
+independent of timing noise) with the rate achieved. Newton-Schulz runs in fp32 on CPU, bf16 on CUDA.
 A script that prints numbers, not a test.
 """
 
@@ -73,6 +74,21 @@ def split_muon(opt: Muon) -> tuple[Muon, Muon]:
     return sub(True), sub(False)
 
 
+def ns_gflop(opt: Muon) -> float:
+    """Newton-Schulz GFLOP of one step: per [m, n] matrix (m <= n after the transpose) and NS step,
+    X X^T costs 2m^2 n, A A costs 2m^3 and B X costs 2m^2 n (the elementwise terms are negligible)."""
+    total = 0.0
+    for g in opt.param_groups:
+        if not g["use_muon"]:
+            continue
+        for p in g["params"]:
+            rows, cols = p.shape[-2] // g["split"], p.shape[-1]
+            n_mat = (p.shape[0] if p.ndim == 3 else 1) * g["split"]
+            m, n = min(rows, cols), max(rows, cols)
+            total += n_mat * g["ns_steps"] * (4 * m * m * n + 2 * m**3)
+    return total / 1e9
+
+
 def n_params(opt: torch.optim.Optimizer, use_muon: bool | None) -> int:
     return sum(p.numel() for g in opt.param_groups if use_muon is None or g.get("use_muon") == use_muon
                for p in g["params"])
@@ -92,6 +108,7 @@ def bench(model_name: str, device: torch.device, warmup: int, repeats: int) -> l
         if opt_name == "muon":
             muon_part, adamw_part = split_muon(opt)
             row["muon_params"], row["adamw_params"] = n_params(opt, True), n_params(opt, False)
+            row["ns_gflop"] = ns_gflop(opt)
             row["muon_ms"] = time_ms(muon_part.step, warmup, repeats, device)
             row["adamw_ms"] = time_ms(adamw_part.step, warmup, repeats, device)
         rows.append(row)
@@ -102,7 +119,7 @@ def bench(model_name: str, device: torch.device, warmup: int, repeats: int) -> l
 def print_table(rows: list[dict], device: torch.device, threads: int) -> None:
     table = Table(title=f"optimizer.step() on {device.type} ({threads} threads), median ms")
     for col in ("model", "params", "optimizer", "step ms", "vs adamw", "Muon groups (params, ms)",
-                "AdamW groups (params, ms)", "Muon share"):
+                "AdamW groups (params, ms)", "Muon share", "NS GFLOP (GFLOP/s)"):
         table.add_column(col, justify="left" if col in ("model", "optimizer") else "right")
     adamw_ms = {r["model"]: r["step_ms"] for r in rows if r["optimizer"] == "adamw"}
     for r in rows:
@@ -112,11 +129,12 @@ def print_table(rows: list[dict], device: torch.device, threads: int) -> None:
         if muon:
             share = r["muon_ms"] / (r["muon_ms"] + r["adamw_ms"])
             cells += [f"{r['muon_params'] / 1e6:.1f}M, {r['muon_ms']:.1f}",
-                      f"{r['adamw_params'] / 1e6:.1f}M, {r['adamw_ms']:.1f}", f"{share:.0%}"]
+                      f"{r['adamw_params'] / 1e6:.1f}M, {r['adamw_ms']:.1f}", f"{share:.0%}",
+                      f"{r['ns_gflop']:.0f} ({r['ns_gflop'] / r['muon_ms'] * 1e3:.0f})"]
         else:
-            cells += ["", "", ""]
+            cells += ["", "", "", ""]
         table.add_row(*cells)
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -208,6 +208,25 @@ def test_adjust_lr_uses_last_two_dims():
     assert adjust_lr(1.0, "match_rms_adamw", torch.Size([8, 64, 16])) == pytest.approx(0.2 * 8.0)
 
 
+@pytest.mark.cuda
+def test_cuda_defaults_bf16_ns_and_fused_adamw():
+    """On CUDA the defaults are torch's fast paths: bf16 NS (== torch.optim.Muon) and fused AdamW."""
+    dev = torch.device("cuda")
+    ws, grads = _problem()
+    ws, grads = [w.to(dev) for w in ws], [[g.to(dev) for g in gs] for gs in grads]
+    if hasattr(torch.optim, "Muon"):
+        ref, _ = _run(lambda ps: torch.optim.Muon(ps, lr=0.02), ws, grads)
+        ours, _ = _run(lambda ps: Muon(ps, lr=0.02), ws, grads)
+        for a, b in zip(ref, ours, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    ref, _ = _run(lambda ps: torch.optim.AdamW(ps, betas=(0.9, 0.95), fused=True, **kw), ws, grads)
+    ours, opt = _run(lambda ps: Muon([dict(params=ps, use_muon=False, **kw)]), ws, grads)
+    assert opt.param_groups[0]["fused"] is None and opt.state[ours[0]]["step"].device.type == "cuda"
+    for a, b in zip(ref, ours, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- AdamW groups, state
 
 
@@ -293,6 +312,12 @@ def test_params_without_grad_are_skipped():
     p.grad = torch.randn(4, 4)
     opt.step()
     assert torch.equal(q, before) and q not in opt.state
+
+
+def test_generator_params_are_kept():
+    lin = torch.nn.Linear(4, 4, bias=False)
+    for opt in (Muon(lin.parameters()), Muon([dict(params=lin.parameters())])):
+        assert opt.param_groups[0]["params"] == [lin.weight]
 
 
 def test_bad_groups_raise():

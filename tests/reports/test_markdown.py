@@ -111,7 +111,7 @@ def test_header_failed_trials_and_reproducibility(report, store, collected):
     md = report[1]
     assert md.startswith("# kimi-bench report: paper-test\n")
     assert "newest trial started 2025-06-15 15:17 UTC" in md
-    assert "Trials: 7 (6 finished, 1 diverged); 1 duplicate run(s)" in md
+    assert "Trials: 7 (6 finished, 1 diverged); 1 duplicate run(s) of a trial key dropped" in md
     failed = table_rows(md, "## Trials that did not finish")
     assert failed["gpt+adamw"]["status"] == "diverged"
     assert failed["gpt+adamw"]["step (diverged at, else last logged)"] == "12"
