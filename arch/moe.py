@@ -220,7 +220,8 @@ class MoE(nn.Module):
 
         with torch.no_grad():
             self.last_load = counts.float()
-            self.load_accum += counts
+            if self.training:  # evals and generation must not move the balancing bias
+                self.load_accum += counts
         self.aux_loss = self._aux_loss(scores.view(B, T, -1), indices.view(B, T, -1))
         return out.view(B, T, D)
 

@@ -201,6 +201,7 @@ class Trainer:
                  dist_info: DistInfo = DistInfo(), progress: Callable[[int, int | None, dict], None] | None = None,
                  on_eval: Callable[[int, dict], None] | None = None, peak_tflops: float | None = None):
         self.spec, self.data, self.out_dir, self.run = spec, data, out_dir, run
+        out_dir.mkdir(parents=True, exist_ok=True)
         self.dist, self.progress, self.on_eval = dist_info, progress, on_eval
         self.device = resolve_device(spec.train.device)
         if self.device.type == "cuda" and dist_info.enabled:

@@ -639,7 +639,7 @@ def tune(matrix: Matrix | str | Path, *, n_trials: int | None = None, total_tria
             for arm in studies.values():
                 try:
                     mlf.summarize(arm, "killed" if outcome.interrupted else "finished")
-                except Exception as e:  # the trials are safe in Optuna and MLflow; only the summary is missing
+                except Exception as e:  # the trials are safe in Optuna and MLflow; only the summary is lost
                     console.print(f"[yellow]note[/]: could not summarize {arm.name} on MLflow ({e})")
     return outcome
 

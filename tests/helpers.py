@@ -195,3 +195,27 @@ def trial_runs(client, experiment: str) -> list:
 
 def metric_steps(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# Keys the CONTRACT logs both per step/eval and once more as a final value at the last step, so their history
+# may hold two points at the last step; every other key must have each step at most once.
+FINAL_OVERLAP = {"train/tokens", "train/tokens_per_s", "attn/max_logit", "moe/load_cv", "moe/max_load"}
+
+
+def duplicate_steps(client, run) -> dict[str, dict[int, int]]:
+    """{key: {step: count}} for every metric key with a step logged more than once (system/* excluded),
+    ignoring the FINAL_OVERLAP keys' one extra point at the run's last step."""
+    from collections import Counter
+
+    last = int(run.data.tags.get("kb.final_step", "-1"))
+    out = {}
+    for key in run.data.metrics:
+        if key.startswith("system/"):
+            continue
+        counts = Counter(m.step for m in client.get_metric_history(run.info.run_id, key))
+        if key in FINAL_OVERLAP and counts.get(last, 0) == 2:
+            counts[last] = 1
+        dups = {step: n for step, n in counts.items() if n > 1}
+        if dups:
+            out[key] = dups
+    return out

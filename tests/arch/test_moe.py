@@ -260,3 +260,15 @@ def test_config_validation():
         MoEConfig(dim=8, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=4, score_func="relu")
     with pytest.raises(ValueError):
         MoEConfig(dim=8, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=4, dispatch="dense")
+
+
+def test_eval_forward_does_not_feed_the_balancing_bias():
+    moe = MoE(MoEConfig(dim=16, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=8))
+    x = torch.randn(2, 5, 16)
+    moe.eval()
+    moe(x)
+    assert moe.last_load.sum() == 2 * 5 * 2  # the load is still observed ...
+    assert int(moe.load_accum.sum()) == 0  # ... but only training forwards reach update_bias
+    moe.train()
+    moe(x)
+    assert int(moe.load_accum.sum()) == 2 * 5 * 2

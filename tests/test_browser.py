@@ -1,0 +1,134 @@
+"""The MLflow UI, checked in a real browser: what `kimi-bench run` + `kimi-bench report` logged is what a
+person finds in `mlflow ui`.
+
+Headless Debian Chromium driven by Python Playwright (`bash .ci/browser-deps` installs both; Playwright's
+own browser download is never used). Skips, with the reason, only when either is missing.
+Screenshots: tests/artifacts/mlflow-ui.png (gitignored) and the test's tmp folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, mlflow_server, run_cli, trial_runs, write_matrix
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = REPO / "tests" / "artifacts" / "mlflow-ui.png"
+EXPERIMENT = "browser-check"
+UI_TIMEOUT_MS = 60_000  # the UI is a large React bundle; on 2 busy cores the first paint takes seconds
+
+
+def _chromium() -> str:
+    for candidate in (shutil.which("chromium"), "/usr/bin/chromium"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.skip("no chromium binary: run `bash .ci/browser-deps` (Debian package chromium, as root)")
+
+
+def _playwright():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Python Playwright is not installed: run `bash .ci/browser-deps` (pip install playwright)")
+    return sync_playwright
+
+
+def _fill_store(tmp_path: Path) -> tuple[str, Path]:
+    """A tiny 2-trial matrix (gpt x adamw, muon), then `kimi-bench report` on it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    matrix = write_matrix(tmp_path / "m.toml", EXPERIMENT, optimizers=("adamw", "muon"),
+                          train={"steps": 10, "eval_interval": 5})
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    ran = run_cli(["run", "--matrix", str(matrix), "--tracking-uri", uri, "--out", str(tmp_path / "runs"),
+                   *cache], cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    report_dir = tmp_path / "report"
+    rep = run_cli(["report", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--out", str(report_dir)],
+                  cwd=tmp_path)
+    assert rep.returncode == 0, f"`kimi-bench report` failed:\n{rep.stdout[-3000:]}\n{rep.stderr[-3000:]}"
+    assert (report_dir / "report.md").is_file()
+    return uri, report_dir
+
+
+def _shot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=False)
+    return path
+
+
+def _close_assistant(page) -> None:
+    """MLflow 3's assistant panel takes a third of the window; close it when it is there."""
+    close = page.get_by_role("button", name="Close")
+    if close.count():
+        close.first.click()
+
+
+def test_mlflow_ui_shows_trials_metrics_and_report(tmp_path):
+    chromium, sync_playwright = _chromium(), _playwright()
+    uri, _ = _fill_store(tmp_path)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    trials = trial_runs(client, EXPERIMENT)
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`kb.kind` = 'matrix'")
+    assert len(trials) == 2 and len(parents) == 1
+    parent_id = parents[0].info.run_id
+    trial_names = sorted(r.info.run_name for r in trials)
+
+    with mlflow_server(uri, tmp_path, command="ui") as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+
+            # 1. the experiment's runs table: the matrix parent, expanded, shows one row per trial
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs")
+            page.locator(f'[role=row][row-id="{parent_id}"]').first.wait_for()
+            _close_assistant(page)
+            page.locator(f'[role=row][row-id="{parent_id}"] button').first.click()  # expand the children
+            for name in trial_names:
+                page.get_by_role("link", name=name, exact=True).first.wait_for()
+            row_ids = set(page.locator("[role=row][row-id]").evaluate_all(
+                "els => els.map(e => e.getAttribute('row-id'))"))
+            assert row_ids == {parent_id, *(r.info.run_id for r in trials)}, row_ids
+            _shot(page, tmp_path, "1-runs-table")
+
+            # 2. a trial run: the model-metrics tab has the val/loss chart (MLflow titles it "loss" in the
+            #    "val" section; its legend reads "<run name> (val/loss)")
+            page.get_by_role("link", name=trial_names[0], exact=True).first.click()
+            page.get_by_role("tab", name="Model metrics").click()
+            page.get_by_placeholder("Search metric charts").fill("val/loss")
+            page.get_by_text(f"{trial_names[0]} (val/loss)").first.wait_for()
+            page.get_by_text("Step", exact=True).first.wait_for()  # the x axis: the chart has drawn
+            _shot(page, tmp_path, "2-val-loss-chart")
+
+            # 3. the matrix parent run holds the report: report.md opens in the artifact viewer
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent_id}/artifacts")
+            report = page.get_by_text("report.md", exact=True)
+            try:
+                report.first.wait_for(timeout=20_000)
+            except Exception:
+                _shot(page, tmp_path, "3-parent-artifacts-missing")
+                listed = [a.path for a in client.list_artifacts(parent_id)]
+                pytest.fail(f"report.md is not an artifact of the matrix run {parent_id} (it has {listed}): "
+                            "`kimi-bench report` writes its folder but does not log it to MLflow")
+            report.first.click()
+            page.get_by_text(f"kimi-bench report: {EXPERIMENT}").first.wait_for()
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+            shutil.copy(SCREENSHOT, tmp_path / "3-report-artifact.png")
+        finally:
+            browser.close()
+
+    logged = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"report.md", "summary.csv", "figures"} <= logged, logged
+    figures = {Path(a.path).name for a in client.list_artifacts(parent_id, "figures")}
+    assert "val_loss_vs_step.png" in figures, figures
