@@ -223,6 +223,8 @@ class Trainer:
         self.train_model = self.model
         if dist_info.enabled:
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            if moe_modules(self.model):  # experts that get no token in a step have no gradient
+                ddp_kwargs["find_unused_parameters"] = True
             self.train_model = nn.parallel.DistributedDataParallel(self.model, **ddp_kwargs)
         if spec.train.compile:
             self.train_model = torch.compile(self.train_model)

@@ -840,18 +840,25 @@ def best_params_for_arms(matrix: Matrix, storage: str | None, study_prefix: str 
 
 def summary_table(outcome: TuneOutcome) -> Table:
     table = Table(title=f"tune summary ({outcome.storage})", header_style="bold")
-    for col in ("study", "added", "complete", "pruned", "diverged", "failed", "best val loss", "best trial",
-                "best params"):
-        table.add_column(col, justify="left" if col in ("study", "best params") else "right")
+    for col in ("study", "added", "complete", "pruned", "diverged", "failed", "best val loss", "best"):
+        table.add_column(col, justify="left" if col == "study" else "right")
     for arm in outcome.studies.values():
         c = arm.counts()
         best = arm.best()
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in (best.params.items() if best else []))
         table.add_row(arm.name, str(arm.added), str(c["complete"] - c["diverged"]), str(c["pruned"]),
                       str(c["diverged"]), str(c["fail"]), f"{best.value:.4f}" if best else "-",
-                      f"#{best.number}" if best else "-", params or "-")
+                      f"#{best.number}" if best else "-")
     return table
+
+
+def best_params_lines(outcome: TuneOutcome) -> list[str]:
+    lines = []
+    for arm in outcome.studies.values():
+        best = arm.best()
+        if best is not None:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+            lines.append(f"{arm.name} #{best.number}: {shown}")
+    return lines
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -896,6 +903,8 @@ def tune_command(
                    sampler_seed=sampler_seed, pruner=pruner, arms=arms, timeout=timeout, seed=seed,
                    heartbeat_s=heartbeat, console=console)
     console.print(summary_table(outcome))
+    for line in best_params_lines(outcome):
+        console.print(line, markup=False, highlight=False)
     storage_arg = f" --study-storage {shlex.quote(outcome.storage)}" if storage else ""
     console.print(f"next: kimi-bench run --matrix {matrix} --tuned{storage_arg}")
     if outcome.interrupted:

@@ -252,6 +252,8 @@ def test_messages_name_the_field():
         _with("train", {"micro_batch_size": -4}): "train.micro_batch_size",
         _with("optim.adamw", {"lr": -1.0}): "lr",
         _with("model", {"dim": "abc"}): "model.dim",
+        _with("model", {"n_layer": -2}): "model.n_layer",
+        _with("train", {"ste\nps": 3}): "ste\\nps",  # a key with a line break is shown escaped
     }
     for text, words in cases.items():
         PATH.write_text(text)

@@ -1,0 +1,83 @@
+"""The user's path end to end: `kimi-bench run` a tiny matrix into sqlite, rerun (skips), `report`."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+METRICS = ("train/loss", "val/loss", "val/ppl", "train/tokens_per_s", "mem/peak_bytes", "grad/norm",
+           "grad/norm_median", "grad/norm_p99_over_median", "grad/norm_cv", "grad/norm_spikes", "params/total",
+           "params/active", "ckpt/bytes", "infer/decode_tokens_per_s", "val/ppl_final")
+
+MATRIX = """
+name = "e2e"
+[data]
+corpus = "text:{corpus}"
+tokenizer = "byte"
+[train]
+steps = 8
+micro_batch_size = 4
+eval_interval = 4
+eval_tokens = 2048
+log_interval = 2
+infer_batch_sizes = [1]
+infer_new_tokens = 4
+[matrix]
+presets = ["tiny"]
+variants = ["gpt", "kimi"]
+optimizers = ["adamw", "muon"]
+seeds = [0]
+[model]
+block_size = 32
+"""
+
+
+def kimi_bench(*args, cwd):
+    env = {**os.environ, "COLUMNS": "200", "KIMI_BENCH_CACHE": str(Path(cwd) / "cache")}
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_run_rerun_report_numbers_equal_mlflow(tmp_path):
+    from mlflow import MlflowClient
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"def f{i % 97}(x): return x * {i % 13}" for i in range(4000)))
+    (tmp_path / "m.toml").write_text(MATRIX.format(corpus=corpus))
+    first = kimi_bench("run", "--matrix", "m.toml", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    trials = client.search_runs([exp.experiment_id], "tags.`kb.kind` = 'trial'")
+    assert len(trials) == 4
+    for run in trials:
+        assert run.info.status == "FINISHED" and run.data.tags["kb.status"] == "finished"
+        for key in METRICS:
+            assert key in run.data.metrics, (run.info.run_name, key)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == list(range(1, 9))
+        assert math.isclose(run.data.metrics["val/ppl_final"], math.exp(run.data.metrics["val/loss_final"]),
+                            rel_tol=1e-9)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.json", "loss_curve.png"} <= artifacts
+
+    second = kimi_bench("run", "--matrix", "m.toml", cwd=tmp_path)  # everything finished: all skipped
+    assert second.returncode == 0 and second.stdout.count("already finished") == 4, second.stdout
+    assert len(client.search_runs([exp.experiment_id], "tags.`kb.kind` = 'trial'")) == 4
+
+    rep = kimi_bench("report", "--experiment", "e2e", cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    out = tmp_path / "reports/out/e2e"
+    assert (out / "report.md").is_file() and list(out.rglob("*.png"))
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    by_arm = {r.data.tags["kb.arm"]: r.data.metrics for r in trials}
+    assert {row["arm"] for row in rows} == set(by_arm)
+    for row in rows:  # one seed per arm: the report's mean is exactly the MLflow value
+        for metric in ("val/ppl_final", "params/total", "train/tokens_per_s", "mem/peak_bytes", "ckpt/bytes"):
+            assert float(row[f"{metric}:mean"]) == pytest.approx(by_arm[row["arm"]][metric], rel=1e-12), metric
