@@ -158,8 +158,14 @@ def params(
 ) -> None:
     """Show parameter counts, FLOPs and KV bytes per token of every arm (matched when the matrix asks)."""
     from harness.matrix import load_matrix
-    from harness.registry import OPTIMIZER_DEFAULTS, VARIANTS, TrainConfig, TrialSpec, resolve_dims, \
-        resolve_optimizer
+    from harness.registry import (
+        OPTIMIZER_DEFAULTS,
+        VARIANTS,
+        TrainConfig,
+        TrialSpec,
+        resolve_dims,
+        resolve_optimizer,
+    )
 
     if matrix is not None:
         spec = load_matrix(matrix)
@@ -325,9 +331,9 @@ def report(
     out: Annotated[Path | None, typer.Option(help="output folder (default reports/out/<experiment>)")] = None,
 ) -> None:
     """Write report.md + figures from what MLflow holds (tables, intervals, claims vs measured)."""
+    from harness.tracking import resolve_tracking_uri
     from reports.collect import collect
     from reports.markdown import write_report
-    from harness.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     out = out or Path("reports/out") / experiment

@@ -62,8 +62,6 @@ class KimiConfig:
                              f"got {self.n_dense_layers}")
         if self.n_dense_layers > 0 and self.inter_dim <= 0:
             raise ValueError(f"inter_dim: dense layers need inter_dim > 0, got {self.inter_dim}")
-        if self.shared_inter_dim is not None and self.n_shared_experts == 0:
-            raise ValueError("shared_inter_dim: set n_shared_experts >= 1 to have a shared expert")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
         self.mla_config()  # validates the MLA fields
@@ -79,7 +77,8 @@ class KimiConfig:
     def moe_config(self) -> MoEConfig:
         return MoEConfig(dim=self.dim, n_routed_experts=self.n_routed_experts,
                          n_activated_experts=self.n_activated_experts, moe_inter_dim=self.moe_inter_dim,
-                         n_shared_experts=self.n_shared_experts, score_func=self.score_func,
+                         n_shared_experts=self.n_shared_experts, shared_inter_dim=self.shared_inter_dim,
+                         score_func=self.score_func,
                          route_scale=self.route_scale, bias_update_speed=self.bias_update_speed,
                          aux_loss_alpha=self.aux_loss_alpha)
 
@@ -115,8 +114,6 @@ class Block(nn.Module):
             self.ffn = SwiGLU(config.dim, config.inter_dim)
         else:
             self.ffn = MoE(config.moe_config())
-            if config.shared_inter_dim is not None:
-                self.ffn.shared = SwiGLU(config.dim, config.shared_inter_dim)
         self.ffn_drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, layer_cache=None, pos: int = 0) -> torch.Tensor:

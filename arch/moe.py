@@ -34,6 +34,7 @@ class MoEConfig:
     n_activated_experts: int
     moe_inter_dim: int
     n_shared_experts: int = 1  # shared SwiGLU of width n_shared_experts * moe_inter_dim; 0 = none
+    shared_inter_dim: int | None = None  # explicit shared width (nanoKimi: 768 beside 512-wide experts)
     score_func: str = "sigmoid"
     route_scale: float = 1.0
     bias_update_speed: float = 1e-3  # gamma of the aux-loss-free bias update
@@ -49,10 +50,16 @@ class MoEConfig:
                              f"n_routed_experts ({self.n_routed_experts})")
         if self.n_shared_experts < 0:
             raise ValueError(f"MoEConfig.n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if self.shared_inter_dim is not None and (self.shared_inter_dim <= 0 or self.n_shared_experts == 0):
+            raise ValueError("MoEConfig.shared_inter_dim: must be > 0, with n_shared_experts >= 1")
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"MoEConfig.score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"MoEConfig.dispatch must be one of {DISPATCHES}, got {self.dispatch!r}")
+
+    @property
+    def shared_width(self) -> int:
+        return self.shared_inter_dim or self.n_shared_experts * self.moe_inter_dim
 
 
 class Gate(nn.Module):
@@ -176,8 +183,7 @@ class MoE(nn.Module):
         self.n_experts, self.topk = config.n_routed_experts, config.n_activated_experts
         self.gate = Gate(config)
         self.experts = Experts(config.n_routed_experts, config.dim, config.moe_inter_dim)
-        self.shared = SwiGLU(config.dim, config.n_shared_experts * config.moe_inter_dim) \
-            if config.n_shared_experts > 0 else None
+        self.shared = SwiGLU(config.dim, config.shared_width) if config.n_shared_experts > 0 else None
         # int64: exact token counts, and never cast by model.to(bf16); the trainer all-reduces it under DDP.
         self.register_buffer("load_accum", torch.zeros(config.n_routed_experts, dtype=torch.long),
                              persistent=False)

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from arch.optimizers import OPTIMIZERS

@@ -53,6 +53,7 @@ class ModelDims:
     n_activated_experts: int = 2
     moe_inter_dim: int = 64
     n_shared_experts: int = 1
+    shared_inter_dim: int | None = None  # None: n_shared_experts * moe_inter_dim (DeepSeek-V3's convention)
     n_dense_layers: int = 1  # kimi only: leading dense layers (K2: 1, V3: 3)
     dense_inter_dim: int = 0  # kimi's dense SwiGLU width; 0 = 8/3 * dim rounded to 8 (GPT-MLP params)
     score_func: str = "sigmoid"
@@ -69,7 +70,7 @@ class ModelDims:
 COMMON = ("n_layer", "dim", "n_heads", "block_size", "vocab_size", "dropout", "tie_embeddings")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 MOE_FIELDS = (
-    "n_routed_experts", "n_activated_experts", "moe_inter_dim", "n_shared_experts", "score_func",
+    "n_routed_experts", "n_activated_experts", "moe_inter_dim", "n_shared_experts", "shared_inter_dim", "score_func",
     "route_scale", "bias_update_speed", "aux_loss_alpha",
 )
 VARIANT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -96,8 +97,9 @@ def _mla_config(d: ModelDims) -> MLAConfig:
 def _moe_config(d: ModelDims) -> MoEConfig:
     return MoEConfig(
         dim=d.dim, n_routed_experts=d.n_routed_experts, n_activated_experts=d.n_activated_experts,
-        moe_inter_dim=d.moe_inter_dim, n_shared_experts=d.n_shared_experts, score_func=d.score_func,
-        route_scale=d.route_scale, bias_update_speed=d.bias_update_speed, aux_loss_alpha=d.aux_loss_alpha,
+        moe_inter_dim=d.moe_inter_dim, n_shared_experts=d.n_shared_experts, shared_inter_dim=d.shared_inter_dim,
+        score_func=d.score_func, route_scale=d.route_scale, bias_update_speed=d.bias_update_speed,
+        aux_loss_alpha=d.aux_loss_alpha,
     )
 
 
@@ -117,9 +119,9 @@ def _kimi_config(d: ModelDims) -> KimiConfig:
         qk_rope_head_dim=d.qk_rope_head_dim, v_head_dim=d.v_head_dim,
         inter_dim=d.dense_inter_dim or dense_swiglu_width(d.dim), n_dense_layers=d.n_dense_layers,
         n_routed_experts=d.n_routed_experts, n_activated_experts=d.n_activated_experts,
-        moe_inter_dim=d.moe_inter_dim, n_shared_experts=d.n_shared_experts, score_func=d.score_func,
-        route_scale=d.route_scale, bias_update_speed=d.bias_update_speed, aux_loss_alpha=d.aux_loss_alpha,
-        tie_embeddings=bool(d.tie_embeddings), dropout=d.dropout,
+        moe_inter_dim=d.moe_inter_dim, n_shared_experts=d.n_shared_experts, shared_inter_dim=d.shared_inter_dim,
+        score_func=d.score_func, route_scale=d.route_scale, bias_update_speed=d.bias_update_speed,
+        aux_loss_alpha=d.aux_loss_alpha, tie_embeddings=bool(d.tie_embeddings), dropout=d.dropout,
     )
 
 
@@ -131,9 +133,9 @@ VARIANTS: dict[str, Callable[[ModelDims], nn.Module]] = {
 }
 
 # Size presets. `paper` is the nanoKimi paper's Kimi config (REFERENCES.md: n_layer 6, n_embd 384, 4 heads,
-# kv_lora 128, q_lora 192, rope 32, 8 experts top-2 of width 512, GPT-2 vocabulary, block 1024). nanoKimi's
-# shared expert is 768 wide; ours is n_shared_experts x moe_inter_dim (DeepSeek-V3's convention), so the
-# preset's shared expert is 512 wide. Budget matching, not the preset, is what makes the arms comparable.
+# kv_lora 128, q_lora 192, rope 32, 8 experts top-2 of width 512, a shared expert of width 768, every layer
+# MoE, GPT-2 vocabulary, block 1024): 75.1M parameters here against nanoKimi's 75.35M (arch/kimi.py explains
+# the 0.23M: nanoKimi's per-head rope keys and biases). Budget matching is what makes the arms comparable.
 # A preset's vocab_size (paper: GPT-2's) is kept when it covers the tokenizer's; None takes the tokenizer's.
 PRESETS: dict[str, ModelDims] = {
     "tiny": ModelDims(
@@ -147,7 +149,7 @@ PRESETS: dict[str, ModelDims] = {
     "paper": ModelDims(
         n_layer=6, dim=384, n_heads=4, block_size=1024, q_lora_rank=192, kv_lora_rank=128,
         qk_nope_head_dim=96, qk_rope_head_dim=32, v_head_dim=96, n_routed_experts=8, n_activated_experts=2,
-        moe_inter_dim=512, n_shared_experts=1, vocab_size=50257,
+        moe_inter_dim=512, n_shared_experts=1, shared_inter_dim=768, n_dense_layers=0, vocab_size=50257,
     ),
     "gpt2-124m": ModelDims(
         n_layer=12, dim=768, n_heads=12, block_size=1024, q_lora_rank=384, kv_lora_rank=256,

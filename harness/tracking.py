@@ -236,10 +236,8 @@ class TrialRun:
             self.flush()
         finally:
             if self._monitor is not None:
-                try:
+                with contextlib.suppress(Exception):
                     self._monitor.finish()
-                except Exception:
-                    pass
                 self._monitor = None
             self.set_tags({"kb.status": status})
             self.tracker.client.set_terminated(self.run_id, RUN_STATUS.get(status, "FAILED"))

@@ -278,10 +278,8 @@ class Trainer:
 
     def set_lr(self) -> float:
         t = self.spec.train
-        if t.warmup_steps is not None and self.total_steps:
-            warmup = t.warmup_steps / self.total_steps
-        else:
-            warmup = t.warmup_frac
+        use_steps = t.warmup_steps is not None and self.total_steps
+        warmup = t.warmup_steps / self.total_steps if use_steps else t.warmup_frac
         factor = lr_factor(self.budget_progress(), warmup, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor

@@ -695,6 +695,10 @@ def _loop(studies: dict[str, ArmStudy], st: StudyStorage, mlf: Mlflow, data, out
                            info=f"best {best.value:.4f} (#{best.number})" if best else "")
 
 
+def format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def _done(arm: ArmStudy, n_trials: int | None) -> int:
     if n_trials is not None:
         return arm.added
@@ -764,7 +768,7 @@ class _Objective:
                     (out_dir / name).unlink()
         trial.set_user_attr("kb_status", result.status)
         value = result.metrics.get(OBJECTIVE)
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        shown = format_params(params)
         if result.status == "finished" and value is not None:
             value = float(value) if math.isfinite(value) else math.inf
             self._done(run.run_id, "COMPLETE", value, f"{OBJECTIVE} {value:.4f}", shown)
@@ -856,8 +860,7 @@ def best_params_lines(outcome: TuneOutcome) -> list[str]:
     for arm in outcome.studies.values():
         best = arm.best()
         if best is not None:
-            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
-            lines.append(f"{arm.name} #{best.number}: {shown}")
+            lines.append(f"{arm.name} #{best.number}: {format_params(best.params)}")
     return lines
 
 

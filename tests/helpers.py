@@ -48,9 +48,10 @@ def matrix_text(name: str, *, variants: Sequence[str] = ("gpt",), optimizers: Se
     """TOML of a tiny matrix; `train` / `data` entries override TINY_TRAIN / TINY_DATA (None removes one)."""
     train_fields = {k: v for k, v in {**TINY_TRAIN, **(train or {})}.items() if v is not None}
     data_fields = {k: v for k, v in {**TINY_DATA, **(data or {})}.items() if v is not None}
+    matrix = {"presets": ["tiny"], "variants": list(variants), "optimizers": list(optimizers),
+              "seeds": list(seeds)}
     parts = [f"name = {_toml_value(name)}\n", _table("data", data_fields), _table("train", train_fields),
-             _table("matrix", {"presets": ["tiny"], "variants": list(variants), "optimizers": list(optimizers),
-                               "seeds": list(seeds)})]
+             _table("matrix", matrix)]
     for opt, fields in (optim or {}).items():
         parts.append(_table(f"optim.{opt}", fields))
     return "\n".join(parts)

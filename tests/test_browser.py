@@ -35,7 +35,7 @@ def _playwright():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("Python Playwright is not installed: run `bash .ci/browser-deps` (pip install playwright)")
+        pytest.skip("Python Playwright is not installed: run `bash .ci/browser-deps` (pip playwright)")
     return sync_playwright
 
 

@@ -122,8 +122,8 @@ def test_unwritable_out_dir(tmp_path, cache_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     db = tmp_path / "store.db"
-    proc = run_cli(["run", "--matrix", str(m), "--tracking-uri", f"sqlite:///{db}", "--out", str(blocker / "runs"),
-                    "--cache-dir", str(cache_dir)], cwd=tmp_path, timeout=180)
+    proc = run_cli(["run", "--matrix", str(m), "--tracking-uri", f"sqlite:///{db}",
+                    "--out", str(blocker / "runs"), "--cache-dir", str(cache_dir)], cwd=tmp_path, timeout=180)
     assert_one_line_error(proc, "--out")
     if db.exists():
         from mlflow import MlflowClient

@@ -41,7 +41,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def _check_experiment(client, name: str, n_trials: int, steps: int = STEPS, val_steps=None) -> list:
-    """One finished parent, n_trials finished children with complete, duplicate-free histories and artifacts."""
+    """One finished parent; n_trials finished children, complete duplicate-free histories, artifacts once."""
     from mlflow.entities import ViewType
 
     exp = client.get_experiment_by_name(name)
@@ -80,19 +80,21 @@ def test_two_matrices_at_once_against_one_server(tmp_path, cache_dir):
     b = write_matrix(tmp_path / "b.toml", "server-b", optimizers=("adamw", "muon"),
                      train={"steps": STEPS, "eval_interval": EVAL_INTERVAL})
     common = ["--cache-dir", str(cache_dir)]
-    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, artifacts=tmp_path / "artifacts") as url:
-        pa = popen_cli(["run", "--matrix", str(a), "--tracking-uri", url, "--out", str(tmp_path / "ra"), *common],
-                       cwd=tmp_path, log=tmp_path / "a.log")
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    with mlflow_server(backend, tmp_path, artifacts=tmp_path / "artifacts") as url:
+        pa = popen_cli(["run", "--matrix", str(a), "--tracking-uri", url, "--out", str(tmp_path / "ra"),
+                        *common], cwd=tmp_path, log=tmp_path / "a.log")
         pb = popen_cli(["run", "--matrix", str(b), "--out", str(tmp_path / "rb"), *common], cwd=tmp_path,
                        env=child_env({"MLFLOW_TRACKING_URI": url}), log=tmp_path / "b.log")
         rc_a, rc_b = finish(pa, 400), finish(pb, 400)
-        assert (rc_a, rc_b) == (0, 0), (tmp_path / "a.log").read_text()[-3000:] + (tmp_path / "b.log").read_text(
-            )[-3000:]
+        logs = (tmp_path / "a.log").read_text()[-3000:] + (tmp_path / "b.log").read_text()[-3000:]
+        assert (rc_a, rc_b) == (0, 0), logs
         client = MlflowClient(url)
         _check_experiment(client, "server-a", 1)
         trials = _check_experiment(client, "server-b", 2)
         # the artifacts went through the server's artifact root, not a local ./mlruns
-        assert all(str(tmp_path / "artifacts") in r.info.artifact_uri for r in trials), trials[0].info.artifact_uri
+        uris = [r.info.artifact_uri for r in trials]
+        assert all(str(tmp_path / "artifacts") in u for u in uris), uris
     assert not (tmp_path / "mlflow.db").exists(), "a child fell back to the default sqlite store"
 
 
@@ -128,5 +130,6 @@ def test_concurrent_processes_create_one_fresh_sqlite_store(tmp_path, cache_dir)
         assert r.data.tags["kb.status"] == "finished"
         assert metric_steps(client, r.info.run_id, "train/loss") == list(range(1, 7))
     # a later process opens the store like any other
-    again = run_cli(["status", "--experiment", "fresh-shared", "--tracking-uri", uri], cwd=tmp_path, timeout=120)
+    again = run_cli(["status", "--experiment", "fresh-shared", "--tracking-uri", uri], cwd=tmp_path,
+                    timeout=120)
     assert again.returncode == 0 and "finished" in again.stdout, again.stdout + again.stderr

@@ -20,5 +20,6 @@ trainer = Trainer(spec, data, __import__("pathlib").Path(out).parent / f"rank{in
 trainer.train()
 if info.is_main:
     params = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
-    json.dump({"losses": trainer.state.losses, "params": params}, open(out, "w"))
+    with open(out, "w") as f:
+        json.dump({"losses": trainer.state.losses, "params": params}, f)
 shutdown()

@@ -64,7 +64,8 @@ def test_matching_sizes_arms_within_one_percent(tmp_path):
 
 BAD = [
     # (replace this, with that, the field the one-line error must name)
-    ('variants = ["gpt", "kimi"]', 'variants = ["gpt", "kimmi"]', "matrix.variants[1]: unknown name 'kimmi'; did you mean 'kimi'"),
+    ('variants = ["gpt", "kimi"]', 'variants = ["gpt", "kimmi"]',
+     "matrix.variants[1]: unknown name 'kimmi'; did you mean 'kimi'"),
     ('optimizers = ["adamw", "muon"]', 'optimizers = ["adamw", "moun"]', "matrix.optimizers[1]"),
     ("steps = 10", "steps = -5", "train.steps"),
     ("steps = 10", 'steps = "ten"', "train.steps"),

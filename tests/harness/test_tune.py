@@ -289,6 +289,7 @@ def test_two_workers_share_one_study_and_add_their_trials(env, tmp_path):
     assert len(study.get_trials()) == 5
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_stale_running_trial_fails_on_next_worker_start(env, tmp_path, kind):
     name = f"stale-{kind}"
@@ -341,3 +342,25 @@ def test_pruned_trials_and_equal_trials_per_arm(env, tmp_path):
     assert {r.data.tags["kb.arm"] for r in study_runs} == {"gpt+adamw", "kimi+muon"}
     imp = artifact_json(env, study_runs[0].info.run_id, "importances.json")
     assert imp["importances"] is None and "need 2" in imp["reason"]
+
+
+def test_diverged_is_inf_and_repeated_failures_stop_the_arm(env, tmp_path, monkeypatch):
+    """Without training: gpt+adamw trials diverge (COMPLETE, +inf), kimi+muon trials crash (FAIL)."""
+    import harness.trial
+    from harness.trial import TrialResult
+
+    def fake_run_trial(spec, data, out_dir, run, progress=None, on_eval=None, resume=True, **kw):
+        status = "diverged" if spec.optimizer == "adamw" else "failed"
+        run.end(status)
+        return TrialResult(status=status, trial_key="k", step=3, error="RuntimeError: boom",
+                           metrics={"train/diverged_step": 3} if status == "diverged" else {})
+
+    monkeypatch.setattr(harness.trial, "run_trial", fake_run_trial)
+    path = write_matrix(env, tmp_path, "diverge")
+    outcome = run_tune(env, tmp_path, path, n_trials=4, pruner="none")
+    gpt, kimi = outcome.studies["gpt+adamw"], outcome.studies["kimi+muon"]
+    assert [(t.state, t.value) for t in gpt.study.trials] == [(TrialState.COMPLETE, math.inf)] * 4
+    assert gpt.counts()["diverged"] == 4 and gpt.best() is None
+    assert [t.state for t in kimi.study.trials] == [TrialState.FAIL] * 3 and kimi.added == 3  # gave up
+    with pytest.raises(UserError, match=r"diverge/gpt\+adamw \(no finished trial\)"):
+        best_params_for_arms(load_matrix(path), f"sqlite:///{tmp_path}/optuna.db")
