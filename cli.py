@@ -5,8 +5,6 @@ Every user error is one line, `kimi-bench: error: <field>: <what is wrong>; <fix
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,7 +16,8 @@ from rich.table import Table
 
 from harness.errors import UserError
 
-console = Console()
+# Piped output (logs, CI) gets a wide console so tables are not squeezed into rich's 80-column default.
+console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
 err_console = Console(stderr=True)
 
 
@@ -59,6 +58,8 @@ def run(
     cache_dir: CacheDir = None,
     tuned: Annotated[bool, typer.Option("--tuned", help="use each arm's best params from its study")] = False,
     study_storage: Annotated[str | None, typer.Option(help="Optuna storage for --tuned")] = None,
+    study_prefix: Annotated[str | None, typer.Option(help="study name prefix for --tuned (default: the "
+                                                             "matrix name)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and size everything, train nothing")] = False,
     device: Annotated[str | None, typer.Option(help="override train.device (cpu, cuda, cuda:1)")] = None,
     steps: Annotated[int | None, typer.Option(help="override the step budget")] = None,
@@ -76,7 +77,7 @@ def run(
     if device is not None and not device.startswith(("cpu", "cuda", "auto")):
         raise UserError(f"--device: unknown device {device!r}; use cpu, cuda, cuda:N or auto")
     data = _user_errors(lambda: prepare_data(spec.data_fields(), cache_dir, console))
-    tuned_params = _load_tuned(spec, study_storage) if tuned else None
+    tuned_params = _load_tuned(spec, study_storage, study_prefix) if tuned else None
     overrides = {"device": device}
     if steps is not None:
         overrides.update(steps=steps, tokens=None, seconds=None)
@@ -113,10 +114,10 @@ def _display_uri(uri: str | None) -> str:
     return strip_credentials(resolve_tracking_uri(uri))
 
 
-def _load_tuned(spec, storage: str | None) -> dict:
+def _load_tuned(spec, storage: str | None, prefix: str | None) -> dict:
     from harness.tune import best_params_for_arms
 
-    return best_params_for_arms(spec, storage)
+    return best_params_for_arms(spec, storage, prefix)
 
 
 def _params_table(trials, title: str) -> Table:
@@ -147,6 +148,56 @@ def _params_table(trials, title: str) -> Table:
                       f"{c.active:,}", f"{c.embedding:,}", f"{flops_per_token(model, t.dims.block_size) / 1e9:.4f}",
                       f"{kv_cache_bytes_per_token(model, 2):,}", dims)
     return table
+
+
+@app.command("tune")
+def tune_command(
+    matrix: Annotated[Path, typer.Option("--matrix", "-m", help="matrix TOML file")],
+    n_trials: Annotated[int | None, typer.Option(
+        "--n-trials", help="trials this worker adds to each arm's study (default 20 "
+                           "unless --total-trials is given)")] = None,
+    total_trials: Annotated[int | None, typer.Option(
+        "--total-trials", help="stop once each study holds this many complete + pruned (+ running) trials, "
+                               "over all workers")] = None,
+    storage: Annotated[str | None, typer.Option(
+        help="Optuna storage: sqlite file (default ./optuna.db), SQLAlchemy URL, or journal:PATH")] = None,
+    study_prefix: Annotated[str | None, typer.Option(
+        help="study names are PREFIX/<variant>+<optimizer> (default: the matrix name)")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")] = None,
+    cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="token cache (default ./.kimi-cache)")
+                         ] = None,
+    out: Annotated[Path, typer.Option(help="per-trial files (checkpoints are deleted after each trial)")
+                   ] = Path("runs"),
+    sampler_seed: Annotated[int, typer.Option(help="TPE seed (re-seeded per trial with the trial number)")
+                            ] = 0,
+    pruner: Annotated[str, typer.Option(help="median | hyperband | none (prunes on eval val loss)")
+                      ] = "median",
+    arms: Annotated[list[str] | None, typer.Option(
+        "--arms", help="only these arms, e.g. --arms gpt+adamw,kimi+muon (repeatable)")] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds; no new trial starts after it")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="tune at this seed instead of the matrix's first (e.g. one the matrix does not run)")] = None,
+    heartbeat: Annotated[int, typer.Option(
+        help="seconds between worker heartbeats; a RUNNING trial silent for 2x this is failed")
+                         ] = 60,
+) -> None:
+    """Tune each arm with its own Optuna study: equal trials, same kind of search space, shared storage."""
+    import shlex
+
+    from harness.tune import best_params_lines, summary_table, tune
+
+    outcome = tune(matrix, n_trials=n_trials, total_trials=total_trials, storage=storage,
+                   study_prefix=study_prefix, tracking_uri=tracking_uri, cache_dir=cache_dir, out=out,
+                   sampler_seed=sampler_seed, pruner=pruner, arms=arms, timeout=timeout, seed=seed,
+                   heartbeat_s=heartbeat, console=console)
+    console.print(summary_table(outcome))
+    for line in best_params_lines(outcome):
+        console.print(line, markup=False, highlight=False)
+    storage_arg = f" --study-storage {shlex.quote(outcome.storage)}" if storage else ""
+    console.print(f"next: kimi-bench run --matrix {matrix} --tuned{storage_arg}")
+    if outcome.interrupted:
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -365,14 +416,6 @@ def status(
         table.add_row(r.info.run_name, r.data.tags.get("kb.status", "?"), r.data.tags.get("kb.final_step", ""),
                       f"{ppl:.3f}" if ppl else "", r.info.run_id[:12], r.data.tags.get("kb.trial_key", ""))
     console.print(table)
-
-
-def _spec_dict(obj) -> dict:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-
-
-def _dump(obj) -> str:
-    return json.dumps(_spec_dict(obj), indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -194,14 +194,17 @@ class Matrix:
                                   self.spec.match.tolerance)
             for (variant, opt), seed, data_seed in itertools.product(self.arms(), m.seeds, data_seeds):
                 overrides = dict(self.spec.optim.get(opt, {}))
-                tuned_from = None
+                tuned_from, arm_train, arm_dims = None, train, dims[variant]
                 if tuned is not None and f"{variant}+{opt}" in tuned:
                     entry = tuned[f"{variant}+{opt}"]
                     overrides.update(entry["params"])
+                    # tuned schedule (warmup_frac) and model fields (router bias_update_speed): harness.tune
+                    arm_train = dataclasses.replace(train, **entry.get("train", {}))
+                    arm_dims = dataclasses.replace(arm_dims, **entry.get("model", {}))
                     tuned_from = entry["source"]
                 trials.append(TrialSpec(
                     experiment=self.name, variant=variant, optimizer=opt, preset=preset, seed=seed,
-                    dims=dims[variant], optim=resolve_optimizer(opt, overrides), train=train,
+                    dims=arm_dims, optim=resolve_optimizer(opt, overrides), train=arm_train,
                     data=self.data_fields(), data_seed=data_seed, tuned_from=tuned_from,
                 ))
         return trials

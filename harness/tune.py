@@ -55,10 +55,9 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import optuna
-import typer
 from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -865,50 +864,3 @@ def best_params_lines(outcome: TuneOutcome) -> list[str]:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# the CLI command (registered by cli.py: app.command("tune")(tune_command))
-
-
-def tune_command(
-    matrix: Annotated[Path, typer.Option("--matrix", "-m", help="matrix TOML file")],
-    n_trials: Annotated[int | None, typer.Option(
-        "--n-trials", help=f"trials this worker adds to each arm's study (default {DEFAULT_N_TRIALS} "
-                           "unless --total-trials is given)")] = None,
-    total_trials: Annotated[int | None, typer.Option(
-        "--total-trials", help="stop once each study holds this many complete + pruned (+ running) trials, "
-                               "over all workers")] = None,
-    storage: Annotated[str | None, typer.Option(
-        help="Optuna storage: sqlite file (default ./optuna.db), SQLAlchemy URL, or journal:PATH")] = None,
-    study_prefix: Annotated[str | None, typer.Option(
-        help="study names are PREFIX/<variant>+<optimizer> (default: the matrix name)")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(
-        "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")] = None,
-    cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="token cache (default ./.kimi-cache)")
-                         ] = None,
-    out: Annotated[Path, typer.Option(help="per-trial files (checkpoints are deleted after each trial)")
-                   ] = Path("runs"),
-    sampler_seed: Annotated[int, typer.Option(help="TPE seed (re-seeded per trial with the trial number)")
-                            ] = 0,
-    pruner: Annotated[str, typer.Option(help="median | hyperband | none (prunes on eval val loss)")
-                      ] = "median",
-    arms: Annotated[list[str] | None, typer.Option(
-        "--arms", help="only these arms, e.g. --arms gpt+adamw,kimi+muon (repeatable)")] = None,
-    timeout: Annotated[float | None, typer.Option(help="seconds; no new trial starts after it")] = None,
-    seed: Annotated[int | None, typer.Option(
-        help="tune at this seed instead of the matrix's first (e.g. one the matrix does not run)")] = None,
-    heartbeat: Annotated[int, typer.Option(
-        help="seconds between worker heartbeats; a RUNNING trial silent for 2x this is failed")
-                         ] = DEFAULT_HEARTBEAT_S,
-) -> None:
-    """Tune each arm with its own Optuna study: equal trials, same kind of search space, shared storage."""
-    console = Console()
-    outcome = tune(matrix, n_trials=n_trials, total_trials=total_trials, storage=storage,
-                   study_prefix=study_prefix, tracking_uri=tracking_uri, cache_dir=cache_dir, out=out,
-                   sampler_seed=sampler_seed, pruner=pruner, arms=arms, timeout=timeout, seed=seed,
-                   heartbeat_s=heartbeat, console=console)
-    console.print(summary_table(outcome))
-    for line in best_params_lines(outcome):
-        console.print(line, markup=False, highlight=False)
-    storage_arg = f" --study-storage {shlex.quote(outcome.storage)}" if storage else ""
-    console.print(f"next: kimi-bench run --matrix {matrix} --tuned{storage_arg}")
-    if outcome.interrupted:
-        raise typer.Exit(130)

@@ -38,7 +38,6 @@ from harness.tune import (
     search_space,
     study_name,
     tune,
-    tune_command,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,12 +175,11 @@ def test_refuses_the_mlflow_store(env, tmp_path):
     with pytest.raises(UserError, match="MLflow store"):
         open_storage(str(renamed), env["uri"])
     # through the CLI command's signature (what the lead registers)
-    import typer
     from typer.testing import CliRunner
 
-    app = typer.Typer()
-    app.command("tune")(tune_command)
-    argv = ["--matrix", str(path), "--storage", env["uri"], "--tracking-uri", env["uri"]]
+    from cli import app
+
+    argv = ["tune", "--matrix", str(path), "--storage", env["uri"], "--tracking-uri", env["uri"]]
     result = CliRunner().invoke(app, argv)
     assert isinstance(result.exception, UserError) and "MLflow store" in str(result.exception)
     assert not (tmp_path / "runs").exists()  # refused before any work
