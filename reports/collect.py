@@ -11,6 +11,7 @@ server long after the runs. Schema: see CONTRACT.md, "MLflow schema".
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -107,6 +108,27 @@ class Collected:
             return pd.DataFrame(columns=cols)
         df = pd.concat(frames, ignore_index=True)
         return df.sort_values(["arm", "seed", "run_id", "step", "layer", "expert"]).reset_index(drop=True)
+
+    def studies(self) -> dict[str, tuple[pd.DataFrame, dict | None]]:
+        """Per arm, the Optuna study's trials (trials.csv) and importances (importances.json) logged on the
+        experiment's study runs (kb.kind=study) by `kimi-bench tune`; empty when nothing was tuned."""
+        runs = self.client.search_runs([self.experiment_id], "tags.`kb.kind` = 'study'", max_results=1000)
+        out: dict[str, tuple[pd.DataFrame, dict | None]] = {}
+        with tempfile.TemporaryDirectory(prefix="kb-optuna-") as tmp, _no_progress_bar():
+            for run in sorted(runs, key=lambda r: r.info.start_time):  # newest study of an arm wins
+                names = {Path(f.path).name for f in self.client.list_artifacts(run.info.run_id)}
+                if "trials.csv" not in names:
+                    continue
+                folder = Path(tmp) / run.info.run_id
+                folder.mkdir()
+                trials = pd.read_csv(self.client.download_artifacts(run.info.run_id, "trials.csv", str(folder)))
+                importances = None
+                if "importances.json" in names:
+                    raw = json.loads(Path(self.client.download_artifacts(
+                        run.info.run_id, "importances.json", str(folder))).read_text())
+                    importances = raw.get("importances") if isinstance(raw, dict) else None
+                out[run.data.tags.get("kb.arm", run.info.run_name)] = (trials, importances)
+        return out
 
 
 @contextmanager

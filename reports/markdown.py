@@ -384,10 +384,14 @@ def _figures(c: Collected, out_dir: Path, hist: pd.DataFrame, optuna) -> list[tu
             path = plots.plot_moe_heatmap(moe, arm, fig_dir / f"moe_load_{plots.slug(arm)}.png")
             if path is not None:
                 out.append((f"MoE expert load over training: {arm}", path))
-    if optuna is not None:
-        trials, importances = optuna
-        for path in plots.plot_optuna(trials, fig_dir, importances):
-            out.append(("Optuna " + path.stem.removeprefix("optuna_"), path))
+    studies = optuna if optuna is not None else c.studies()
+    if isinstance(studies, tuple):  # one (trials, importances) pair, no arm
+        studies = {"": studies}
+    for arm, (trials, importances) in sorted(studies.items()):
+        prefix = f"optuna_{plots.slug(arm)}" if arm else "optuna"
+        for path in plots.plot_optuna(trials, fig_dir, importances, prefix=prefix):
+            kind = path.stem.removeprefix(prefix + "_")
+            out.append((f"Optuna {kind}{': ' + arm if arm else ''}", path))
     return out
 
 
@@ -454,11 +458,12 @@ def _repro_section(c: Collected, command: str | None) -> str:
 
 
 def write_report(collected: Collected, out_dir: str | Path, command: str | None = None,
-                 optuna: tuple[pd.DataFrame, dict | None] | None = None, figures: bool = True) -> Path:
+                 optuna: tuple | dict | None = None, figures: bool = True) -> Path:
     """Write out_dir/report.md, out_dir/summary.csv and out_dir/figures/*.png; return report.md's path.
 
     command: the command that made this report (printed in the reproducibility block).
-    optuna: optional (study.trials_dataframe(), param importances) to add the tuning figures.
+    optuna: (trials dataframe, param importances), or {arm: that pair}, for the tuning figures; by default
+    they come from the experiment's Optuna study runs (kb.kind=study: trials.csv, importances.json).
     figures: False skips the PNGs (tables only, much faster).
     """
     c, out_dir = collected, Path(out_dir)
