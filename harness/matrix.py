@@ -44,6 +44,7 @@ from harness.registry import (
     check_choice,
     resolve_dims,
     resolve_optimizer,
+    show_key,
     suggest,
 )
 
@@ -212,7 +213,7 @@ class Matrix:
 
 def _format_validation_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    loc = ".".join(show_key(p) for p in err["loc"] if not str(p).startswith("function-after"))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field; remove it or check its spelling"
@@ -242,7 +243,7 @@ def _check_names(spec: MatrixFile) -> None:
     for key, value in spec.model.items():
         for field_name in (value if key in VARIANTS else {key: None}):
             if field_name not in known:
-                where_ = f"model.{key}.{field_name}" if key in VARIANTS else f"model.{key}"
+                where_ = f"model.{key}.{show_key(field_name)}" if key in VARIANTS else f"model.{show_key(key)}"
                 raise UserError(f"{where_}: unknown model field; {suggest(field_name, sorted(known))}")
     for name, table in spec.optim.items():
         check_choice(f"optim.{name}", name, OPTIMIZERS)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from arch.gpt import GPT, GPTConfig
@@ -159,6 +160,12 @@ PRESETS: dict[str, ModelDims] = {
 }
 
 
+def show_key(part) -> str:
+    """A field path part as printed: plain names as they are, anything odd (spaces, control chars) quoted."""
+    text = str(part)
+    return text if text.isprintable() and text and not any(c.isspace() for c in text) else repr(text)
+
+
 def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=2, cutoff=0.5)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
@@ -177,8 +184,17 @@ def resolve_dims(preset: str, vocab_size: int, overrides: dict[str, Any] | None 
     known = {f.name for f in dataclasses.fields(ModelDims)}
     for key in overrides or {}:
         if key not in known:
-            raise UserError(f"model.{key}: unknown model field; {suggest(key, sorted(known))}")
+            raise UserError(f"model.{show_key(key)}: unknown model field; {suggest(key, sorted(known))}")
     dims = dataclasses.replace(base, **(overrides or {}))
+    try:  # types of the overrides (TOML gives any type): pydantic checks them against the dataclass fields
+        dims = TypeAdapter(ModelDims).validate_python(dataclasses.asdict(dims))
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(show_key(p) for p in err["loc"])
+        raise UserError(f"model.{where}: {err['msg']} (got {err.get('input')!r})") from None
+    for name in ("n_layer", "dim", "n_heads", "block_size"):
+        if getattr(dims, name) <= 0:
+            raise UserError(f"model.{name}: must be > 0 (got {getattr(dims, name)})")
     if dims.vocab_size is None:
         return dataclasses.replace(dims, vocab_size=vocab_size)
     if dims.vocab_size < vocab_size:
@@ -193,7 +209,7 @@ def build_model(variant: str, dims: ModelDims) -> nn.Module:
         raise UserError("model.vocab_size: not set; it comes from the tokenizer or the preset")
     try:
         return VARIANTS[variant](dims)
-    except (ValueError, AssertionError) as e:  # config checks inside arch/ raise plain errors
+    except (ValueError, AssertionError, TypeError) as e:  # config checks inside arch/ raise plain errors
         raise UserError(f"model ({variant}): {e}") from None
 
 
@@ -205,11 +221,14 @@ def variant_params(variant: str, dims: ModelDims) -> dict[str, Any]:
 # Optimizer defaults per registered name; a matrix's [optim.NAME] table overrides any field.
 # Sources: AdamW lr 1e-3 / beta2 0.99 for the small char/byte models (nanoGPT shakespeare_char), wd 0.1
 # (nanoGPT); Muon lr 0.02, momentum 0.95, Nesterov, 5 NS steps (Keller Jordan's Muon); QK-Clip tau 100
-# (Kimi K2 report). Muon arms keep AdamW (same lr) for embeddings, head, gains, biases and the router.
+# (Kimi K2 report). Muon arms keep AdamW (same lr) for embeddings, head, gains, biases and the router. Muon's
+# own weight decay is 0 with the "original" scaling (Keller Jordan's Muon default): wd 0.1 at lr 0.02 would
+# shrink hidden weights 0.2% per step, ~30x AdamW's; with "match_rms_adamw" set muon_weight_decay to AdamW's.
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1},
-    "muon": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "muon_lr": 0.02},
-    "muonclip": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "muon_lr": 0.02, "qk_clip_tau": 100.0},
+    "muon": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "muon_lr": 0.02, "muon_weight_decay": 0.0},
+    "muonclip": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "muon_lr": 0.02, "muon_weight_decay": 0.0,
+                 "qk_clip_tau": 100.0},
 }
 
 
@@ -219,10 +238,18 @@ def resolve_optimizer(name: str, overrides: dict[str, Any] | None = None) -> Opt
     known = {f.name for f in dataclasses.fields(OptimizerConfig)}
     for key in kwargs:
         if key not in known:
-            raise UserError(f"optim.{name}.{key}: unknown optimizer field; {suggest(key, sorted(known))}")
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    return OptimizerConfig(name=name, **kwargs)
+            raise UserError(f"optim.{name}.{show_key(key)}: unknown optimizer field; {suggest(key, sorted(known))}")
+    try:
+        if "betas" in kwargs:
+            kwargs["betas"] = tuple(kwargs["betas"])
+        return OptimizerConfig(name=name, **kwargs)
+    except (ValueError, TypeError) as e:  # arch/ checks raise plain errors that name "optim.<field>"
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if message.startswith("optim."):
+            message = f"optim.{name}." + message.removeprefix("optim.")
+        else:
+            message = f"optim.{name}: {message}"
+        raise UserError(message) from None
 
 
 @dataclass(frozen=True)

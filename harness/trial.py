@@ -26,7 +26,7 @@ from torch import nn
 
 from arch.counting import count_params, flops_per_token
 from arch.moe import moe_modules
-from arch.muon import enable_max_logit_tracking, qk_clip_
+from arch.muon import enable_max_logit_tracking
 from harness.data import PreparedData, TokenBatches, val_batches
 from harness.dist import DistInfo, all_reduce_
 from harness.inference import benchmark_inference
@@ -305,13 +305,11 @@ class Trainer:
                 self.load_meter.add()
         clip = self.spec.train.grad_clip if self.spec.train.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        self.optimizer.step()  # muonclip: the optimizer applies QK-Clip at the end of its step
         self.optimizer.zero_grad(set_to_none=True)
         for m in self.moe:
             all_reduce_(m.load_accum)
             m.update_bias()
-        if self.spec.optimizer == "muonclip":
-            qk_clip_(self.model, self.spec.optim.qk_clip_tau)
         loss_mean = loss_sum / accum
         if self.dist.enabled:
             loss_mean = all_reduce_(loss_mean) / self.dist.world_size

@@ -109,7 +109,8 @@ class Dim:
 # and the paper presets' optima. Muon's muon_lr spans both scalings: "original" wants ~0.02 (Keller Jordan),
 # "match_rms_adamw" an AdamW-like lr (Moonlight), so one log range 1e-3..1e-1 covers both.
 _LR = Dim("lr", "optim", 1e-4, 1e-2, log=True, why="AdamW lr (Muon arms: the AdamW groups' lr)")
-_WD = Dim("weight_decay", "optim", 0.0, 0.3, why="decoupled weight decay (Muon arms: also Muon's)")
+_WD = Dim("weight_decay", "optim", 0.0, 0.3,
+          why="decoupled weight decay of the AdamW groups (Muon's own stays at its default, 0)")
 _WARMUP = Dim("warmup_frac", "train", 0.0, 0.2, why="linear warmup share of the budget (warmup_steps unset)")
 SEARCH_SPACES: dict[str, tuple[Dim, ...]] = {
     "adamw": (_LR, _WD, _WARMUP, Dim("beta2", "optim", 0.9, 0.999, why="AdamW beta2 (beta1 kept)")),

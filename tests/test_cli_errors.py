@@ -200,7 +200,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, cache_dir, mode):
     if mode == "dry-run":
         args.append("--dry-run")
     t0 = time.monotonic()
-    proc = run_cli(args, cwd=tmp_path, timeout=150, env=env)
+    proc = run_cli(args, cwd=tmp_path, timeout=90, env=env)
     elapsed = time.monotonic() - t0
     assert_one_line_error(proc, url, "cannot reach")
     assert elapsed < 60, f"took {elapsed:.0f}s to report an unreachable server"

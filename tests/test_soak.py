@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,29 +37,81 @@ pytestmark = pytest.mark.slow
 
 SEED = 8
 KILLS = 10
-DELAY_S = (3.0, 24.0)  # seconds after start: from imports to well into the second trial
 STEPS = 40
 EXPERIMENT = "soak"
 TRAIN = {"steps": STEPS, "checkpoint_interval": 5, "eval_interval": 10, "log_interval": 5}
+POLL_S = 0.05
 
 
-def _snapshot(client, out: Path) -> dict:
-    """What one kill left behind: per trial, checkpoint step, last logged step, status; temp files."""
-    snap = {"tmp_files": sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp")) if out.exists() else []}
+def next_plan(rng: random.Random, attempt: int, matrix_done: bool) -> dict:
+    """A seeded kill moment. The first attempt dies 0-1 s after the sqlite file appears (MLflow is creating
+    and migrating its schema). Then, while there is work left: 30% count from the process start (imports, data
+    preparation, tracker setup, resume lookup), 70% from the first checkpoint write of their attempt plus
+    0-1 s (training steps, evals, MLflow flushes, the next checkpoint write, inference, artifacts). Anchoring
+    on events keeps the kills inside the work on a fast or a busy machine alike, where fixed delays mostly
+    land in start-up or after the end. Once the matrix is done, reruns are killed in their start-up/skip."""
+    if attempt == 0:
+        return {"anchor": "store", "offset_s": round(rng.uniform(0, 1.0), 2)}
+    if matrix_done or rng.random() < 0.3:
+        return {"anchor": "start", "offset_s": round(rng.uniform(0.5, 5.0), 2)}
+    return {"anchor": "checkpoint", "offset_s": round(rng.uniform(0, 1.0), 2)}
+
+
+def _checkpoint_mtimes(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("trial_state.pt")} if out.exists() else {}
+
+
+def run_and_kill(args: list[str], cwd: Path, out: Path, db: Path, plan: dict, log: Path) -> dict:
+    """Start the CLI, SIGKILL its process group at the planned moment; report when (or that it finished)."""
+    proc = popen_cli(args, cwd=cwd, log=log)
+    t0 = time.monotonic()
+    deadline = t0 + plan["offset_s"] if plan["anchor"] == "start" else None
+    seen = _checkpoint_mtimes(out)
+    while True:
+        if proc.poll() is not None:
+            return {"killed": False, "rc": proc.returncode, "after_s": round(time.monotonic() - t0, 1)}
+        now = time.monotonic()
+        if deadline is None:
+            if plan["anchor"] == "store":  # the store's file (or a temporary one being built), not its lock
+                fired = any(not p.name.endswith(".lock") for p in db.parent.glob(db.name + "*"))
+            else:
+                current = _checkpoint_mtimes(out)
+                fired = any(seen.get(p) != m for p, m in current.items())
+            if fired:
+                deadline = now + plan["offset_s"]
+        if deadline is not None and now >= deadline:
+            kill_group(proc)
+            return {"killed": True, "after_s": round(now - t0, 1)}
+        if now - t0 > 300:
+            kill_group(proc)
+            raise AssertionError(f"attempt ran 300 s without reaching its kill point: {log.read_text()[-2000:]}")
+        time.sleep(POLL_S)
+
+
+def _snapshot(db: Path, out: Path) -> dict:
+    """What a kill left: per trial, checkpoint step, last logged train/loss step, kb.status; temp files.
+    Read-only sqlite (no MlflowClient: opening a half-created store through MLflow would repair it)."""
+    snap: dict = {"tmp_files": sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp")) if out.exists()
+                  else []}
+    if not db.exists():
+        return {**snap, "store": "absent"}
     try:
-        exp = client.get_experiment_by_name(EXPERIMENT)
-    except Exception as e:  # a store broken by a kill is itself a finding
-        return {**snap, "store_error": f"{type(e).__name__}: {str(e)[:200]}"}
-    if exp is None:
-        return {**snap, "trials": {}}
-    trials = {}
-    for r in trial_runs(client, EXPERIMENT):
-        ckpt = out / EXPERIMENT / r.data.tags["kb.trial_key"] / "trial_state.pt"
-        step = torch.load(ckpt, weights_only=True)["train_state"]["step"] if ckpt.is_file() else None
-        logged = metric_steps(client, r.info.run_id, "train/loss")
-        trials[r.info.run_name] = {"ckpt_step": step, "logged_to": max(logged, default=0),
-                                   "status": r.data.tags.get("kb.status")}
-    return {**snap, "trials": trials}
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            rows = con.execute(
+                "SELECT r.run_uuid, r.name, k.value, s.value FROM runs r "
+                "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'kb.kind' AND t.value = 'trial' "
+                "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = 'kb.trial_key' "
+                "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = 'kb.status'").fetchall()
+            trials = {}
+            for run_id, name, key, status in rows:
+                logged = con.execute("SELECT max(step) FROM metrics WHERE run_uuid = ? AND key = 'train/loss'",
+                                     (run_id,)).fetchone()[0]
+                ckpt = out / EXPERIMENT / key / "trial_state.pt"
+                step = torch.load(ckpt, weights_only=True)["train_state"]["step"] if ckpt.is_file() else None
+                trials[name] = {"ckpt_step": step, "logged_to": logged, "status": status}
+    except sqlite3.Error as e:  # no tables yet: killed before or during the store's creation
+        return {**snap, "store": f"{type(e).__name__}: {e}"}
+    return {**snap, "store": "ok", "trials": trials}
 
 
 def test_sigkill_soak(tmp_path):
@@ -71,24 +122,18 @@ def test_sigkill_soak(tmp_path):
     db, out = tmp_path / "mlflow.db", tmp_path / "runs"
     args = ["run", "--matrix", str(matrix), "--tracking-uri", f"sqlite:///{db}", "--out", str(out),
             "--cache-dir", str(tmp_path / "cache")]
-    rng = random.Random(SEED)
-    delays = [round(rng.uniform(*DELAY_S), 1) for _ in range(KILLS)]
-    client = MlflowClient(f"sqlite:///{db}")
-    events, t_start = [], time.monotonic()
-
-    for i, delay in enumerate(delays):
-        proc = popen_cli(args, cwd=tmp_path, log=tmp_path / f"attempt-{i}.log")
-        try:
-            proc.wait(timeout=delay)
-            events.append({"attempt": i, "delay_s": delay, "killed": False, "rc": proc.returncode})
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            events.append({"attempt": i, "delay_s": delay, "killed": True, **_snapshot(client, out)})
+    rng, events, t_start = random.Random(SEED), [], time.monotonic()
+    while sum(e["killed"] for e in events) < KILLS and len(events) < KILLS + 6:
+        i, done = len(events), any(not e["killed"] and e["rc"] == 0 for e in events)
+        plan = next_plan(rng, i, done)
+        outcome = run_and_kill(args, tmp_path, out, db, plan, tmp_path / f"attempt-{i}.log")
+        events.append({"attempt": i, **plan, **outcome, **(_snapshot(db, out) if outcome["killed"] else {})})
 
     final = popen_cli(args, cwd=tmp_path, log=tmp_path / "final.log")
     rc = finish(final, 400)
     elapsed = time.monotonic() - t_start
     assert rc == 0, (tmp_path / "final.log").read_text()[-4000:]
+    client = MlflowClient(f"sqlite:///{db}")
 
     # the store: sound, one run per trial key, resumed rather than duplicated
     with sqlite3.connect(db) as con:
@@ -100,13 +145,17 @@ def test_sigkill_soak(tmp_path):
                                  run_view_type=ViewType.ALL)
     dups = {r.info.run_name: duplicate_steps(client, r) for r in runs}
     figures = {
-        "kills": sum(e["killed"] for e in events), "reruns": len(events) + 1, "delays_s": delays,
+        "kills": sum(e["killed"] for e in events), "reruns": len(events),
+        "completed_reruns_before_the_final": sum(not e["killed"] for e in events),
+        "kills_in_startup_or_skip": sum(e["killed"] and e["anchor"] == "start" for e in events),
+        "kills_after_a_checkpoint": sum(e["killed"] and e["anchor"] == "checkpoint" for e in events),
+        "killed_during_checkpoint_write": sum(bool(e.get("tmp_files")) for e in events),
+        "killed_before_store_ready": sum(e.get("store", "ok") != "ok" for e in events if e["killed"]),
         "trial_runs_found": len(runs), "trial_keys": len(per_key),
         "runs_per_key": sorted(per_key.values()),
         "duplicate_steps": {k: v for k, v in dups.items() if v},
         "parent_runs": len(parents),
         "parents_left_running": sum(p.info.status == "RUNNING" for p in parents),
-        "tmp_files_seen_after_kills": sum(len(e.get("tmp_files", [])) for e in events),
         "total_s": round(elapsed, 1), "events": events,
     }
     report = json.dumps(figures, indent=1, default=str)
@@ -116,6 +165,7 @@ def test_sigkill_soak(tmp_path):
     (artifacts / "soak-figures.json").write_text(report)
     print(f"\nsoak figures:\n{report}")
 
+    assert figures["kills"] == KILLS, figures
     assert len(per_key) == 2 and all(n == 1 for n in per_key.values()), figures
     for r in runs:
         where = r.info.run_name
@@ -139,3 +189,42 @@ def test_sigkill_soak(tmp_path):
     for path in models:
         assert "model" in torch.load(path, weights_only=True), path
     assert list(out.rglob("*.tmp")) == [], list(out.rglob("*.tmp"))
+
+
+def test_resume_of_a_run_killed_right_after_it_was_created(tmp_path):
+    """Deterministic versions of two kill windows the soak hits only by chance: killed between create_run and
+    the params (the run has tags, no params), and after the step-0 eval was flushed but before any train/loss
+    (val/loss has step 0, no checkpoint exists). The rerun must resume that run, fill in its params and not
+    log val/loss at step 0 a second time."""
+    from mlflow import MlflowClient
+    from rich.console import Console
+
+    from harness.matrix import load_matrix
+    from harness.runner import prepare_data, trial_tags
+
+    matrix = write_matrix(tmp_path / "m.toml", "resume-window", train={"steps": 6, "eval_interval": 3})
+    cache, db = tmp_path / "cache", tmp_path / "mlflow.db"
+    spec = load_matrix(matrix)
+    data = prepare_data(spec.data_fields(), str(cache), Console(quiet=True))
+    trial = spec.expand(data.vocab_size)[0]
+    key = trial.key(data.data_hash)
+    client = MlflowClient(f"sqlite:///{db}")
+    exp_id = client.create_experiment("resume-window")
+    run_id = client.create_run(exp_id, run_name=trial.name,
+                               tags={"kb.kind": "trial", **trial_tags(trial, key)}).info.run_id
+    client.log_metric(run_id, "val/loss", 5.5, step=0)  # the step-0 eval reached MLflow, then the kill
+
+    proc = popen_cli(["run", "--matrix", str(matrix), "--tracking-uri", f"sqlite:///{db}", "--out",
+                      str(tmp_path / "runs"), "--cache-dir", str(cache)], cwd=tmp_path, log=tmp_path / "run.log")
+    assert finish(proc, 300) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    runs = trial_runs(client, "resume-window")
+    assert [r.info.run_id for r in runs] == [run_id], "the rerun did not resume the killed run"
+    run = runs[0]
+    problems = []
+    if run.data.params.get("train.steps") != "6":
+        problems.append(f"params missing on the resumed run: {sorted(run.data.params)[:5]}")
+    if metric_steps(client, run_id, "val/loss") != [0, 3, 6]:
+        problems.append(f"val/loss steps {metric_steps(client, run_id, 'val/loss')} (want [0, 3, 6])")
+    if metric_steps(client, run_id, "train/loss") != list(range(1, 7)):
+        problems.append(f"train/loss steps {metric_steps(client, run_id, 'train/loss')}")
+    assert not problems, problems
