@@ -2,8 +2,10 @@
 
 Default store: `sqlite:///<cwd>/mlflow.db` (MLflow's own default). One synchronous MLflow call costs 3-11 ms
 on sqlite, so step metrics are buffered and sent with `log_batch` every `flush_every` values or
-`flush_seconds`, and always at evals and at the end. The time spent logging is measured and logged as
-`track/log_s` and `track/overhead_frac` (share of the training time).
+`flush_seconds`, and always at evals and at the end, through MLflow's asynchronous logging (a background
+queue) so the loop does not wait on the store; checkpoints and the end of a run wait until it is drained.
+The time the training thread spends in logging calls is logged as `track/log_s` and `track/overhead_frac`
+(share of the training time).
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ class TrialRun:
     min_step: int = -1  # on resume: steps <= this were logged by the killed run and are not logged again
     log_seconds: float = 0.0
     _buffer: list = field(default_factory=list)
+    _pending: list = field(default_factory=list)  # async log_batch operations not yet confirmed
     _last_flush: float = field(default_factory=time.perf_counter)
     _monitor: Any = None
 
@@ -198,13 +201,19 @@ class TrialRun:
                 continue
             self._buffer.append(Metric(key, float(value), ts, step))
         if len(self._buffer) >= self.flush_every or time.perf_counter() - self._last_flush > self.flush_seconds:
-            self.flush()
+            self.flush(wait=False)
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = True) -> None:
+        """Send the buffer. wait=False hands it to MLflow's async logging queue (the training loop goes on);
+        wait=True also waits for everything queued so far to be stored (before checkpoints and at the end)."""
         t0 = time.perf_counter()
         while self._buffer:
             batch, self._buffer = self._buffer[:1000], self._buffer[1000:]  # MLflow's per-batch cap
-            self.tracker.client.log_batch(self.run_id, metrics=batch)
+            self._pending.append(self.tracker.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        if wait:
+            for op in self._pending:
+                op.wait()
+            self._pending.clear()
         self._last_flush = time.perf_counter()
         self.log_seconds += self._last_flush - t0
 

@@ -361,7 +361,7 @@ class Trainer:
         self.state.last_eval = metrics
         self.log(self.state.step, metrics)
         if self.run is not None and self.dist.is_main:
-            self.run.flush()
+            self.run.flush(wait=False)
         if self.on_eval is not None:
             self.on_eval(self.state.step, metrics)
         return metrics

@@ -30,6 +30,7 @@ import datetime as _dt
 import gc
 import json
 import math
+import os
 import platform
 import re
 import shlex
@@ -389,7 +390,7 @@ def bench_moe_layer(preset: str, device: str | torch.device, *, micro_batch: int
     cfg = dict(dim=d.dim, n_routed_experts=d.n_routed_experts, n_activated_experts=d.n_activated_experts,
                moe_inter_dim=d.moe_inter_dim, n_shared_experts=d.n_shared_experts,
                shared_inter_dim=d.shared_inter_dim, score_func=d.score_func, route_scale=d.route_scale)
-    x = torch.randn(B, T, d.dim, device=device)
+    x = torch.randn(B, T, d.dim, device=device, requires_grad=True)  # backward includes the input gradient
     with _autocast(device):
         dispatches = ["loop"] + (["grouped_mm"] if grouped_mm_supported(x, d.dim, d.moe_inter_dim) else [])
     base = MoE(MoEConfig(**cfg, dispatch="loop")).to(device)
@@ -571,7 +572,7 @@ def bench_attention(preset: str, device: str | torch.device, *, micro_batch: int
             except RuntimeError as e:
                 reasons = [str(w.message).split(" (Triggered")[0] for w in caught
                            if "because" not in str(w.message)]
-                row["status"] = "not eligible" + (f": {reasons[0][:120]}" if reasons else f": {str(e)[:80]}")
+                row["status"] = "not eligible" + (f": {reasons[0][:200]}" if reasons else f": {str(e)[:80]}")
             rows.append(row)
         del q, k, v, grad
     _free(device)
@@ -701,8 +702,11 @@ def environment(device: torch.device) -> dict[str, Any]:
         "grouped_mm": "F.grouped_mm" if hasattr(F, "grouped_mm") else "missing (MoE falls back to loop)",
     }
     commit = _run(["git", "rev-parse", "--short", "HEAD"])
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-    env["git_commit"] = (commit + (" (+ uncommitted changes)" if dirty else "")) if commit else "unknown (no git)"
+    if commit:
+        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+        env["git_commit"] = commit + (" (+ uncommitted changes)" if dirty else "")
+    else:  # a copy of the tree without .git (the device machine): the caller can name the commit
+        env["git_commit"] = os.environ.get("KIMI_BENCH_GIT_COMMIT", "unknown (no git; set KIMI_BENCH_GIT_COMMIT)")
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env["device"] = torch.cuda.get_device_name(device)
@@ -752,7 +756,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
                                         f"{_f(r.get('step_p90_ms'), '{:.1f}')})"),
         ("fwd+bwd ms", lambda r: _f(r.get("fwd_bwd_ms"))), ("opt ms", lambda r: _f(r.get("opt_ms"))),
         ("tokens/s", lambda r: _f(r.get("tokens_per_s"), "{:,.0f}")),
-        ("TFLOP/s", lambda r: _f(r.get("model_tflops"), "{:,.1f}")), ("MFU", lambda r: _pct(r.get("mfu"))),
+        ("TFLOP/s", lambda r: _f(r.get("model_tflops"), "{:.3g}")), ("MFU", lambda r: _pct(r.get("mfu"))),
         ("MFU fwd+bwd", lambda r: _pct(r.get("mfu_fwd_bwd"))),
         ("of matmul peak", lambda r: _pct(r.get("of_matmul_peak"))),
         ("mem GiB", lambda r: _f(r.get("peak_mem_gib"), "{:.1f}")),
@@ -781,7 +785,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("prefill tokens/s", lambda r: _f(r.get("prefill_tokens_per_s"), "{:,.0f}")),
         ("KV B/token", lambda r: _f(r.get("kv_bytes_per_token"), "{:,.0f}")),
         ("KV B/token (counting)", lambda r: _f(r.get("kv_bytes_per_token_counted"), "{:,}")),
-        ("cache MiB", lambda r: _f(r.get("cache_mib"), "{:,.1f}")), ("dtype", lambda r: r["dtype"]),
+        ("cache MiB", lambda r: _f(r.get("cache_mib"), "{:.3g}")), ("dtype", lambda r: r["dtype"]),
         ("status", lambda r: r["status"]),
     ],
     "optim": [
@@ -791,7 +795,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("AdamW groups ms", lambda r: _f(r.get("adamw_groups_ms"))),
         ("batched Muon groups ms (proposed)", lambda r: _f(r.get("batched_muon_groups_ms"))),
         ("NS GFLOP", lambda r: _f(r.get("ns_gflop"), "{:,.1f}")),
-        ("NS TFLOP/s", lambda r: _f(r.get("ns_tflops"), "{:,.2f}")),
+        ("NS TFLOP/s", lambda r: _f(r.get("ns_tflops"), "{:.3g}")),
         ("status", lambda r: r["status"]),
     ],
     "attention": [
@@ -799,7 +803,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("d_qk/d_v", lambda r: f"{r['d_qk']}/{r['d_v']}"),
         ("B x H x T", lambda r: f"{r['batch']}x{r['heads']}x{r['seq']}"),
         ("backend", lambda r: r["backend"]), ("fwd+bwd ms", lambda r: _f(r.get("fwd_bwd_ms"), "{:.3f}")),
-        ("TFLOP/s", lambda r: _f(r.get("tflops"), "{:,.1f}")), ("status", lambda r: r["status"]),
+        ("TFLOP/s", lambda r: _f(r.get("tflops"), "{:.3g}")), ("status", lambda r: r["status"]),
     ],
     "targets": [
         ("target", lambda r: r["target"]), ("scope", lambda r: r["scope"]), ("measured", lambda r: r["measured_text"]),
@@ -834,8 +838,8 @@ NOTES = {
     "optim": "Fixed random gradients; only optimizer.step() is timed. Muon/AdamW groups: the Muon optimizer's "
              "two kinds of groups stepped by two separate optimizers. NS GFLOP: exact Newton-Schulz matmul "
              "FLOPs per step.",
-    "attention": "Random bf16 q, k, v at the training shape (micro-batch x heads x block). 'not eligible': the "
-                 "backend refused the shape (reason from torch's warning).",
+    "attention": "Random q, k, v (bf16 on CUDA, fp32 on CPU) at the training shape (micro-batch x heads x "
+                 "block). 'not eligible': the backend refused the shape (reason from torch's warning).",
 }
 
 
@@ -949,7 +953,9 @@ def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequ
     variants = _check_list("--variants", variants, VARIANTS)
     sections = _check_list("--sections", sections, SECTIONS)
     optimizers = _check_list("--optimizers", optimizers, ("adamw", "muon", "muonclip"))
-    compile_modes = list(dict.fromkeys(bool(c) for c in compile_modes)) or [False]
+    compile_modes = list(dict.fromkeys(bool(c) for c in compile_modes))
+    if not compile_modes:
+        raise UserError("--compile/--eager: no train-step mode left; keep --eager or --compile")
     if repeats < 1 or warmup < 0:
         raise UserError("--repeats/--warmup: need repeats >= 1 and warmup >= 0")
     console = console or (Console() if sys.stdout.isatty() else Console(width=200))
@@ -969,8 +975,8 @@ def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequ
     path = out_md or default_record_path(env)
     console.print(f"[bold]kimi-bench suite[/] on {env['device']} ({env['device_detail']}), torch {env['torch']}, "
                   f"driver {env['driver']}; record: {path}")
-    console.print(f"measured matmul peak {matmul_peak / 1e12:,.1f} TFLOP/s; datasheet peak "
-                  f"{_f(peak and peak / 1e12, '{:,.0f}')} TFLOP/s")
+    console.print(f"measured matmul peak {matmul_peak / 1e12:.3g} TFLOP/s; datasheet peak (MFU denominator) "
+                  + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "n/a: MFU columns stay empty (--peak-tflops)"))
 
     def done(section: str, rows: list[dict]) -> None:
         results[section] = rows
@@ -991,7 +997,9 @@ def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequ
             if section == "train":
                 for variant in variants:
                     for optimizer in optimizers:
-                        for compiled in (compile_modes if optimizer == "adamw" else [False]):
+                        # the optimizer step is never compiled: other optimizers' rows run eager (if selected)
+                        modes = compile_modes if optimizer == "adamw" else [m for m in compile_modes if not m]
+                        for compiled in modes:
                             row = bench_train_step(variant, preset, dev, compile_model=compiled, optimizer=optimizer,
                                                    micro_batch=micro_batch, warmup=warmup, repeats=repeats,
                                                    vocab_size=vocab_size, peak_flops=peak, matmul_peak=matmul_peak)
@@ -1030,6 +1038,33 @@ def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequ
     return results
 
 
+def merge_records(json_paths: Sequence[Path], out_md: Path, console: Console | None = None) -> dict[str, Any]:
+    """One record from several runs' JSON files (a GPU session splits the suite into commands under 10
+    minutes): rows concatenated, targets re-evaluated over all of them (so e.g. the Muon share can use the
+    compiled fwd+bwd of another run), environment of the first run, every run's command listed."""
+    runs = []
+    for path in json_paths:
+        try:
+            runs.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--merge: cannot read {path} ({e}); give the .json written beside each record") from None
+    devices = {r["env"]["device"] for r in runs}
+    if len(devices) > 1:
+        raise UserError(f"--merge: records from different devices {sorted(devices)}; merge one device at a time")
+    merged: dict[str, Any] = {"env": runs[0]["env"], "command": "\n".join(r["command"] for r in runs)}
+    sections = [s for s in SECTIONS if any(s in r["settings"]["sections"].split(",") for r in runs)]
+    merged["settings"] = {**runs[0]["settings"], "sections": ",".join(sections),
+                          "merged_from": ",".join(Path(p).name for p in json_paths)}
+    for section in SECTIONS:
+        merged[section] = [row for r in runs for row in r.get(section, [])]
+    merged["targets"] = evaluate_targets(merged)
+    write_record(merged, out_md)
+    console = console or Console(width=200)
+    print_section(console, "targets", merged["targets"])
+    console.print(f"merged record written: {out_md}")
+    return merged
+
+
 # ============================================================================ CLI
 
 
@@ -1051,8 +1086,8 @@ def bench_command(
     device: Annotated[str, typer.Option(help="cuda (the purpose) or cpu (code path, with --presets tiny)")] = "cuda",
     presets: Annotated[str, typer.Option(help="comma-separated size presets")] = "paper,gpt2-124m",
     variants: Annotated[str, typer.Option(help="comma-separated model variants")] = "gpt,gpt-mla,gpt-moe,kimi",
-    compile_: Annotated[bool, typer.Option("--compile/--no-compile",
-                                           help="also time torch.compile'd train steps (eager always runs)")] = True,
+    compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="time torch.compile'd train steps")] = True,
+    eager: Annotated[bool, typer.Option("--eager/--no-eager", help="time eager train steps (Muon rows: eager)")] = True,
     repeats: Annotated[int, typer.Option(help="timed calls per measurement (median)")] = 30,
     warmup: Annotated[int, typer.Option(help="untimed calls before timing")] = 5,
     sections: Annotated[str, typer.Option(help=f"comma-separated, of {','.join(SECTIONS)}")] = ",".join(SECTIONS),
@@ -1066,9 +1101,17 @@ def bench_command(
     proposed: Annotated[bool, typer.Option("--proposed/--no-proposed",
                                            help="also time the changes proposed for arch/")] = True,
     out: Annotated[Path | None, typer.Option(help="record (default reports/benchmarks/<date>-<device>.md)")] = None,
+    merge: Annotated[str | None, typer.Option(help="comma-separated .json of earlier runs: merge them into --out "
+                                                   "instead of measuring")] = None,
 ) -> None:
     """Benchmark suite: train-step tokens/s and MFU, MoE layer, MLA decode, Muon step, attention; writes a record."""
-    run_suite(device, _csv("--presets", presets), _csv("--variants", variants), [False, True] if compile_ else [False],
+    if merge:
+        if out is None:
+            raise UserError("--merge: needs --out, the merged record's path")
+        merge_records([Path(p) for p in _csv("--merge", merge)], out)
+        return
+    modes = [False] * eager + [True] * compile_
+    run_suite(device, _csv("--presets", presets), _csv("--variants", variants), modes,
               out, sections=_csv("--sections", sections), optimizers=_csv("--optimizers", optimizers),
               repeats=repeats, warmup=warmup, micro_batch=micro_batch,
               decode_batches=_csv_ints("--decode-batches", decode_batches), prompt_len=prompt_len,

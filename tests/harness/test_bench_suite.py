@@ -29,6 +29,7 @@ from harness.bench.suite import (
     default_record_path,
     device_slug,
     evaluate_targets,
+    merge_records,
     preset_dims,
     proposed_mla_decode,
     run_suite,
@@ -40,6 +41,15 @@ from harness.registry import build_model, resolve_optimizer
 
 VOCAB = 256
 FAST = dict(repeats=1, warmup=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops on a loaded 2-core machine: a second torch thread only adds barrier waits (20 ms a matmul)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def test_time_calls_counts_warmup_and_repeats():
@@ -151,6 +161,25 @@ def test_run_suite_keeps_finished_sections_when_one_fails(tmp_path, monkeypatch)
     assert "No rows yet" in text and "Not run (section not selected)" in text
 
 
+def test_merge_records_combines_runs(tmp_path):
+    first, second = tmp_path / "a.md", tmp_path / "b.md"
+    run_suite("cpu", ["tiny"], ["gpt"], [False], first, sections=["train"], optimizers=["adamw"], micro_batch=2,
+              vocab_size=VOCAB, command="run a", **FAST)
+    run_suite("cpu", ["tiny"], ["gpt"], [False], second, sections=["train", "attention"], optimizers=["muon"],
+              micro_batch=2, vocab_size=VOCAB, command="run b", **FAST)
+    merged = merge_records([first.with_suffix(".json"), second.with_suffix(".json")], tmp_path / "m.md")
+    assert [r["optimizer"] for r in merged["train"]] == ["adamw", "muon"]
+    share = next(t for t in merged["targets"] if t["key"] == "muon_share")
+    fastest = min(r["fwd_bwd_ms"] for r in merged["train"])  # the adamw row of run a may be the faster one
+    muon = merged["train"][1]
+    assert share["measured"] == pytest.approx(muon["opt_ms"] / (fastest + muon["clip_ms"] + muon["opt_ms"]
+                                                                 + muon["rest_ms"]))
+    text = (tmp_path / "m.md").read_text()
+    assert "run a\nrun b" in text and "## Attention kernels" in text and "Not run" in text  # moe, decode, optim
+    with pytest.raises(UserError, match="--merge"):
+        merge_records([tmp_path / "missing.json"], tmp_path / "x.md")
+
+
 def test_targets_verdicts():
     def train(variant, preset, optimizer, compile_, mfu, fb, opt):
         return dict(preset=preset, variant=variant, optimizer=optimizer, compile=compile_, mfu=mfu, mfu_fwd_bwd=mfu,
@@ -221,6 +250,8 @@ def test_bench_command_options(tmp_path):
     (["--variants", "gpt,kimmi"], "variant"),
     (["--sections", "train,speed"], "sections"),
     (["--decode-batches", "1,x"], "decode-batches"),
+    (["--no-eager", "--no-compile"], "--eager"),
+    (["--merge", "a.json"], "--out"),
 ])
 def test_bench_command_bad_input_is_a_user_error(args, message):
     result = CliRunner().invoke(_app(), ["bench", "--device", "cpu", *args])
