@@ -348,6 +348,19 @@ def generate(
     console.print(data.tokenizer.decode(out[0].tolist()), markup=False, highlight=False)
 
 
+@app.command("bench", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """GPU speed suite: train tokens/s and MFU, MoE vs dense, MLA vs MHA decode, Muon share (see --help)."""
+    import typer.main
+
+    from harness.bench.suite import bench_command  # torch-heavy: imported only for this command
+
+    suite = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    suite.command()(bench_command)
+    typer.main.get_command(suite).main(args=ctx.args, prog_name="kimi-bench bench", standalone_mode=True)
+
+
 @app.command("bench-infer")
 def bench_infer(
     checkpoint: Annotated[Path, typer.Option(help="model.pt or a nanoGPT ckpt.pt")],

@@ -160,13 +160,16 @@ class MLA(nn.Module):
         w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, c], [H, v, c]
         q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)
-        scores = (q_lat @ c_all.unsqueeze(1).transpose(-1, -2)
-                  + q_rope @ kr_all.unsqueeze(1).transpose(-1, -2)) * self.softmax_scale  # [B, H, T, L]
+        # heads folded into the query rows: [B, H*T, c] x [B, c, L] reads the latent cache once, where
+        # broadcasting it as [B, 1, L, c] makes matmul copy it once per head
+        B, H = q_nope.size(0), q_nope.size(1)
+        scores = (q_lat.reshape(B, H * T, -1) @ c_all.transpose(1, 2)
+                  + q_rope.reshape(B, H * T, -1) @ kr_all.transpose(1, 2)).view(B, H, T, L) * self.softmax_scale
         if T > 1:  # query t sits at absolute position pos + t and sees keys 0..pos+t
             allowed = torch.ones(T, L, dtype=torch.bool, device=scores.device).tril(diagonal=pos)
             scores = scores.masked_fill(~allowed, float("-inf"))
         attn = scores.softmax(dim=-1, dtype=compute_dtype(scores.dtype)).to(q_nope.dtype)
-        o_lat = attn @ c_all.unsqueeze(1)  # [B, H, T, c]
+        o_lat = (attn.reshape(B, H * T, L) @ c_all).view(B, H, T, -1)  # [B, H, T, c]
         return torch.einsum("bhtc,hdc->bhtd", o_lat, w_uv)
 
     @torch.no_grad()

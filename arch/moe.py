@@ -81,7 +81,8 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, dim] -> gate weights [N, k] (x's dtype), expert indices [N, k], scores [N, E] (>= fp32)."""
         dt = compute_dtype(x.dtype)
-        logits = F.linear(x.to(dt), self.weight.to(dt))
+        with torch.autocast(x.device.type, enabled=False):  # route in >= fp32 under bf16 autocast too
+            logits = F.linear(x.to(dt), self.weight.to(dt))
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1)
             indices = scores.topk(self.topk, dim=-1).indices
@@ -212,7 +213,9 @@ class MoE(nn.Module):
         slot_expert = indices.reshape(-1)
         order = torch.argsort(slot_expert, stable=True)
         token_of_slot = order // self.topk
-        counts = torch.bincount(slot_expert, minlength=self.n_experts)
+        # scatter_add, not bincount: CUDA bincount reads max/min back to the host (a sync per layer)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, slot_expert, torch.ones_like(slot_expert))
         xs = flat[token_of_slot]
         self.last_dispatch = self._dispatch(x)
         if self.last_dispatch == "grouped_mm":

@@ -6,6 +6,7 @@ measured with the KV cache (latent cache for MLA) at each batch size: tokens/s c
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from contextlib import nullcontext
@@ -13,7 +14,6 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from arch.counting import kv_cache_bytes_per_token
 from harness.metrics import synchronize
 
 
@@ -37,9 +37,14 @@ def benchmark_inference(model: nn.Module, vocab_size: int, block_size: int, batc
     """Prefill tokens/s (batch 1), decode tokens/s per batch size, TTFT and KV bytes per token.
 
     Keys: infer/prefill_tokens_per_s, infer/ttft_s, infer/decode_tokens_per_s (batch 1),
-    infer/decode_tokens_per_s_b{N} for the other batch sizes, infer/kv_bytes_per_token (cache dtype).
+    infer/decode_tokens_per_s_b{N} for the other batch sizes, infer/kv_bytes_per_token (measured on a real
+    cache, in the dtype served).
     """
     device = next(model.parameters()).device
+    if autocast_dtype is not None and device.type == "cuda":
+        # serve a low-precision copy, as deployments do: a cache is allocated in the weights' dtype, so autocast
+        # over fp32 weights would keep (and read) an fp32 cache
+        model, autocast_dtype = copy.deepcopy(model).to(autocast_dtype), None
     was_training = model.training
     model.eval()
     new_tokens = max(1, min(new_tokens, block_size // 2))
@@ -77,9 +82,8 @@ def benchmark_inference(model: nn.Module, vocab_size: int, block_size: int, batc
                 t_decode = statistics.median(decode() for _ in range(repeats))
                 key = "infer/decode_tokens_per_s" if b == 1 else f"infer/decode_tokens_per_s_b{b}"
                 out[key] = b * new_tokens / t_decode
-        dtype_bytes = 2 if (autocast_dtype in (torch.bfloat16, torch.float16)) else \
-            next(model.parameters()).element_size()
-        out["infer/kv_bytes_per_token"] = float(kv_cache_bytes_per_token(model, dtype_bytes))
+        cache = model.make_cache(1, 1)  # the bytes a cache of this model really holds per token
+        out["infer/kv_bytes_per_token"] = float(sum(layer.num_bytes() for layer in cache.layers))
     finally:
         model.train(was_training)
     return out

@@ -1,7 +1,7 @@
 """Run a matrix: prepare data once, size the arms, then each trial in turn with MLflow tracking.
 
-Re-running the same matrix skips trials whose key already has a terminal run (finished, diverged, oom,
-failed) and resumes interrupted ones into the same MLflow run, from their last checkpoint when one exists.
+Re-running the same matrix skips trials whose key already has a terminal run (finished, diverged, oom) and
+resumes interrupted or failed ones into the same MLflow run, from their last checkpoint when one exists.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from harness.dist import DistInfo, barrier, broadcast_object
 from harness.errors import UserError
 from harness.matrix import Matrix
 from harness.registry import TrialSpec
-from harness.tracking import Tracker, git_commit, strip_credentials
+from harness.tracking import TERMINAL, Tracker, git_commit, strip_credentials
 from harness.trial import TrialResult, resolve_device, run_trial
 
 
@@ -98,8 +98,7 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
              peak_tflops: float | None) -> TrialResult | None:
     key = spec.key(data.data_hash)
     existing = tracker.find_trial(experiment_id, key) if tracker else None
-    skip = broadcast_object(existing is not None and existing.data.tags.get("kb.status") in
-                            ("finished", "diverged", "oom", "failed"))
+    skip = broadcast_object(existing is not None and existing.data.tags.get("kb.status") in TERMINAL)
     if skip:
         console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags['kb.status'] if existing else 'done'}"
                       f" (run {existing.info.run_id[:8] if existing else '?'}), skipped[/]")
@@ -119,8 +118,15 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
         task = bar.add_task("train", total=spec.train.total_steps(spec.dims.block_size, dist_info.world_size),
                             info="")
 
+        last_line = [0]
+
         def on_progress(step: int, total: int | None, info: dict) -> None:
-            bar.update(task, completed=step, info=f"loss {info['loss']:.3f}  {info['tok/s']:,.0f} tok/s")
+            text = f"loss {info['loss']:.3f}  {info['tok/s']:,.0f} tok/s"
+            bar.update(task, completed=step, info=text)
+            # a log file (no terminal) gets no live bar: print a line every ~10% of the budget instead
+            if not console.is_terminal and dist_info.is_main and step - last_line[0] >= max(1, (total or 100) // 10):
+                last_line[0] = step
+                console.print(f"[{i}/{n}] {spec.name} step {step}/{total or '?'}  {text}")
 
         result = run_trial(spec, data, out_root / spec.experiment / key, run, dist_info, on_progress,
                            peak_tflops=peak_tflops)

@@ -23,7 +23,9 @@ from typing import Any
 
 from harness.errors import UserError
 
-TERMINAL = {"finished", "diverged", "oom", "failed", "pruned"}  # a rerun does not retry these
+# A rerun skips these outcomes (they would repeat); killed, running (a dead process) and failed (an error, e.g.
+# a bug fixed since) are resumed into the same run.
+TERMINAL = {"finished", "diverged", "oom", "pruned"}
 RUN_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED",
               "pruned": "FINISHED", "killed": "KILLED"}
 

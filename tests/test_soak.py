@@ -144,7 +144,8 @@ def test_sigkill_soak(tmp_path):
     elapsed = time.monotonic() - t_start
     if rc != 0:
         _save_figures(tmp_path, {"kills": sum(e["killed"] for e in events), "final_rc": rc, "events": events})
-        last_error = [ln for ln in (tmp_path / "final.log").read_text().splitlines() if ln.strip()][-3:]
+        lines = (tmp_path / "final.log").read_text().splitlines()
+        last_error = ([ln for ln in lines if "Error" in ln or "error:" in ln] or lines or [""])[-1][:300]
         pytest.fail(f"the final rerun failed (rc {rc}) after {len(events)} attempts: {last_error}")
     client = MlflowClient(f"sqlite:///{db}")
 
