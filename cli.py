@@ -76,6 +76,9 @@ def run(
     spec = load_matrix(matrix)
     if device is not None and not device.startswith(("cpu", "cuda", "auto")):
         raise UserError(f"--device: unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps: must be >= 1, got {steps}; give a positive step budget")
+    _check_out_dir(out)
     data = _user_errors(lambda: prepare_data(spec.data_fields(), cache_dir, console))
     tuned_params = _load_tuned(spec, study_storage, study_prefix) if tuned else None
     overrides = {"device": device}
@@ -84,6 +87,7 @@ def run(
     trials = spec.expand(data.vocab_size, tuned=tuned_params, **overrides)
     check_trials(trials)
     if dry_run:
+        _check_tracking(tracking_uri)
         console.print(_params_table(trials, title=f"{spec.name}: {len(trials)} trials (dry run, nothing trained)"))
         return
     dist_info = init_distributed()
@@ -97,6 +101,29 @@ def run(
                       f"browse: mlflow ui --backend-store-uri {_display_uri(tracking_uri)}")
     if outcome.interrupted:
         raise typer.Exit(130)
+
+
+def _check_out_dir(out: Path) -> None:
+    """--out must be creatable before any MLflow run exists (a failure later would leave a partial run)."""
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"--out: cannot create {str(out)!r} ({probe} is not a writable folder); "
+                        "choose another --out")
+
+
+def _check_tracking(uri: str | None) -> None:
+    """--dry-run reaches the tracking store too: a server must answer (a sqlite file is not created)."""
+    from harness.tracking import Tracker, resolve_tracking_uri
+
+    resolved = resolve_tracking_uri(uri)
+    if resolved.startswith("sqlite:///"):
+        parent = Path(resolved.removeprefix("sqlite:///")).parent
+        if not parent.is_dir():
+            raise UserError(f"--tracking-uri: folder {parent} does not exist; create it or pick another path")
+        return
+    Tracker(resolved)
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:
@@ -393,6 +420,8 @@ def report(
     experiment: Annotated[str, typer.Option(help="MLflow experiment (the matrix name)")],
     tracking_uri: TrackingUri = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default reports/out/<experiment>)")] = None,
+    log: Annotated[bool, typer.Option("--log/--no-log", help="also attach report.md, summary.csv and "
+                                      "figures/ to the newest matrix run in MLflow")] = True,
 ) -> None:
     """Write report.md + figures from what MLflow holds (tables, intervals, claims vs measured)."""
     from harness.tracking import resolve_tracking_uri
@@ -406,6 +435,21 @@ def report(
     with console.status("rendering report"):
         path = write_report(collected, out, command=" ".join(["kimi-bench", *sys.argv[1:]]))
     console.print(f"wrote {path}")
+    if log and (run_id := _log_report(collected, path.parent)):
+        console.print(f"logged report.md, summary.csv, figures/ to the matrix run {run_id}")
+
+
+def _log_report(collected, out_dir: Path) -> str | None:
+    """Attach the report to the newest matrix (parent) run, so `mlflow ui` shows it beside the trials."""
+    if collected.matrix_runs.empty:
+        return None
+    run_id = str(collected.matrix_runs.run_id.iloc[-1])  # sorted by start_time: the newest invocation
+    for name in ("report.md", "summary.csv"):
+        if (out_dir / name).is_file():
+            collected.client.log_artifact(run_id, str(out_dir / name))
+    if (out_dir / "figures").is_dir():
+        collected.client.log_artifacts(run_id, str(out_dir / "figures"), "figures")
+    return run_id
 
 
 @app.command()

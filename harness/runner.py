@@ -60,8 +60,11 @@ def trial_tags(spec: TrialSpec, key: str) -> dict[str, str]:
 
 
 def last_logged_step(tracker: Tracker, run_id: str) -> int:
-    history = tracker.client.get_metric_history(run_id, "train/loss")
-    return max((m.step for m in history), default=-1)
+    """The last step a killed run logged, a train step or an eval (the step-0 eval comes before any
+    train/loss): the resumed trial logs only later steps."""
+    history = tracker.client.get_metric_history
+    steps = [m.step for key in ("train/loss", "val/loss") for m in history(run_id, key)]
+    return max(steps, default=-1)
 
 
 def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tracking_uri: str | None,

@@ -72,6 +72,41 @@ def _store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# MLflow's HTTP client retries a failed request 7 times with exponential backoff (about 4 minutes) by
+# default. The first contact with a store uses these bounds (unless the user set them), so an unreachable
+# server is reported in seconds; later calls keep MLflow's patient defaults (a hiccup mid-run is retried).
+_FIRST_CONTACT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _first_contact_http():
+    added = [k for k in _FIRST_CONTACT_HTTP if k not in os.environ]
+    os.environ.update({k: _FIRST_CONTACT_HTTP[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Build a new sqlite store under a temporary name, then rename it into place (call under _store_lock).
+    MLflow migrates a new file through dozens of schema revisions in seconds; a process killed in between
+    leaves a store that no later run can open ("duplicate column name"), so the real path only ever holds
+    a complete store."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    for stale in path.parent.glob(f"{path.name}.creating-*"):  # a killed creator's; we hold the lock
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f"{path.name}.creating-{os.getpid()}")
+    _mlflow().MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates and migrates
+    os.replace(tmp, path)
+
+
 def _mlflow():
     import mlflow  # heavy import: only when tracking is used
 
@@ -90,13 +125,20 @@ class Tracker:
                 raise UserError(f"--tracking-uri: folder {parent} does not exist; create it or pick another path")
         mlflow.set_tracking_uri(self.uri)
         with _store_lock(self.uri):  # the first process creates the store; the others wait, then open it
-            self.client = mlflow.MlflowClient(self.uri)
+            try:
+                _create_sqlite_store(self.uri)
+                self.client = mlflow.MlflowClient(self.uri)
+            except Exception as e:  # a store another tool broke, a newer MLflow's schema, a bad URI ...
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot open the tracking "
+                                f"store ({first}); fix or move the store, or pick another URI") from None
             self._touch_store()
 
     def _touch_store(self) -> None:
         """Open the store once (MLflow creates and migrates a fresh sqlite schema on first use)."""
         try:
-            self.client.search_experiments(max_results=1)
+            with _first_contact_http():
+                self.client.search_experiments(max_results=1)
         except Exception as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
@@ -105,8 +147,8 @@ class Tracker:
     def ensure_experiment(self, name: str) -> str:
         try:
             exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                return self.client.create_experiment(name)
+            if exp is None:  # MLflow 3's UI opens an untagged experiment in its GenAI view
+                return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
@@ -145,14 +187,17 @@ class Tracker:
         if resume_run_id:
             run_id = resume_run_id
             self.client.update_run(run_id, status="RUNNING")
+            # a run killed between create_run and its params has none (or some): log what is missing
+            logged = self.client.get_run(run_id).data.params
+            params = {k: v for k, v in params.items() if k not in logged}
         else:
             all_tags = {"kb.kind": kind, **tags}
             if parent_id:
                 all_tags["mlflow.parentRunId"] = parent_id
             run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
-            param_list = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
-            for i in range(0, len(param_list), 100):  # MLflow caps a batch at 100 params
-                self.client.log_batch(run_id, params=param_list[i : i + 100])
+        param_list = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(param_list), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(run_id, params=param_list[i : i + 100])
         self.client.log_batch(run_id, tags=[RunTag("kb.status", "running")])
         return TrialRun(self, run_id, system_metrics=system_metrics)
 

@@ -109,8 +109,10 @@ def _snapshot(db: Path, out: Path) -> dict:
                 ckpt = out / EXPERIMENT / key / "trial_state.pt"
                 step = torch.load(ckpt, weights_only=True)["train_state"]["step"] if ckpt.is_file() else None
                 trials[name] = {"ckpt_step": step, "logged_to": logged, "status": status}
-    except sqlite3.Error as e:  # no tables yet: killed before or during the store's creation
-        return {**snap, "store": f"{type(e).__name__}: {e}"}
+    except sqlite3.Error as e:  # no tables yet (killed before or while the store was created), or a hot
+        # journal: killed inside a transaction, which the next writer rolls back (read-only cannot)
+        hot = "readonly" in str(e)
+        return {**snap, "store": "hot journal (killed mid-transaction)" if hot else f"{type(e).__name__}: {e}"}
     return {**snap, "store": "ok", "trials": trials}
 
 
@@ -164,7 +166,9 @@ def test_sigkill_soak(tmp_path):
         "kills_in_startup_or_skip": sum(e["killed"] and e["anchor"] == "start" for e in events),
         "kills_after_a_checkpoint": sum(e["killed"] and e["anchor"] == "checkpoint" for e in events),
         "killed_during_checkpoint_write": sum(bool(e.get("tmp_files")) for e in events),
-        "killed_before_store_ready": sum(e.get("store", "ok") != "ok" for e in events if e["killed"]),
+        "killed_before_store_ready": sum(e.get("store") == "absent" or "no such table" in e.get("store", "")
+                                         for e in events if e["killed"]),
+        "killed_mid_sqlite_transaction": sum(e.get("store", "").startswith("hot journal") for e in events),
         "trial_runs_found": len(runs), "trial_keys": len(per_key),
         "runs_per_key": sorted(per_key.values()),
         "duplicate_steps": {k: v for k, v in dups.items() if v},
