@@ -123,7 +123,8 @@ class Tracker:
             parent = Path(self.uri.removeprefix("sqlite:///")).parent
             if not parent.is_dir():
                 raise UserError(f"--tracking-uri: folder {parent} does not exist; create it or pick another path")
-        mlflow.set_tracking_uri(self.uri)
+        # no mlflow.set_tracking_uri: it also exports MLFLOW_TRACKING_URI, which child processes would inherit;
+        # every call here goes through this client and its explicit URI
         with _store_lock(self.uri):  # the first process creates the store; the others wait, then open it
             try:
                 _create_sqlite_store(self.uri)
