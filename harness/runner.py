@@ -21,7 +21,7 @@ from harness.dist import DistInfo, barrier, broadcast_object
 from harness.errors import UserError
 from harness.matrix import Matrix
 from harness.registry import TrialSpec
-from harness.tracking import TERMINAL, Tracker, git_commit, strip_credentials
+from harness.tracking import RUN_STATUS, TERMINAL, Tracker, git_commit, strip_credentials
 from harness.trial import TrialResult, resolve_device, run_trial
 
 
@@ -103,6 +103,10 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
     existing = tracker.find_trial(experiment_id, key) if tracker else None
     skip = broadcast_object(existing is not None and existing.data.tags.get("kb.status") in TERMINAL)
     if skip:
+        status = existing.data.tags["kb.status"] if existing else ""
+        if existing is not None and existing.info.status == "RUNNING":
+            # killed between its kb.status tag and its MLflow end status (TrialRun.end): finish the bookkeeping
+            tracker.client.set_terminated(existing.info.run_id, RUN_STATUS.get(status, "FINISHED"))
         console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags['kb.status'] if existing else 'done'}"
                       f" (run {existing.info.run_id[:8] if existing else '?'}), skipped[/]")
         return None
