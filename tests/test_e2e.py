@@ -81,3 +81,23 @@ def test_run_rerun_report_numbers_equal_mlflow(tmp_path):
     for row in rows:  # one seed per arm: the report's mean is exactly the MLflow value
         for metric in ("val/ppl_final", "params/total", "train/tokens_per_s", "mem/peak_bytes", "ckpt/bytes"):
             assert float(row[f"{metric}:mean"]) == pytest.approx(by_arm[row["arm"]][metric], rel=1e-12), metric
+
+
+@pytest.mark.slow
+def test_diverging_arm_is_isolated_and_reported(tmp_path):
+    """One arm blows up (lr 1e6, no clipping): it ends `diverged` with its step; the other arm finishes."""
+    from mlflow import MlflowClient
+
+    from tests.helpers import matrix_text, run_cli, trial_runs
+
+    text = matrix_text("diverge", optimizers=("adamw", "muon"), train={"grad_clip": 0.0, "log_interval": 1},
+                       optim={"adamw": {"lr": 1e6, "weight_decay": 0.0}})
+    (tmp_path / "m.toml").write_text(text)
+    proc = run_cli(["run", "--matrix", "m.toml"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {r.data.tags["kb.arm"]: r for r in trial_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                                                          "diverge")}
+    assert runs["gpt+adamw"].data.tags["kb.status"] == "diverged" and runs["gpt+adamw"].info.status == "FAILED"
+    assert runs["gpt+adamw"].data.metrics["train/diverged_step"] >= 1
+    assert runs["gpt+muon"].data.tags["kb.status"] == "finished" and runs["gpt+muon"].info.status == "FINISHED"
+    assert "diverged" in proc.stdout
