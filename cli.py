@@ -129,7 +129,12 @@ def _check_tracking(uri: str | None) -> None:
 def _relaunch_with_torchrun(nproc: int) -> None:
     import subprocess
 
-    args = [a for a in sys.argv[1:]]
+    args, skip = [], False
+    for a in sys.argv[1:]:  # drop --nproc: torchrun would read it as an abbreviation of its own option
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc"
+            continue
+        args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "cli", *args]
     raise typer.Exit(subprocess.call(cmd))

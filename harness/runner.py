@@ -137,6 +137,8 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
 
         result = run_trial(spec, data, out_root / spec.experiment / key, run, dist_info, on_progress,
                            peak_tflops=peak_tflops)
+    if not dist_info.is_main:
+        return result
     style = {"finished": "green", "diverged": "red", "oom": "red", "failed": "red"}.get(result.status, "yellow")
     ppl = result.metrics.get("val/ppl_final")
     detail = f"val ppl {ppl:.3f}" if ppl else (result.error or "")

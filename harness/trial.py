@@ -453,10 +453,10 @@ def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun 
     try:
         trainer = Trainer(spec, data, out_dir, run, dist_info, progress, on_eval, peak_tflops)
         resumed = resume and trainer.load_state()
-        if run is not None and dist_info.is_main:
-            run.set_tags({"kb.resumed_from_step": trainer.state.step} if resumed else {})
-            if trainer.state.step == 0:
-                trainer.run_eval()  # step 0: the untrained model (loss should be near ln(vocab))
+        if run is not None and dist_info.is_main and resumed:
+            run.set_tags({"kb.resumed_from_step": trainer.state.step})
+        if trainer.state.step == 0:  # every rank: the eval's MoE load stats are all-reduced
+            trainer.run_eval()  # step 0: the untrained model (loss should be near ln(vocab))
         with PeakMemory(trainer.device) as mem:
             trainer.train()
         final = trainer.final_metrics()

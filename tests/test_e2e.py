@@ -101,3 +101,20 @@ def test_diverging_arm_is_isolated_and_reported(tmp_path):
     assert runs["gpt+adamw"].data.metrics["train/diverged_step"] >= 1
     assert runs["gpt+muon"].data.tags["kb.status"] == "finished" and runs["gpt+muon"].info.status == "FINISHED"
     assert "diverged" in proc.stdout
+
+
+@pytest.mark.slow
+def test_run_with_nproc_2_trains_one_trial_with_ddp(tmp_path):
+    """`kimi-bench run --nproc 2` relaunches under torchrun (gloo on CPU): one run, logged once by rank 0."""
+    from mlflow import MlflowClient
+
+    from tests.helpers import child_env, matrix_text, run_cli, trial_runs
+
+    (tmp_path / "m.toml").write_text(matrix_text("ddp", variants=("kimi",), optimizers=("muonclip",)))
+    proc = run_cli(["run", "--matrix", "m.toml", "--nproc", "2"], cwd=tmp_path,
+                   env=child_env({"OMP_NUM_THREADS": "1"}))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("finished kimi+muonclip") == 1  # rank 1 trains silently
+    (run,) = trial_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "ddp")
+    assert run.data.tags["kb.status"] == "finished"
+    assert run.data.params["train.micro_batch_size"] == "4"
