@@ -302,7 +302,7 @@ def test_stale_running_trial_fails_on_next_worker_start(env, tmp_path, kind):
     dead.set_user_attr(RUN_ATTR, run.run_id)
     if kind == "sqlite":
         st.storage.record_heartbeat(dead._trial_id)
-        time.sleep(2.5)  # grace period = 2 x heartbeat
+        time.sleep(3.5)  # grace period = 2 x heartbeat, + 1 s: sqlite stores heartbeats at whole seconds
     else:
         st.storage.set_trial_system_attr(dead._trial_id, HEARTBEAT_ATTR, time.time() - 100)
     outcome = run_tune(env, tmp_path, path, n_trials=1, storage=storage, pruner="none", heartbeat_s=1)
