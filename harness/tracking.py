@@ -107,6 +107,12 @@ def _create_sqlite_store(uri: str) -> None:
     os.replace(tmp, path)
 
 
+def first_line(e: Exception) -> str:
+    """An exception as one short line (MLflow's errors can span pages)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def _mlflow():
     import mlflow  # heavy import: only when tracking is used
 
@@ -130,7 +136,7 @@ class Tracker:
                 _create_sqlite_store(self.uri)
                 self.client = mlflow.MlflowClient(self.uri)
             except Exception as e:  # a store another tool broke, a newer MLflow's schema, a bad URI ...
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot open the tracking "
                                 f"store ({first}); fix or move the store, or pick another URI") from None
             self._touch_store()
@@ -141,7 +147,7 @@ class Tracker:
             with _first_contact_http():
                 self.client.search_experiments(max_results=1)
         except Exception as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
                             f"({first}); start the server or fix the URI") from None
 
@@ -156,7 +162,7 @@ class Tracker:
         except Exception as e:  # connection refused, bad URI, locked store ...
             if isinstance(e, UserError):
                 raise
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
                             f"({first}); start the server or fix the URI") from None
 

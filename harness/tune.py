@@ -66,7 +66,7 @@ from rich.table import Table
 from harness.errors import UserError
 from harness.matrix import Matrix, load_matrix
 from harness.registry import TrialSpec, check_choice, resolve_optimizer, suggest
-from harness.tracking import Tracker, resolve_tracking_uri, strip_credentials
+from harness.tracking import Tracker, first_line, resolve_tracking_uri, strip_credentials
 
 DEFAULT_STORAGE_FILE = "optuna.db"
 DEFAULT_N_TRIALS = 20
@@ -253,7 +253,7 @@ def open_storage(storage: str | None, tracking_uri: str | None = None, heartbeat
             return st
         except Exception as e:
             if attempt == 2 or path is None:
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise UserError(f"--storage {st.display}: cannot open the Optuna storage ({first}); "
                                 "check the URL, the driver and the server") from None
             time.sleep(1.0 + attempt)
