@@ -233,6 +233,16 @@ def proposed_mla_decode():
 
 
 @torch.no_grad()
+def proposed_optimizer_step(opt: Muon) -> None:
+    """A whole optimizer step on the proposed path: the AdamW groups as Muon does them, then the batched
+    Muon update. The tests compare it with `opt.step()` on a copy of the model."""
+    for group in opt.param_groups:
+        if not group["use_muon"]:
+            opt._adamw_group_step(group)
+    batched_muon_step(opt)
+
+
+@torch.no_grad()
 def batched_muon_step(opt: Muon) -> None:
     """The Muon groups' step of `opt` (single process), batched: foreach momentum updates, one Newton-Schulz
     per group and matrix shape over the stacked matrices (a [k, m, n] batch instead of k launches of every

@@ -19,7 +19,6 @@ from harness.bench.suite import (
     SECTIONS,
     TARGETS,
     Stats,
-    batched_muon_step,
     bench_attention,
     bench_command,
     bench_decode,
@@ -32,6 +31,7 @@ from harness.bench.suite import (
     merge_records,
     preset_dims,
     proposed_mla_decode,
+    proposed_optimizer_step,
     run_suite,
     sdpa_v_padded,
     time_calls,
@@ -283,11 +283,7 @@ def test_batched_muon_step_equals_muon(variant):
         fill_grads(a, step)
         fill_grads(b, step)
         opt_a.step()
-        with torch.no_grad():
-            for group in opt_b.param_groups:
-                if not group["use_muon"]:
-                    opt_b._adamw_group_step(group)
-        batched_muon_step(opt_b)
+        proposed_optimizer_step(opt_b)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pb, pa, rtol=1e-6, atol=1e-7, msg=name)
     assert all("momentum_buffer" in opt_b.state[p] for g in opt_b.param_groups if g["use_muon"] for p in g["params"])
