@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,15 +81,6 @@ def loss_spike_count(losses: Sequence[float], window: int = SPIKE_WINDOW, thresh
     return count
 
 
-def load_balance(load: torch.Tensor) -> dict[str, float]:
-    """Balance of tokens over experts: CV (std/mean) and max/mean of the per-expert token counts."""
-    load = load.double()
-    mean = load.mean()
-    if mean <= 0:
-        return {"load_cv": 0.0, "max_load": 0.0}
-    return {"load_cv": float(load.std(unbiased=False) / mean), "max_load": float(load.max() / mean)}
-
-
 def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
     """Peak dense bf16 FLOP/s of a CUDA device from PEAK_BF16_FLOPS (None on CPU or an unknown device)."""
     if override_tflops:
@@ -155,21 +145,3 @@ class PeakMemory:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class Stopwatch:
-    """Accumulates wall-clock time of the timed sections only (training steps, not evals)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.total = 0.0
-        self._start: float | None = None
-
-    def __enter__(self) -> Stopwatch:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        self.total += time.perf_counter() - self._start

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from arch.counting import count_params, flops_per_token
-from arch.moe import moe_modules
+from arch.moe import load_stats, moe_modules
 from arch.muon import enable_max_logit_tracking
 from harness.data import PreparedData, TokenBatches, val_batches
 from harness.dist import DistInfo, all_reduce_
@@ -34,7 +34,6 @@ from harness.metrics import (
     PeakMemory,
     device_peak_flops,
     grad_norm_summary,
-    load_balance,
     loss_spike_count,
     mfu,
     perplexity,
@@ -347,7 +346,7 @@ class Trainer:
         metrics = evaluate(self.model, self.data, self.spec, self.device, self.amp)
         if self.moe:
             loads = self.load_meter.read()
-            stats = [load_balance(load) for load in loads if load.sum() > 0]
+            stats = [load_stats(load) for load in loads if load.sum() > 0]
             if stats:
                 metrics["moe/load_cv"] = sum(s["load_cv"] for s in stats) / len(stats)
                 metrics["moe/max_load"] = max(s["max_load"] for s in stats)
