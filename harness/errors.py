@@ -3,3 +3,13 @@
 
 class UserError(Exception):
     """Bad input or environment; the CLI prints `kimi-bench: error: <message>` and exits 2."""
+
+
+def suggest(name: str, choices) -> str:
+    """The "did you mean" tail of a one-line error: the closest names (difflib) and the full list."""
+    import difflib
+
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(name), choices, n=2, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}(choices: {', '.join(choices)})"
