@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.schema import strip_credentials
 
 # A rerun skips these outcomes (they would repeat); killed, running (a dead process) and failed (an error, e.g.
 # a bug fixed since) are resumed into the same run.
@@ -36,11 +36,6 @@ def default_tracking_uri() -> str:
 
 def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
-
-def strip_credentials(uri: str) -> str:
-    """Remove user:password@ from a URI so it can be printed or logged."""
-    return re.sub(r"//[^/@]+@", "//", uri)
 
 
 def git_commit() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from harness.errors import UserError
+from harness.schema import strip_credentials
 
 # Final metrics of a trial (logged once, at the last step). Always present as columns of `runs`
 # (NaN where a run did not log one), so callers can index them without checking.
@@ -52,11 +52,6 @@ HISTORY_COLUMNS = ["run_id", "arm", "seed", "key", "step", "value", "timestamp"]
 _MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed",
                   "RUNNING": "running", "SCHEDULED": "running"}
 _PAGE = 1000
-
-
-def strip_credentials(uri: str) -> str:
-    """`scheme://user:pass@host/...` -> `scheme://host/...` (safe to print in a report)."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@]*@", r"\1", uri or "")
 
 
 @dataclass
