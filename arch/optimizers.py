@@ -31,26 +31,33 @@ Why:
 Weight decay (nanoGPT's rule): every >= 2-D weight decays, including the embeddings (nanoGPT decays
 the tied wte/lm_head and wpe since they are 2-D), gains and biases do not. AdamW applies
 p *= 1 - lr * wd; Muon applies p *= 1 - muon_lr * muon_weight_decay (unscaled muon_lr, like
-torch.optim.Muon and Moonlight), so with muon_scaling="original" (muon_lr 0.02) the default
-wd 0.1 shrinks Muon weights by 0.2% per step, ~33x AdamW's at lr 6e-4: set muon_weight_decay to tune it.
+torch.optim.Muon and Moonlight).
 
-Defaults and their sources:
-- lr 6e-4, betas (0.9, 0.95), weight_decay 0.1: nanoGPT train.py (GPT-2 124M on OpenWebText). eps 1e-8:
-  torch.optim.AdamW's default.
-- Muon momentum 0.95, Nesterov, 5 Newton-Schulz steps, lr 0.02 with scale max(1, rows/cols)**0.5
-  ("original"): Keller Jordan's Muon (github.com/KellerJordan/Muon, kellerjordan.github.io/posts/muon).
-- muon_scaling "match_rms_adamw": lr * 0.2 * sqrt(max(rows, cols)) so the update RMS matches AdamW's
-  and AdamW's lr and weight decay carry over (Moonlight, "Muon is Scalable for LLM Training",
-  arXiv 2502.16982); then muon_lr defaults to lr.
+Defaults: the ones below are the tool's (a matrix's [optim.NAME] table overrides any field; kimi-bench
+defines no other layer of defaults). Sources, more in docs/references.md:
+- lr 1e-3, betas (0.9, 0.99): nanoGPT's shakespeare_char config, the recipe for small char/byte models
+  (its GPT-2 124M recipe uses lr 6e-4, betas (0.9, 0.95): set them in the matrix at that scale).
+  weight_decay 0.1: nanoGPT train.py. eps 1e-8: torch.optim.AdamW's default. In the Muon arms lr and
+  weight_decay are those of the AdamW groups (embeddings, head, router, gains and biases).
+- Muon momentum 0.95, Nesterov, 5 Newton-Schulz steps, muon_lr 0.02 with scale max(1, rows/cols)**0.5
+  (muon_scaling "original"): Keller Jordan's Muon (github.com/KellerJordan/Muon).
+- muon_scaling "match_rms_adamw": lr * 0.2 * sqrt(max(rows, cols)), so the update RMS matches AdamW's and
+  AdamW's lr carries over (Moonlight, "Muon is Scalable for LLM Training", arXiv 2502.16982): muon_lr
+  then defaults to lr.
+- muon_weight_decay 0 (Keller Jordan's Muon default): wd 0.1 at muon_lr 0.02 would shrink the hidden
+  weights 0.2% per step, ~20x AdamW's at lr 1e-3. Moonlight pairs "match_rms_adamw" with AdamW's weight
+  decay: set muon_weight_decay = weight_decay for that recipe.
 - qk_clip_tau 100: Kimi K2 report (MuonClip, Algorithm 1).
+muon_lr and muon_weight_decay are given for the Muon arms (they are None, unused, for "adamw"), so what
+a run logs is what it used.
 
 Errors: arch/ does not import harness/, so invalid fields raise ValueError with a one-line
-"optim.<field>: problem; fix" message; the harness re-raises it as harness.errors.UserError.
+"optim.<field>: problem; choices" message; the harness checks names first (with a "did you mean")
+and re-raises the rest as harness.errors.UserError.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,14 +100,21 @@ def classify(name: str, p: torch.Tensor, split_qkv: bool = True) -> str:
     raise AssertionError(f"no rule matched {name}")  # unreachable: the last two rules cover every ndim
 
 
+MUON_FAMILY = ("muon", "muonclip")
+MUON_LR_ORIGINAL = 0.02  # Keller Jordan's Muon lr with the "original" scale
+MUON_WEIGHT_DECAY = 0.0  # Keller Jordan's Muon default (see the module docstring)
+
+
 @dataclass
 class OptimizerConfig:
+    """One optimizer arm; every default here is the tool's (sources in the module docstring)."""
+
     name: str = "adamw"  # "adamw" | "muon" | "muonclip"
-    lr: float = 6e-4  # AdamW lr; in the muon arms, the lr of the AdamW groups
-    muon_lr: float | None = None  # None: 0.02 ("original") or lr ("match_rms_adamw")
+    lr: float = 1e-3  # AdamW lr; in the muon arms, the lr of the AdamW groups
+    muon_lr: float | None = None  # Muon arms, when not given: 0.02 ("original") or lr ("match_rms_adamw")
     weight_decay: float = 0.1
-    muon_weight_decay: float | None = None  # None: weight_decay
-    betas: tuple[float, float] = (0.9, 0.95)
+    muon_weight_decay: float | None = None  # Muon arms, when not given: 0
+    betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
     momentum: float = 0.95
     nesterov: bool = True
@@ -113,6 +127,11 @@ class OptimizerConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         self.validate()
+        if self.name in MUON_FAMILY:  # written out, so the logged params are the values used
+            if self.muon_lr is None:
+                self.muon_lr = self.lr if self.muon_scaling == "match_rms_adamw" else MUON_LR_ORIGINAL
+            if self.muon_weight_decay is None:
+                self.muon_weight_decay = MUON_WEIGHT_DECAY
 
     def validate(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -138,11 +157,11 @@ class OptimizerConfig:
     def resolved_muon_lr(self) -> float:
         if self.muon_lr is not None:
             return self.muon_lr
-        return self.lr if self.muon_scaling == "match_rms_adamw" else 0.02
+        return self.lr if self.muon_scaling == "match_rms_adamw" else MUON_LR_ORIGINAL
 
     @property
     def resolved_muon_weight_decay(self) -> float:
-        return self.weight_decay if self.muon_weight_decay is None else self.muon_weight_decay
+        return MUON_WEIGHT_DECAY if self.muon_weight_decay is None else self.muon_weight_decay
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
         self.validate()
@@ -150,10 +169,8 @@ class OptimizerConfig:
 
 
 def unknown_name_message(field: str, value: str, choices) -> str:
-    """One line: the bad value, the closest valid names (difflib), all choices."""
-    close = difflib.get_close_matches(str(value), list(choices), n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    return f"{field}: unknown {value!r}; {hint}choices: {', '.join(choices)}"
+    """One line: the bad value and all choices (the harness adds a "did you mean" before it gets here)."""
+    return f"{field}: unknown {value!r}; choices: {', '.join(choices)}"
 
 
 # ----------------------------------------------------------------------------- grouping

@@ -13,3 +13,10 @@ def suggest(name: str, choices) -> str:
     close = difflib.get_close_matches(str(name), choices, n=2, cutoff=0.5)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     return f"{hint}(choices: {', '.join(choices)})"
+
+
+def show_key(part) -> str:
+    """A field path part as printed in an error: plain names as they are, anything odd (spaces, control
+    characters, empty) quoted."""
+    text = str(part)
+    return text if text.isprintable() and text and not any(c.isspace() for c in text) else repr(text)

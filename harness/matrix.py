@@ -5,7 +5,7 @@ name = "smoke"                       # the MLflow experiment
 [data]                               # harness.data.DataConfig fields
 corpus = "python-stdlib"
 tokenizer = "byte"
-[train]                              # harness.registry.TrainConfig fields (one of steps / tokens / seconds)
+[train]                              # harness.registry.TrainConfig fields (exactly one of steps / tokens / seconds)
 steps = 100
 [matrix]                             # the cartesian product presets x variants x optimizers x seeds ...
 presets = ["tiny"]
@@ -20,36 +20,42 @@ by = "total"                         # "total" | "active"
 [optim.adamw]                        # OptimizerConfig overrides per optimizer name
 lr = 1e-3
 ```
-Validation uses pydantic (already a dependency of MLflow): typed fields, unknown keys rejected.
+Validation uses pydantic (already a dependency of MLflow): typed fields, unknown keys rejected with a suggestion.
+Every error is one line, `<file>: <section.field>: problem`, or `--set <section.field>: problem` for an override.
+
+`load_matrix(path, sets=["train.steps=5", "optim.adamw.lr=3e-4"])` applies `--set` overrides to the TOML table
+before validation: the value is read as a TOML value (`5`, `3e-4`, `[0, 1]`, `true`, `"x"`), or taken as a
+string when it is not one (`train.device=cuda`). Overrides change the spec, so they change the trial keys.
+Setting one budget (`train.steps`, `train.tokens`, `train.seconds`) replaces the file's budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from arch.optimizers import OPTIMIZERS
-from harness.errors import UserError
+from harness.errors import UserError, show_key, suggest
 from harness.registry import (
+    BUDGET_FIELDS,
     PRESETS,
     VARIANTS,
     ModelDims,
+    NonNegInt,
+    PositiveInt,
     TrainConfig,
     TrialSpec,
     check_choice,
+    check_fields,
     resolve_dims,
     resolve_optimizer,
-    show_key,
-    suggest,
 )
-
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
 
 
 class _Strict(BaseModel):
@@ -62,34 +68,6 @@ class DataSection(_Strict):
     vocab_size: PositiveInt | None = None
     max_chars: PositiveInt | None = None
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-
-
-class TrainSection(_Strict):
-    steps: PositiveInt | None = None
-    tokens: PositiveInt | None = None
-    seconds: Annotated[float, Field(gt=0)] | None = None
-    micro_batch_size: PositiveInt = 8
-    grad_accum: PositiveInt = 1
-    warmup_steps: NonNegInt | None = None
-    warmup_frac: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0
-    eval_interval: PositiveInt = 50
-    eval_tokens: PositiveInt = 65536
-    log_interval: PositiveInt = 10
-    checkpoint_interval: NonNegInt = 0
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    compile: bool = False
-    infer_batch_sizes: list[PositiveInt] = [1, 8]
-    infer_new_tokens: PositiveInt = 32
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> TrainSection:
-        given = [k for k in ("steps", "tokens", "seconds") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"set exactly one budget of steps / tokens / seconds (got {given or 'none'})")
-        return self
 
 
 class Arm(_Strict):
@@ -137,11 +115,15 @@ class MatchSection(_Strict):
         return self
 
 
-class MatrixFile(_Strict):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
-    description: str = ""
+class MatrixFile(BaseModel):
+    # not strict as a whole: TrainConfig is a pydantic dataclass that a strict model accepts only as an instance;
+    # its fields, the sections' and these are strict one by one
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Strict(), Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: Annotated[str, Strict()] = ""
     data: DataSection = DataSection()
-    train: TrainSection
+    train: TrainConfig
     matrix: MatrixSection
     match: MatchSection | None = None
     model: dict[str, Any] = {}
@@ -154,6 +136,7 @@ class Matrix:
 
     path: Path
     spec: MatrixFile
+    sets: tuple[str, ...] = ()  # the --set overrides applied, as given
 
     @property
     def name(self) -> str:
@@ -169,10 +152,14 @@ class Matrix:
         return list(itertools.product(m.variants, m.optimizers))
 
     def train_config(self, **overrides: Any) -> TrainConfig:
-        fields = self.spec.train.model_dump()
-        fields["infer_batch_sizes"] = tuple(fields["infer_batch_sizes"])
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        return TrainConfig(**fields)
+        """The [train] table with overrides (None values ignored); a budget override replaces the file's."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if any(k in given for k in BUDGET_FIELDS):
+            given = {**dict.fromkeys(BUDGET_FIELDS), **given}
+        try:
+            return dataclasses.replace(self.spec.train, **given)
+        except ValidationError as e:
+            raise UserError(_format_validation_error(e, prefix=("train",))) from None
 
     def model_overrides(self, variant: str) -> dict[str, Any]:
         common = {k: v for k, v in self.spec.model.items() if k not in VARIANTS}
@@ -211,17 +198,37 @@ class Matrix:
         return trials
 
 
-def _format_validation_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(show_key(p) for p in err["loc"] if not str(p).startswith("function-after"))
+# the model at each path of the file (list indices dropped), for the "did you mean" of an unknown field
+_SECTIONS: dict[tuple[str, ...], type] = {
+    (): MatrixFile, ("data",): DataSection, ("train",): TrainConfig, ("matrix",): MatrixSection,
+    ("matrix", "arms"): Arm, ("match",): MatchSection,
+}
+
+
+def _field_names(cls: type) -> list[str]:
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return list(cls.model_fields)
+
+
+_UNKNOWN_FIELD = ("extra_forbidden", "unexpected_keyword_argument")
+
+
+def _format_validation_error(e: ValidationError, prefix: tuple[str, ...] = ()) -> str:
+    """The first problem as one line; an unknown field first, since it often explains a "missing" one (nmae)."""
+    errors = e.errors()
+    err = next((x for x in errors if x["type"] in _UNKNOWN_FIELD), errors[0])
+    parts = [*prefix, *(p for p in err["loc"] if not str(p).startswith("function-after"))]
+    loc = ".".join(show_key(p) for p in parts)
     msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field; remove it or check its spelling"
+    if err["type"] in _UNKNOWN_FIELD:
+        section = _SECTIONS.get(tuple(str(p) for p in parts[:-1] if not isinstance(p, int)))
+        choices = _field_names(section) if section is not None else []
+        msg = f"unknown field; {suggest(str(parts[-1]), choices)}" if choices else "unknown field; remove it"
     elif err["type"] == "missing":
         msg = "missing; this field is required"
     got = err.get("input")
-    suffix = f" (got {got!r})" if err["type"] not in ("missing", "extra_forbidden") and not isinstance(
-        got, dict) else ""
+    suffix = f" (got {got!r})" if err["type"] not in ("missing", *_UNKNOWN_FIELD) and not isinstance(got, dict) else ""
     return f"{loc or 'matrix'}: {msg}{suffix}"
 
 
@@ -239,12 +246,11 @@ def _check_names(spec: MatrixFile) -> None:
     for key, value in spec.model.items():
         if key in VARIANTS and not isinstance(value, dict):
             raise UserError(f"model.{key}: must be a table of overrides for variant {key!r}")
-    known = {f.name for f in dataclasses.fields(ModelDims)}
-    for key, value in spec.model.items():
-        for field_name in (value if key in VARIANTS else {key: None}):
-            if field_name not in known:
-                where_ = f"model.{key}.{show_key(field_name)}" if key in VARIANTS else f"model.{show_key(key)}"
-                raise UserError(f"{where_}: unknown model field; {suggest(field_name, sorted(known))}")
+    for key, value in spec.model.items():  # names and types of the dims (the values are checked again per preset)
+        if key in VARIANTS:
+            check_fields(ModelDims, value, f"model.{key}", "model")
+        else:
+            check_fields(ModelDims, {key: value}, "model", "model")
     for name, table in spec.optim.items():
         check_choice(f"optim.{name}", name, OPTIMIZERS)
         resolve_optimizer(name, table)  # validates the field names
@@ -252,8 +258,46 @@ def _check_names(spec: MatrixFile) -> None:
         check_choice("match.reference", spec.match.reference, VARIANTS)
 
 
-def load_matrix(path: str | Path) -> Matrix:
-    """Read and validate a matrix file; raises UserError (one line) on any problem."""
+def parse_set(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value): the value as TOML reads it, else the raw string."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise UserError(f"--set: {text!r} is not section.key=value; write e.g. --set train.steps=100")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return [p.strip() for p in parts], value
+
+
+def apply_sets(raw: dict[str, Any], sets: Sequence[str]) -> list[str]:
+    """Apply --set overrides to the raw TOML table in place; returns the dotted keys set."""
+    keys = []
+    for text in sets:
+        parts, value = parse_set(text)
+        table = raw
+        for i, part in enumerate(parts[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise UserError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is a value, not a table")
+        if parts[:-1] == ["train"] and parts[-1] in BUDGET_FIELDS:  # one budget replaces the file's
+            for other in BUDGET_FIELDS:
+                table.pop(other, None)
+        table[parts[-1]] = value
+        keys.append(".".join(parts))
+    return keys
+
+
+def _label(message: str, path: Path, set_keys: list[str]) -> str:
+    """`--set` when the problem is in a field an override set, else the file."""
+    where = message.split(":", 1)[0]
+    from_set = any(where == k or where.startswith(k + ".") or k.startswith(where + ".") for k in set_keys)
+    return f"--set {message}" if from_set else f"{path}: {message}"
+
+
+def load_matrix(path: str | Path, sets: Sequence[str] = ()) -> Matrix:
+    """Read and validate a matrix file with --set overrides; raises UserError (one line) on any problem."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--matrix: no file at {path}; pass a TOML file such as experiments/smoke.toml")
@@ -263,12 +307,13 @@ def load_matrix(path: str | Path) -> Matrix:
         raise UserError(f"{path}: not UTF-8 text; a matrix is a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML: {str(e).splitlines()[0]}") from None
+    set_keys = apply_sets(raw, sets)
     try:
         spec = MatrixFile.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"{path}: {_format_validation_error(e)}") from None
+        raise UserError(_label(_format_validation_error(e), path, set_keys)) from None
     try:
         _check_names(spec)
     except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    return Matrix(path=path, spec=spec)
+        raise UserError(_label(str(e), path, set_keys)) from None
+    return Matrix(path=path, spec=spec, sets=tuple(sets))

@@ -15,23 +15,28 @@ dimension per variant against a parameter budget.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
-import json
+import functools
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from arch.gpt import GPT, GPTConfig
 from arch.kimi import Kimi, KimiConfig
 from arch.mla import MLAConfig
 from arch.moe import MoEConfig
+from arch.muon import ADJUST_LR_FNS
 from arch.optimizers import OPTIMIZERS, OptimizerConfig
-from harness.errors import UserError
+from harness import schema
+from harness.errors import UserError, show_key, suggest
 
+__all__ = ["suggest", "show_key"]  # re-exported for callers that imported them from here
+
+BUDGET_FIELDS = ("steps", "tokens", "seconds")
 CODE_VERSION = "1"  # bump when a change alters what a trial computes: it enters every trial key
 
 
@@ -87,43 +92,27 @@ def dense_swiglu_width(dim: int) -> int:
     return -(-(8 * dim) // 3 // 8) * 8
 
 
-def _mla_config(d: ModelDims) -> MLAConfig:
-    return MLAConfig(
-        dim=d.dim, n_heads=d.n_heads, q_lora_rank=d.q_lora_rank, kv_lora_rank=d.kv_lora_rank,
-        qk_nope_head_dim=d.qk_nope_head_dim, qk_rope_head_dim=d.qk_rope_head_dim, v_head_dim=d.v_head_dim,
-        max_seq_len=d.block_size, dropout=d.dropout,
-    )
-
-
-def _moe_config(d: ModelDims) -> MoEConfig:
-    return MoEConfig(
-        dim=d.dim, n_routed_experts=d.n_routed_experts, n_activated_experts=d.n_activated_experts,
-        moe_inter_dim=d.moe_inter_dim, n_shared_experts=d.n_shared_experts, shared_inter_dim=d.shared_inter_dim,
-        score_func=d.score_func, route_scale=d.route_scale, bias_update_speed=d.bias_update_speed,
-        aux_loss_alpha=d.aux_loss_alpha,
-    )
+def arch_config(cls: type, d: ModelDims, **renamed: Any):
+    """An arch/ config dataclass from the dims: every field both share by name is copied, `renamed` gives the
+    rest (fields the arch config spells differently or derives); the arch config's own defaults fill the remainder
+    (e.g. rope_theta)."""
+    dims_fields = {f.name for f in dataclasses.fields(ModelDims)}
+    shared = {f.name: getattr(d, f.name) for f in dataclasses.fields(cls) if f.name in dims_fields}
+    return cls(**{**shared, **renamed})
 
 
 def _gpt_config(d: ModelDims, attn: str, mlp: str) -> GPTConfig:
-    return GPTConfig(
-        block_size=d.block_size, vocab_size=d.vocab_size, n_layer=d.n_layer, n_head=d.n_heads, n_embd=d.dim,
-        dropout=d.dropout, bias=d.bias, tie_embeddings=True if d.tie_embeddings is None else d.tie_embeddings,
-        attn=attn, mla=_mla_config(d) if attn == "mla" else None,
-        mlp=mlp, moe=_moe_config(d) if mlp == "moe" else None,
+    return arch_config(
+        GPTConfig, d, n_head=d.n_heads, n_embd=d.dim,
+        tie_embeddings=True if d.tie_embeddings is None else d.tie_embeddings,
+        attn=attn, mla=arch_config(MLAConfig, d, max_seq_len=d.block_size) if attn == "mla" else None,
+        mlp=mlp, moe=arch_config(MoEConfig, d) if mlp == "moe" else None,
     )
 
 
 def _kimi_config(d: ModelDims) -> KimiConfig:
-    return KimiConfig(
-        vocab_size=d.vocab_size, block_size=d.block_size, n_layer=d.n_layer, dim=d.dim, n_heads=d.n_heads,
-        q_lora_rank=d.q_lora_rank, kv_lora_rank=d.kv_lora_rank, qk_nope_head_dim=d.qk_nope_head_dim,
-        qk_rope_head_dim=d.qk_rope_head_dim, v_head_dim=d.v_head_dim,
-        inter_dim=d.dense_inter_dim or dense_swiglu_width(d.dim), n_dense_layers=d.n_dense_layers,
-        n_routed_experts=d.n_routed_experts, n_activated_experts=d.n_activated_experts,
-        moe_inter_dim=d.moe_inter_dim, n_shared_experts=d.n_shared_experts, shared_inter_dim=d.shared_inter_dim,
-        score_func=d.score_func, route_scale=d.route_scale, bias_update_speed=d.bias_update_speed,
-        aux_loss_alpha=d.aux_loss_alpha, tie_embeddings=bool(d.tie_embeddings), dropout=d.dropout,
-    )
+    return arch_config(KimiConfig, d, inter_dim=d.dense_inter_dim or dense_swiglu_width(d.dim),
+                       tie_embeddings=bool(d.tie_embeddings))
 
 
 VARIANTS: dict[str, Callable[[ModelDims], nn.Module]] = {
@@ -133,7 +122,7 @@ VARIANTS: dict[str, Callable[[ModelDims], nn.Module]] = {
     "kimi": lambda d: Kimi(_kimi_config(d)),
 }
 
-# Size presets. `paper` is the nanoKimi paper's Kimi config (REFERENCES.md: n_layer 6, n_embd 384, 4 heads,
+# Size presets. `paper` is the nanoKimi paper's Kimi config (docs/references.md: n_layer 6, n_embd 384, 4 heads,
 # kv_lora 128, q_lora 192, rope 32, 8 experts top-2 of width 512, a shared expert of width 768, every layer
 # MoE, GPT-2 vocabulary, block 1024): 75.1M parameters here against nanoKimi's 75.35M (arch/kimi.py explains
 # the 0.23M: nanoKimi's per-head rope keys and biases). Budget matching is what makes the arms comparable.
@@ -160,38 +149,41 @@ PRESETS: dict[str, ModelDims] = {
 }
 
 
-def show_key(part) -> str:
-    """A field path part as printed: plain names as they are, anything odd (spaces, control chars) quoted."""
-    text = str(part)
-    return text if text.isprintable() and text and not any(c.isspace() for c in text) else repr(text)
-
-
-def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=2, cutoff=0.5)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    return f"{hint}(choices: {', '.join(choices)})"
-
-
 def check_choice(field_name: str, value: str, choices) -> str:
     if value not in choices:
         raise UserError(f"{field_name}: unknown name {value!r}; {suggest(value, tuple(choices))}")
     return value
 
 
+@functools.cache
+def _adapter(hint: Any) -> TypeAdapter:
+    return TypeAdapter(hint)
+
+
+def check_fields(cls: type, values: dict[str, Any], where: str, kind: str) -> dict[str, Any]:
+    """Validate user-typed values against a dataclass's field types (strict: no "5" for 5, no true for 1; an
+    int is a valid float, a TOML array a valid tuple). Unknown names get a suggestion; errors read
+    `<where>.<field>: problem (got value)`."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"{where}.{show_key(key)}: unknown {kind} field; {suggest(key, sorted(known))}")
+        if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
+            value = tuple(value)
+        try:
+            out[key] = _adapter(hints[key]).validate_python(value, strict=True)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise UserError(f"{where}.{key}: {err['msg'].lower()} (got {value!r})") from None
+    return out
+
+
 def resolve_dims(preset: str, vocab_size: int, overrides: dict[str, Any] | None = None) -> ModelDims:
     """Preset dims with the tokenizer's vocabulary and any per-matrix overrides applied."""
     base = PRESETS[check_choice("preset", preset, PRESETS)]
-    known = {f.name for f in dataclasses.fields(ModelDims)}
-    for key in overrides or {}:
-        if key not in known:
-            raise UserError(f"model.{show_key(key)}: unknown model field; {suggest(key, sorted(known))}")
-    dims = dataclasses.replace(base, **(overrides or {}))
-    try:  # types of the overrides (TOML gives any type): pydantic checks them against the dataclass fields
-        dims = TypeAdapter(ModelDims).validate_python(dataclasses.asdict(dims))
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(show_key(p) for p in err["loc"])
-        raise UserError(f"model.{where}: {err['msg']} (got {err.get('input')!r})") from None
+    dims = dataclasses.replace(base, **check_fields(ModelDims, dict(overrides or {}), "model", "model"))
     for name in ("n_layer", "dim", "n_heads", "block_size"):
         if getattr(dims, name) <= 0:
             raise UserError(f"model.{name}: must be > 0 (got {getattr(dims, name)})")
@@ -218,31 +210,24 @@ def variant_params(variant: str, dims: ModelDims) -> dict[str, Any]:
     return {k: getattr(dims, k) for k in VARIANT_FIELDS[variant]}
 
 
-# Optimizer defaults per registered name; a matrix's [optim.NAME] table overrides any field.
-# Sources: AdamW lr 1e-3 / beta2 0.99 for the small char/byte models (nanoGPT shakespeare_char), wd 0.1
-# (nanoGPT); Muon lr 0.02, momentum 0.95, Nesterov, 5 NS steps (Keller Jordan's Muon); QK-Clip tau 100
-# (Kimi K2 report). Muon arms keep AdamW (same lr) for embeddings, head, gains, biases and the router. Muon's
-# own weight decay is 0 with the "original" scaling (Keller Jordan's Muon default): wd 0.1 at lr 0.02 would
-# shrink hidden weights 0.2% per step, ~30x AdamW's; with "match_rms_adamw" set muon_weight_decay to AdamW's.
+# A view of the optimizer defaults, one entry per registered name. They are defined once, on
+# arch.optimizers.OptimizerConfig (with their sources); a matrix's [optim.NAME] table overrides any field.
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adamw": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1},
-    "muon": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "muon_lr": 0.02, "muon_weight_decay": 0.0},
-    "muonclip": {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "muon_lr": 0.02, "muon_weight_decay": 0.0,
-                 "qk_clip_tau": 100.0},
+    name: {k: v for k, v in dataclasses.asdict(OptimizerConfig(name=name)).items() if k != "name"}
+    for name in OPTIMIZERS
 }
 
 
 def resolve_optimizer(name: str, overrides: dict[str, Any] | None = None) -> OptimizerConfig:
+    """OptimizerConfig(name, **overrides), every field checked here first so each error is one line with a
+    suggestion (arch/ raises plain errors: it cannot import the harness's helpers)."""
     check_choice("optimizer", name, OPTIMIZERS)
-    kwargs = {**OPTIMIZER_DEFAULTS.get(name, {}), **(overrides or {})}
-    known = {f.name for f in dataclasses.fields(OptimizerConfig)}
-    for key in kwargs:
-        if key not in known:
-            raise UserError(f"optim.{name}.{show_key(key)}: unknown optimizer field; {suggest(key, sorted(known))}")
+    fields = check_fields(OptimizerConfig, {k: v for k, v in (overrides or {}).items() if k != "name"},
+                          f"optim.{name}", "optimizer")
+    if "muon_scaling" in fields:
+        check_choice(f"optim.{name}.muon_scaling", fields["muon_scaling"], ADJUST_LR_FNS)
     try:
-        if "betas" in kwargs:
-            kwargs["betas"] = tuple(kwargs["betas"])
-        return OptimizerConfig(name=name, **kwargs)
+        return OptimizerConfig(name=name, **fields)
     except (ValueError, TypeError) as e:  # arch/ checks raise plain errors that name "optim.<field>"
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if message.startswith("optim."):
@@ -252,28 +237,45 @@ def resolve_optimizer(name: str, overrides: dict[str, Any] | None = None) -> Opt
         raise UserError(message) from None
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Budget, batch and schedule of one trial; identical across the arms of a matrix."""
+# Field types of the user-typed configs: strict (TOML's "5" is not 5, true is not 1; an int is a valid float).
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
+Fraction = Annotated[float, Strict(), Field(ge=0, lt=1)]
 
-    steps: int | None = None  # exactly one of steps / tokens / seconds sets the budget
-    tokens: int | None = None
-    seconds: float | None = None
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    warmup_steps: int | None = None  # None: warmup_frac of the step budget
-    warmup_frac: float = 0.05
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (nanoGPT: min_lr = lr / 10)
-    grad_clip: float = 1.0  # 0 disables clipping; grad/norm is always measured before clipping
-    eval_interval: int = 50
-    eval_tokens: int = 65536  # the fixed validation set: the first eval_tokens tokens of the val split
-    log_interval: int = 10  # steps between metric flushes (no host sync in between on CUDA)
-    checkpoint_interval: int = 0  # 0: only at the end; >0 every N steps (resume points)
-    device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    infer_batch_sizes: tuple[int, ...] = (1, 8)
-    infer_new_tokens: int = 32
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class TrainConfig:
+    """Budget, batch and schedule of one trial; identical across the arms of a matrix.
+
+    The one definition of the [train] table: the TOML loader validates it (pydantic, on construction and on
+    dataclasses.replace) and the trial reads it. Defaults follow nanoGPT's train.py unless noted.
+    """
+
+    steps: PositiveInt | None = None  # exactly one of steps / tokens / seconds sets the budget
+    tokens: PositiveInt | None = None
+    seconds: Annotated[float, Strict(), Field(gt=0)] | None = None
+    micro_batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    warmup_steps: NonNegInt | None = None  # None: warmup_frac of the step budget
+    warmup_frac: Fraction = 0.05  # this project's choice: 5% of the budget, scale-free (nanoGPT: 2000 of 600k)
+    min_lr_ratio: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.1  # cosine decays to lr * 0.1 (nanoGPT)
+    grad_clip: Annotated[float, Strict(), Field(ge=0)] = 1.0  # 0 disables clipping; grad/norm is measured before
+    eval_interval: PositiveInt = 50
+    eval_tokens: PositiveInt = 65536  # the fixed validation set: the first eval_tokens tokens of the val split
+    log_interval: PositiveInt = 10  # steps between metric flushes (no host sync in between on CUDA)
+    checkpoint_interval: NonNegInt = 0  # 0: only at the end; >0 every N steps (resume points)
+    device: Annotated[str, Strict()] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: Annotated[bool, Strict()] = False
+    infer_batch_sizes: tuple[PositiveInt, ...] = (1, 8)
+    infer_new_tokens: PositiveInt = 32
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        given = [k for k in BUDGET_FIELDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one budget of steps / tokens / seconds (got {', '.join(given) or 'none'})")
+        return self
 
     def tokens_per_step(self, block_size: int, world_size: int = 1) -> int:
         return self.micro_batch_size * self.grad_accum * world_size * block_size
@@ -313,13 +315,12 @@ class TrialSpec:
 
     def flat_params(self) -> dict[str, Any]:
         """The resolved spec as MLflow params (`model.*`, `optim.*`, `train.*`, `data.*`)."""
-        out: dict[str, Any] = {"variant": self.variant, "optimizer": self.optimizer, "preset": self.preset,
-                               "seed": self.seed, "data_seed": self.effective_data_seed}
-        out.update({f"model.{k}": v for k, v in variant_params(self.variant, self.dims).items()})
-        out.update({f"optim.{k}": v for k, v in dataclasses.asdict(self.optim).items()})
-        out.update({f"train.{k}": v for k, v in dataclasses.asdict(self.train).items()})
-        out.update({f"data.{k}": v for k, v in self.data.items()})
-        return out
+        top = {"variant": self.variant, "optimizer": self.optimizer, "preset": self.preset, "seed": self.seed,
+               "data_seed": self.effective_data_seed}
+        return schema.flatten_params(top, {
+            "model": variant_params(self.variant, self.dims), "optim": dataclasses.asdict(self.optim),
+            "train": dataclasses.asdict(self.train), "data": self.data,
+        })
 
     @property
     def effective_data_seed(self) -> int:
@@ -327,9 +328,4 @@ class TrialSpec:
 
     def key(self, data_hash: str) -> str:
         """Hash of the resolved spec + data hash + code version (device/compile excluded: same trial)."""
-        params = self.flat_params()
-        for cosmetic in ("train.device", "train.compile", "train.log_interval", "train.checkpoint_interval"):
-            params.pop(cosmetic, None)
-        blob = json.dumps({"spec": params, "data": data_hash, "code": CODE_VERSION, "exp": self.experiment},
-                          sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return schema.trial_key(self.flat_params(), data_hash, CODE_VERSION, self.experiment)

@@ -1,11 +1,15 @@
 """Matrix files: valid ones expand to the right trials; malformed ones fail with one line naming the field."""
 
+import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from harness.errors import UserError
 from harness.matrix import load_matrix
+
+ROOT = Path(__file__).resolve().parents[2]
 
 VALID = """
 name = "t"
@@ -111,3 +115,151 @@ def test_shipped_experiments_validate():
     assert files
     for path in files:
         load_matrix(path)
+
+
+# ----------------------------------------------------------------------------- one definition per field
+
+FROZEN = Path(__file__).parent / "frozen"
+
+
+def _trial_records(name: str) -> list[dict]:
+    """Every trial of one shipped matrix as (name, key, params as JSON text), at a fixed vocabulary and data
+    hash. tests/harness/frozen/trials.json holds this for every shipped matrix, written by this function on
+    main at e042480, before TrainConfig/OptimizerConfig became single definitions: keys must never move."""
+    vocab = {"byte": 256, "char": 66, "gpt2": 50257}
+    m = load_matrix(ROOT / "experiments" / f"{name}.toml")
+    return [{"name": s.name, "key": s.key("frozen-data-hash"),
+             "params": {k: json.dumps(v, default=str) for k, v in s.flat_params().items()}}
+            for s in m.expand(vocab[m.spec.data.tokenizer])]
+
+
+@pytest.mark.parametrize("name", ["smoke", "tune-smoke", "ablation", "nanogpt-shakespeare-char", "paper", "scaling"])
+def test_trial_keys_and_params_unchanged(name):
+    frozen = json.loads((FROZEN / "trials.json").read_text())[name]
+    assert _trial_records(name) == frozen
+
+
+def test_arch_configs_derived_from_dims_unchanged():
+    """MLA/MoE/GPT/Kimi configs come from ModelDims by field name; the values equal the former hand copies
+    (tests/harness/frozen/arch_configs.json, written on e042480 from registry._gpt_config/_kimi_config).
+    Fields an arch config gained since are ignored: only the frozen ones are compared."""
+    import dataclasses
+
+    from harness import registry as r
+
+    frozen = json.loads((FROZEN / "arch_configs.json").read_text())
+    cases = {"plain": {}, "overrides": {"shared_inter_dim": 48, "dense_inter_dim": 40, "tie_embeddings": True,
+                                        "dropout": 0.1, "score_func": "softmax", "aux_loss_alpha": 0.01,
+                                        "bias": False}}
+
+    def subset(now, then):
+        if isinstance(then, dict) and isinstance(now, dict):
+            return {k: subset(now.get(k), v) for k, v in then.items()}
+        return now
+
+    for key, then in frozen.items():
+        preset, case, variant = key.split("/")
+        d = r.resolve_dims(preset, 256, cases[case])
+        config = r._kimi_config(d) if variant == "kimi" else r._gpt_config(
+            d, "mla" if variant == "gpt-mla" else "mha", "moe" if variant == "gpt-moe" else "dense")
+        assert subset(json.loads(json.dumps(dataclasses.asdict(config))), then) == then, key
+
+
+def test_optimizer_defaults_live_on_the_dataclass():
+    """The registry adds no defaults of its own: a resolved arm is OptimizerConfig(name=...) itself."""
+    import dataclasses
+
+    from arch.optimizers import OptimizerConfig
+    from harness.registry import OPTIMIZER_DEFAULTS, resolve_optimizer
+
+    for name in ("adamw", "muon", "muonclip"):
+        assert resolve_optimizer(name) == OptimizerConfig(name=name)
+        assert OPTIMIZER_DEFAULTS[name] == {k: v for k, v in dataclasses.asdict(OptimizerConfig(name=name)).items()
+                                            if k != "name"}
+    assert resolve_optimizer("adamw").betas == (0.9, 0.99) and resolve_optimizer("adamw").lr == 1e-3
+    assert resolve_optimizer("muon").muon_weight_decay == 0.0
+
+
+def test_train_table_is_the_trial_config(tmp_path):
+    """[train] is validated as registry.TrainConfig itself: the trial gets the same object type and values."""
+    from harness.registry import TrainConfig
+
+    m = load_matrix(write(tmp_path, VALID.replace("steps = 10", "steps = 10\ninfer_batch_sizes = [1, 4]")))
+    assert isinstance(m.spec.train, TrainConfig)
+    train = m.expand(vocab_size=256)[0].train
+    assert train == TrainConfig(steps=10, infer_batch_sizes=(1, 4))
+    assert m.train_config(steps=3).steps == 3 and m.train_config(tokens=640).steps is None  # budget replaced
+
+
+@pytest.mark.parametrize(("old", "new", "suggestion"), [
+    ("steps = 10", "stpes = 10", "train.stpes: unknown field; did you mean 'steps'"),
+    ('corpus = "python-stdlib"', 'corpsu = "python-stdlib"', "data.corpsu: unknown field; did you mean 'corpus'?"),
+    ("seeds = [0, 1]", "seeds = [0, 1]\n[match]\nreference = 'kimi'\nbyy = 'total'",
+     "match.byy: unknown field; did you mean 'by'?"),
+    ('name = "t"', 'nmae = "t"', "nmae: unknown field; did you mean 'name'?"),
+    ("seeds = [0, 1]", "seeds = [0, 1]\n[optim.adamw]\nlrr = 1e-3",
+     "optim.adamw.lrr: unknown optimizer field; did you mean 'lr'?"),
+    ("seeds = [0, 1]", "seeds = [0, 1]\n[optim.muon]\nmuon_scaling = 'match_rms'",
+     "optim.muon.muon_scaling: unknown name 'match_rms'; did you mean 'match_rms_adamw'?"),
+    ("seeds = [0, 1]", "seeds = [0, 1]\n[optim.adamw]\nlr = '1e-3'",
+     "optim.adamw.lr: input should be a valid number (got '1e-3')"),
+    ("seeds = [0, 1]", "seeds = [0, 1]\n[model]\nn_layer = true",
+     "model.n_layer: input should be a valid integer (got True)"),
+    ("seeds = [0, 1]", "seeds = [0, 1]\n[model.kimi]\nn_layr = 3",
+     "model.kimi.n_layr: unknown model field; did you mean 'n_layer'"),
+])
+def test_unknown_or_mistyped_fields_suggest(tmp_path, old, new, suggestion):
+    path = write(tmp_path, VALID.replace(old, new))
+    with pytest.raises(UserError) as e:
+        load_matrix(path)
+    assert str(e.value).startswith(f"{path}: {suggestion}"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- --set
+
+
+def test_set_changes_the_trial_and_its_key(tmp_path):
+    path = write(tmp_path, VALID)
+    before = load_matrix(path).expand(vocab_size=256)
+    m = load_matrix(path, sets=["train.steps=5", "optim.adamw.lr=3e-4", "model.kimi.n_layer=3",
+                                "matrix.seeds=[0]", "train.device=cpu"])
+    after = m.expand(vocab_size=256)
+    assert m.sets == ("train.steps=5", "optim.adamw.lr=3e-4", "model.kimi.n_layer=3", "matrix.seeds=[0]",
+                      "train.device=cpu")
+    assert len(after) == 4 and all(t.train.steps == 5 and t.train.device == "cpu" for t in after)
+    assert {t.optim.lr for t in after if t.optimizer == "adamw"} == {3e-4}
+    assert {t.dims.n_layer for t in after if t.variant == "kimi"} == {3}
+    assert {t.dims.n_layer for t in after if t.variant == "gpt"} == {2}
+    old = {(t.arm, t.seed): t.key("h") for t in before}
+    assert all(t.key("h") != old[(t.arm, t.seed)] for t in after)
+    # a cosmetic override (device) alone keeps the key; a budget override replaces the file's budget
+    same = load_matrix(path, sets=["train.device=cpu"]).expand(vocab_size=256)
+    assert [t.key("h") for t in same] == [t.key("h") for t in before]
+    tokens = load_matrix(path, sets=["train.tokens=6400"]).spec.train
+    assert (tokens.steps, tokens.tokens) == (None, 6400)
+
+
+def test_set_budget_and_match(tmp_path):
+    m = load_matrix(write(tmp_path, VALID), sets=["match.reference=kimi", "name=renamed", "match.tolerance=0.05"])
+    assert m.name == "renamed" and m.spec.match.reference == "kimi" and m.spec.match.tolerance == 0.05
+
+
+@pytest.mark.parametrize(("sets", "needle"), [
+    (["train.stpes=5"], "--set train.stpes: unknown field; did you mean 'steps'"),
+    (["train.steps=five"], "--set train.steps: Input should be a valid integer (got 'five')"),
+    (["train.steps=0"], "--set train.steps: Input should be greater than 0"),
+    (["optim.adamw.lrr=1"], "--set optim.adamw.lrr: unknown optimizer field; did you mean 'lr'?"),
+    (["optim.adamw.lr=fast"], "--set optim.adamw.lr: input should be a valid number (got 'fast')"),
+    (["model.kimi.n_layr=3"], "--set model.kimi.n_layr: unknown model field; did you mean 'n_layer'"),
+    (["matrix.seeds=0"], "--set matrix.seeds: Input should be a valid list"),
+    (["train.steps"], "--set: 'train.steps' is not section.key=value"),
+    (["=5"], "--set: '=5' is not section.key=value"),
+    (["train..steps=5"], "--set: 'train..steps=5' is not section.key=value"),
+    (["train.steps.x=5"], "--set train.steps.x: train.steps is a value, not a table"),
+])
+def test_bad_set_is_one_line_naming_set(tmp_path, sets, needle):
+    with pytest.raises(UserError) as e:
+        load_matrix(write(tmp_path, VALID), sets=sets)
+    assert str(e.value).startswith(needle), str(e.value)
+    assert "\n" not in str(e.value)
