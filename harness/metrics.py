@@ -1,6 +1,7 @@
 """Metric computations shared by the trainer and the benchmarks: perplexity, stability, memory, MFU.
 
-Names of the values logged to MLflow are fixed in DESIGN.md; this module only computes them.
+The MLflow names of these values are defined in harness/schema.py (docs/design.md says what each means); this
+module only computes them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SPIKE_FACTOR = 5.0  # a grad-norm "spike" is a norm above 5x the rolling median (DESIGN.md)
+from harness import schema
+
+SPIKE_FACTOR = 5.0  # a grad-norm "spike" is a norm above 5x the rolling median (docs/design.md, stability)
 SPIKE_WINDOW = 50  # steps in the rolling median window
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets (dense, no sparsity). nanoGPT hard-codes
@@ -63,10 +66,10 @@ def grad_norm_summary(norms: Sequence[float]) -> dict[str, float]:
     median = float(np.median(x))
     mean = float(x.mean())
     return {
-        "grad/norm_median": median,
-        "grad/norm_p99_over_median": float(np.percentile(x, 99) / median) if median > 0 else float("nan"),
-        "grad/norm_cv": float(x.std() / mean) if mean > 0 else float("nan"),
-        "grad/norm_spikes": float(rolling_median_spikes(norms)),
+        schema.GRAD_NORM_MEDIAN: median,
+        schema.GRAD_NORM_P99_OVER_MEDIAN: float(np.percentile(x, 99) / median) if median > 0 else float("nan"),
+        schema.GRAD_NORM_CV: float(x.std() / mean) if mean > 0 else float("nan"),
+        schema.GRAD_NORM_SPIKES: float(rolling_median_spikes(norms)),
     }
 
 

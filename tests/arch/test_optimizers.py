@@ -46,7 +46,7 @@ MODELS = {"gpt": gpt, "gpt_untied": lambda: gpt(tie_embeddings=False), "gpt_mla_
 
 
 def expected_group(name: str, p: torch.Tensor) -> str:
-    """The table in arch/optimizers.py, written out by name for the CONTRACT.md parameter names."""
+    """The table in arch/optimizers.py, written out by name for the models' parameter names."""
     last = name.split(".")
     if name in ("transformer.wte.weight", "transformer.wpe.weight", "embed.weight", "lm_head.weight",
                 "head.weight"):
