@@ -12,7 +12,7 @@ One module per concern:
   corpora     the corpus registry (python-stdlib, python-site, text:PATH, tinystories, bin:DIR, ...) and loaders
   tokenizers  byte, char, bpe, gpt2 (and opaque ids for bin: corpora)
   cache       atomic writes, hashes, the file-digest memo, cached memmaps
-  prepare     corpus -> tokens in the cache -> PreparedData; vocab_size_for without preparing
+  pipeline    corpus -> tokens in the cache -> PreparedData; vocab_size_for without preparing
   batches     TokenBatches (training windows from (seed, step)) and val_batches (fixed val blocks)
 """
 
@@ -20,7 +20,7 @@ from harness.data.batches import TokenBatches, n_val_tokens, val_batches
 from harness.data.cache import FORMAT_VERSION
 from harness.data.config import DEFAULT_BPE_VOCAB, TOKENIZERS, DataConfig, Progress, default_cache_dir
 from harness.data.corpora import CORPORA, Corpus, Doc, corpus_names, load_corpus, register_corpus
-from harness.data.prepare import PreparedData, prepare, vocab_size_for
+from harness.data.pipeline import PreparedData, prepare, vocab_size_for
 from harness.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,

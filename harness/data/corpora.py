@@ -7,9 +7,10 @@ Corpora (CORPORA registry; `corpus_names()` lists them):
                       same corpus anywhere. Another Python version gives another corpus: the hash shows it.
   python-stdlib-full  the same with the test dirs (about 2.5x larger).
   python-site         python-stdlib plus every .py file of the installed packages (sysconfig purelib and
-                      platlib, __pycache__ and hidden dirs skipped): a large offline corpus on any machine
-                      with packages installed. Names are `stdlib/<path>` and `site/<path>`; the hash covers
-                      every file, so another set of installed packages gives another corpus.
+                      platlib, then the site-packages on sys.path; __pycache__ and hidden dirs skipped): a
+                      large offline corpus on any machine with packages installed. Names are `stdlib/<path>`
+                      and `site/<path>`; the hash covers every file, so other installed packages give
+                      another corpus.
   text:PATH           a local file (split by characters: the last val_fraction is val) or a folder (every
                       non-hidden, non-binary file, recursively, split by file; one file -> split by chars).
   tinyshakespeare     karpathy's char-rnn input.txt (1.1 MB), split by characters like nanoGPT.
@@ -220,19 +221,25 @@ _SITE_SKIP = {"__pycache__"}
 
 
 def _site_roots() -> list[Path]:
-    """The installed packages' folders (purelib, platlib), each once, in a fixed order."""
+    """Where installed packages are imported from, each once: sysconfig's purelib and platlib, then the
+    site-packages / dist-packages folders on sys.path (a venv can reach another's through a .pth file)."""
+    import sys
+
     paths = sysconfig.get_paths()
+    candidates = [paths["purelib"], paths["platlib"]]
+    candidates += [p for p in sys.path if Path(p or ".").name in ("site-packages", "dist-packages")]
     roots: list[Path] = []
-    for key in ("purelib", "platlib"):
-        root = Path(paths[key]).resolve()
+    for candidate in candidates:
+        root = Path(candidate).resolve()
         if root.is_dir() and root not in roots:
             roots.append(root)
     return roots
 
 
 def _site_files() -> list[tuple[str, Path]]:
-    """`stdlib/<path>` for python-stdlib's files, `site/<path>` for every .py file under the site folders.
-    A site folder inside another (platlib under purelib) is walked once, as part of the outer one."""
+    """`stdlib/<path>` for python-stdlib's files, `site/<path>` for every .py file under the site folders
+    (a path found under two folders: the first folder's file, as imports would). A site folder inside
+    another is walked once, as part of the outer one."""
     _, stdlib = _stdlib_files(include_tests=False)
     files = {f"stdlib/{name}": path for name, path in stdlib}
     roots = _site_roots()
