@@ -69,6 +69,7 @@ class SuiteSettings:
     peak_flops: float | None
     matmul_peak: float
     proposed: bool
+    proposed_only: bool
     profile: bool
 
 
@@ -82,6 +83,8 @@ def _train_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
                 switches.append(dict(sdpa_pad_v=True, batched_ns=False))
             if s.proposed and optimizer != "adamw":
                 switches.append(dict(sdpa_pad_v=False, batched_ns=True))
+            if s.proposed_only:
+                switches = switches[1:]
             for switch in switches:
                 for compiled in modes:
                     yield bench_train_step(variant, preset, s.device, compile_model=compiled, optimizer=optimizer,
@@ -97,7 +100,9 @@ def _moe_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
 
 def _decode_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
     for variant in s.variants:
-        profile_batch = TARGET_DECODE_BATCH if s.profile and variant in MLA_VARIANTS else None
+        # the batch the decode verdict reads: the target's, else the largest measured
+        target_batch = TARGET_DECODE_BATCH if TARGET_DECODE_BATCH in s.decode_batches else max(s.decode_batches)
+        profile_batch = target_batch if s.profile and variant in MLA_VARIANTS else None
         yield from bench_decode(variant, preset, s.device, batch_sizes=s.decode_batches, prompt_len=s.prompt_len,
                                 new_tokens=s.new_tokens, timing=s.timing, vocab_size=s.vocab_size,
                                 profile_batch=profile_batch)
@@ -143,12 +148,13 @@ def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequ
               timing: TimingSettings = TimingSettings(), micro_batch: int | None = None,
               decode_batches: Sequence[int] = (1, 32, 128), prompt_len: int | None = None,
               new_tokens: int | None = None, vocab_size: int | None = None, peak_tflops: float | None = None,
-              proposed: bool = True, profile: bool = False, append: bool = False, command: str | None = None,
-              console: Console | None = None) -> dict[str, Any]:
+              proposed: bool = True, proposed_only: bool = False, profile: bool = False, append: bool = False,
+              command: str | None = None, console: Console | None = None) -> dict[str, Any]:
     """Run the selected sections for every preset (and variant where it applies); print each section's table
     as it completes and rewrite the record (+ JSON) after each, so a run cut short keeps what it measured.
     out_md None: reports/benchmarks/<date>-<device-slug>.md. append: merge into the record already at out_md
-    (a prepared script's steps build one record). Returns this run's results (merged, with append)."""
+    (a prepared script's steps build one record). proposed_only: train rows with the arch/ switches only
+    (the default rows measured by an earlier step). Returns this run's results (merged, with append)."""
     dev = resolve_device(device)
     presets = check_choices("--presets", presets, tuple(PRESETS))
     variants = check_choices("--variants", variants, tuple(VARIANTS))
@@ -171,16 +177,18 @@ def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequ
     settings = {"device": str(dev), "presets": ",".join(presets), "variants": ",".join(variants),
                 "compile_modes": ",".join("compiled" if c else "eager" for c in modes),
                 "sections": ",".join(sections), "optimizers": ",".join(optimizers),
-                **{k: v for k, v in dataclasses.asdict(timing).items()}, "micro_batch": micro_batch or "preset default",
+                **dataclasses.asdict(timing), "micro_batch": micro_batch or "preset default",
                 "decode_batches": ",".join(map(str, decode_batches)), "vocab_size": vocab_size or "preset default",
-                "proposed_rows": proposed, "profile": profile, "peak_flops": peak, "matmul_peak": matmul_peak}
+                "proposed_rows": "only" if proposed_only else proposed, "profile": profile, "peak_flops": peak,
+                "matmul_peak": matmul_peak}
     run = {"command": command or _default_command(), "settings": settings, "seconds": None}
     results: dict[str, Any] = {"env": env, "settings": settings, "command": run["command"], "runs": [run]}
     path = out_md or default_record_path(env)
     previous = load_record(path.with_suffix(".json"), "--append") if append and path.with_suffix(".json").exists() \
         else None
     s = SuiteSettings(dev, tuple(variants), modes, tuple(optimizers), timing, micro_batch, tuple(decode_batches),
-                      prompt_len, new_tokens, vocab_size, peak, matmul_peak, proposed, profile)
+                      prompt_len, new_tokens, vocab_size, peak, matmul_peak, proposed or proposed_only, proposed_only,
+                      profile)
     console.print(f"[bold]kimi-bench suite[/] on {env['device']} ({env['device_detail']}), torch {env['torch']}, "
                   f"driver {env['driver']}; record: {path}" + (" (appending)" if previous else ""))
     console.print(f"measured matmul peak {matmul_peak / 1e12:.3g} TFLOP/s; datasheet peak (MFU denominator) "
@@ -201,6 +209,8 @@ def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequ
                 shown = {k: row[k] for k in PROGRESS_KEYS if k in row}
                 console.print(f"  {section}: " + ", ".join(f"{k}={fmt(v, '{:.4g}') if isinstance(v, float) else v}"
                                                            for k, v in shown.items()), highlight=False)
+                results[section] = rows
+                save()  # after every row: a run killed mid-section keeps the rows it finished
         results[section] = rows
         print_section(console, section, rows)
         save()
@@ -247,6 +257,7 @@ def bench_command(
     peak_tflops: Annotated[float | None, typer.Option(help="MFU denominator (default: datasheet peak)")] = None,
     proposed: Annotated[bool, typer.Option("--proposed/--no-proposed",
                                            help="also time the arch/ switches that are off by default")] = True,
+    proposed_only: Annotated[bool, typer.Option("--proposed-only", help="train rows with the switches only")] = False,
     profile: Annotated[bool, typer.Option("--profile/--no-profile",
                                           help="top kernels (torch.profiler) of targets missed by >20%")] = False,
     out: Annotated[Path | None, typer.Option(help="record (default reports/benchmarks/<date>-<device>.md)")] = None,
@@ -265,7 +276,7 @@ def bench_command(
               optimizers=_csv(optimizers), timing=TimingSettings(repeats, warmup, rounds, min_run_time),
               micro_batch=micro_batch, decode_batches=_csv_ints("--decode-batches", decode_batches),
               prompt_len=prompt_len, new_tokens=new_tokens, vocab_size=vocab_size, peak_tflops=peak_tflops,
-              proposed=proposed, profile=profile, append=append)
+              proposed=proposed, proposed_only=proposed_only, profile=profile, append=append)
 
 
 def main() -> None:

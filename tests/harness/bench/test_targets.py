@@ -72,3 +72,17 @@ def test_nothing_measured_reads_not_measured():
     empty = {t["key"]: t for t in evaluate_targets({})}
     assert set(empty) == {t.key for t in TARGETS}
     assert all(t["met"] is None and t["measured_text"] == "not measured" for t in empty.values())
+
+
+def test_partial_rows_of_a_cut_run_still_give_verdicts():
+    """The suite saves after every row: any prefix of a section's rows must evaluate without error."""
+    full = results()
+    for section in ("train", "moe", "decode"):
+        for n in range(len(full[section]) + 1):
+            evaluate_targets({**full, section: full[section][:n]})
+
+
+def test_kv_bytes_miss_asks_for_no_profile():
+    v = {t["key"]: t for t in evaluate_targets({"decode": [decode("gpt", 32, 1.0, 1000), decode("gpt-mla", 32, 1.0,
+                                                                                                 900)]})}
+    assert v["mla_kv"]["met"] is False and not v["mla_kv"]["missed_by_over_margin"]
