@@ -1,77 +1,43 @@
-"""Optimizer-step microbenchmark: median time of one Muon step vs one AdamW step, and Muon's split.
+"""Section `optim`: optimizer.step() alone, AdamW against Muon, Muon split into its two kinds of groups.
 
-    python -m harness.bench.optim_step [--models kimi,gpt --repeats 5 --warmup 1 --device cpu]
-
-Models: the nanoKimi paper's Kimi (arch.kimi.NANOKIMI_PAPER: 6 layers, dim 384, 8 experts of 384x512,
-vocab 50257, untied head; ~75M parameters) and a dense GPT of about the same total size (5 layers,
-n_embd 768, 12 heads, vocab 50257, tied head; ~75M). Each parameter gets a fixed random gradient; only
-`optimizer.step()` is timed (no forward/backward), after warm-up steps that create the optimizer state.
-
-Rows: one per (model, optimizer) with the step time, and for the Muon arm the time of its Muon groups
-alone and of its AdamW groups alone (the same groups, stepped by two separate optimizers), so the
-share of the step spent orthogonalizing is visible, and the Newton-Schulz GFLOP per step (exact count,
-independent of timing noise) with the rate achieved. Newton-Schulz runs in fp32 on CPU, bf16 on CUDA.
-A script that prints numbers, not a test.
+Each parameter gets a fixed random gradient; only `optimizer.step()` is timed (no forward/backward), after
+warm-up steps that create the optimizer state. The Muon row also times its Muon groups alone and its AdamW
+groups alone (the same groups, stepped by two separate optimizers), Muon with batched Newton-Schulz
+(arch.muon's `batched_ns` switch), and gives the exact Newton-Schulz GFLOP per step. NS runs in bf16 on
+CUDA, fp32 on CPU.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-from collections.abc import Callable
+from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from arch.muon import Muon
-from arch.optimizers import OptimizerConfig
-
-
-def build_model(name: str) -> nn.Module:
-    if name == "kimi":
-        from arch.kimi import NANOKIMI_PAPER, Kimi
-
-        return Kimi(NANOKIMI_PAPER)
-    if name == "gpt":
-        from arch.gpt import GPT, GPTConfig
-
-        return GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=5, n_head=12, n_embd=768))
-    raise SystemExit(f"--models: unknown {name!r}; use kimi, gpt")
+from harness.bench.common import TimingSettings, error_status, ms, preset_dims
+from harness.bench.timing import time_interleaved
+from harness.registry import build_model, resolve_optimizer
 
 
 def fill_grads(model: nn.Module, seed: int = 0) -> None:
+    """A fixed random gradient (std 1e-3) on every parameter."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     for p in model.parameters():
         p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(p.device, p.dtype)
 
 
-def time_ms(fn: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> float:
-    """Median wall time of fn in ms, synchronized on CUDA."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def split_muon(opt: Muon) -> tuple[Muon, Muon]:
     """Two optimizers over the same groups (all keys already filled): Muon groups only, AdamW only."""
     def sub(use_muon: bool) -> Muon:
-        return Muon([dict(g) for g in opt.param_groups if g["use_muon"] == use_muon])
+        return Muon([dict(g) for g in opt.param_groups if g["use_muon"] == use_muon], batched_ns=opt.batched_ns)
 
     return sub(True), sub(False)
+
+
+def with_batched_ns(opt: Muon) -> Muon:
+    """The same groups (same hyperparameters) in a Muon with batched Newton-Schulz on."""
+    return Muon([dict(g) for g in opt.param_groups], batched_ns=True)
 
 
 def ns_gflop(opt: Muon) -> float:
@@ -89,69 +55,45 @@ def ns_gflop(opt: Muon) -> float:
     return total / 1e9
 
 
-def n_params(opt: torch.optim.Optimizer, use_muon: bool | None) -> int:
-    return sum(p.numel() for g in opt.param_groups if use_muon is None or g.get("use_muon") == use_muon
-               for p in g["params"])
+def _time_steps(opts: dict[str, torch.optim.Optimizer], timing: TimingSettings) -> dict[str, float]:
+    """Median ms of each optimizer's step(), in interleaved rounds."""
+    t = time_interleaved({name: opt.step for name, opt in opts.items()}, rounds=timing.rounds,
+                         min_run_time=timing.min_run_time, warmup=timing.warmup)
+    return {name: ms(v.median_s) for name, v in t.items()}
 
 
-def bench(model_name: str, device: torch.device, warmup: int, repeats: int) -> list[dict]:
-    torch.manual_seed(0)
-    model = build_model(model_name).to(device)
-    fill_grads(model)
+def bench_optimizer_step(variant: str, preset: str, device: str | torch.device, *,
+                         timing: TimingSettings = TimingSettings(), vocab_size: int | None = None,
+                         batched: bool = True, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows: AdamW (fused on CUDA), then Muon with its groups apart and (batched) with batched_ns on."""
+    device = torch.device(device)
+    dims = preset_dims(preset, vocab_size)
+    torch.manual_seed(seed)
+    model = build_model(variant, dims).to(device)
+    fill_grads(model, seed)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     total = sum(p.numel() for p in model.parameters())
     rows = []
-    for opt_name in ("adamw", "muon"):
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        opt = OptimizerConfig(name=opt_name, lr=1e-3).build(model)
-        row = {"model": model_name, "optimizer": opt_name, "params": total,
-               "step_ms": time_ms(opt.step, warmup, repeats, device)}
-        if opt_name == "muon":
-            muon_part, adamw_part = split_muon(opt)
-            row["muon_params"], row["adamw_params"] = n_params(opt, True), n_params(opt, False)
-            row["ns_gflop"] = ns_gflop(opt)
-            row["muon_ms"] = time_ms(muon_part.step, warmup, repeats, device)
-            row["adamw_ms"] = time_ms(adamw_part.step, warmup, repeats, device)
+    for name in ("adamw", "muon"):
+        row: dict[str, Any] = {"preset": preset, "variant": variant, "optimizer": name, "params": total,
+                               "status": "ok"}
+        try:
+            opt = resolve_optimizer(name).build(model)
+            if name == "adamw":
+                row["step_ms"] = _time_steps({"step": opt}, timing)["step"]
+            else:
+                muon_part, adamw_part = split_muon(opt)
+                opts = {"step": opt, "muon_groups": muon_part, "adamw_groups": adamw_part}
+                if batched:
+                    opts["batched_muon_groups"] = with_batched_ns(muon_part)
+                times = _time_steps(opts, timing)
+                row["step_ms"] = times["step"]
+                row.update({f"{k}_ms": v for k, v in times.items() if k != "step"})
+                row["muon_params"] = sum(p.numel() for g in muon_part.param_groups for p in g["params"])
+                row["ns_gflop"] = ns_gflop(opt)
+                row["ns_tflops"] = row["ns_gflop"] / row["muon_groups_ms"]  # GFLOP/ms = TFLOP/s
+        except Exception as e:
+            row["status"] = error_status(e)
         rows.append(row)
-        model.load_state_dict(state)  # the next arm starts from the same weights
+        model.load_state_dict(initial)  # the next optimizer starts from the same weights
     return rows
-
-
-def print_table(rows: list[dict], device: torch.device, threads: int) -> None:
-    table = Table(title=f"optimizer.step() on {device.type} ({threads} threads), median ms")
-    for col in ("model", "params", "optimizer", "step ms", "vs adamw", "Muon groups (params, ms)",
-                "AdamW groups (params, ms)", "Muon share", "NS GFLOP (GFLOP/s)"):
-        table.add_column(col, justify="left" if col in ("model", "optimizer") else "right")
-    adamw_ms = {r["model"]: r["step_ms"] for r in rows if r["optimizer"] == "adamw"}
-    for r in rows:
-        muon = r["optimizer"] == "muon"
-        cells = [r["model"], f"{r['params'] / 1e6:.1f}M", r["optimizer"], f"{r['step_ms']:.1f}",
-                 f"{r['step_ms'] / adamw_ms[r['model']]:.2f}x"]
-        if muon:
-            share = r["muon_ms"] / (r["muon_ms"] + r["adamw_ms"])
-            cells += [f"{r['muon_params'] / 1e6:.1f}M, {r['muon_ms']:.1f}",
-                      f"{r['adamw_params'] / 1e6:.1f}M, {r['adamw_ms']:.1f}", f"{share:.0%}",
-                      f"{r['ns_gflop']:.0f} ({r['ns_gflop'] / r['muon_ms'] * 1e3:.0f})"]
-        else:
-            cells += ["", "", "", ""]
-        table.add_row(*cells)
-    Console(width=160).print(table)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="kimi,gpt")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    rows = [r for name in args.models.split(",")
-            for r in bench(name.strip(), device, args.warmup, args.repeats)]
-    print_table(rows, device, torch.get_num_threads())
-
-
-if __name__ == "__main__":
-    main()

@@ -3,12 +3,15 @@
 Built on `torch.utils.benchmark.Timer.blocked_autorange`, which handles CUDA synchronisation itself and
 repeats a statement in blocks until a minimum run time is reached. Several callables are measured in
 interleaved rounds (A, B, C, A, B, C, ...) so that a slow phase of a shared machine hits every arm alike.
+`time_phases` times the phases of one multi-phase call (a train step's fwd+bwd | clip | step | rest) with
+CUDA events on the stream, where a host-clock block around the whole call cannot see inside it.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,3 +78,62 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], rounds: int = 5, m
         for name, timer in timers.items():
             times[name].extend(_measurement_times(timer.blocked_autorange(min_run_time=min_run_time)))
     return {name: Timing.of(ts) for name, ts in times.items()}
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for the device's queued work (a no-op on CPU, where work is synchronous)."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Marks:
+    """Timestamps on the device's timeline: CUDA events recorded on the current stream (no host sync), or
+    time.perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stamps: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.stamps.append(event)
+        else:
+            self.stamps.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Seconds between consecutive marks (call synchronize() first on CUDA)."""
+        pairs = zip(self.stamps, self.stamps[1:], strict=False)
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in pairs]
+        return [b - a for a, b in pairs]
+
+
+def time_phases(step: Callable[[Callable[[], None]], object], phases: Sequence[str], repeats: int,
+                warmup: int = 1, device: torch.device | str = "cpu") -> dict[str, Timing]:
+    """Seconds per phase of a call that marks the end of each phase: `step(mark)` calls `mark()` once after
+    each of `phases`, in order. The start is marked before each call; "total" is the whole call. On CUDA
+    the marks are events on the current stream, so the `repeats` timed calls run without a host sync
+    between them (one sync at the end), as a training loop runs. Each phase's Timing is over the calls."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        step(lambda: None)
+    synchronize(device)
+    runs = []
+    for _ in range(repeats):
+        marks = _Marks(device)
+        marks.mark()
+        step(marks.mark)
+        runs.append(marks)
+    synchronize(device)
+    per_phase: dict[str, list[float]] = {name: [] for name in (*phases, "total")}
+    for marks in runs:
+        spans = marks.seconds()
+        if len(spans) != len(phases):
+            raise ValueError(f"time_phases: step marked {len(spans)} phase ends, expected {len(phases)}")
+        for name, s in zip(phases, spans, strict=True):
+            per_phase[name].append(s)
+        per_phase["total"].append(sum(spans))
+    return {name: Timing.of(ts) for name, ts in per_phase.items()}

@@ -202,6 +202,53 @@ def test_split_equals_separate_matrices():
     torch.testing.assert_close(fused, torch.cat(apart), atol=1e-12, rtol=0)
 
 
+def _mixed_groups(ps):
+    """A split-3 fused weight whose [16, 16] blocks share a bucket with two plain [16, 16] weights, a 3-D
+    expert stack, a tall and a wide matrix, and an AdamW group: every bucketing case of batched_ns."""
+    return [dict(params=[ps[0]], split=3), dict(params=ps[1:6]), dict(params=ps[6:7], nesterov=False),
+            dict(params=ps[7:], use_muon=False)]
+
+
+MIXED_SHAPES = ((48, 16), (16, 16), (4, 16, 16), (40, 16), (16, 40), (16, 16), (24, 24), (16,))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_batched_ns_equals_per_matrix_path(dtype, tol, monkeypatch):
+    """batched_ns=True: the same parameters and momentum buffers as the per-matrix path after several
+    steps (fp32: within 1e-6, as batched and single matmuls may round differently; fp64: 1e-12), with one
+    Newton-Schulz call per bucket: [16, 16] (3 + 1 + 4 + 1 matrices), [40, 16], [16, 40], [24, 24]."""
+    import arch.muon as muon_module
+
+    ws, grads = _problem(seed=8, shapes=MIXED_SHAPES, steps=3)
+    ns_name = {torch.float32: "float32", torch.float64: "float64"}[dtype]
+
+    def make(batched):
+        return lambda ps: Muon(_mixed_groups(ps), lr=0.02, weight_decay=0.1, ns_dtype=ns_name, batched_ns=batched)
+
+    per_matrix, opt_a = _run(make(False), ws, grads, dtype=dtype)
+    calls = []
+    original = muon_module.zeropower_via_newtonschulz5
+    monkeypatch.setattr(muon_module, "zeropower_via_newtonschulz5",
+                        lambda G, **kw: calls.append(tuple(G.shape)) or original(G, **kw))
+    batched, opt_b = _run(make(True), ws, grads, dtype=dtype)
+    assert sorted(calls[:4]) == [(1, 16, 40), (1, 24, 24), (1, 40, 16), (9, 16, 16)] and len(calls) == 3 * 4
+    for a, b in zip(per_matrix, batched, strict=True):
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+    for a, b in zip(per_matrix, batched, strict=True):
+        sa, sb = opt_a.state[a], opt_b.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], atol=tol, rtol=tol)
+
+
+def test_batched_ns_moves_every_muon_parameter():
+    """Guard against a bucket silently dropped: each Muon matrix changes, the AdamW one too."""
+    ws, grads = _problem(seed=9, shapes=MIXED_SHAPES, steps=1)
+    ps, _ = _run(lambda ps: Muon(_mixed_groups(ps), batched_ns=True), ws, grads)
+    for w, p in zip(ws, ps, strict=True):
+        assert not torch.equal(p.detach(), w), tuple(w.shape)
+
+
 def test_adjust_lr_uses_last_two_dims():
     assert adjust_lr(0.02, "original", torch.Size([8, 64, 16])) == pytest.approx(0.02 * 2.0)
     assert adjust_lr(0.02, "original", torch.Size([16, 64])) == pytest.approx(0.02)

@@ -31,3 +31,23 @@ def test_interleaved_ranks_a_slower_call_slower():
 def test_suggest_names_the_closest():
     assert suggest("kimmi", ["gpt", "kimi"]).startswith("did you mean 'kimi'?")
     assert suggest("zzz", ["gpt"]) == "(choices: gpt)"
+
+
+def test_time_phases_splits_a_call_into_its_phases():
+    from harness.bench.timing import time_phases
+
+    calls = []
+
+    def step(mark):
+        calls.append(1)
+        time.sleep(0.002)
+        mark()
+        time.sleep(0.006)
+        mark()
+
+    out = time_phases(step, ("short", "long"), repeats=3, warmup=2)
+    assert len(calls) == 5 and out["short"].n == out["long"].n == out["total"].n == 3
+    assert out["long"].median_s > 2 * out["short"].median_s
+    assert out["total"].median_s == pytest.approx(out["short"].median_s + out["long"].median_s, rel=0.3)
+    with pytest.raises(ValueError, match="marked 1 phase ends, expected 2"):
+        time_phases(lambda mark: mark(), ("a", "b"), repeats=1, warmup=0)
