@@ -83,14 +83,25 @@ class MatrixProgress:
         self.bar.update(self.matrix, completed=self._trial_base + steps, info=self._matrix_info())
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """A file handler that creates its folder and file at the first record, so a command that fails before
+    MLflow logs anything leaves no folder behind."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8", delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 @contextlib.contextmanager
 def mlflow_logs_to(log_file: Path) -> Iterator[Path]:
     """Send MLflow's (and alembic's) log records to `log_file` while the bars draw; warnings and errors still
     reach stderr. MLflow installs its own stderr handler on import, so it is imported first."""
     import mlflow  # noqa: F401  (configures its loggers; replaced below, restored after)
 
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    to_file = _LazyFileHandler(log_file)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_stderr = logging.StreamHandler(sys.stderr)
     to_stderr.setLevel(logging.WARNING)

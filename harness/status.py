@@ -49,30 +49,67 @@ def planned_trials(path: Path) -> tuple[str, list[str]]:
         raise UserError(f"--matrix {path}: cannot list its trials; check its [matrix] table") from None
 
 
-def _last_step(client, run) -> str:
-    if "kb.final_step" in run.data.tags:
-        return run.data.tags["kb.final_step"]
-    steps = [m.step for key in ("train/loss", "val/loss") for m in client.get_metric_history(run.info.run_id, key)]
-    return str(max(steps)) if steps else ""
+@dataclass
+class RunRecord:
+    """The few fields of an MLflow trial run that status shows."""
+
+    name: str
+    run_id: str
+    start_ms: int | None
+    end_ms: int | None
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    last_step: int | None  # the highest step of train/loss or val/loss
 
 
-def _elapsed(run) -> float | None:
-    start, end = run.info.start_time, run.info.end_time
-    if not start:
-        return None
-    return ((end or time.time() * 1000) - start) / 1000
+def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
+    """Trial runs read straight from a local MLflow sqlite store (read-only; MLflow's import alone takes
+    seconds). None: no such experiment. Raises sqlite3.Error on a schema this reader does not know."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                          (experiment,)).fetchone()
+        if row is None:
+            return None
+        runs = con.execute(
+            "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "AND t.key = 'kb.kind' AND t.value = 'trial' WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
+            "ORDER BY r.start_time DESC", (row[0],)).fetchall()
+        records = []
+        for run_id, name, start, end in runs:
+            tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
+            latest = con.execute("SELECT key, value, step FROM latest_metrics WHERE run_uuid = ?",
+                                 (run_id,)).fetchall()
+            steps = [step for key, _, step in latest if key in ("train/loss", "val/loss")]
+            records.append(RunRecord(name, run_id, start, end, tags, {k: v for k, v, _ in latest},
+                                     max(steps) if steps else None))
+    return records
 
 
-def trial_states(client, experiment_id: str, planned: list[str] | None = None) -> list[TrialState]:
-    """One row per trial: the newest run of each trial name (an ended one first); planned names without a
-    run are `pending`."""
+def _client_records(client, experiment_id: str) -> list[RunRecord]:
     runs = client.search_runs([experiment_id], filter_string="tags.`kb.kind` = 'trial'", max_results=10000,
                               order_by=["attributes.start_time DESC"])
-    by_name: dict[str, object] = {}
+    records = []
     for r in runs:
-        best = by_name.get(r.info.run_name)
-        if best is None or (r.data.tags.get("kb.status") in ENDED and best.data.tags.get("kb.status") not in ENDED):
-            by_name[r.info.run_name] = r
+        last = None
+        if "kb.final_step" not in r.data.tags:  # still running or killed: ask for its last logged step
+            steps = [m.step for key in ("train/loss", "val/loss")
+                     for m in client.get_metric_history(r.info.run_id, key)]
+            last = max(steps) if steps else None
+        records.append(RunRecord(r.info.run_name, r.info.run_id, r.info.start_time, r.info.end_time,
+                                 r.data.tags, r.data.metrics, last))
+    return records
+
+
+def trial_states(records: list[RunRecord], planned: list[str] | None = None) -> list[TrialState]:
+    """One row per trial: the newest run of each trial name (an ended one first); planned names without a
+    run are `pending`. `records` are newest first."""
+    by_name: dict[str, RunRecord] = {}
+    for r in records:
+        best = by_name.get(r.name)
+        if best is None or (r.tags.get("kb.status") in ENDED and best.tags.get("kb.status") not in ENDED):
+            by_name[r.name] = r
     names = list(planned) if planned is not None else sorted(by_name)
     names += [n for n in sorted(by_name) if n not in names] if planned is not None else []
     out = []
@@ -81,29 +118,43 @@ def trial_states(client, experiment_id: str, planned: list[str] | None = None) -
         if r is None:
             out.append(TrialState(name, "pending", "", None, None, "", ""))
             continue
-        out.append(TrialState(name, r.data.tags.get("kb.status", "?"), _last_step(client, r), _elapsed(r),
-                              r.data.metrics.get("val/ppl_final"), r.info.run_id, r.data.tags.get("kb.trial_key", "")))
+        step = r.tags.get("kb.final_step", "" if r.last_step is None else str(r.last_step))
+        elapsed = ((r.end_ms or time.time() * 1000) - r.start_ms) / 1000 if r.start_ms else None
+        out.append(TrialState(name, r.tags.get("kb.status", "?"), step, elapsed, r.metrics.get("val/ppl_final"),
+                              r.run_id, r.tags.get("kb.trial_key", "")))
     return out
 
 
-def _open_client(tracking_uri: str | None):
+def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord] | None, list[str]]:
+    """-> (the experiment's trial runs, or None when it does not exist; the names of all experiments)."""
     from harness.tracking import resolve_tracking_uri, strip_credentials
 
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; run a matrix "
-                        "first or pass the store of one")
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise UserError(f"--tracking-uri: no MLflow store at {db}; run a matrix first or pass the store of one")
+        import sqlite3
+
+        try:
+            records = _sqlite_records(db, experiment)
+            if records is not None:
+                return records, []
+        except sqlite3.Error:
+            pass  # an unknown schema: ask MLflow itself
     from mlflow.tracking import MlflowClient
 
     try:
         client = MlflowClient(uri)
-        client.search_experiments(max_results=1)
+        exp = client.get_experiment_by_name(experiment)
     except Exception as e:
         from harness.tracking import first_line
 
         raise UserError(f"--tracking-uri {strip_credentials(uri)}: cannot reach the tracking store "
                         f"({first_line(e)}); start the server or fix the URI") from None
-    return client
+    if exp is None:
+        return None, [e.name for e in client.search_experiments()]
+    return _client_records(client, exp.experiment_id), []
 
 
 def _fmt_elapsed(seconds: float | None) -> str:
@@ -121,13 +172,10 @@ def status_table(experiment: str | None, matrix: Path | None, tracking_uri: str 
         if not matrix.is_file():
             raise UserError(f"--matrix: no file at {matrix}; pass a TOML file such as experiments/smoke.toml")
         experiment, planned = planned_trials(matrix)
-    client = _open_client(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None and planned is None:
-        names = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise UserError(f"--experiment: no experiment {experiment!r}; existing: {names}")
-    states = trial_states(client, exp.experiment_id, planned) if exp else \
-        [TrialState(n, "pending", "", None, None, "", "") for n in planned]
+    records, existing = _records(experiment, tracking_uri)
+    if records is None and planned is None:
+        raise UserError(f"--experiment: no experiment {experiment!r}; existing: {', '.join(existing) or 'none'}")
+    states = trial_states(records or [], planned)
     counts = {s: sum(t.status == s for t in states) for s in dict.fromkeys(t.status for t in states)}
     title = f"{experiment}: {len(states)} trials (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
     table = Table(title=title, header_style="bold")
