@@ -16,13 +16,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from harness.console import MatrixProgress, mlflow_logs_to
 from harness.data import DataConfig, PreparedData, prepare
 from harness.dist import DistInfo, barrier, broadcast_object
 from harness.errors import UserError
 from harness.matrix import Matrix
 from harness.registry import TrialSpec
-from harness.tracking import RUN_STATUS, TERMINAL, Tracker, git_commit, strip_credentials
-from harness.trial import TrialResult, resolve_device, run_trial
+from harness.tracking import RUN_STATUS, TERMINAL, Tracker, git_commit, source_tags, strip_credentials
+from harness.trial import STATE_FILE, TrialResult, resolve_device, run_trial
 
 
 @dataclass
@@ -46,9 +47,34 @@ def prepare_data(fields: dict, cache_dir: str | None, console: Console) -> Prepa
 
 
 def run_tags(data: PreparedData, device: torch.device) -> dict[str, str]:
-    return {"kb.git_commit": git_commit(), "kb.torch_version": torch.__version__,
+    commit = git_commit()
+    return {"kb.git_commit": commit, "kb.torch_version": torch.__version__,
             "kb.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "kb.data_hash": data.data_hash}
+            "kb.data_hash": data.data_hash, **source_tags(commit)}
+
+
+def trial_dir_name(spec: TrialSpec, key: str) -> str:
+    """`<variant>+<optimizer>-<preset>-s<seed>-<short key>`: readable, and unique through the key (a resume
+    finds the same folder). Folders of the older hash-only scheme are not looked at."""
+    data_seed = f"-d{spec.data_seed}" if spec.data_seed is not None else ""
+    return f"{spec.arm}-{spec.preset}-s{spec.seed}{data_seed}-{key[:8]}"
+
+
+def trial_list(trials: list[TrialSpec], data_hash: str) -> list[dict]:
+    """The resolved trials as logged on the parent run (trials.json): name, key, folder, full spec."""
+    return [{"name": t.name, "trial_key": t.key(data_hash), "folder": trial_dir_name(t, t.key(data_hash)),
+             "params": t.flat_params()} for t in trials]
+
+
+def matrix_params(matrix: Matrix) -> dict:
+    """The matrix file's settings, flattened (`train.steps`, `matrix.seeds`, ...), as the parent run's params."""
+    out = {"name": matrix.name}
+    for section, value in matrix.spec.model_dump(exclude={"name", "description"}).items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        elif value is not None:
+            out[section] = value
+    return out
 
 
 def trial_tags(spec: TrialSpec, key: str) -> dict[str, str]:
@@ -67,29 +93,48 @@ def last_logged_step(tracker: Tracker, run_id: str) -> int:
     return max(steps, default=-1)
 
 
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["kimi-bench", *sys.argv[1:]])
+
+
 def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tracking_uri: str | None,
                out_root: Path, console: Console, dist_info: DistInfo = DistInfo(),
-               peak_tflops: float | None = None) -> MatrixOutcome:
-    """Run every trial; Ctrl-C marks the current run killed and stops with a resume hint."""
+               peak_tflops: float | None = None, keep_state: bool = False) -> MatrixOutcome:
+    """Run every trial; Ctrl-C marks the current run killed and stops with a resume hint. MLflow's own log
+    lines go to <out>/<experiment>/mlflow.log while the bars draw."""
+    with mlflow_logs_to(out_root / matrix.name / "mlflow.log"):
+        return _run_matrix(matrix, trials, data, tracking_uri, out_root, console, dist_info, peak_tflops,
+                           keep_state)
+
+
+def _run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tracking_uri: str | None,
+                out_root: Path, console: Console, dist_info: DistInfo, peak_tflops: float | None,
+                keep_state: bool) -> MatrixOutcome:
     tracker = Tracker(tracking_uri) if dist_info.is_main else None
-    experiment_id = tracker.ensure_experiment(matrix.name) if tracker else ""
+    description = matrix.spec.description
+    experiment_id = tracker.ensure_experiment(matrix.name, description) if tracker else ""
     device = resolve_device(trials[0].train.device) if trials else torch.device("cpu")
     common_tags = run_tags(data, device)
     parent = None
     if tracker:
-        command = " ".join(shlex.quote(a) for a in ["kimi-bench", *sys.argv[1:]])
-        parent = tracker.start_parent(experiment_id, matrix.name, strip_credentials(command), {
-            **common_tags, "kb.matrix_file": str(matrix.path), "kb.n_trials": str(len(trials))})
+        parent = tracker.start_parent(experiment_id, matrix.name, strip_credentials(_command_line()), {
+            **common_tags, "kb.matrix_file": str(matrix.path), "kb.n_trials": str(len(trials))}, description)
+        tracker.log_matrix(parent, matrix.path.read_text(encoding="utf-8"), matrix_params(matrix),
+                           trial_list(trials, data.data_hash))
     outcome = MatrixOutcome(experiment_id, parent, [])
+    steps = [t.train.total_steps(t.dims.block_size, dist_info.world_size) or 1 for t in trials]
+    progress = MatrixProgress(console, len(trials), sum(steps), enabled=dist_info.is_main)
     try:
-        for i, spec in enumerate(trials, 1):
-            result = _run_one(spec, i, len(trials), data, tracker, experiment_id, parent, common_tags, out_root,
-                              console, dist_info, peak_tflops)
-            outcome.results.append((spec, result))
+        with progress:
+            for i, spec in enumerate(trials, 1):
+                result = _run_one(spec, i, len(trials), data, tracker, experiment_id, parent, common_tags,
+                                  out_root, console, dist_info, peak_tflops, progress, keep_state)
+                outcome.results.append((spec, result))
     except KeyboardInterrupt:
         outcome.interrupted = True
-        console.print(f"[yellow]interrupted[/]: the current trial is marked killed; finished trials are kept. "
-                      f"Resume with the same command: kimi-bench run --matrix {matrix.path}")
+        console.print("[yellow]interrupted[/]: the current trial is marked killed; finished trials are kept. "
+                      "Resume with the same command:")
+        console.print(strip_credentials(_command_line()), markup=False, highlight=False)
     finally:
         if tracker and parent:
             tracker.end_parent(parent, "killed" if outcome.interrupted else "finished")
@@ -98,8 +143,9 @@ def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, trac
 
 def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Tracker | None, experiment_id: str,
              parent: str | None, common_tags: dict, out_root: Path, console: Console, dist_info: DistInfo,
-             peak_tflops: float | None) -> TrialResult | None:
+             peak_tflops: float | None, progress: MatrixProgress, keep_state: bool) -> TrialResult | None:
     key = spec.key(data.data_hash)
+    total = spec.train.total_steps(spec.dims.block_size, dist_info.world_size)
     existing = tracker.find_trial(experiment_id, key) if tracker else None
     skip = broadcast_object(existing is not None and existing.data.tags.get("kb.status") in TERMINAL)
     if skip:
@@ -109,6 +155,7 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
             tracker.client.set_terminated(existing.info.run_id, RUN_STATUS.get(status, "FINISHED"))
         console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags['kb.status'] if existing else 'done'}"
                       f" (run {existing.info.run_id[:8] if existing else '?'}), skipped[/]")
+        progress.skip(total or 1)
         return None
     run = None
     if tracker:
@@ -119,24 +166,18 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
             run.min_step = last_logged_step(tracker, resume_id)
         run.log_dataset(data.corpus_name, data.data_hash, str(data.path))
     barrier()
-    with Progress(TextColumn(f"[bold][{i}/{n}][/] {spec.name}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                  disable=not dist_info.is_main) as bar:
-        task = bar.add_task("train", total=spec.train.total_steps(spec.dims.block_size, dist_info.world_size),
-                            info="")
+    label = f"[{i}/{n}] {spec.name}"
+    progress.start_trial(label, total)
 
-        last_line = [0]
+    def on_progress(step: int, total: int | None, info: dict) -> None:
+        progress.update_trial(label, step, total, f"loss {info['loss']:.3f}  {info['tok/s']:,.0f} tok/s")
 
-        def on_progress(step: int, total: int | None, info: dict) -> None:
-            text = f"loss {info['loss']:.3f}  {info['tok/s']:,.0f} tok/s"
-            bar.update(task, completed=step, info=text)
-            # a log file (no terminal) gets no live bar: print a line every ~10% of the budget instead
-            if not console.is_terminal and dist_info.is_main and step - last_line[0] >= max(1, (total or 100) // 10):
-                last_line[0] = step
-                console.print(f"[{i}/{n}] {spec.name} step {step}/{total or '?'}  {text}")
-
-        result = run_trial(spec, data, out_root / spec.experiment / key, run, dist_info, on_progress,
-                           peak_tflops=peak_tflops)
+    out_dir = out_root / spec.experiment / trial_dir_name(spec, key)
+    result = run_trial(spec, data, out_dir, run, dist_info, on_progress, peak_tflops=peak_tflops)
+    progress.end_trial(total or 1)
+    if result.status in TERMINAL and not keep_state and dist_info.is_main:
+        # a rerun never resumes an ended trial: its optimizer state (GBs at paper scale) is dead weight
+        (out_dir / STATE_FILE).unlink(missing_ok=True)
     if not dist_info.is_main:
         return result
     style = {"finished": "green", "diverged": "red", "oom": "red", "failed": "red"}.get(result.status, "yellow")

@@ -51,6 +51,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's own source tags (the UI's "Source" and "Git commit" columns); the commit without '-dirty'."""
+    tags = {"mlflow.source.name": "kimi-bench", "mlflow.source.type": "LOCAL"}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
+# MLflow 3.17's UI does not read the experiment's `mlflow.experimentKind` tag to pick a view: it reads the
+# browser-wide "workflow type" (localStorage `mlflow.workflowType`, GenAI unless the user switched it) or the
+# page URL's `workflowType` query parameter, which wins. Links that should open the training-runs view carry
+# it. The tag is still set: MLflow 3.0-3.4 chose the view from it.
+TRAINING_VIEW_QUERY = "workflowType=machine_learning"
+
+
+def runs_page_url(server: str, experiment_id: str) -> str:
+    """The experiment's training-runs table in the MLflow UI at `server` (http://host:port)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW_QUERY}"
+
+
 @contextlib.contextmanager
 def _store_lock(uri: str):
     """An exclusive file lock beside a sqlite store while it is created: several processes starting at once
@@ -146,13 +166,19 @@ class Tracker:
             raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
                             f"({first}); start the server or fix the URI") from None
 
-    def ensure_experiment(self, name: str) -> str:
+    def ensure_experiment(self, name: str, description: str = "") -> str:
+        """The experiment's id (created, or restored from deleted); its description is the matrix's."""
         try:
             exp = self.client.get_experiment_by_name(name)
-            if exp is None:  # MLflow 3's UI opens an untagged experiment in its GenAI view
-                return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+            if exp is None:
+                tags = {"mlflow.experimentKind": "custom_model_development"}
+                if description:
+                    tags["mlflow.note.content"] = description
+                return self.client.create_experiment(name, tags=tags)
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            if description and exp.tags.get("mlflow.note.content") != description:
+                self.client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", description)
             return exp.experiment_id
         except Exception as e:  # connection refused, bad URI, locked store ...
             if isinstance(e, UserError):
@@ -161,10 +187,22 @@ class Tracker:
             raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
                             f"({first}); start the server or fix the URI") from None
 
-    def start_parent(self, experiment_id: str, name: str, command: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(experiment_id, run_name=f"matrix {name}", tags={
-            "kb.kind": "matrix", "kb.command": command, **tags})
-        return run.info.run_id
+    def start_parent(self, experiment_id: str, name: str, command: str, tags: dict[str, str],
+                     description: str = "") -> str:
+        all_tags = {"kb.kind": "matrix", "kb.command": command, **tags}
+        if description:
+            all_tags["mlflow.note.content"] = description  # the run page's "Description"
+        return self.client.create_run(experiment_id, run_name=f"matrix {name}", tags=all_tags).info.run_id
+
+    def log_matrix(self, run_id: str, matrix_text: str, params: dict[str, Any], trials: list[dict]) -> None:
+        """The matrix as given (matrix.toml), its resolved trials (trials.json) and its settings as params."""
+        from mlflow.entities import Param
+
+        param_list = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(param_list), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(run_id, params=param_list[i : i + 100])
+        self.client.log_text(run_id, matrix_text, "matrix.toml")
+        self.client.log_text(run_id, json.dumps(trials, indent=1, default=str), "trials.json")
 
     def end_parent(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, RUN_STATUS.get(status, "FINISHED"))

@@ -21,6 +21,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = REPO / "tests" / "artifacts" / "mlflow-ui.png"
 EXPERIMENT = "browser-check"
+DESCRIPTION = "browser check: gpt with adamw vs muon, tiny"
 UI_TIMEOUT_MS = 60_000  # the UI is a large React bundle; on 2 busy cores the first paint takes seconds
 
 
@@ -39,11 +40,13 @@ def _playwright():
     return sync_playwright
 
 
-def _fill_store(tmp_path: Path) -> tuple[str, Path]:
-    """A tiny 2-trial matrix (gpt x adamw, muon), then `kimi-bench report` on it."""
+def _fill_store(tmp_path: Path) -> tuple[str, Path, str]:
+    """A tiny 2-trial matrix (gpt x adamw, muon), then `kimi-bench report` on it; -> (store URI, report
+    folder, the runs-page link `kimi-bench run` printed last)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     matrix = write_matrix(tmp_path / "m.toml", EXPERIMENT, optimizers=("adamw", "muon"),
                           train={"steps": 10, "eval_interval": 5})
+    matrix.write_text(f'description = "{DESCRIPTION}"\n' + matrix.read_text())
     cache = ["--cache-dir", str(tmp_path / "cache")]
     ran = run_cli(["run", "--matrix", str(matrix), "--tracking-uri", uri, "--out", str(tmp_path / "runs"),
                    *cache], cwd=tmp_path)
@@ -53,7 +56,19 @@ def _fill_store(tmp_path: Path) -> tuple[str, Path]:
                   cwd=tmp_path)
     assert rep.returncode == 0, f"`kimi-bench report` failed:\n{rep.stdout[-3000:]}\n{rep.stderr[-3000:]}"
     assert (report_dir / "report.md").is_file()
-    return uri, report_dir
+    link = ran.stdout.strip().splitlines()[-1]
+    assert link.startswith("runs: http://127.0.0.1:5000/#/experiments/"), ran.stdout[-2000:]
+    return uri, report_dir, link.removeprefix("runs: http://127.0.0.1:5000")
+
+
+def _assert_training_view(page) -> None:
+    """The page shows MLflow's model-training experiment view, not the GenAI one (its Overview / Traces /
+    Evaluation sidebar), which MLflow 3.17 opens unless the link asks for the training view."""
+    page.get_by_text("Model training", exact=True).first.wait_for()
+    genai = [name for name in ("Overview", "Evaluation runs", "Sessions", "Judges")
+             if page.get_by_text(name, exact=True).count()]
+    assert not genai, f"the GenAI experiment view is showing ({genai} in the sidebar): {page.url}"
+    assert "/runs" in page.url, page.url
 
 
 def _shot(page, tmp_path: Path, name: str) -> Path:
@@ -71,7 +86,7 @@ def _close_assistant(page) -> None:
 
 def test_mlflow_ui_shows_trials_metrics_and_report(tmp_path):
     chromium, sync_playwright = _chromium(), _playwright()
-    uri, _ = _fill_store(tmp_path)
+    uri, _, runs_link = _fill_store(tmp_path)
 
     from mlflow import MlflowClient
 
@@ -89,10 +104,12 @@ def test_mlflow_ui_shows_trials_metrics_and_report(tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(UI_TIMEOUT_MS)
 
-            # 1. the experiment's runs table: the matrix parent, expanded, shows one row per trial
-            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs")
+            # 1. the link `kimi-bench run` printed opens the training-runs table (not the GenAI overview):
+            #    the matrix parent, expanded, shows one row per trial
+            page.goto(f"{url}{runs_link}")
             page.locator(f'[role=row][row-id="{parent_id}"]').first.wait_for()
             _close_assistant(page)
+            _assert_training_view(page)
             page.locator(f'[role=row][row-id="{parent_id}"] button').first.click()  # expand the children
             for name in trial_names:
                 page.get_by_role("link", name=name, exact=True).first.wait_for()
@@ -110,7 +127,17 @@ def test_mlflow_ui_shows_trials_metrics_and_report(tmp_path):
             page.get_by_text("Step", exact=True).first.wait_for()  # the x axis: the chart has drawn
             _shot(page, tmp_path, "2-val-loss-chart")
 
-            # 3. the matrix parent run holds the report: report.md opens in the artifact viewer
+            # 3. the parent run's page shows the matrix's description, and its matrix.toml artifact the file
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent_id}?workflowType=machine_learning")
+            page.get_by_text(DESCRIPTION).first.wait_for()
+            _shot(page, tmp_path, "3a-parent-description")
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent_id}/artifacts")
+            page.get_by_text("matrix.toml", exact=True).first.click()
+            page.get_by_text(f'description = "{DESCRIPTION}"').first.wait_for()
+            page.get_by_text(f'name = "{EXPERIMENT}"').first.wait_for()
+            _shot(page, tmp_path, "3b-parent-matrix-toml")
+
+            # 4. the matrix parent run holds the report: report.md opens in the artifact viewer
             page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent_id}/artifacts")
             report = page.get_by_text("report.md", exact=True)
             try:

@@ -16,6 +16,7 @@ METRICS = ("train/loss", "val/loss", "val/ppl", "train/tokens_per_s", "mem/peak_
 
 MATRIX = """
 name = "e2e"
+description = "e2e: the user's path, tiny"
 [data]
 corpus = "text:{corpus}"
 tokenizer = "byte"
@@ -67,6 +68,8 @@ def test_run_rerun_report_numbers_equal_mlflow(tmp_path):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.json", "loss_curve.png"} <= artifacts
 
+    _check_parent_run_and_files(client, exp, trials, first, tmp_path)
+
     second = kimi_bench("run", "--matrix", "m.toml", cwd=tmp_path)  # everything finished: all skipped
     assert second.returncode == 0 and second.stdout.count("already finished") == 4, second.stdout
     assert len(client.search_runs([exp.experiment_id], "tags.`kb.kind` = 'trial'")) == 4
@@ -81,6 +84,35 @@ def test_run_rerun_report_numbers_equal_mlflow(tmp_path):
     for row in rows:  # one seed per arm: the report's mean is exactly the MLflow value
         for metric in ("val/ppl_final", "params/total", "train/tokens_per_s", "mem/peak_bytes", "ckpt/bytes"):
             assert float(row[f"{metric}:mean"]) == pytest.approx(by_arm[row["arm"]][metric], rel=1e-12), metric
+
+
+def _check_parent_run_and_files(client, exp, trials, proc, tmp_path: Path) -> None:
+    """What issue 15 asks of a run: descriptions, source tags, the matrix and its trials on the parent run,
+    readable trial folders without the optimizer state, MLflow's log lines in a file, hints that paste."""
+    import json
+
+    assert exp.tags.get("mlflow.note.content") == "e2e: the user's path, tiny"
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`kb.kind` = 'matrix'")
+    tags = parent.data.tags
+    assert tags["mlflow.note.content"] == "e2e: the user's path, tiny"
+    assert tags["mlflow.source.name"] == "kimi-bench" and len(tags["mlflow.source.git.commit"]) == 40
+    assert parent.data.params["train.steps"] == "8" and parent.data.params["matrix.seeds"] == "[0]"
+    root = Path(client.download_artifacts(parent.info.run_id, "", str(tmp_path / "parent-artifacts")))
+    assert (root / "matrix.toml").read_text() == (tmp_path / "m.toml").read_text()
+    listed = json.loads((root / "trials.json").read_text())
+    assert sorted(t["trial_key"] for t in listed) == sorted(r.data.tags["kb.trial_key"] for r in trials)
+    for run in trials:
+        assert run.data.tags["mlflow.source.git.commit"] == tags["mlflow.source.git.commit"]
+        key, arm = run.data.tags["kb.trial_key"], run.data.tags["kb.arm"]
+        folder = tmp_path / "runs" / "e2e" / f"{arm}-tiny-s0-{key[:8]}"
+        assert (folder / "model.pt").is_file(), sorted(p.name for p in (tmp_path / "runs" / "e2e").iterdir())
+        assert not (folder / "trial_state.pt").exists(), "the optimizer state stays after the trial finished"
+    log = tmp_path / "runs" / "e2e" / "mlflow.log"
+    assert " INFO " in log.read_text(), "MLflow's log lines are kept in the out dir"
+    assert " INFO mlflow" not in proc.stdout + proc.stderr, "MLflow's INFO lines interleave with the bars"
+    lines = proc.stdout.strip().splitlines()
+    assert "report: kimi-bench report --experiment e2e" in proc.stdout
+    assert lines[-1] == f"runs: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
 
 
 @pytest.mark.slow

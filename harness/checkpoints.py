@@ -1,0 +1,90 @@
+"""Trained checkpoints outside a matrix: load one (ours or nanoGPT's), sample text from it, benchmark it.
+Weights only: `torch.load(weights_only=True)`, so no pickled code ever runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import UserError
+
+# Data of a checkpoint that does not say what it was trained on (a nanoGPT ckpt.pt): GPT-2's tokenizer.
+FALLBACK_DATA = {"corpus": "python-stdlib", "tokenizer": "gpt2"}
+
+
+def load_checkpoint(path: Path, device: str):
+    """-> (model on `device`, the DataConfig fields it was trained with or None). Our model.pt, or a nanoGPT
+    ckpt.pt."""
+    import torch
+
+    from harness.registry import ModelDims, build_model
+
+    if not path.is_file():
+        raise UserError(f"--checkpoint: no file at {path}; pass runs/<experiment>/<trial>/model.pt or a "
+                        "nanoGPT ckpt.pt")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"--checkpoint: {path} is not a loadable weights-only checkpoint ({type(e).__name__})"
+                        ) from None
+    if "model_args" in payload:  # nanoGPT's ckpt.pt
+        from arch.gpt import load_nanogpt_checkpoint
+
+        return load_nanogpt_checkpoint(path).to(device), None
+    if "variant" not in payload:
+        raise UserError(f"--checkpoint: {path} is neither a kimi-bench model.pt nor a nanoGPT ckpt.pt")
+    model = build_model(payload["variant"], ModelDims(**payload["dims"]))
+    model.load_state_dict(payload["model"])
+    return model.to(device), payload.get("data")
+
+
+def sample_text(checkpoint: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+                seed: int, tokenizer: str | None, cache_dir: str | None, device: str, console: Console) -> str:
+    """Continue `prompt` with the checkpoint's model and tokenizer (KV cache), seeded."""
+    import torch
+
+    from arch.common import generate as generate_tokens
+    from harness.runner import prepare_data
+
+    model, data_fields = load_checkpoint(checkpoint, device)
+    fields: dict[str, Any] = dict(data_fields or FALLBACK_DATA)
+    if tokenizer:
+        fields["tokenizer"] = tokenizer
+    data = prepare_data(fields, cache_dir, console)
+    idx = torch.tensor([data.tokenizer.encode(prompt) or [0]], device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    return data.tokenizer.decode(out[0].tolist())
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise UserError(f"--batch-sizes: {text!r} is not a comma-separated list of integers; e.g. 1,8") from None
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch-sizes: every size must be >= 1, got {text!r}")
+    return sizes
+
+
+def benchmark_table(checkpoint: Path, batch_sizes: str, new_tokens: int, device: str, repeats: int) -> Table:
+    """Prefill / decode tokens/s, time to first token, KV and checkpoint bytes of one checkpoint."""
+    import torch
+
+    from harness.inference import benchmark_inference
+
+    sizes = parse_batch_sizes(batch_sizes)
+    model, _ = load_checkpoint(checkpoint, device)
+    amp = torch.bfloat16 if device.startswith("cuda") else None
+    result = benchmark_inference(model, model.config.vocab_size, model.config.block_size, sizes, new_tokens,
+                                 repeats=repeats, autocast_dtype=amp)
+    result["ckpt/bytes"] = checkpoint.stat().st_size
+    table = Table(title=f"inference: {checkpoint}", header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:,.4g}")
+    return table

@@ -1,0 +1,187 @@
+"""`kimi-bench status`: every trial's state from MLflow, and with a matrix also the trials never started.
+
+It must answer in a few seconds, so it imports neither torch nor the matrix validator on its fast path: the
+planned trial names come from the TOML's [matrix] table directly (presets x arms x seeds, the order of
+harness.matrix.Matrix.expand). A file the fast path cannot read goes through harness.matrix.load_matrix for
+its one-line error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+from rich.table import Table
+
+from harness.errors import UserError
+
+ENDED = {"finished", "diverged", "oom", "pruned"}
+
+
+@dataclass(frozen=True)
+class TrialState:
+    name: str
+    status: str  # finished | running | killed | failed | diverged | oom | pruned | pending
+    step: str  # last logged step ("" when none)
+    elapsed_s: float | None
+    val_ppl: float | None
+    run_id: str
+    trial_key: str
+
+
+def planned_trials(path: Path) -> tuple[str, list[str]]:
+    """(experiment name, trial names in run order) of a matrix file, without validating it in full."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        m = raw["matrix"]
+        arms = [(a["variant"], a["optimizer"]) for a in m.get("arms", [])] or list(
+            itertools.product(m["variants"], m["optimizers"]))
+        names = [f"{v}+{o} {p} s{s}" for p in m.get("presets", ["tiny"]) for (v, o), s in
+                 itertools.product(arms, m.get("seeds", [0])) for _ in (m.get("data_seeds") or [None])]
+        return str(raw["name"]), list(dict.fromkeys(names))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        from harness.matrix import load_matrix
+
+        load_matrix(path)  # raises the one-line error that names the problem
+        raise UserError(f"--matrix {path}: cannot list its trials; check its [matrix] table") from None
+
+
+@dataclass
+class RunRecord:
+    """The few fields of an MLflow trial run that status shows."""
+
+    name: str
+    run_id: str
+    start_ms: int | None
+    end_ms: int | None
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    last_step: int | None  # the highest step of train/loss or val/loss
+
+
+def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
+    """Trial runs read straight from a local MLflow sqlite store (read-only; MLflow's import alone takes
+    seconds). None: no such experiment. Raises sqlite3.Error on a schema this reader does not know."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                          (experiment,)).fetchone()
+        if row is None:
+            return None
+        runs = con.execute(
+            "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "AND t.key = 'kb.kind' AND t.value = 'trial' WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
+            "ORDER BY r.start_time DESC", (row[0],)).fetchall()
+        records = []
+        for run_id, name, start, end in runs:
+            tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
+            latest = con.execute("SELECT key, value, step FROM latest_metrics WHERE run_uuid = ?",
+                                 (run_id,)).fetchall()
+            steps = [step for key, _, step in latest if key in ("train/loss", "val/loss")]
+            records.append(RunRecord(name, run_id, start, end, tags, {k: v for k, v, _ in latest},
+                                     max(steps) if steps else None))
+    return records
+
+
+def _client_records(client, experiment_id: str) -> list[RunRecord]:
+    runs = client.search_runs([experiment_id], filter_string="tags.`kb.kind` = 'trial'", max_results=10000,
+                              order_by=["attributes.start_time DESC"])
+    records = []
+    for r in runs:
+        last = None
+        if "kb.final_step" not in r.data.tags:  # still running or killed: ask for its last logged step
+            steps = [m.step for key in ("train/loss", "val/loss")
+                     for m in client.get_metric_history(r.info.run_id, key)]
+            last = max(steps) if steps else None
+        records.append(RunRecord(r.info.run_name, r.info.run_id, r.info.start_time, r.info.end_time,
+                                 r.data.tags, r.data.metrics, last))
+    return records
+
+
+def trial_states(records: list[RunRecord], planned: list[str] | None = None) -> list[TrialState]:
+    """One row per trial: the newest run of each trial name (an ended one first); planned names without a
+    run are `pending`. `records` are newest first."""
+    by_name: dict[str, RunRecord] = {}
+    for r in records:
+        best = by_name.get(r.name)
+        if best is None or (r.tags.get("kb.status") in ENDED and best.tags.get("kb.status") not in ENDED):
+            by_name[r.name] = r
+    names = list(planned) if planned is not None else sorted(by_name)
+    names += [n for n in sorted(by_name) if n not in names] if planned is not None else []
+    out = []
+    for name in names:
+        r = by_name.get(name)
+        if r is None:
+            out.append(TrialState(name, "pending", "", None, None, "", ""))
+            continue
+        step = r.tags.get("kb.final_step", "" if r.last_step is None else str(r.last_step))
+        elapsed = ((r.end_ms or time.time() * 1000) - r.start_ms) / 1000 if r.start_ms else None
+        out.append(TrialState(name, r.tags.get("kb.status", "?"), step, elapsed, r.metrics.get("val/ppl_final"),
+                              r.run_id, r.tags.get("kb.trial_key", "")))
+    return out
+
+
+def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord] | None, list[str]]:
+    """-> (the experiment's trial runs, or None when it does not exist; the names of all experiments)."""
+    from harness.tracking import resolve_tracking_uri, strip_credentials
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise UserError(f"--tracking-uri: no MLflow store at {db}; run a matrix first or pass the store of one")
+        import sqlite3
+
+        try:
+            records = _sqlite_records(db, experiment)
+            if records is not None:
+                return records, []
+        except sqlite3.Error:
+            pass  # an unknown schema: ask MLflow itself
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as e:
+        from harness.tracking import first_line
+
+        raise UserError(f"--tracking-uri {strip_credentials(uri)}: cannot reach the tracking store "
+                        f"({first_line(e)}); start the server or fix the URI") from None
+    if exp is None:
+        return None, [e.name for e in client.search_experiments()]
+    return _client_records(client, exp.experiment_id), []
+
+
+def _fmt_elapsed(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def status_table(experiment: str | None, matrix: Path | None, tracking_uri: str | None) -> Table:
+    """The status command: --experiment NAME (its runs) or --matrix FILE (every planned trial, pending too)."""
+    if (experiment is None) == (matrix is None):
+        raise UserError("--experiment / --matrix: give one of them (the matrix also lists trials not started)")
+    planned = None
+    if matrix is not None:
+        if not matrix.is_file():
+            raise UserError(f"--matrix: no file at {matrix}; pass a TOML file such as experiments/smoke.toml")
+        experiment, planned = planned_trials(matrix)
+    records, existing = _records(experiment, tracking_uri)
+    if records is None and planned is None:
+        raise UserError(f"--experiment: no experiment {experiment!r}; existing: {', '.join(existing) or 'none'}")
+    states = trial_states(records or [], planned)
+    counts = {s: sum(t.status == s for t in states) for s in dict.fromkeys(t.status for t in states)}
+    title = f"{experiment}: {len(states)} trials (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
+    table = Table(title=title, header_style="bold")
+    for col in ("trial", "status", "step", "elapsed", "val ppl", "run id", "trial key"):
+        table.add_column(col, justify="right" if col in ("step", "elapsed", "val ppl") else "left")
+    for t in states:
+        table.add_row(t.name, t.status, t.step, _fmt_elapsed(t.elapsed_s), f"{t.val_ppl:.3f}" if t.val_ppl else "",
+                      t.run_id[:12], t.trial_key)
+    return table
