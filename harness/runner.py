@@ -86,6 +86,13 @@ def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, trac
             result = _run_one(spec, i, len(trials), data, tracker, experiment_id, parent, common_tags, out_root,
                               console, dist_info, peak_tflops)
             outcome.results.append((spec, result))
+        # ---- speed runs (helper "measure"): after the trials, every distinct model shape of this invocation
+        # (skipped trials too) is benchmarked under control in this process and logged as children of `parent`
+        if tracker and parent:
+            from harness.measure import measure_matrix_speed
+
+            measure_matrix_speed(trials, data, device, tracker, experiment_id, parent, common_tags, console)
+        # ---- end speed runs
     except KeyboardInterrupt:
         outcome.interrupted = True
         console.print(f"[yellow]interrupted[/]: the current trial is marked killed; finished trials are kept. "
