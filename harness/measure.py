@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
@@ -434,7 +435,14 @@ def speed_table(results: list[SpeedResult]) -> Table:
 def measure_matrix_speed(trials: list[TrialSpec], data, device: torch.device, tracker, experiment_id: str,
                          parent_id: str | None, common_tags: dict[str, str], console: Console) -> list[str]:
     """What `run_matrix` calls after its trials: measure every shape, log the speed runs, print the table.
-    A failure here is reported in one line and does not fail the matrix (its trials are already logged)."""
+    A failure here is reported in one line and does not fail the matrix (its trials are already logged).
+    Under torchrun (--nproc) the speed runs are skipped: Muon's and QK-Clip's steps would run collectives that
+    the other ranks, done with their trials, no longer answer."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        console.print("[yellow]speed runs skipped under --nproc[/]: rerun the matrix without --nproc to measure "
+                      "speed and memory per model shape (its finished trials are skipped)")
+        return []
     try:
         results = measure_speed(trials, data, device, console=console)
         run_ids = log_speed(tracker, experiment_id, parent_id, results, common_tags)
@@ -442,7 +450,7 @@ def measure_matrix_speed(trials: list[TrialSpec], data, device: torch.device, tr
         raise
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
-        console.print(f"[red]speed measurement failed[/]: {type(e).__name__}: {first}")
+        console.print(f"[red]speed measurement failed[/]: {escape(f'{type(e).__name__}: {first}')}")
         return []
     if results:
         console.print(speed_table(results))
