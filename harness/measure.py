@@ -427,7 +427,7 @@ def speed_table(results: list[SpeedResult]) -> Table:
         for key in sorted(k for k in r.metrics if not k.endswith(("_iqr", "_n"))):
             value = r.metrics[key]
             iqr, n = r.metrics.get(f"{key}_iqr"), r.metrics.get(f"{key}_n")
-            table.add_row(r.group.label, key.removeprefix("speed/"), f"{value:,.6g}",
+            table.add_row(escape(r.group.label), key.removeprefix("speed/"), f"{value:,.6g}",
                           "" if iqr is None else f"{iqr:,.3g}", "" if n is None else f"{n:.0f}")
     return table
 
