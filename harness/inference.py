@@ -1,89 +1,163 @@
-"""Generation benchmark on a trained model: prefill and cached decode tokens/s, time to first token.
+"""Generation benchmark: prefill and cached decode tokens/s, time to first token, KV-cache bytes per token.
 
-Timing: warm-up first, then medians over repeats; CUDA is synchronized around every timed region. Decode is
-measured with the KV cache (latent cache for MLA) at each batch size: tokens/s counts all sequences' tokens.
+The callables here are what the controlled speed runs (`harness.measure`) and `kimi-bench bench-infer` time,
+with the one timer (`harness.bench.timing.time_interleaved`: torch.utils.benchmark, CUDA-synchronised, warm-up,
+interleaved rounds, median / IQR / n). Decode runs with the KV cache (the latent cache for MLA): one timed call
+decodes `new_tokens` steps after a prompt of `prompt_len` tokens, at batch size B, and tokens/s counts the tokens
+of all B sequences. Prefill and time to first token are measured at batch 1 (one request).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import statistics
-import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from harness.metrics import synchronize
+from harness.bench.timing import Timing, time_interleaved
 
 
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn() over repeats (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+@dataclass(frozen=True)
+class InferenceShape:
+    """How one generation is measured: a prompt of prompt_len tokens, then new_tokens cached decode steps."""
+
+    prompt_len: int
+    new_tokens: int
+
+    @classmethod
+    def for_block(cls, block_size: int, new_tokens: int, prompt_len: int | None = None) -> InferenceShape:
+        """The longest prompt that leaves room for the decode steps in one block (new_tokens <= block/2)."""
+        new_tokens = max(1, min(new_tokens, block_size // 2))
+        prompt_len = min(prompt_len or block_size - new_tokens, block_size - new_tokens)
+        return cls(max(1, prompt_len), new_tokens)
 
 
-@torch.no_grad()
-def benchmark_inference(model: nn.Module, vocab_size: int, block_size: int, batch_sizes=(1, 8),
-                        new_tokens: int = 32, prompt_len: int | None = None, repeats: int = 3,
-                        seed: int = 0, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Prefill tokens/s (batch 1), decode tokens/s per batch size, TTFT and KV bytes per token.
-
-    Keys: infer/prefill_tokens_per_s, infer/ttft_s, infer/decode_tokens_per_s (batch 1),
-    infer/decode_tokens_per_s_b{N} for the other batch sizes, infer/kv_bytes_per_token (measured on a real
-    cache, in the dtype served).
-    """
+def serving_copy(model: nn.Module, autocast_dtype: torch.dtype | None) -> tuple[nn.Module, torch.dtype | None]:
+    """On CUDA with low precision, serve a low-precision copy of the weights, as deployments do: a cache is
+    allocated in the weights' dtype, so autocast over fp32 weights would keep (and read) an fp32 cache.
+    Returns (model to serve, autocast dtype still to apply)."""
     device = next(model.parameters()).device
     if autocast_dtype is not None and device.type == "cuda":
-        # serve a low-precision copy, as deployments do: a cache is allocated in the weights' dtype, so autocast
-        # over fp32 weights would keep (and read) an fp32 cache
-        model, autocast_dtype = copy.deepcopy(model).to(autocast_dtype), None
+        return copy.deepcopy(model).to(autocast_dtype).eval(), None
+    return model, autocast_dtype
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def prefill_fn(model: nn.Module, prompt: torch.Tensor, max_len: int, amp: torch.dtype | None
+               ) -> Callable[[], object]:
+    """One prefill of `prompt` into a fresh cache: its duration is the time to the first token's logits."""
+    device = prompt.device
+
+    def run() -> None:
+        with torch.no_grad(), _autocast(device, amp):
+            cache = model.make_cache(prompt.shape[0], max_len)
+            model(prompt, cache=cache)
+
+    return run
+
+
+def decode_fn(model: nn.Module, prompt: torch.Tensor, shape: InferenceShape, amp: torch.dtype | None
+              ) -> Callable[[], object]:
+    """`shape.new_tokens` cached decode steps after the (once prefilled) prompt. Each call rewinds the cache to
+    the prompt's end, so every call decodes the same positions (the entries past it are overwritten)."""
+    device, batch = prompt.device, prompt.shape[0]
+    step_tokens = prompt[:, -1:].contiguous()
+    with torch.no_grad(), _autocast(device, amp):
+        cache = model.make_cache(batch, shape.prompt_len + shape.new_tokens)
+        model(prompt, cache=cache)
+
+    def run() -> None:
+        with torch.no_grad(), _autocast(device, amp):
+            cache.pos = shape.prompt_len
+            for _ in range(shape.new_tokens):
+                model(step_tokens, cache=cache)
+
+    return run
+
+
+def kv_bytes_per_token(model: nn.Module) -> float:
+    """Bytes a cache of this model really holds per token (read off a one-token cache, in the served dtype)."""
+    cache = model.make_cache(1, 1)
+    return float(sum(layer.num_bytes() for layer in cache.layers))
+
+
+def random_prompt(vocab_size: int, batch: int, length: int, device: torch.device, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=gen).to(device)
+
+
+def inference_fns(model: nn.Module, prompts: dict[int, torch.Tensor], shape: InferenceShape,
+                  amp: torch.dtype | None, prefix: str = "") -> dict[str, Callable[[], object]]:
+    """The timed callables of one model: `{prefix}prefill` (batch 1) and `{prefix}decode_b{B}` per batch size.
+    `prompts` maps each batch size B to a [B, prompt_len] prompt on the model's device."""
+    one_request = next(iter(prompts.values()))[:1]
+    fns: dict[str, Callable[[], object]] = {
+        f"{prefix}prefill": prefill_fn(model, one_request, shape.prompt_len + shape.new_tokens, amp)}
+    for b, prompt in prompts.items():
+        fns[f"{prefix}decode_b{b}"] = decode_fn(model, prompt, shape, amp)
+    return fns
+
+
+def throughput(tokens: float, t: Timing) -> tuple[float, float]:
+    """(tokens/s at the median time, its IQR mapped through the same formula: tokens/q1 - tokens/q3).
+
+    `Timing` keeps the median and the IQR but not the quartiles, so q1, q3 are taken as median -/+ IQR/2
+    (exact for quartiles symmetric about the median)."""
+    q1, q3 = t.median_s - t.iqr_s / 2, t.median_s + t.iqr_s / 2
+    rate = tokens / t.median_s
+    spread = (tokens / q1 - tokens / q3) if q1 > 0 else float("inf")
+    return rate, spread
+
+
+def timed_metrics(name: str, t: Timing, tokens: float | None = None) -> dict[str, float]:
+    """`name` (seconds, or tokens/s when `tokens` is given) with its `_iqr` (same unit) and `_n` siblings."""
+    if tokens is None:
+        return {name: t.median_s, f"{name}_iqr": t.iqr_s, f"{name}_n": float(t.n)}
+    rate, spread = throughput(tokens, t)
+    return {name: rate, f"{name}_iqr": spread, f"{name}_n": float(t.n)}
+
+
+def inference_metrics(timings: dict[str, Timing], shape: InferenceShape, batch_sizes, prefix: str,
+                      key_prefix: str) -> dict[str, float]:
+    """Metrics `{key_prefix}prefill_tokens_per_s`, `ttft_s`, `decode_tokens_per_s_b{B}` from the timings of
+    `inference_fns(..., prefix)`."""
+    prefill = timings[f"{prefix}prefill"]
+    out = {**timed_metrics(f"{key_prefix}prefill_tokens_per_s", prefill, shape.prompt_len),
+           **timed_metrics(f"{key_prefix}ttft_s", prefill)}
+    for b in batch_sizes:
+        out.update(timed_metrics(f"{key_prefix}decode_tokens_per_s_b{b}", timings[f"{prefix}decode_b{b}"],
+                                 b * shape.new_tokens))
+    return out
+
+
+def benchmark_inference(model: nn.Module, vocab_size: int, block_size: int, batch_sizes=(1, 8),
+                        new_tokens: int = 32, prompt_len: int | None = None, repeats: int = 3,
+                        seed: int = 0, autocast_dtype: torch.dtype | None = None,
+                        min_run_time: float = 0.1) -> dict[str, float]:
+    """Inference speed of one model (`kimi-bench bench-infer`): `repeats` interleaved rounds after warm-up.
+
+    Keys: infer/prefill_tokens_per_s, infer/ttft_s (batch 1), infer/decode_tokens_per_s (batch 1),
+    infer/decode_tokens_per_s_b{N} for the other batch sizes, each with `_iqr` and `_n` siblings;
+    infer/kv_bytes_per_token (measured on a real cache, in the dtype served).
+    """
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    new_tokens = max(1, min(new_tokens, block_size // 2))
-    prompt_len = prompt_len or max(1, block_size - new_tokens)
-    prompt_len = min(prompt_len, block_size - new_tokens)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    out: dict[str, float] = {}
+    served, amp = serving_copy(model, autocast_dtype)
+    shape = InferenceShape.for_block(block_size, new_tokens, prompt_len)
     try:
-        with amp:
-            for b in batch_sizes:
-                prompt = torch.randint(0, vocab_size, (b, prompt_len), generator=gen).to(device)
-                step_tokens = torch.randint(0, vocab_size, (b, 1), generator=gen).to(device)
-
-                def prefill(prompt=prompt, b=b):
-                    cache = model.make_cache(b, prompt_len + new_tokens)
-                    model(prompt, cache=cache)
-                    return cache
-
-                def decode(prompt=prompt, step_tokens=step_tokens, b=b):
-                    cache = model.make_cache(b, prompt_len + new_tokens)
-                    model(prompt, cache=cache)
-                    synchronize(device)
-                    t0 = time.perf_counter()
-                    for _ in range(new_tokens):
-                        model(step_tokens, cache=cache)
-                    synchronize(device)
-                    return time.perf_counter() - t0
-
-                if b == batch_sizes[0]:
-                    t_prefill = _timed(prefill, device, repeats)
-                    out["infer/ttft_s"] = t_prefill
-                    out["infer/prefill_tokens_per_s"] = b * prompt_len / t_prefill
-                decode()  # warm-up
-                t_decode = statistics.median(decode() for _ in range(repeats))
-                key = "infer/decode_tokens_per_s" if b == 1 else f"infer/decode_tokens_per_s_b{b}"
-                out[key] = b * new_tokens / t_decode
-        cache = model.make_cache(1, 1)  # the bytes a cache of this model really holds per token
-        out["infer/kv_bytes_per_token"] = float(sum(layer.num_bytes() for layer in cache.layers))
+        prompts = {b: random_prompt(vocab_size, b, shape.prompt_len, device, seed + b) for b in batch_sizes}
+        timings = time_interleaved(inference_fns(served, prompts, shape, amp), rounds=repeats,
+                                   min_run_time=min_run_time)
+        metrics = inference_metrics(timings, shape, batch_sizes, "", "infer/")
+        out = {k.replace("decode_tokens_per_s_b1", "decode_tokens_per_s"): v for k, v in metrics.items()}
+        out["infer/kv_bytes_per_token"] = kv_bytes_per_token(served)
     finally:
         model.train(was_training)
     return out

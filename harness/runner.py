@@ -130,6 +130,12 @@ def _run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tra
                 result = _run_one(spec, i, len(trials), data, tracker, experiment_id, parent, common_tags,
                                   out_root, console, dist_info, peak_tflops, progress, keep_state)
                 outcome.results.append((spec, result))
+        # After the trials, every distinct model shape of this invocation (skipped trials too) is benchmarked
+        # under control in this process and logged as children of `parent` (harness/measure.py).
+        if tracker and parent:
+            from harness.measure import measure_matrix_speed
+
+            measure_matrix_speed(trials, data, device, tracker, experiment_id, parent, common_tags, console)
     except KeyboardInterrupt:
         outcome.interrupted = True
         console.print("[yellow]interrupted[/]: the current trial is marked killed; finished trials are kept. "

@@ -1,10 +1,16 @@
-"""One training trial: build, train on the budget, evaluate, checkpoint, benchmark inference, log.
+"""One training trial: build, train on the budget, evaluate, checkpoint, log.
 
 The loop is the same on CPU and CUDA (bf16 autocast there). Per-step values stay on the device and are read
 once per `log_interval` steps, so the hot path has no host-device sync. A trial ends in one status:
 finished | diverged (non-finite loss; the step is recorded) | oom | killed (Ctrl-C: re-raised so the matrix
 stops) | failed (any other error) | pruned (Optuna). Checkpoints are written to a temporary file and renamed,
 so a kill at any moment leaves either the old or the new checkpoint, never a torn one.
+
+Speed and CPU memory are not measured here: a trial's wall clock depends on what else the machine runs, so
+`harness.measure` benchmarks every model shape of a matrix once, under control (the speed runs). A trial logs
+what it observes (`train/tokens_per_s`, observed during training), the exact memory facts of its model and
+optimizer (`mem/param_bytes`, `mem/grad_bytes`, `mem/optim_state_bytes`) and, on CUDA, `mem/peak_bytes`
+(torch.cuda.max_memory_allocated since the trial's start).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,9 +36,8 @@ from arch.moe import load_stats, moe_modules
 from arch.muon import enable_max_logit_tracking
 from harness.data import PreparedData, TokenBatches, val_batches
 from harness.dist import DistInfo, all_reduce_
-from harness.inference import benchmark_inference
+from harness.measure import memory_facts, shape_key
 from harness.metrics import (
-    PeakMemory,
     device_peak_flops,
     grad_norm_summary,
     loss_spike_count,
@@ -126,9 +132,47 @@ def evaluate(model: nn.Module, data: PreparedData, spec: TrialSpec, device: torc
         raise RuntimeError("the validation split has fewer tokens than one block; use a larger corpus")
     mean_nll = float(nll_sum) / count
     out = {"val/loss": mean_nll, "val/ppl": perplexity(mean_nll)}
+    n_bytes = val_bytes(data, count)
+    if n_bytes:
+        out["val/bpb"] = bits_per_byte(mean_nll, count, n_bytes)
     if max_logit is not None:
         out["attn/max_logit"] = max_logit
     return out
+
+
+def bits_per_byte(mean_nll: float, n_tokens: int, n_bytes: int) -> float:
+    """Bits per byte of text: the nats of all n_tokens predictions over the n_bytes they encode, in bits.
+    Comparable across tokenizers, unlike perplexity (a byte tokenizer's token is one byte; GPT-2's ~4)."""
+    return mean_nll * n_tokens / n_bytes / math.log(2)
+
+
+# ---- LOCAL STAND-IN for PreparedData.val_bytes (helper "datatune" adds it): once merged, `val_bytes` below
+# ---- uses it and `_decoded_val_bytes` can go.
+_VAL_BYTES: dict[tuple[str, int], int | None] = {}
+
+
+def val_bytes(data: PreparedData, n_tokens: int) -> int | None:
+    """UTF-8 bytes the first n_tokens tokens of the val split encode (None: the tokenizer cannot decode)."""
+    if hasattr(data, "val_bytes"):
+        return data.val_bytes(n_tokens)
+    key = (data.data_hash, n_tokens)
+    if key not in _VAL_BYTES:
+        _VAL_BYTES[key] = _decoded_val_bytes(data, n_tokens)
+    return _VAL_BYTES[key]
+
+
+def _decoded_val_bytes(data: PreparedData, n_tokens: int) -> int | None:
+    kind = data.tokenizer.kind
+    if kind == "byte":  # one token per byte; decoding a cut through a multi-byte character would add bytes
+        return n_tokens
+    if kind == "opaque":  # ids only: no text to count
+        return None
+    try:
+        text = data.tokenizer.decode(np.asarray(data.val[:n_tokens]).tolist())
+    except Exception:  # e.g. gpt2 ids cached, tiktoken's files unavailable offline: no bpb rather than no trial
+        return None
+    return len(text.encode("utf-8", errors="surrogatepass"))
+# ---- end of the local stand-in
 
 
 def _max_attention_logit(model: nn.Module) -> float | None:
@@ -405,9 +449,12 @@ class Trainer:
             "train/loss_spikes": float(loss_spike_count(s.losses)),
         }
         out.update(grad_norm_summary(s.grad_norms))
+        out.update(memory_facts(self.model, self.optimizer))
         if s.last_eval:
             out["val/loss_final"] = s.last_eval["val/loss"]
             out["val/ppl_final"] = s.last_eval["val/ppl"]
+            if "val/bpb" in s.last_eval:
+                out["val/bpb_final"] = s.last_eval["val/bpb"]
             for key in ("moe/load_cv", "moe/max_load", "attn/max_logit"):
                 if key in s.last_eval:
                     out[key] = s.last_eval[key]
@@ -451,20 +498,22 @@ def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun 
     trainer = None
     try:
         trainer = Trainer(spec, data, out_dir, run, dist_info, progress, on_eval, peak_tflops)
+        if trainer.device.type == "cuda":  # this trial's peak alone, not the process's
+            torch.cuda.reset_peak_memory_stats(trainer.device)
         resumed = resume and trainer.load_state()
-        if run is not None and dist_info.is_main and resumed:
-            run.set_tags({"kb.resumed_from_step": trainer.state.step})
+        if run is not None and dist_info.is_main:
+            tags = {"kb.shape": shape_key(spec.variant, spec.dims)}
+            if resumed:
+                tags["kb.resumed_from_step"] = trainer.state.step
+            run.set_tags(tags)
         if trainer.state.step == 0:  # every rank: the eval's MoE load stats are all-reduced
             trainer.run_eval()  # step 0: the untrained model (loss should be near ln(vocab))
-        with PeakMemory(trainer.device) as mem:
-            trainer.train()
+        trainer.train()
         final = trainer.final_metrics()
-        final["mem/peak_bytes"] = mem.peak_bytes
+        if trainer.device.type == "cuda":
+            final["mem/peak_bytes"] = float(torch.cuda.max_memory_allocated(trainer.device))
         if dist_info.is_main:
             final["ckpt/bytes"] = trainer.save_model()
-            final.update(benchmark_inference(
-                trainer.model, spec.dims.vocab_size, spec.dims.block_size, spec.train.infer_batch_sizes,
-                spec.train.infer_new_tokens, seed=spec.seed, autocast_dtype=trainer.amp))
             if run is not None:
                 run.flush()
                 final["track/log_s"] = run.log_seconds

@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-METRICS = ("train/loss", "val/loss", "val/ppl", "train/tokens_per_s", "mem/peak_bytes", "grad/norm",
+METRICS = ("train/loss", "val/loss", "val/ppl", "val/bpb", "train/tokens_per_s", "grad/norm",
            "grad/norm_median", "grad/norm_p99_over_median", "grad/norm_cv", "grad/norm_spikes", "params/total",
-           "params/active", "ckpt/bytes", "infer/decode_tokens_per_s", "val/ppl_final")
+           "params/active", "ckpt/bytes", "mem/param_bytes", "mem/grad_bytes", "mem/optim_state_bytes",
+           "val/ppl_final")
+# one speed run per model shape (gpt, kimi) of each invocation; inference speed is measured once per shape
+SPEED_METRICS = ("speed/prefill_tokens_per_s", "speed/ttft_s", "speed/decode_tokens_per_s_b1",
+                 "speed/kv_bytes_per_token", *(f"speed/{o}/{k}" for o in ("adamw", "muon")
+                                               for k in ("step_s", "fwd_bwd_s", "optim_s", "train_tokens_per_s",
+                                                         "peak_bytes")))
 
 MATRIX = """
 name = "e2e"
@@ -67,12 +73,26 @@ def test_run_rerun_report_numbers_equal_mlflow(tmp_path):
                             rel_tol=1e-9)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.json", "loss_curve.png"} <= artifacts
+        assert not [k for k in run.data.metrics if k.startswith("infer/")], run.info.run_name
+        assert "mem/peak_bytes" not in run.data.metrics  # CPU: from the speed runs, not process RSS
+    speed = client.search_runs([exp.experiment_id], "tags.`kb.kind` = 'speed'")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`kb.kind` = 'matrix'")
+    assert sorted(r.data.tags["kb.variant"] for r in speed) == ["gpt", "kimi"]
+    shapes = {r.data.tags["kb.shape"] for r in trials}
+    for run in speed:
+        assert run.data.tags["kb.shape"] in shapes and run.data.tags["kb.optimizers"] == "adamw,muon"
+        assert run.data.tags["kb.parent_run"] == parent.info.run_id == run.data.tags["mlflow.parentRunId"]
+        for key in SPEED_METRICS:
+            assert key in run.data.metrics, (run.info.run_name, key)
+            if not key.endswith(("peak_bytes", "kv_bytes_per_token")):
+                assert run.data.metrics[f"{key}_n"] >= 1 and run.data.metrics[f"{key}_iqr"] >= 0, key
 
     _check_parent_run_and_files(client, exp, trials, first, tmp_path)
 
     second = kimi_bench("run", "--matrix", "m.toml", cwd=tmp_path)  # everything finished: all skipped
     assert second.returncode == 0 and second.stdout.count("already finished") == 4, second.stdout
     assert len(client.search_runs([exp.experiment_id], "tags.`kb.kind` = 'trial'")) == 4
+    assert len(client.search_runs([exp.experiment_id], "tags.`kb.kind` = 'speed'")) == 4  # measured again
 
     rep = kimi_bench("report", "--experiment", "e2e", cwd=tmp_path)
     assert rep.returncode == 0, rep.stderr[-3000:]
@@ -82,7 +102,7 @@ def test_run_rerun_report_numbers_equal_mlflow(tmp_path):
     by_arm = {r.data.tags["kb.arm"]: r.data.metrics for r in trials}
     assert {row["arm"] for row in rows} == set(by_arm)
     for row in rows:  # one seed per arm: the report's mean is exactly the MLflow value
-        for metric in ("val/ppl_final", "params/total", "train/tokens_per_s", "mem/peak_bytes", "ckpt/bytes"):
+        for metric in ("val/ppl_final", "params/total", "train/tokens_per_s", "ckpt/bytes"):
             assert float(row[f"{metric}:mean"]) == pytest.approx(by_arm[row["arm"]][metric], rel=1e-12), metric
 
 
