@@ -118,6 +118,8 @@ def _check_tracking(uri: str | None) -> None:
     from harness.tracking import Tracker, resolve_tracking_uri
 
     resolved = resolve_tracking_uri(uri)
+    if resolved.startswith("record:"):  # a portable record (harness.record): created on first use
+        return
     if resolved.startswith("sqlite:///"):
         parent = Path(resolved.removeprefix("sqlite:///")).parent
         if not parent.is_dir():
@@ -478,6 +480,23 @@ def status(
         table.add_row(r.info.run_name, r.data.tags.get("kb.status", "?"), r.data.tags.get("kb.final_step", ""),
                       f"{ppl:.3f}" if ppl else "", r.info.run_id[:12], r.data.tags.get("kb.trial_key", ""))
     console.print(table)
+
+
+# --- `import` (helper "paper", harness/record.py): a portable run record -> an MLflow store -------------------
+@app.command("import")
+def import_command(
+    record: Annotated[Path, typer.Argument(help="a folder written by `run --tracking-uri record:DIR`")],
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Replay a portable run record into MLflow (idempotent: runs already imported are skipped)."""
+    from harness.record import import_record
+
+    with console.status("importing the record") as spinner:
+        summary = import_record(record, tracking_uri,
+                                progress=lambda i, n, name: spinner.update(f"importing run {i}/{n}: {name}"))
+    console.print(f"imported {len(summary.added)} runs, skipped {len(summary.skipped)} already imported, "
+                  f"redid {len(summary.redone)} half-imported; next: kimi-bench report --experiment NAME")
+# --- end of `import` -----------------------------------------------------------------------------------------
 
 
 if __name__ == "__main__":

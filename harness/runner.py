@@ -20,6 +20,7 @@ from harness.data import DataConfig, PreparedData, prepare
 from harness.dist import DistInfo, barrier, broadcast_object
 from harness.errors import UserError
 from harness.matrix import Matrix
+from harness.record import open_tracker
 from harness.registry import TrialSpec
 from harness.tracking import RUN_STATUS, TERMINAL, Tracker, git_commit, strip_credentials
 from harness.trial import TrialResult, resolve_device, run_trial
@@ -71,7 +72,7 @@ def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, trac
                out_root: Path, console: Console, dist_info: DistInfo = DistInfo(),
                peak_tflops: float | None = None) -> MatrixOutcome:
     """Run every trial; Ctrl-C marks the current run killed and stops with a resume hint."""
-    tracker = Tracker(tracking_uri) if dist_info.is_main else None
+    tracker = open_tracker(tracking_uri) if dist_info.is_main else None  # record:DIR -> harness.record
     experiment_id = tracker.ensure_experiment(matrix.name) if tracker else ""
     device = resolve_device(trials[0].train.device) if trials else torch.device("cpu")
     common_tags = run_tags(data, device)
