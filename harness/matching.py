@@ -170,7 +170,7 @@ def solve_aligned(variant: str, dims: ModelDims, budget: int, by: str, align: in
     for _, candidate in sorted(ranked, key=lambda r: r[0]):
         if abs(param_count(variant, candidate, by) - budget) <= tolerance * budget:  # exact count
             return candidate
-    raise UserError(f"match: {variant} has no shape with {field} and {second} in multiples of {align} "
+    raise UserError(f"match: {variant} has no shape with {field} in multiples of {align} (and {second} free) "
                     f"within {tolerance:.0%} of {budget:,} {by} params; raise match.tolerance, lower "
                     f"match.align or change the preset")
 
