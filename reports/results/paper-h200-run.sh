@@ -5,7 +5,7 @@
 #   bash reports/results/paper-h200-run.sh              # ON THE H200 (device `run`, carry [".carry"])
 #   bash reports/results/paper-h200-run.sh --rehearse   # HERE, CPU: the whole path at the tiny preset, then
 #                                                       # import into a temp sqlite MLflow and `kimi-bench report`
-# Env: SEEDS="0 1" (a rerun after a cut-short run: SEEDS=1), WINDOW_S (training seconds the sizing aims at),
+# Env: SEEDS="0 1" (a rerun after a cut-short run: SEEDS=1 STEPS=<the first run's>), WINDOW_S (training seconds the sizing aims at),
 #      DEADLINE_S (no new seed starts when its predicted time would end past it), OUT.
 #
 # On the device everything lands in $OUT as it goes: run.log (the whole output), size.json (measured tokens/s
@@ -61,12 +61,17 @@ pack_record() {  # the record as one file in $OUT, replaced atomically
 
 run_matrix() {  # run_matrix MATRIX DEVICE: size the budget, then one seed at a time into the record
   local matrix=$1 device=$2 steps per_seed seed elapsed
-  log "sizing the budget on $device (window ${WINDOW_S}s of training)"
-  steps=$("$PY" reports/results/paper_h200.py size --matrix "$matrix" --window-s "$WINDOW_S" --device "$device" \
-          --cache-dir "$CACHE" --out "$OUT/size.json" | tail -1)
-  per_seed=$("$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); print(int(s['predicted_train_s'] / int(sys.argv[2])) + 1)" \
-             "$OUT/size.json" "$(echo $SEEDS | wc -w)")
-  log "budget: $steps steps per trial; ~${per_seed}s of training per seed; $(tr -d ' \n' < "$OUT/size.json" | grep -oE '"tokens_per_trial":[0-9]+')"
+  if [ -n "${STEPS:-}" ]; then  # a rerun of missing seeds: the first run's step count, so the trials match
+    steps=$STEPS per_seed=${PER_SEED_S:-90}
+    log "budget given: $steps steps per trial (STEPS)"
+  else
+    log "sizing the budget on $device (window ${WINDOW_S}s of training)"
+    steps=$("$PY" reports/results/paper_h200.py size --matrix "$matrix" --window-s "$WINDOW_S" --device "$device" \
+            --cache-dir "$CACHE" --out "$OUT/size.json" | tail -1)
+    per_seed=$("$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); print(int(s['predicted_train_s'] / int(sys.argv[2])) + 1)" \
+               "$OUT/size.json" "$(echo $SEEDS | wc -w)")
+  fi
+  log "budget: $steps steps per trial; ~${per_seed}s of training per seed"
   for seed in $SEEDS; do
     elapsed=$(( $(date +%s) - START ))
     if [ $(( elapsed + per_seed * 2 )) -gt "$DEADLINE_S" ]; then  # x2: evals, inference benchmark, saves

@@ -155,3 +155,48 @@ def test_bad_record_inputs_are_one_line_errors(tmp_path):
         import_record(tmp_path / "r", f"record:{tmp_path / 'r2'}")
     with pytest.raises(UserError, match="needs a folder"):
         RecordTracker("record:")
+
+
+# ------------------------------------------------------------------------------ the issue-13 run, rehearsed
+
+
+def test_derive_keeps_the_matrix_and_sets_one_seed(tmp_path):
+    import tomllib
+
+    sys.path.insert(0, str(REPO / "reports" / "results"))
+    try:
+        import paper_h200
+    finally:
+        sys.path.pop(0)
+    src = REPO / "experiments" / "paper-h200.toml"
+    paper_h200.derive(src, tmp_path / "s1.toml", seed=1, rehearse=False, corpus=None)
+    original, derived = tomllib.loads(src.read_text()), tomllib.loads((tmp_path / "s1.toml").read_text())
+    assert derived["matrix"].pop("seeds") == [1] and original["matrix"].pop("seeds") == [0, 1]
+    assert derived == original  # same trials (keys) as the full matrix, one seed of them
+    from harness.matrix import load_matrix
+
+    assert load_matrix(tmp_path / "s1.toml").spec.match.align == 64
+
+
+def test_rehearsal_runs_the_device_path_on_cpu_then_imports_and_reports(tmp_path):
+    """paper-h200-run.sh --rehearse: size on the device's code path, run seed by seed into a record, pack it,
+    import it twice into a temp sqlite MLflow (the second adds nothing), write the report."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(REPO / "reports/results/paper-h200-run.sh"), "--rehearse"], cwd=REPO,
+                          env=child_env({"OUT": str(out), "PY": sys.executable}), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    size = json.loads((out / "size.json").read_text())
+    assert size["steps"] >= 4 and size["steps"] % 4 == 0 and set(size["arms"]) == {
+        "gpt+adamw", "gpt+muon", "kimi+adamw", "kimi+muon"}
+    assert "imported 10 runs" in proc.stdout and "imported 0 runs, skipped 10" in proc.stdout
+    report = (out / "report.md").read_text()
+    assert report.startswith("# kimi-bench report: paper-h200")
+    import tarfile
+
+    with tarfile.open(out / "record.tgz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    trials = [r for r in load_state(tmp_path / "unpacked" / "record").runs.values() if r.tags["kb.kind"] == "trial"]
+    assert len(trials) == 8 and {r.tags["kb.status"] for r in trials} == {"finished"}
+    assert {r.params["train.steps"] for r in trials} == {str(size["steps"])}
+    assert all(r.tags["kb.git_commit"] not in ("", "unknown") for r in trials)
