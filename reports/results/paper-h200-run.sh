@@ -17,8 +17,8 @@ MODE=${1:-device}
 START=$(date +%s)
 MATRIX=experiments/paper-h200.toml
 CARRY=.carry
-TRAIN_TOKENS=28000000   # carried train tokens: 56 MB of uint16, inside the 64 MiB the working tree may take
-VAL_TOKENS=600000       # eval_tokens (524,288) + margin
+TRAIN_TOKENS=${TRAIN_TOKENS:-28000000}  # carried train tokens: 56 MB of uint16, inside the 64 MiB the working tree may take
+VAL_TOKENS=${VAL_TOKENS:-600000}      # eval_tokens (524,288) + margin
 WHEELS="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0"
 
 log() { echo "[paper-h200 $(( $(date +%s) - START ))s] $*"; }
