@@ -316,5 +316,22 @@ def status(
     console.print(status_table(experiment, matrix, tracking_uri))
 
 
+# --- `import` (helper "paper", harness/record.py): a portable run record -> an MLflow store -------------------
+@app.command("import")
+def import_command(
+    record: Annotated[Path, typer.Argument(help="a folder written by `run --tracking-uri record:DIR`")],
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Replay a portable run record into MLflow (idempotent: runs already imported are skipped)."""
+    from harness.record import import_record
+
+    with console.status("importing the record") as spinner:
+        summary = import_record(record, tracking_uri,
+                                progress=lambda i, n, name: spinner.update(f"importing run {i}/{n}: {name}"))
+    console.print(f"imported {len(summary.added)} runs, skipped {len(summary.skipped)} already imported, "
+                  f"redid {len(summary.redone)} half-imported; next: kimi-bench report --experiment NAME")
+# --- end of `import` -----------------------------------------------------------------------------------------
+
+
 if __name__ == "__main__":
     app()

@@ -55,6 +55,8 @@ def check_tracking(uri: str | None) -> None:
     from harness.tracking import Tracker, resolve_tracking_uri
 
     resolved = resolve_tracking_uri(uri)
+    if resolved.startswith("record:"):  # a portable record (harness.record): created on first use
+        return
     if resolved.startswith("sqlite:///"):
         parent = Path(resolved.removeprefix("sqlite:///")).parent
         if not parent.is_dir():

@@ -107,6 +107,7 @@ class MatchSection(_Strict):
     reference: str | None = None
     by: Literal["total", "active"] = "total"
     tolerance: Annotated[float, Field(gt=0, le=0.2)] = 0.01
+    align: PositiveInt | None = None  # paper-h200: widths and head dims in multiples of this (harness.matching)
 
     @model_validator(mode="after")
     def _budget_or_reference(self) -> MatchSection:
@@ -179,7 +180,7 @@ class Matrix:
             dims = {v: resolve_dims(preset, vocab_size, self.model_overrides(v)) for v, _ in self.arms()}
             if self.spec.match:
                 dims = match_dims(dims, self.spec.match.budget, self.spec.match.reference, self.spec.match.by,
-                                  self.spec.match.tolerance)
+                                  self.spec.match.tolerance, align=self.spec.match.align)
             for (variant, opt), seed, data_seed in itertools.product(self.arms(), m.seeds, data_seeds):
                 overrides = dict(self.spec.optim.get(opt, {}))
                 tuned_from, arm_train, arm_dims = None, train, dims[variant]

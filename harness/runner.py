@@ -21,6 +21,7 @@ from harness.data import DataConfig, PreparedData, prepare
 from harness.dist import DistInfo, barrier, broadcast_object
 from harness.errors import UserError
 from harness.matrix import Matrix
+from harness.record import open_tracker
 from harness.registry import TrialSpec
 from harness.tracking import RUN_STATUS, TERMINAL, Tracker, git_commit, source_tags, strip_credentials
 from harness.trial import STATE_FILE, TrialResult, resolve_device, run_trial
@@ -110,7 +111,7 @@ def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, trac
 def _run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tracking_uri: str | None,
                 out_root: Path, console: Console, dist_info: DistInfo, peak_tflops: float | None,
                 keep_state: bool) -> MatrixOutcome:
-    tracker = Tracker(tracking_uri) if dist_info.is_main else None
+    tracker = open_tracker(tracking_uri) if dist_info.is_main else None  # record:DIR -> harness.record
     description = matrix.spec.description
     experiment_id = tracker.ensure_experiment(matrix.name, description) if tracker else ""
     device = resolve_device(trials[0].train.device) if trials else torch.device("cpu")
