@@ -1,0 +1,121 @@
+"""Exports load where they claim to and compute the same function (float32, 1e-5)."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from harness.errors import UserError
+from harness.export import export, load_trained
+from harness.registry import build_model, resolve_dims
+
+transformers = pytest.importorskip("transformers", reason="transformers is an optional extra ('.[hf]')")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+VOCAB = 256
+
+
+def _save(tmp_path, variant: str, **overrides) -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(0)
+    dims = resolve_dims("tiny", VOCAB, overrides)
+    model = build_model(variant, dims)
+    with torch.no_grad():  # a trained-looking router: a non-zero selection bias changes which experts run
+        for name, buf in model.named_buffers():
+            if name.endswith("gate.bias"):
+                buf.copy_(torch.randn_like(buf) * 0.1)
+    path = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "variant": variant, "dims": dataclasses.asdict(dims),
+                "data": {"corpus": "python-stdlib", "tokenizer": "byte"}}, path)
+    return model.eval(), path
+
+
+def _ours(model, idx):
+    with torch.no_grad():
+        out = model(idx)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _idx():
+    return torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+CASES = [
+    ("gpt", {}),
+    ("gpt", {"bias": False, "tie_embeddings": False}),
+    ("kimi", {}),  # dense first layer, then MoE with a shared expert
+    ("kimi", {"q_lora_rank": 24, "n_dense_layers": 0, "shared_inter_dim": 96}),  # shared width off HF's grid
+    ("kimi", {"n_shared_experts": 0, "route_scale": 2.5}),
+]
+
+
+@pytest.mark.parametrize(("variant", "overrides"), CASES, ids=[f"{v}-{i}" for i, (v, _) in enumerate(CASES)])
+def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, variant, overrides):
+    model, path = _save(tmp_path, variant, **overrides)
+    lines = export(path, "hf", tmp_path / "hf")
+    assert "tokenizer" in lines[-1]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    idx = _idx()
+    with torch.no_grad():
+        theirs = hf(idx).logits
+    ours = _ours(model, idx)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert ours.abs().max() > 0.1  # a real function, not two zero tensors
+
+
+def test_hf_export_greedy_generation_matches_ours(tmp_path):
+    from arch.common import generate
+
+    model, path = _save(tmp_path, "kimi")
+    export(path, "hf", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    prompt = _idx()[:1, :8]
+    ours = generate(model, prompt, 12, temperature=0.0)
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert ours.tolist() == theirs.tolist()
+
+
+@pytest.mark.parametrize("variant", ["gpt", "gpt-mla", "gpt-moe", "kimi"])
+def test_safetensors_export_round_trips_every_variant(tmp_path, variant):
+    model, path = _save(tmp_path, variant)
+    export(path, "safetensors", tmp_path / "st")
+    config = json.loads((tmp_path / "st" / "kimi_bench_config.json").read_text())
+    assert config["variant"] == variant
+    rebuilt = build_model(variant, resolve_dims("tiny", VOCAB, None).__class__(**config["dims"]))
+    rebuilt.load_state_dict(safetensors_torch.load_file(tmp_path / "st" / "model.safetensors"))
+    idx = _idx()
+    torch.testing.assert_close(_ours(rebuilt.eval(), idx), _ours(model, idx), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["gpt-mla", "gpt-moe"])
+def test_hf_export_refuses_ablations_in_one_line(tmp_path, variant):
+    _, path = _save(tmp_path, variant)
+    with pytest.raises(UserError, match="has no transformers class") as e:
+        export(path, "hf", tmp_path / "hf")
+    assert "\n" not in str(e.value) and "safetensors" in str(e.value)
+
+
+def test_bad_inputs_are_one_line(tmp_path):
+    _, path = _save(tmp_path, "gpt")
+    with pytest.raises(UserError, match=r"--format: unknown format 'hff'; did you mean 'hf'"):
+        export(path, "hff", tmp_path / "x")
+    with pytest.raises(UserError, match="--checkpoint: no file"):
+        export(tmp_path / "missing.pt", "hf", tmp_path / "x")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a loadable weights-only checkpoint"):
+        load_trained(tmp_path / "junk.pt")
+
+
+def test_bpe_tokenizer_saved_for_transformers_encodes_alike(tmp_path):
+    from harness.data import BPETokenizer
+    from harness.export import _write_hf_tokenizer
+
+    texts = ["def add(a, b):\n    return a + b\n", "class Foo:\n    pass\n", "import os, sys  # tools\n"] * 20
+    ours = BPETokenizer.train(texts, vocab_size=300)
+    _write_hf_tokenizer(ours, tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    sample = "def sub(a, b):\n    return a - b  # üñí\n"
+    assert theirs(sample)["input_ids"] == ours.encode(sample)
+    assert theirs.decode(ours.encode(sample)) == sample
