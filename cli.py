@@ -316,8 +316,7 @@ def status(
     console.print(status_table(experiment, matrix, tracking_uri))
 
 
-# --- `import` (helper "paper", harness/record.py): a portable run record -> an MLflow store -------------------
-@app.command("import")
+@app.command("import", context_settings=CONTEXT)
 def import_command(
     record: Annotated[Path, typer.Argument(help="a folder written by `run --tracking-uri record:DIR`")],
     tracking_uri: TrackingUri = None,
@@ -330,7 +329,27 @@ def import_command(
                                 progress=lambda i, n, name: spinner.update(f"importing run {i}/{n}: {name}"))
     console.print(f"imported {len(summary.added)} runs, skipped {len(summary.skipped)} already imported, "
                   f"redid {len(summary.redone)} half-imported; next: kimi-bench report --experiment NAME")
-# --- end of `import` -----------------------------------------------------------------------------------------
+
+
+@app.command(context_settings=CONTEXT)
+def export(
+    out: Annotated[Path, typer.Option(help="folder to write")],
+    run_id: Annotated[str | None, typer.Option("--run", help="a finished trial's MLflow run id")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="model.pt or a nanoGPT ckpt.pt")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="safetensors (every variant) or hf (transformers: "
+                                     "gpt -> GPT2LMHeadModel, kimi -> DeepseekV3ForCausalLM)")] = "hf",
+    tracking_uri: TrackingUri = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Write a trained model as safetensors + config, or as a folder transformers' from_pretrained loads."""
+    from harness.export import checkpoint_of_run
+    from harness.export import export as export_model
+
+    if (run_id is None) == (checkpoint is None):
+        raise UserError("--run / --checkpoint: give exactly one (a trial's run id, or a model.pt path)")
+    source = checkpoint if checkpoint is not None else checkpoint_of_run(run_id, tracking_uri)
+    for line in export_model(source, fmt, out, cache_dir):
+        console.print(line, markup=False, highlight=False)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ Weights only: `torch.load(weights_only=True)`, so no pickled code ever runs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,30 +16,48 @@ from harness.errors import UserError
 FALLBACK_DATA = {"corpus": "python-stdlib", "tokenizer": "gpt2"}
 
 
-def load_checkpoint(path: Path, device: str):
-    """-> (model on `device`, the DataConfig fields it was trained with or None). Our model.pt, or a nanoGPT
-    ckpt.pt."""
+@dataclass
+class TrainedModel:
+    """A model rebuilt from a checkpoint, with what is needed to describe it."""
+
+    model: Any  # torch.nn.Module (torch is imported only when a checkpoint is loaded)
+    variant: str
+    dims: Any  # harness.registry.ModelDims
+    data: dict[str, Any] | None  # the trial's data fields (tokenizer), None for foreign checkpoints
+
+
+def load_trained(path: Path) -> TrainedModel:
+    """Our `model.pt` (weights only: no pickled code runs) or a nanoGPT `ckpt.pt`, rebuilt on the CPU."""
     import torch
 
     from harness.registry import ModelDims, build_model
 
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"--checkpoint: no file at {path}; pass runs/<experiment>/<trial>/model.pt or a "
                         "nanoGPT ckpt.pt")
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--checkpoint: {path} is not a loadable weights-only checkpoint ({type(e).__name__})"
-                        ) from None
-    if "model_args" in payload:  # nanoGPT's ckpt.pt
+        raise UserError(f"--checkpoint: {path} is not a loadable weights-only checkpoint ({type(e).__name__})") \
+            from None
+    if isinstance(payload, dict) and "model_args" in payload:  # nanoGPT's ckpt.pt
         from arch.gpt import load_nanogpt_checkpoint
 
-        return load_nanogpt_checkpoint(path).to(device), None
-    if "variant" not in payload:
+        model = load_nanogpt_checkpoint(path)
+        return TrainedModel(model, "gpt", None, None)
+    if not isinstance(payload, dict) or "variant" not in payload:
         raise UserError(f"--checkpoint: {path} is neither a kimi-bench model.pt nor a nanoGPT ckpt.pt")
-    model = build_model(payload["variant"], ModelDims(**payload["dims"]))
+    dims = ModelDims(**payload["dims"])
+    model = build_model(payload["variant"], dims)
     model.load_state_dict(payload["model"])
-    return model.to(device), payload.get("data")
+    return TrainedModel(model, payload["variant"], dims, payload.get("data"))
+
+
+def load_checkpoint(path: Path, device: str):
+    """-> (model on `device`, the DataConfig fields it was trained with or None)."""
+    trained = load_trained(path)
+    return trained.model.to(device), trained.data
 
 
 def sample_text(checkpoint: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,

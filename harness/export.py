@@ -17,54 +17,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from harness.checkpoints import TrainedModel, load_trained
 from harness.errors import UserError, suggest
+from harness.schema import TAG_MODEL_PATH
 
 FORMATS = ("safetensors", "hf")
 CONFIG_FILE = "kimi_bench_config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-@dataclass
-class TrainedModel:
-    """A model rebuilt from a checkpoint, with what is needed to describe it."""
-
-    model: nn.Module
-    variant: str
-    dims: Any  # harness.registry.ModelDims
-    data: dict[str, Any] | None  # the trial's data fields (tokenizer), None for foreign checkpoints
-
-
-def load_trained(path: Path) -> TrainedModel:
-    """Our `model.pt` (weights only: no pickled code runs) or a nanoGPT `ckpt.pt`, rebuilt on the CPU."""
-    from harness.registry import ModelDims, build_model
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--checkpoint: no file at {path}; pass runs/<experiment>/<trial>/model.pt or a "
-                        "nanoGPT ckpt.pt")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--checkpoint: {path} is not a loadable weights-only checkpoint ({type(e).__name__})") \
-            from None
-    if isinstance(payload, dict) and "model_args" in payload:  # nanoGPT's ckpt.pt
-        from arch.gpt import load_nanogpt_checkpoint
-
-        model = load_nanogpt_checkpoint(path)
-        return TrainedModel(model, "gpt", None, None)
-    if not isinstance(payload, dict) or "variant" not in payload:
-        raise UserError(f"--checkpoint: {path} is neither a kimi-bench model.pt nor a nanoGPT ckpt.pt")
-    dims = ModelDims(**payload["dims"])
-    model = build_model(payload["variant"], dims)
-    model.load_state_dict(payload["model"])
-    return TrainedModel(model, payload["variant"], dims, payload.get("data"))
 
 
 def checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
@@ -77,7 +42,7 @@ def checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
     except Exception:
         raise UserError(f"--run: no MLflow run {run_id!r} in this store; copy a run id from `mlflow ui` or "
                         "`kimi-bench status`") from None
-    path = run.data.tags.get("kb.model_path")
+    path = run.data.tags.get(TAG_MODEL_PATH)
     if not path:
         raise UserError(f"--run: run {run_id} has no saved model (not a finished trial); pass --checkpoint")
     if not Path(path).is_file():

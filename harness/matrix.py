@@ -41,6 +41,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from arch.optimizers import OPTIMIZERS
+from harness.data import DataConfig
 from harness.errors import UserError, show_key, suggest
 from harness.registry import (
     BUDGET_FIELDS,
@@ -60,14 +61,6 @@ from harness.registry import (
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class DataSection(_Strict):
-    corpus: str = "python-stdlib"
-    tokenizer: str = "byte"
-    vocab_size: PositiveInt | None = None
-    max_chars: PositiveInt | None = None
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
 
 
 class Arm(_Strict):
@@ -123,7 +116,7 @@ class MatrixFile(BaseModel):
 
     name: Annotated[str, Strict(), Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: Annotated[str, Strict()] = ""
-    data: DataSection = DataSection()
+    data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig
     matrix: MatrixSection
     match: MatchSection | None = None
@@ -201,7 +194,7 @@ class Matrix:
 
 # the model at each path of the file (list indices dropped), for the "did you mean" of an unknown field
 _SECTIONS: dict[tuple[str, ...], type] = {
-    (): MatrixFile, ("data",): DataSection, ("train",): TrainConfig, ("matrix",): MatrixSection,
+    (): MatrixFile, ("data",): DataConfig, ("train",): TrainConfig, ("matrix",): MatrixSection,
     ("matrix", "arms"): Arm, ("match",): MatchSection,
 }
 

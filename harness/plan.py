@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -28,32 +27,11 @@ CPU_MFU = 0.30
 FP32_BYTES = 4
 
 
-# ---------------------------------------------------------------- vocabulary without the data
-# Interim local version: helper "datatune" adds harness.data.vocab_size_for(fields) -> (vocab, exact) with the
-# same behaviour; on merge, replace this function by an import of that one.
-_LOCAL_CORPORA = ("python-stdlib", "text:", "bin:")
-
-
 def vocab_size_for(fields: dict[str, Any], cache_dir: str | None = None) -> tuple[int, bool]:
-    """The model's vocabulary from the tokenizer's definition -> (vocab, exact). byte 256, gpt2 50257, bpe
-    its vocab_size (exact when set; the 4096 default is a target a small corpus may not reach), char: counted
-    from the corpus when it is on this machine, else an estimate of 256. vocab_size pads the id space."""
-    from harness.data import DEFAULT_BPE_VOCAB, DataConfig
+    """harness.data.vocab_size_for with the CLI's --cache-dir: the vocabulary without the data (offline)."""
+    from harness.data import vocab_size_for as from_definition
 
-    cfg = DataConfig(**fields, **({"cache_dir": Path(cache_dir)} if cache_dir else {}))  # validates names
-    natural = {"byte": 256, "gpt2": 50257}.get(cfg.tokenizer)
-    if cfg.corpus.startswith("bin:") or (cfg.tokenizer == "char" and cfg.vocab_size is None):
-        if cfg.corpus.startswith(_LOCAL_CORPORA):
-            from harness.data import prepare
-
-            return prepare(cfg).vocab_size, True
-        return cfg.vocab_size or 256, False
-    if cfg.tokenizer == "bpe":
-        return cfg.vocab_size or DEFAULT_BPE_VOCAB, cfg.vocab_size is not None
-    if natural is None:  # char with an explicit vocab_size
-        return cfg.vocab_size, True
-    return max(natural, cfg.vocab_size or 0), True
-# ---------------------------------------------------------------- end of the interim vocabulary function
+    return from_definition({**fields, **({"cache_dir": cache_dir} if cache_dir else {})})
 
 
 @dataclass(frozen=True)

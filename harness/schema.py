@@ -38,6 +38,7 @@ TAG_STATUS = "kb.status"  # one of STATUSES
 TAG_FINAL_STEP = "kb.final_step"
 TAG_ERROR = "kb.error"  # first line of the error, at most 500 characters
 TAG_RESUMED_FROM_STEP = "kb.resumed_from_step"
+TAG_MODEL_PATH = "kb.model_path"  # absolute path of the finished trial's model.pt (kimi-bench export --run)
 # environment, on every run of a matrix
 TAG_GIT = "kb.git_commit"  # commit + "-dirty" with uncommitted changes
 TAG_TORCH = "kb.torch_version"

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +35,7 @@ from arch.moe import load_stats, moe_modules
 from arch.muon import enable_max_logit_tracking
 from harness.data import PreparedData, TokenBatches, val_batches
 from harness.dist import DistInfo, all_reduce_
+from harness.errors import UserError
 from harness.measure import memory_facts, shape_key
 from harness.metrics import (
     device_peak_flops,
@@ -46,6 +46,7 @@ from harness.metrics import (
     synchronize,
 )
 from harness.registry import TrialSpec, build_model
+from harness.schema import TAG_MODEL_PATH
 from harness.tracking import TrialRun
 
 STATE_FILE = "trial_state.pt"  # resume point: model, optimizer, step, RNG, histories
@@ -146,33 +147,14 @@ def bits_per_byte(mean_nll: float, n_tokens: int, n_bytes: int) -> float:
     return mean_nll * n_tokens / n_bytes / math.log(2)
 
 
-# ---- LOCAL STAND-IN for PreparedData.val_bytes (helper "datatune" adds it): once merged, `val_bytes` below
-# ---- uses it and `_decoded_val_bytes` can go.
-_VAL_BYTES: dict[tuple[str, int], int | None] = {}
-
-
 def val_bytes(data: PreparedData, n_tokens: int) -> int | None:
-    """UTF-8 bytes the first n_tokens tokens of the val split encode (None: the tokenizer cannot decode)."""
-    if hasattr(data, "val_bytes"):
-        return data.val_bytes(n_tokens)
-    key = (data.data_hash, n_tokens)
-    if key not in _VAL_BYTES:
-        _VAL_BYTES[key] = _decoded_val_bytes(data, n_tokens)
-    return _VAL_BYTES[key]
-
-
-def _decoded_val_bytes(data: PreparedData, n_tokens: int) -> int | None:
-    kind = data.tokenizer.kind
-    if kind == "byte":  # one token per byte; decoding a cut through a multi-byte character would add bytes
-        return n_tokens
-    if kind == "opaque":  # ids only: no text to count
-        return None
+    """UTF-8 bytes the first n_tokens val tokens encode; None where ids carry no text (an opaque bin: corpus),
+    so such a trial logs no bits per byte rather than failing."""
     try:
-        text = data.tokenizer.decode(np.asarray(data.val[:n_tokens]).tolist())
-    except Exception:  # e.g. gpt2 ids cached, tiktoken's files unavailable offline: no bpb rather than no trial
+        return data.val_bytes(n_tokens)
+    except UserError:
         return None
-    return len(text.encode("utf-8", errors="surrogatepass"))
-# ---- end of the local stand-in
+
 
 
 def _max_attention_logit(model: nn.Module) -> float | None:
@@ -515,6 +497,7 @@ def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun 
         if dist_info.is_main:
             final["ckpt/bytes"] = trainer.save_model()
             if run is not None:
+                run.set_tags({TAG_MODEL_PATH: str((out_dir / MODEL_FILE).absolute())})
                 run.flush()
                 final["track/log_s"] = run.log_seconds
                 final["track/overhead_frac"] = run.log_seconds / max(trainer.state.train_seconds, 1e-9)

@@ -31,7 +31,7 @@ STEPS = 12
 EVAL_INTERVAL = 10
 VAL_STEPS = [0, 10, 12]  # the untrained model, every eval_interval, and the last step
 STEP_KEYS = ("train/loss", "grad/norm", "train/lr", "train/elapsed_s")
-FINAL_KEYS = ("val/loss_final", "val/ppl_final", "params/total", "ckpt/bytes", "infer/decode_tokens_per_s")
+FINAL_KEYS = ("val/loss_final", "val/ppl_final", "params/total", "ckpt/bytes", "val/bpb_final")
 
 
 @pytest.fixture(scope="module")

@@ -119,3 +119,29 @@ def test_bpe_tokenizer_saved_for_transformers_encodes_alike(tmp_path):
     sample = "def sub(a, b):\n    return a - b  # üñí\n"
     assert theirs(sample)["input_ids"] == ours.encode(sample)
     assert theirs.decode(ours.encode(sample)) == sample
+
+
+def test_export_command_from_a_run_id_and_from_a_checkpoint(tmp_path):
+    """`kimi-bench export --run ID` finds the model through the run's kb.model_path tag."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from cli import app
+    from harness.schema import TAG_MODEL_PATH
+
+    model, path = _save(tmp_path, "gpt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e"), tags={TAG_MODEL_PATH: str(path)})
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "--run", run.info.run_id, "--tracking-uri", uri, "--out",
+                              str(tmp_path / "a"), "--format", "hf"])
+    assert res.exit_code == 0, res.output
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    idx = _idx()
+    torch.testing.assert_close(hf(idx).logits.detach(), _ours(model, idx), rtol=1e-5, atol=1e-5)
+    res = runner.invoke(app, ["export", "--checkpoint", str(path), "--out", str(tmp_path / "b"),
+                              "--format", "safetensors"])
+    assert res.exit_code == 0 and (tmp_path / "b" / "model.safetensors").is_file()
+    res = runner.invoke(app, ["export", "--out", str(tmp_path / "c")])
+    assert isinstance(res.exception, UserError) and "give exactly one" in str(res.exception)  # the CLI: one line
