@@ -302,3 +302,11 @@ def test_curves_are_downsampled_with_first_last_and_every_eval(collected, store)
     assert h[h.key.eq("val/loss")].step.tolist() == [0, 5, 10, 15, 19]
     full = collected.history("train/loss", [rid]).set_index("step").value
     assert h[h.key.eq("train/loss")].set_index("step").value.to_dict() == {s: full[s] for s in train}
+
+
+def test_noisy_threshold_is_the_timers_without_importing_torch(monkeypatch):
+    import sys
+
+    from reports import speed
+    monkeypatch.delitem(sys.modules, "torch")          # the source-reading path (the report does not load torch)
+    assert speed.noisy_threshold.__wrapped__() == NOISY_REL_IQR
