@@ -427,6 +427,11 @@ def report(
     out: Annotated[Path | None, typer.Option(help="output folder (default reports/out/<experiment>)")] = None,
     log: Annotated[bool, typer.Option("--log/--no-log", help="also attach report.md, summary.csv and "
                                       "figures/ to the newest matrix run in MLflow")] = True,
+    # --- reports helper (issue 14): every group of runs, each as its own block ---
+    all_runs: Annotated[bool, typer.Option("--all-runs", help="show every group of runs (configurations that "
+                                           "differ in more than the seed), each as its own block; default: the "
+                                           "newest matrix invocation")] = False,
+    # --- end reports helper ---
 ) -> None:
     """Write report.md + figures from what MLflow holds (tables, intervals, claims vs measured)."""
     from harness.tracking import resolve_tracking_uri
@@ -438,7 +443,7 @@ def report(
     with console.status("collecting runs from MLflow"):
         collected = collect(uri, experiment)
     with console.status("rendering report"):
-        path = write_report(collected, out, command=" ".join(["kimi-bench", *sys.argv[1:]]))
+        path = write_report(collected, out, command=" ".join(["kimi-bench", *sys.argv[1:]]), all_runs=all_runs)
     console.print(f"wrote {path}")
     if log and (run_id := _log_report(collected, path.parent)):
         console.print(f"logged report.md, summary.csv, figures/ to the matrix run {run_id}")
