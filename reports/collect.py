@@ -12,6 +12,7 @@ server long after the runs. Schema: see CONTRACT.md, "MLflow schema".
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -112,9 +113,12 @@ class Collected:
         keys = [keys] if isinstance(keys, str) else list(keys)
         ids = sorted(self.runs.run_id if run_ids is None else run_ids)
         frames = []
-        for key in keys:
+        eval_steps: list[int] = []
+        for key in sorted(keys, key=lambda k: not k.startswith("val/")):   # evals first: their steps stay exact
             n = EVAL_POINTS if key.startswith("val/") else points
-            rows = _interval_history(self.client, key, ids, n)
+            rows = _interval_history(self.client, key, ids, n, eval_steps)
+            if key.startswith("val/"):
+                eval_steps = sorted({r[1] for r in rows} | set(eval_steps))
             df = pd.DataFrame(rows, columns=["run_id", "step", "value", "timestamp"])
             df.insert(1, "key", key)
             frames.append(df.astype({"step": "int64", "value": "float64", "timestamp": "int64"}))
@@ -333,7 +337,8 @@ def _bulk_history(client: MlflowClient, key: str, run_ids: list[str]) -> list[tu
     return rows
 
 
-def _interval_history(client: MlflowClient, key: str, run_ids: list[str], points: int) -> list[tuple]:
+def _interval_history(client: MlflowClient, key: str, run_ids: list[str], points: int,
+                      extra_steps: list[int] | None = None) -> list[tuple]:
     """(run_id, step, value, timestamp) rows of `key`, at most `points` per run evenly over the logged rows
     with the first and last kept: the SQL store's get_metric_history_bulk_interval (sampled in SQL), or a
     server's get-history-bulk-interval endpoint (100 runs per request); else full histories thinned here."""
@@ -341,16 +346,48 @@ def _interval_history(client: MlflowClient, key: str, run_ids: list[str], points
     if not run_ids:
         return []
     if hasattr(store, "get_metric_history_bulk_interval") and hasattr(store, "ManagedSessionMaker"):
-        rows = []
-        for i in range(0, len(run_ids), 500):
-            for m in store.get_metric_history_bulk_interval(run_ids[i:i + 500], key, points, None, None):
-                rows.append((m.run_id, m.step, m.value, m.timestamp))
-        return rows
+        try:
+            return _sql_interval_history(store, key, run_ids, points, extra_steps)
+        except Exception:  # an unusual backend or schema: MLflow's own sampler (slower: it scans the key)
+            rows = []
+            for i in range(0, len(run_ids), 500):
+                for m in store.get_metric_history_bulk_interval(run_ids[i:i + 500], key, points, None, None):
+                    rows.append((m.run_id, m.step, m.value, m.timestamp))
+            return rows
     if hasattr(store, "get_host_creds"):
         return _rest_interval_history(store, key, run_ids, points)
     rows = _bulk_history(client, key, run_ids) or [
         (rid, m.step, m.value, m.timestamp) for rid in run_ids for m in client.get_metric_history(rid, key)]
     return _thin(rows, points)
+
+
+def _sql_interval_history(store, key: str, run_ids: list[str], points: int,
+                          extra_steps: list[int] | None = None) -> list[tuple]:
+    """The SQL store, sampled by step on the (run_uuid, key, step) index: one query for each run's step range
+    and row count, one for the rows at every stride-th logged step (first and last kept, and `extra_steps`, the
+    eval steps, exact). MLflow's own sampler filters on the key first and scans every run's rows of that key."""
+    from sqlalchemy import text
+
+    rows: list[tuple] = []
+    extra = sorted({int(s) for s in extra_steps or []})
+    with store.ManagedSessionMaker() as session:
+        for i in range(0, len(run_ids), 500):
+            chunk = run_ids[i:i + 500]
+            ids = {f"r{j}": rid for j, rid in enumerate(chunk)}
+            id_list = ", ".join(f":{k}" for k in ids)
+            ranges = session.execute(text(
+                f"SELECT run_uuid, MIN(step), MAX(step), COUNT(*) FROM metrics WHERE run_uuid IN ({id_list}) "
+                "AND key = :key GROUP BY run_uuid"), {**ids, "key": key}).fetchall()
+            for rid, lo, hi, n in ranges:
+                spacing = max(1, round((hi - lo) / max(n - 1, 1)))
+                stride = spacing * max(1, math.ceil(n / max(points - 1, 1)))
+                steps = ", ".join(str(s) for s in extra if lo <= s <= hi) or "-1"
+                part = session.execute(text(
+                    "SELECT step, value, timestamp FROM metrics WHERE run_uuid = :rid AND key = :key AND "
+                    f"((step - :lo) % :stride = 0 OR step = :hi OR step IN ({steps})) ORDER BY step, timestamp"),
+                    {"rid": rid, "key": key, "lo": lo, "hi": hi, "stride": stride}).fetchall()
+                rows += [(rid, int(st), float(v), int(ts)) for st, v, ts in part]
+    return rows
 
 
 def _rest_interval_history(store, key: str, run_ids: list[str], points: int) -> list[tuple]:

@@ -310,3 +310,27 @@ def test_noisy_threshold_is_the_timers_without_importing_torch(monkeypatch):
     from reports import speed
     monkeypatch.delitem(sys.modules, "torch")          # the source-reading path (the report does not load torch)
     assert speed.noisy_threshold.__wrapped__() == NOISY_REL_IQR
+
+
+def test_fitted_rows_in_a_three_size_matrix():
+    """claims.fitted_rows reads each run's last eval (FLOPs, val loss) per size and judges the fitted multiplier."""
+    rng = np.random.default_rng(2)
+    k = 2.0                                                  # kimi needs half the compute of gpt for any loss
+    runs, curves = [], []
+    for size, compute in zip(("tiny", "small", "paper"), (1e15, 1e16, 1e17), strict=True):
+        for seed in range(3):
+            for arm, mult in (("kimi+muon", k), ("gpt+adamw", 1.0)):
+                rid = f"{arm}-{size}-{seed}"
+                variant, opt = arm.split("+")
+                runs.append({"run_id": rid, "arm": arm, "variant": variant, "optimizer": opt, "preset": size,
+                             "seed": seed})
+                for frac in (0.5, 1.0):
+                    c = compute * frac
+                    loss = (2.0 * (mult * c / 1e16) ** -0.3 + 1.5) * (1 + 0.002 * rng.standard_normal())
+                    curves.append({"run_id": rid, "arm": arm, "seed": seed, "step": int(frac * 100), "loss": loss,
+                                   "tokens": c / 1e6, "flops": c, "seconds": c / 1e12})
+    rows = cl.fitted_rows(pd.DataFrame(runs), pd.DataFrame(curves), {})
+    assert len(rows) == 1 and rows[0].a == "kimi+muon" and rows[0].label == "fit over 3 sizes"
+    assert rows[0].verdict == SUPPORTED
+    mult = float(rows[0].diff_text.split("×")[1].split(" ")[0])
+    assert mult == pytest.approx(1 / k, rel=0.05)
