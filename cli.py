@@ -293,13 +293,16 @@ def report(
     out: Annotated[Path | None, typer.Option(help="output folder (default reports/out/<experiment>)")] = None,
     log: Annotated[bool, typer.Option("--log/--no-log", help="also attach report.md, summary.csv and "
                                       "figures/ to the newest matrix run in MLflow")] = True,
+    all_runs: Annotated[bool, typer.Option("--all-runs", help="show every group of runs (configurations that "
+                                           "differ in more than the seed), each as its own block; default: the "
+                                           "newest matrix invocation")] = False,
 ) -> None:
     """Write report.md + figures from what MLflow holds (tables, intervals, claims vs measured)."""
     from harness.tracking import resolve_tracking_uri
     from reports.publish import publish_report
 
     publish_report(experiment, resolve_tracking_uri(tracking_uri), out, log,
-                   " ".join(["kimi-bench", *sys.argv[1:]]), console)
+                   " ".join(["kimi-bench", *sys.argv[1:]]), console, all_runs=all_runs)
 
 
 @app.command(context_settings=CONTEXT)

@@ -180,12 +180,13 @@ def params_table(trials: Sequence[TrialSpec], title: str) -> Table:
     import torch
 
     from arch.counting import count_params, flops_per_token, kv_cache_bytes_per_token
-    from harness.registry import build_model, variant_params
+    from harness.matching import describe_shape
+    from harness.registry import build_model
 
     table = Table(title=title, header_style="bold")
     for col in ("arm", "preset", "seeds", "total params", "active params", "embedding", "GFLOP/token",
-                "KV B/token", "dims"):
-        table.add_column(col, justify="left" if col in ("arm", "preset", "dims") else "right")
+                "KV B/token", "shape"):
+        table.add_column(col, justify="left" if col in ("arm", "preset", "shape") else "right")
     seeds: dict[tuple[str, str], list[int]] = {}
     for t in trials:
         seeds.setdefault((t.arm, t.preset), []).append(t.seed)
@@ -197,12 +198,10 @@ def params_table(trials: Sequence[TrialSpec], title: str) -> Table:
         with torch.device("meta"):
             model = build_model(t.variant, t.dims)
         c = count_params(model)
-        fields = variant_params(t.variant, t.dims)
-        dims = " ".join(f"{k}={fields[k]}" for k in ("n_layer", "dim", "n_heads", "moe_inter_dim",
-                                                        "n_routed_experts", "kv_lora_rank") if k in fields)
         table.add_row(t.arm, t.preset, ",".join(map(str, seeds[(t.arm, t.preset)])), f"{c.total:,}",
                       f"{c.active:,}", f"{c.embedding:,}", f"{flops_per_token(model, t.dims.block_size) / 1e9:.4f}",
-                      f"{kv_cache_bytes_per_token(model, 2):,}", dims)
+                      f"{kv_cache_bytes_per_token(model, 2):,}",
+                      describe_shape(t.variant, t.dims))
     return table
 
 

@@ -12,6 +12,7 @@ server long after the runs. Schema: see CONTRACT.md, "MLflow schema".
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -26,15 +27,17 @@ from mlflow.tracking import MlflowClient
 
 from harness.errors import UserError
 from harness.schema import strip_credentials
+from reports import names
 
 # Final metrics of a trial (logged once, at the last step). Always present as columns of `runs`
 # (NaN where a run did not log one), so callers can index them without checking.
 FINAL_METRICS = (
     "params/total", "params/active", "params/embedding", "ckpt/bytes", "mem/peak_bytes",
-    "train/flops_per_token", "train/tokens_per_s", "train/mfu", "infer/prefill_tokens_per_s",
-    "infer/decode_tokens_per_s", "infer/decode_tokens_per_s_b8", "infer/ttft_s",
+    "mem/param_bytes", "mem/grad_bytes", "mem/optim_state_bytes",
+    "train/flops_per_token", "train/tokens_per_s", "train/tokens", "train/seconds", "train/mfu",
+    "infer/prefill_tokens_per_s", "infer/decode_tokens_per_s", "infer/decode_tokens_per_s_b8", "infer/ttft_s",
     "infer/kv_bytes_per_token", "grad/norm_median", "grad/norm_p99_over_median", "grad/norm_cv",
-    "grad/norm_spikes", "train/loss_spikes", "val/loss_final", "val/ppl_final", "moe/load_cv",
+    "grad/norm_spikes", "train/loss_spikes", "val/loss_final", "val/ppl_final", "val/bpb", "moe/load_cv",
     "moe/max_load", "moe/dropped", "attn/max_logit", "train/diverged_step",
 )
 
@@ -43,8 +46,19 @@ TRIAL_TAGS = {
     "kb.trial_key": "trial_key", "kb.arm": "arm", "kb.variant": "variant", "kb.optimizer": "optimizer",
     "kb.preset": "preset", "kb.seed": "seed", "kb.status": "status", "kb.git_commit": "git_commit",
     "kb.device": "device", "kb.torch_version": "torch_version", "kb.data_hash": "data_hash",
-    "kb.tuned_from": "tuned_from", "mlflow.parentRunId": "parent_run_id",
+    "kb.tuned_from": "tuned_from", "mlflow.parentRunId": "parent_run_id", "kb.shape": "shape",
 }
+# tag -> column of `speed` (controlled speed runs, kb.kind=speed; see SPEED_SCHEMA.md)
+SPEED_TAGS = {
+    "kb.shape": "shape", "kb.variant": "variant", "kb.preset": "preset", "kb.device": "device",
+    "kb.threads": "threads", "kb.parent_run": "parent_run_id", "kb.optimizers": "optimizers",
+    "kb.git_commit": "git_commit",
+}
+# Curves: step-dense keys are read downsampled to about this many points per run (first and last kept);
+# keys logged at evals (val/*) are read at every eval up to the server's cap of 2500 points per run.
+CURVE_POINTS = 400
+EVAL_POINTS = 2500
+_REST_RUNS = 100       # MLflow server: at most 100 run ids per get-history-bulk-interval request
 ID_COLUMNS = ["run_id", "experiment_id", "arm", "variant", "optimizer", "preset", "seed", "status",
               "trial_key", "start_time", "end_time"]
 HISTORY_COLUMNS = ["run_id", "arm", "seed", "key", "step", "value", "timestamp"]
@@ -62,8 +76,9 @@ class Collected:
     experiment_id: str
     runs: pd.DataFrame                # one row per trial after de-duplication
     dropped: pd.DataFrame             # runs superseded by another run with the same trial key
-    matrix_runs: pd.DataFrame         # parent runs (kb.kind=matrix): run_id, start_time, command, git_commit
+    matrix_runs: pd.DataFrame         # parent runs (kb.kind=matrix): run_id, start_time, command, git_commit, match.*
     client: MlflowClient = field(repr=False)
+    speed: pd.DataFrame = field(default_factory=pd.DataFrame)   # controlled speed runs (kb.kind=speed)
 
     @property
     def n_dropped(self) -> int:
@@ -81,6 +96,29 @@ class Collected:
         ids = sorted(self.runs.run_id if run_ids is None else run_ids)
         frames = [_history_frame(self.client, key, ids) for key in keys]
         h = pd.concat(frames, ignore_index=True) if frames else _history_frame(self.client, "", [])
+        meta = self.runs[["run_id", "arm", "seed"]]
+        h = h.merge(meta, on="run_id", how="left")[HISTORY_COLUMNS]
+        return h.sort_values(["key", "run_id", "step", "timestamp"], kind="stable").reset_index(drop=True)
+
+    def curves(self, keys: str | list[str], run_ids: list[str] | None = None,
+               points: int = CURVE_POINTS) -> pd.DataFrame:
+        """Like `history`, but read downsampled through MLflow's bulk-interval history: step-dense keys at about
+        `points` points per run (first and last kept), eval keys (val/*) at every eval. Many runs per request,
+        so the cost does not grow with the number of logged steps."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        ids = sorted(self.runs.run_id if run_ids is None else run_ids)
+        frames = []
+        eval_steps: list[int] = []
+        for key in sorted(keys, key=lambda k: not k.startswith("val/")):   # evals first: their steps stay exact
+            n = EVAL_POINTS if key.startswith("val/") else points
+            rows = _interval_history(self.client, key, ids, n, eval_steps)
+            if key.startswith("val/"):
+                eval_steps = sorted({r[1] for r in rows} | set(eval_steps))
+            df = pd.DataFrame(rows, columns=["run_id", "step", "value", "timestamp"])
+            df.insert(1, "key", key)
+            frames.append(df.astype({"step": "int64", "value": "float64", "timestamp": "int64"}))
+        h = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HISTORY_COLUMNS[:1] + [
+            "key", "step", "value", "timestamp"])
         meta = self.runs[["run_id", "arm", "seed"]]
         h = h.merge(meta, on="run_id", how="left")[HISTORY_COLUMNS]
         return h.sort_values(["key", "run_id", "step", "timestamp"], kind="stable").reset_index(drop=True)
@@ -156,9 +194,11 @@ def collect(tracking_uri: str | None, experiment: str) -> Collected:
             f"existing: {', '.join(names) or '(none)'}; pass one of them")
     trials = _search(client, exp.experiment_id, "tags.`kb.kind` = 'trial'")
     matrices = _search(client, exp.experiment_id, "tags.`kb.kind` = 'matrix'")
+    speed = _search(client, exp.experiment_id, "tags.`kb.kind` = 'speed'")
     runs, dropped = _dedupe(_runs_frame(trials))
     return Collected(tracking_uri=uri, experiment=experiment, experiment_id=exp.experiment_id,
-                     runs=runs, dropped=dropped, matrix_runs=_matrix_frame(matrices), client=client)
+                     runs=runs, dropped=dropped, matrix_runs=_matrix_frame(matrices), client=client,
+                     speed=_speed_frame(speed))
 
 
 def _check_sqlite_exists(uri: str) -> None:
@@ -238,12 +278,32 @@ def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _matrix_frame(matrices: list[Run]) -> pd.DataFrame:
+    match = (names.MATCH_BY, names.MATCH_REFERENCE, names.MATCH_TOLERANCE)
     rows = [{"run_id": r.info.run_id, "start_time": _ms_to_time(r.info.start_time),
              "command": r.data.tags.get("kb.command"),
-             "git_commit": r.data.tags.get("kb.git_commit") or r.data.tags.get("mlflow.source.git.commit")}
+             "git_commit": r.data.tags.get("kb.git_commit") or r.data.tags.get("mlflow.source.git.commit"),
+             **{k: r.data.params.get(k, r.data.tags.get(f"kb.{k}")) for k in match}}
             for r in matrices]
-    df = pd.DataFrame(rows, columns=["run_id", "start_time", "command", "git_commit"])
+    df = pd.DataFrame(rows, columns=["run_id", "start_time", "command", "git_commit", *match])
     return df.sort_values(["start_time", "run_id"]).reset_index(drop=True)
+
+
+def _speed_frame(runs: list[Run]) -> pd.DataFrame:
+    """One row per controlled speed run: its tags, metrics (with _iqr/_n siblings) and `param.*` dims."""
+    rows = []
+    for r in runs:
+        row = {"run_id": r.info.run_id, "start_time": _ms_to_time(r.info.start_time)}
+        row |= {col: r.data.tags.get(tag) for tag, col in SPEED_TAGS.items()}
+        row["parent_run_id"] = row["parent_run_id"] or r.data.tags.get("mlflow.parentRunId")
+        row |= dict(r.data.metrics)
+        row |= {f"param.{k}": v for k, v in r.data.params.items()}
+        rows.append(row)
+    cols = ["run_id", "start_time", *SPEED_TAGS.values()]
+    df = pd.DataFrame(rows)
+    for c in cols:
+        if c not in df:
+            df[c] = None
+    return df.sort_values(["start_time", "run_id"]).reset_index(drop=True) if len(df) else df[cols]
 
 
 def _history_frame(client: MlflowClient, key: str, run_ids: list[str]) -> pd.DataFrame:
@@ -270,3 +330,88 @@ def _bulk_history(client: MlflowClient, key: str, run_ids: list[str]) -> list[tu
         for m in bulk(run_ids[i:i + 500], key, max_results=2**62):
             rows.append((m.run_id, m.step, m.value, m.timestamp))
     return rows
+
+
+def _interval_history(client: MlflowClient, key: str, run_ids: list[str], points: int,
+                      extra_steps: list[int] | None = None) -> list[tuple]:
+    """(run_id, step, value, timestamp) rows of `key`, at most `points` per run evenly over the logged rows
+    with the first and last kept: the SQL store's get_metric_history_bulk_interval (sampled in SQL), or a
+    server's get-history-bulk-interval endpoint (100 runs per request); else full histories thinned here."""
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if not run_ids:
+        return []
+    if hasattr(store, "get_metric_history_bulk_interval") and hasattr(store, "ManagedSessionMaker"):
+        try:
+            return _sql_interval_history(store, key, run_ids, points, extra_steps)
+        except Exception:  # an unusual backend or schema: MLflow's own sampler (slower: it scans the key)
+            rows = []
+            for i in range(0, len(run_ids), 500):
+                for m in store.get_metric_history_bulk_interval(run_ids[i:i + 500], key, points, None, None):
+                    rows.append((m.run_id, m.step, m.value, m.timestamp))
+            return rows
+    if hasattr(store, "get_host_creds"):
+        return _rest_interval_history(store, key, run_ids, points)
+    rows = _bulk_history(client, key, run_ids) or [
+        (rid, m.step, m.value, m.timestamp) for rid in run_ids for m in client.get_metric_history(rid, key)]
+    return _thin(rows, points)
+
+
+def _sql_interval_history(store, key: str, run_ids: list[str], points: int,
+                          extra_steps: list[int] | None = None) -> list[tuple]:
+    """The SQL store, sampled by step on the (run_uuid, key, step) index: one query for each run's step range
+    and row count, one for the rows at every stride-th logged step (first and last kept, and `extra_steps`, the
+    eval steps, exact). MLflow's own sampler filters on the key first and scans every run's rows of that key."""
+    from sqlalchemy import text
+
+    rows: list[tuple] = []
+    extra = sorted({int(s) for s in extra_steps or []})
+    with store.ManagedSessionMaker() as session:
+        for i in range(0, len(run_ids), 500):
+            chunk = run_ids[i:i + 500]
+            ids = {f"r{j}": rid for j, rid in enumerate(chunk)}
+            id_list = ", ".join(f":{k}" for k in ids)
+            ranges = session.execute(text(
+                f"SELECT run_uuid, MIN(step), MAX(step), COUNT(*) FROM metrics WHERE run_uuid IN ({id_list}) "
+                "AND key = :key GROUP BY run_uuid"), {**ids, "key": key}).fetchall()
+            for rid, lo, hi, n in ranges:
+                spacing = max(1, round((hi - lo) / max(n - 1, 1)))
+                stride = spacing * max(1, math.ceil(n / max(points - 1, 1)))
+                steps = ", ".join(str(s) for s in extra if lo <= s <= hi) or "-1"
+                part = session.execute(text(
+                    "SELECT step, value, timestamp FROM metrics WHERE run_uuid = :rid AND key = :key AND "
+                    f"((step - :lo) % :stride = 0 OR step = :hi OR step IN ({steps})) ORDER BY step, timestamp"),
+                    {"rid": rid, "key": key, "lo": lo, "hi": hi, "stride": stride}).fetchall()
+                rows += [(rid, int(st), float(v), int(ts)) for st, v, ts in part]
+    return rows
+
+
+def _rest_interval_history(store, key: str, run_ids: list[str], points: int) -> list[tuple]:
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    endpoint = "/api/2.0/mlflow/metrics/get-history-bulk-interval"
+    rows: list[tuple] = []
+
+    def fetch(chunk: list[str]) -> list[tuple]:
+        params = {"run_ids": chunk, "metric_key": key, "max_results": min(points, EVAL_POINTS)}
+        resp = verify_rest_response(http_request(store.get_host_creds(), endpoint, "GET", params=params),
+                                    endpoint)
+        return [(m["run_id"], int(m.get("step", 0)), float(m["value"]), int(m.get("timestamp", 0)))
+                for m in resp.json().get("metrics", [])]
+
+    chunks = [run_ids[i:i + _REST_RUNS] for i in range(0, len(run_ids), _REST_RUNS)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for part in pool.map(fetch, chunks):
+            rows += part
+    return rows
+
+
+def _thin(rows: list[tuple], points: int) -> list[tuple]:
+    """Keep about `points` rows per run, evenly spaced over its rows ordered by step, first and last kept."""
+    df = pd.DataFrame(rows, columns=["run_id", "step", "value", "timestamp"]).sort_values(["run_id", "step"])
+    out = []
+    for _, g in df.groupby("run_id", sort=True):
+        if len(g) > points:
+            idx = sorted({round(i * (len(g) - 1) / (points - 1)) for i in range(points)})
+            g = g.iloc[idx]
+        out += list(g.itertuples(index=False, name=None))
+    return out

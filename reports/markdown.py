@@ -1,36 +1,30 @@
-"""The kimi-bench report: report.md (GitHub-renderable) + figures/ + summary.csv, from a Collected.
+"""The kimi-bench report: report.md (GitHub-renderable) + figures/ + summary.csv + trials.csv, from a Collected.
 
+Layout: the first screen holds the scope banner, the claims table with verdicts and one figure; then compute
+to target, per-arm tables, the controlled speed and memory measurements, the paired differences the claims use,
+the other figures, unfinished trials, the groups in the experiment and the reproducibility block.
+
+A report compares only runs whose resolved configuration differs in the seed (reports/groups.py): by default the
+group(s) of the newest matrix invocation; `all_runs=True` renders every group as its own block.
 Deterministic: the same runs give a byte-identical report.md (no wall-clock time, everything sorted).
-Statistics use finished trials only; every other trial is counted in the status column and listed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from reports import plots
+from reports import names
 from reports.collect import Collected, strip_credentials
-from reports.stats import (
-    EQUIVALENCE_MARGIN,
-    INCONCLUSIVE,
-    VERDICT_RULE,
-    Estimate,
-    Paired,
-    estimate,
-    paired_differences,
-    paired_verdict,
-)
+from reports.stats import Estimate, estimate
 
 ROUNDING_NOTE = (
     "Numbers: 4 significant digits (whole numbers from 1000 up); `mean ± h` is the mean over finished "
     "seeds and the half-width of its 95% Student-t CI (to the mean's decimals); `(n=1)` means one seed, "
-    "so no interval. "
-    "Units: params in millions (M), bytes in MB (10^6) or GB (10^9). Full precision: `summary.csv`."
+    "so no interval. Exact facts (counts, bytes) are the same for every seed and shown without an interval. "
+    "Units: params in millions (M), bytes in MB (10^6). Full precision: `summary.csv`, per trial `trials.csv`."
 )
 NOT_MEASURED = "not measured"
 
@@ -40,14 +34,15 @@ TABLES: dict[str, list[tuple[str, str, float]]] = {
         ("params/total", "total params (M)", 1e6),
         ("params/active", "active params (M)", 1e6),
         ("val/ppl_final", "val ppl", 1.0),
+        ("val/bpb", "val bits/byte", 1.0),
         ("val/loss_final", "val loss", 1.0),
         ("ckpt/bytes", "checkpoint (MB)", 1e6),
     ],
-    "Speed and memory": [
-        ("train/tokens_per_s", "train tok/s", 1.0),
-        ("infer/decode_tokens_per_s", "decode tok/s (batch 1)", 1.0),
-        ("infer/decode_tokens_per_s_b8", "decode tok/s (batch 8)", 1.0),
-        ("mem/peak_bytes", "peak memory (MB)", 1e6),
+    "Memory (exact bytes; peak per trial on CUDA only)": [
+        ("mem/param_bytes", "params (MB)", 1e6),
+        ("mem/grad_bytes", "grads (MB)", 1e6),
+        ("mem/optim_state_bytes", "optimizer state (MB)", 1e6),
+        ("mem/peak_bytes", "peak, CUDA trial (MB)", 1e6),
     ],
     "Gradient stability (lower is more stable)": [
         ("grad/norm_median", "grad-norm median", 1.0),
@@ -56,19 +51,13 @@ TABLES: dict[str, list[tuple[str, str, float]]] = {
         ("grad/norm_spikes", "grad-norm spikes", 1.0),
         ("train/loss_spikes", "loss spikes", 1.0),
     ],
+    "Throughput observed during training (not a benchmark; the speed claims use the controlled runs)": [
+        ("train/tokens_per_s", "train tok/s (observed during training)", 1.0),
+    ],
 }
-PAIRED_METRICS: list[tuple[str, str, float]] = [
-    ("val/loss_final", "val loss", 1.0),
-    ("val/ppl_final", "val ppl", 1.0),
-    ("train/tokens_per_s", "train tok/s", 1.0),
-    ("infer/decode_tokens_per_s", "decode tok/s (b1)", 1.0),
-    ("infer/decode_tokens_per_s_b8", "decode tok/s (b8)", 1.0),
-    ("mem/peak_bytes", "peak memory (MB)", 1e6),
-    ("grad/norm_cv", "grad-norm CV", 1.0),
-    ("grad/norm_p99_over_median", "grad-norm p99/median", 1.0),
-]
 HISTORY_KEYS = ["val/loss", "train/loss", "grad/norm", "train/tokens", "train/elapsed_s"]
 STATUS_ORDER = ["finished", "diverged", "oom", "killed", "failed", "pruned", "running"]
+CLAIM_SCALE = "about 75M parameters (nanoKimi's table)"
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -106,6 +95,15 @@ def fmt_pm(e: Estimate, scale: float = 1.0) -> str:
     return f"{fmt(e.mean, scale)} ± {fmt(e.high - e.mean, scale, d)}"
 
 
+def fmt_exact(values: pd.Series, scale: float = 1.0) -> str:
+    """A deterministic value: shown once; 'a to b' if the seeds disagree (they should not)."""
+    v = values.dropna()
+    if v.empty:
+        return "n/a"
+    lo, hi = v.min(), v.max()
+    return fmt(lo, scale) if lo == hi else f"{fmt(lo, scale)} to {fmt(hi, scale)} (seeds differ)"
+
+
 def fmt_ci(e: Estimate, scale: float = 1.0, sign: bool = False) -> str:
     """'mean [low, high]'; sign=True prefixes '+' on positive means (differences)."""
     if e.n == 0:
@@ -136,6 +134,10 @@ def status_counts(statuses: pd.Series) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in order) or "0"
 
 
+EXACT_METRICS = {"params/total", "params/active", "params/embedding", "ckpt/bytes", "mem/param_bytes",
+                 "mem/grad_bytes", "mem/optim_state_bytes", "train/flops_per_token", "infer/kv_bytes_per_token"}
+
+
 # ----------------------------------------------------------------------------- grouping helpers
 
 def _group_keys(runs: pd.DataFrame) -> list[str]:
@@ -144,7 +146,7 @@ def _group_keys(runs: pd.DataFrame) -> list[str]:
 
 
 def _presets(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """[(label, runs of that preset)]; label is '' when the experiment has a single preset."""
+    """[(label, runs of that preset)]; label is '' when the block has a single preset."""
     if runs.preset.nunique(dropna=False) <= 1:
         return [("", runs)]
     return [(str(p), g) for p, g in runs.groupby(runs.preset.fillna("?"), sort=True)]
@@ -154,51 +156,11 @@ def _finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs.status.eq("finished")]
 
 
-def arm_of(runs: pd.DataFrame, variant: str, optimizer: str) -> str | None:
-    arms = runs.loc[runs.variant.eq(variant) & runs.optimizer.eq(optimizer), "arm"].dropna().unique()
-    return sorted(arms)[0] if len(arms) else None
-
-
-def headline_pair(runs: pd.DataFrame) -> tuple[str | None, str | None]:
-    """The paper's table pair: Kimi (muon, else muonclip) vs GPT with AdamW."""
-    kimi = arm_of(runs, "kimi", "muon") or arm_of(runs, "kimi", "muonclip")
-    return kimi, arm_of(runs, "gpt", "adamw")
-
-
-def same_optimizer_pairs(runs: pd.DataFrame, a_variant: str = "kimi", b_variant: str = "gpt") -> list:
-    out = []
-    for opt in sorted(runs.optimizer.dropna().unique()):
-        a, b = arm_of(runs, a_variant, opt), arm_of(runs, b_variant, opt)
-        if a and b:
-            out.append((a, b))
-    return out
-
-
-def optimizer_pairs(runs: pd.DataFrame, a_opt: str, b_opt: str = "adamw") -> list:
-    out = []
-    for var in sorted(runs.variant.dropna().unique()):
-        a, b = arm_of(runs, var, a_opt), arm_of(runs, var, b_opt)
-        if a and b:
-            out.append((a, b))
-    return out
-
-
-def comparison_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
-    """The paper's pair (Kimi vs GPT+AdamW), every variant - GPT per optimizer (Kimi - GPT and the
-    ablations), then per variant Muon - AdamW, MuonClip - AdamW, MuonClip - Muon."""
-    pairs = [headline_pair(runs)] if None not in headline_pair(runs) else []
-    for var in sorted(v for v in runs.variant.dropna().unique() if v != "gpt"):
-        pairs += same_optimizer_pairs(runs, var, "gpt")
-    pairs += optimizer_pairs(runs, "muon") + optimizer_pairs(runs, "muonclip")
-    pairs += optimizer_pairs(runs, "muonclip", "muon")
-    return list(dict.fromkeys(pairs))
-
-
-# ----------------------------------------------------------------------------- sections
+# ----------------------------------------------------------------------------- per-arm tables
 
 def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
-    """summary.csv: one row per arm (per preset and arm with several presets), full precision."""
-    keys = _group_keys(runs)
+    """summary.csv: one row per (group,) arm (per preset and arm with several presets), full precision."""
+    keys = (["group"] if "group" in runs else []) + _group_keys(runs)
     rows = []
     for key, g in runs.groupby(keys, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -208,171 +170,260 @@ def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
                 "n_finished": int(g.status.eq("finished").sum())}
         f = _finished(g)
         for metric, _, _ in [m for table in TABLES.values() for m in table]:
-            e = estimate(f[metric])
+            e = estimate(f[metric]) if metric in f else estimate([])
             row |= {f"{metric}:n": e.n, f"{metric}:mean": e.mean, f"{metric}:std": e.std,
                     f"{metric}:ci_low": e.low, f"{metric}:ci_high": e.high}
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _main_tables(summary: pd.DataFrame, keys: list[str]) -> list[str]:
+def trials_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """trials.csv: one row per trial of the report, its ids and final metrics."""
+    from reports.collect import FINAL_METRICS
+    cols = ["group", "config_id", "run_id", "arm", "variant", "optimizer", "preset", "seed", "status",
+            "trial_key", "git_commit", "device", "data_hash", "start_time"]
+    cols = [c for c in cols if c in runs] + [m for m in FINAL_METRICS if m in runs]
+    return runs[cols].sort_values(["arm", "seed", "run_id"]).reset_index(drop=True)
+
+
+def _main_tables(runs: pd.DataFrame) -> list[str]:
+    keys = _group_keys(runs)
+    if names.MEM_PEAK in runs:   # per-trial peak memory means something only on CUDA (CPU RSS grew with run order)
+        runs = runs.assign(**{names.MEM_PEAK: runs[names.MEM_PEAK].where(runs.device.astype(str).ne("cpu"))})
     out = []
     for i, (title, cols) in enumerate(TABLES.items()):
+        cols = [c for c in cols if c[0] in runs and runs[c[0]].notna().any()]
+        if not cols:
+            continue
         header = keys + (["trials"] if i == 0 else []) + [h for _, h, _ in cols]
         rows = []
-        for d in summary.to_dict("records"):
-            cells = [d[k] for k in keys] + ([d["trials"]] if i == 0 else [])
+        for key, g in runs.groupby(keys, sort=True, dropna=False):
+            key = key if isinstance(key, tuple) else (key,)
+            f = _finished(g)
+            cells = list(key) + ([status_counts(g.status)] if i == 0 else [])
             for metric, _, scale in cols:
-                e = Estimate(int(d[f"{metric}:n"]), d[f"{metric}:mean"], d[f"{metric}:std"],
-                             d[f"{metric}:ci_low"], d[f"{metric}:ci_high"])
-                cells.append(fmt_pm(e, scale))
+                cells.append(fmt_exact(f[metric], scale) if metric in EXACT_METRICS else fmt_pm(estimate(f[metric]),
+                                                                                                   scale))
             rows.append(cells)
         out.append(f"### {title}\n\n{md_table(header, rows)}")
     return out
 
 
-def _rel(p: Paired) -> str:
-    if p.n == 0 or not p.b_mean or math.isnan(p.b_mean):
-        return "n/a"
-    return f"{100 * p.diff.mean / abs(p.b_mean):+.1f}%"
+# ----------------------------------------------------------------------------- speed (controlled runs)
+
+def _speed_section(speed_rows: pd.DataFrame, runs: pd.DataFrame) -> str:
+    from reports.speed import SPEED_RULE, decode_batches, fmt_measured, measured, noisy_threshold
+
+    if speed_rows.empty:
+        return ("No controlled speed run (kb.kind=speed) for these shapes: inference speed, the controlled train "
+                "step and CPU memory are not measured. The throughput observed during training is in the per-arm "
+                "tables above; it is not a benchmark.")
+    thr = noisy_threshold()
+    batches = decode_batches(speed_rows)
+    header = ["variant", "preset", "shape", "device, threads", "prefill tok/s", "TTFT (ms)"] + \
+        [f"decode tok/s (batch {b})" for b in batches] + ["KV bytes/token (exact)"]
+    rows = []
+    for r in speed_rows.to_dict("records"):
+        rows.append([r.get("variant"), r.get("preset"), r.get("shape") or "?",
+                     f"{r.get('device') or '?'}, {r.get('threads') or '?'}",
+                     fmt_measured(measured(r, names.SPEED_PREFILL), threshold=thr),
+                     fmt_measured(measured(r, names.SPEED_TTFT), 1e-3, threshold=thr)]
+                    + [fmt_measured(measured(r, names.speed_decode(b)), threshold=thr) for b in batches]
+                    + [fmt(r.get(names.SPEED_KV_BYTES))])
+    parts = [md_table(header, rows)]
+    step_rows = []
+    for r in speed_rows.to_dict("records"):
+        opts = [o for o in str(r.get("optimizers") or "").split(",") if o] or sorted(
+            runs.loc[runs.variant.eq(r.get("variant")), "optimizer"].dropna().unique())
+        for o in opts:
+            step_rows.append([f"{r.get('variant')}+{o}", r.get("preset"),
+                              fmt_measured(measured(r, names.speed_opt(o, "step_s")), 1e-3, threshold=thr),
+                              fmt_measured(measured(r, names.speed_opt(o, "fwd_bwd_s")), 1e-3, threshold=thr),
+                              fmt_measured(measured(r, names.speed_opt(o, "optim_s")), 1e-3, threshold=thr),
+                              fmt_measured(measured(r, names.speed_opt(o, "train_tokens_per_s")), threshold=thr),
+                              fmt_measured(measured(r, names.speed_opt(o, "peak_bytes")), 1e6, threshold=thr)])
+    if step_rows:
+        parts.append("Controlled training step per shape and optimizer (forward+backward and optimizer step timed "
+                     "apart), and the peak memory of one step measured independently of run order:\n\n" + md_table(
+                         ["arm", "preset", "step (ms)", "fwd+bwd (ms)", "optimizer (ms)", "train tok/s",
+                          "peak memory (MB)"], step_rows))
+    parts.append("Median (IQR = p25 to p75, n = measurements) of interleaved rounds in one process, all shapes "
+                 "alike; measured once per model shape, so optimizers of one architecture share the inference "
+                 f"figures. **noisy**: IQR above {thr:.0%} of the median. " + SPEED_RULE.format(noisy=thr))
+    return "\n\n".join(parts)
 
 
-def _paired_section(runs: pd.DataFrame) -> str:
+# ----------------------------------------------------------------------------- scope banner
+
+def _scope_banner(runs: pd.DataFrame, match: tuple[str, float] | None) -> str:
+    fin = _finished(runs)
+    params = fin[names.PARAMS_TOTAL].dropna() if names.PARAMS_TOTAL in fin else pd.Series(dtype=float)
+    tokens = fin[names.TRAIN_TOKENS].dropna() if names.TRAIN_TOKENS in fin else pd.Series(dtype=float)
+    seeds = fin.groupby("arm").seed.nunique() if len(fin) else pd.Series(dtype=int)
+    devices = sorted({str(d) for d in runs.device.dropna()}) or ["?"]
+    p = (f"{fmt(params.min(), 1e6)}M" if len(params) and params.min() == params.max() else
+         f"{fmt(params.min(), 1e6)}M to {fmt(params.max(), 1e6)}M" if len(params) else "? ")
+    t = (f"{fmt(tokens.min())}" if len(tokens) and tokens.min() == tokens.max() else
+         f"{fmt(tokens.min())} to {fmt(tokens.max())}" if len(tokens) else "?")
+    s = (f"{int(seeds.min())}" if len(seeds) and seeds.min() == seeds.max() else
+         f"{int(seeds.min())} to {int(seeds.max())}" if len(seeds) else "0")
+    one_seed = len(seeds) and seeds.min() < 2
+    matched = f"a matched matrix ({match[0]} params within ±{match[1]:.0%})" if match else "not a matched matrix"
+    lines = [
+        f"> **Scope.** These runs: {p} parameters, {t} training tokens per trial, {s} seed(s) per arm, on "
+        f"{', '.join(devices)}; {matched}. "
+        f"The claims were made at {CLAIM_SCALE}.",
+        "> The verdicts say what these runs show at this scale and budget; they cannot confirm or refute a claim "
+        "at the paper's scale (orderings between architectures and optimizers can change with size and tokens)."
+        + (" With one seed per arm there is no interval: statistical rows are inconclusive by construction."
+           if one_seed else ""),
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- claims and compute
+
+def _match_of(c: Collected, runs: pd.DataFrame) -> tuple[str, float] | None:
+    """(by, tolerance) when the matrix that ran these trials logged its [match] section, else None."""
+    cands = []
+    for col in (f"param.{names.MATCH_BY}",):
+        if col in runs and runs[col].notna().any():
+            tol = runs.get(f"param.{names.MATCH_TOLERANCE}")
+            cands.append((str(runs[col].dropna().iloc[0]),
+                          float(tol.dropna().iloc[0]) if tol is not None and tol.notna().any() else 0.01))
+    m = c.matrix_runs
+    if not cands and len(m) and names.MATCH_BY in m:
+        mine = m[m.run_id.isin(set(runs.parent_run_id.dropna()))]
+        mine = mine[mine[names.MATCH_BY].notna()]
+        if len(mine):
+            r = mine.iloc[-1]
+            tol = r.get(names.MATCH_TOLERANCE)
+            cands.append((str(r[names.MATCH_BY]).strip('"'),
+                          float(tol) if tol is not None and not pd.isna(tol) else 0.01))
+    return cands[0] if cands else None
+
+
+def _claims_section(rows, folded: dict[str, str], match) -> str:
+    from reports.speed import SPEED_RULE, noisy_threshold
+    from reports.stats import HOLM_RULE, VERDICT_RULE
+
+    table = []
+    for r in rows:
+        text = r.claim.text + (f" [{r.label}]" if r.label else "")
+        p = "n/a" if not math.isfinite(r.p) else f"{r.p:.3g} → {r.p_adj:.3g}"
+        table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, p, f"**{r.verdict}**"
+                      if r.verdict not in (NOT_MEASURED,) else r.verdict])
+    header = ["claim", "paper (Kimi vs GPT)", "A measured", "B measured", "A vs B", "p → Holm p", "verdict"]
+    notes = [
+        "A = Kimi (kimi+muon, else kimi+muonclip) and B = GPT (gpt+adamw) for the paper's table pair; optimizer "
+        "claims compare optimizers within each variant. The paper's perplexities were measured with GPT-2 BPE "
+        "tokens on other data: compare bits per byte between tokenizers, never perplexities.",
+        "Exact facts (parameters, checkpoint bytes, KV bytes and FLOPs per token) are deterministic: the verdict "
+        "compares the values at the claim's own rounding, no interval. \"Same parameters\" is judged only for a "
+        "matched matrix (within its match tolerance) and states the gap; otherwise **not matched**"
+        + ("" if match else " (no [match] section is recorded on these runs)") + ".",
+        "Compute to target: the tokens (FLOPs, seconds) each arm needs to reach a val loss both reach, "
+        "interpolated between evals; target = the worse arm's final val loss unless the matrix sets one; "
+        "A/B < 1 means A needs less; geometric mean over seeds with a 95% t-interval of the log ratio.",
+        VERDICT_RULE.split(" A claim of equality")[0] + " (Statistical rows.)",
+        HOLM_RULE,
+        SPEED_RULE.format(noisy=noisy_threshold()) if any(r.claim.kind == "speed" for r in rows) else "",
+    ]
+    if folded:
+        notes.insert(0, "Identical arms folded: " + "; ".join(
+            f"`{a}` equals `{b}` at every eval of every seed (QK-Clip never fired), so its rows are `{b}`'s"
+            for a, b in sorted(folded.items())) + ".")
+    return md_table(header, table) + "\n\n" + "\n\n".join(n for n in notes if n)
+
+
+def _compute_section(curves: pd.DataFrame, runs: pd.DataFrame, pairs, target) -> str:
+    from reports.compute import AXES, to_target
+
     rows = []
     for label, pr in _presets(runs):
-        fin = _finished(pr)
-        for a, b in comparison_pairs(pr):
-            for metric, name, scale in PAIRED_METRICS:
-                p = paired_differences(fin, metric, a, b)
-                if p.n == 0:
+        cur = curves[curves.run_id.isin(pr.run_id)]
+        for a, b in pairs(pr):
+            for axis in AXES:
+                t = to_target(cur, a, b, axis, target)
+                if t.n == 0:
                     continue
-                comp = f"{a} − {b}" + (f" [{label}]" if label else "")
-                rows.append([comp, name, p.n, fmt_ci(p.diff, scale, sign=True), _rel(p)])
+                med = t.per_seed.median(numeric_only=True)
+                rows.append([f"{a} vs {b}" + (f" [{label}]" if label else ""), AXES[axis], fmt(t.target),
+                             fmt(med["a"]), fmt(med["b"]), fmt_ci(t.multiplier), t.n])
     if not rows:
-        return "No pair of arms shares a finished seed."
-    header = ["A − B", "metric", "paired seeds", "mean difference [95% CI]", "relative to B"]
-    return md_table(header, rows)
+        return "No pair of arms reaches a common val loss on a shared seed."
+    return md_table(["A vs B", "to target", "target val loss", "A (median)", "B (median)",
+                     "multiplier A/B [95% CI]", "seeds"], rows) + (
+        "\n\nSeconds are training wall-clock on the host that ran the trials (shared hosts slow some runs).")
 
 
-@dataclass(frozen=True)
-class Claim:
-    text: str
-    paper: str                      # the paper's numbers "Kimi vs GPT", or "(in words)"
-    metric: str
-    direction: int                  # +1: A higher, -1: A lower, 0: A equal to B
-    scale: float
-    pairs: Callable[[pd.DataFrame], list[tuple[str | None, str | None]]]
-    needs: str                      # the arms it needs, printed when they are missing
+def _paired_section(runs: pd.DataFrame, rows) -> str:
+    """Paired differences only for the (statistical) comparisons the claims use."""
+    from reports.stats import paired_differences
+
+    used = sorted({(r.a, r.b, r.claim.metric, r.label) for r in rows if r.claim.kind == "stat" and r.a})
+    out = []
+    for a, b, metric, label in used:
+        pr = runs if not label else runs[runs.preset.astype(str).eq(label)]
+        p = paired_differences(_finished(pr), metric, a, b)
+        if p.n == 0:
+            continue
+        rel = f"{100 * p.diff.mean / abs(p.b_mean):+.1f}%" if p.b_mean else "n/a"
+        out.append([f"{a} − {b}" + (f" [{label}]" if label else ""), metric, p.n, fmt_ci(p.diff, sign=True), rel])
+    if not out:
+        return "No claim comparison shares a finished seed."
+    return md_table(["A − B", "metric", "paired seeds", "mean difference [95% CI]", "relative to B"], out) + (
+        "\n\nEvery other comparison is in `summary.csv` (per arm) and `trials.csv` (per trial).")
 
 
-def _headline(runs):
-    return [headline_pair(runs)]
+# ----------------------------------------------------------------------------- figures
+
+def _labelled(c_runs: pd.DataFrame, fin: pd.DataFrame, h: pd.DataFrame):
+    if len(_group_keys(c_runs)) > 1:
+        label = fin.set_index("run_id").apply(lambda r: f"{r.arm} [{r.preset}]", axis=1)
+        h = h.assign(arm=h.run_id.map(label))
+        fin = fin.assign(arm=fin.run_id.map(label).values)
+    return fin, h
 
 
-def _headline_and_same_opt(runs):
-    return list(dict.fromkeys(_headline(runs) + same_optimizer_pairs(runs)))
+def _first_figure(runs: pd.DataFrame, hist: pd.DataFrame, fig_dir: Path, out_dir: Path) -> str:
+    from reports import plots
+    fin = _finished(runs)
+    fin, h = _labelled(runs, fin, hist[hist.run_id.isin(fin.run_id)])
+    colors = plots.arm_colors(fin.arm.dropna())
+    p = plots.plot_curves(h, "val/loss", fig_dir / "val_loss_vs_tokens.png", "tokens", colors=colors, markers=True,
+                          crop=True)
+    if p is None:
+        return "No figure: no val/loss logged."
+    cap = "Validation loss vs training tokens (markers: evals; colour: variant; line style: optimizer)"
+    return f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})"
 
 
-def _same_opt_only(runs):
-    return [p for p in same_optimizer_pairs(runs) if p not in _headline(runs)]
-
-
-def _muon_vs_adamw(runs):
-    return optimizer_pairs(runs, "muon") + optimizer_pairs(runs, "muonclip")
-
-
-HEADLINE_NEEDS = "kimi+muon (or kimi+muonclip) and gpt+adamw"
-OPT_NEEDS = "one variant trained with both muon (or muonclip) and adamw"
-SAME_OPT_NEEDS = "kimi and gpt trained with the same optimizer"
-
-
-IN_WORDS = "(in words)"
-CLAIMS: list[Claim] = [
-    Claim("Kimi infers faster (decode tokens/s, batch 1)", "45.2 vs 30.3", "infer/decode_tokens_per_s",
-          +1, 1.0, _headline, HEADLINE_NEEDS),
-    Claim("Kimi has lower perplexity (val ppl)", "18.1 vs 22.8", "val/ppl_final", -1, 1.0, _headline,
-          HEADLINE_NEEDS),
-    Claim("Same total parameters (M)", "75 vs 74", "params/total", 0, 1e6, _headline, HEADLINE_NEEDS),
-    Claim("Kimi is smaller on disk (checkpoint GB)", "0.58 vs 0.62", "ckpt/bytes", -1, 1e9, _headline,
-          HEADLINE_NEEDS),
-    Claim("Muon reaches lower loss than AdamW (val loss)", IN_WORDS, "val/loss_final", -1, 1.0,
-          _muon_vs_adamw, OPT_NEEDS),
-    Claim("Muon gives more stable gradients (grad-norm CV)", IN_WORDS, "grad/norm_cv", -1, 1.0,
-          _muon_vs_adamw, OPT_NEEDS),
-    Claim("Muon gives more stable gradients (grad-norm p99/median)", IN_WORDS,
-          "grad/norm_p99_over_median", -1, 1.0, _muon_vs_adamw, OPT_NEEDS),
-    Claim("Kimi infers faster than GPT at the same parameters (decode tokens/s, batch 1)", IN_WORDS,
-          "infer/decode_tokens_per_s", +1, 1.0, _same_opt_only, SAME_OPT_NEEDS),
-    Claim("Kimi infers faster than GPT at the same parameters (decode tokens/s, batch 8)", IN_WORDS,
-          "infer/decode_tokens_per_s_b8", +1, 1.0, _headline_and_same_opt, HEADLINE_NEEDS),
-    Claim("Kimi trains faster (train tokens/s)", IN_WORDS, "train/tokens_per_s", +1, 1.0,
-          _headline_and_same_opt, HEADLINE_NEEDS),
-]
-
-
-def _claim_rows(claim: Claim, runs: pd.DataFrame, label: str) -> list[list[str]]:
-    pairs = [(a, b) for a, b in claim.pairs(runs) if a is not None and b is not None]
-    text = claim.text + (f" [{label}]" if label else "")
-    if not pairs:
-        return [[text, claim.paper, NOT_MEASURED, NOT_MEASURED, f"{NOT_MEASURED} (needs {claim.needs})",
-                 NOT_MEASURED]]
-    rows, fin = [], _finished(runs)
-    for a, b in pairs:
-        ea, eb = (estimate(fin.loc[fin.arm.eq(arm), claim.metric]) for arm in (a, b))
-        p = paired_differences(fin, claim.metric, a, b)
-        diff = (f"{fmt_ci(p.diff, claim.scale, sign=True)}, {_rel(p)}, {p.n} paired" if p.n
-                else "no paired seeds")
-        v = paired_verdict(p, claim.direction) if p.n else INCONCLUSIVE
-        rows.append([text, claim.paper, f"{a}: {fmt_ci(ea, claim.scale)}", f"{b}: {fmt_ci(eb, claim.scale)}",
-                     diff, f"**{v}**"])
-    return rows
-
-
-def _claims_section(runs: pd.DataFrame) -> str:
-    rows = []
-    for claim in CLAIMS:
-        for label, pr in _presets(runs):
-            rows += _claim_rows(claim, pr, label)
-    header = ["claim", "paper (Kimi vs GPT)", "A measured (mean [95% CI])", "B measured (mean [95% CI])",
-              "A − B [95% CI], relative, n", "verdict"]
-    note = ("A = Kimi (kimi+muon, else kimi+muonclip) and B = GPT (gpt+adamw) for the paper's table pair; "
-            "optimizer claims compare optimizers within each variant; 'same parameters' rows compare Kimi "
-            "and GPT trained with the same optimizer. Paper numbers are from the nanoKimi paper's table.")
-    return f"{md_table(header, rows)}\n\n{note}\n\n{VERDICT_RULE} (margin = {EQUIVALENCE_MARGIN:.0%})"
-
-
-def _figures(c: Collected, out_dir: Path, hist: pd.DataFrame, optuna) -> list[tuple[str, Path]]:
-    fig_dir = out_dir / "figures"
-    fin = _finished(c.runs)
-    h = hist[hist.run_id.isin(fin.run_id)]
+def _figures(c: Collected, runs: pd.DataFrame, out_dir: Path, fig_dir: Path, hist: pd.DataFrame,
+             optuna) -> list[tuple[str, Path]]:
+    from reports import plots
+    fin = _finished(runs)
     moe = c.moe_load
     moe = moe[moe.run_id.isin(fin.run_id)]
-    if len(_group_keys(c.runs)) > 1:
-        # several size presets: one curve/bar per (arm, preset), labelled "arm [preset]"
-        label = fin.set_index("run_id").apply(lambda r: f"{r.arm} [{r.preset}]", axis=1)
-        h, moe = (d.assign(arm=d.run_id.map(label)) for d in (h, moe))
-        fin = fin.assign(arm=fin.run_id.map(label).values)
+    fin, h = _labelled(runs, fin, hist[hist.run_id.isin(fin.run_id)])
+    if len(_group_keys(runs)) > 1:
+        label = dict(zip(fin.run_id, fin.arm, strict=True))
+        moe = moe.assign(arm=moe.run_id.map(label))
     colors = plots.arm_colors(fin.arm.dropna())
-    throughput = {"train/tokens_per_s": ("train tokens/s", 1.0),
-                  "infer/decode_tokens_per_s": ("decode tokens/s (batch 1)", 1.0),
-                  "infer/decode_tokens_per_s_b8": ("decode tokens/s (batch 8)", 1.0)}
     curve = plots.plot_curves
     todo = [  # (caption, file name, plot(path) -> path | None)
         ("Validation loss vs optimizer steps", "val_loss_vs_step",
-         lambda p: curve(h, "val/loss", p, "step", colors=colors)),
-        ("Validation loss vs training tokens", "val_loss_vs_tokens",
-         lambda p: curve(h, "val/loss", p, "tokens", colors=colors)),
-        ("Validation loss vs training wall-clock", "val_loss_vs_seconds",
-         lambda p: curve(h, "val/loss", p, "seconds", colors=colors)),
+         lambda p: curve(h, "val/loss", p, "step", colors=colors, markers=True, crop=True)),
+        ("Validation loss vs training wall-clock (shared host: other processes slow some runs)",
+         "val_loss_vs_seconds",
+         lambda p: curve(h, "val/loss", p, "seconds", colors=colors, markers=True, crop=True)),
         ("Training loss vs steps", "train_loss_vs_step",
-         lambda p: curve(h, "train/loss", p, "step", smooth=_smooth(h), colors=colors)),
+         lambda p: curve(h, "train/loss", p, "step", smooth=_smooth(h), colors=colors, crop=True)),
         ("Gradient norm (before clipping) vs steps", "grad_norm_vs_step",
          lambda p: curve(h, "grad/norm", p, "step", logy=True, colors=colors)),
-        ("Throughput (95% CI over seeds)", "throughput",
-         lambda p: plots.plot_bars(fin, throughput, p, "Throughput", colors=colors)),
-        ("Peak memory (95% CI over seeds)", "peak_memory",
-         lambda p: plots.plot_bars(fin, {"mem/peak_bytes": ("peak memory (MB)", 1e6)}, p, "Peak memory",
-                                   colors=colors)),
+        ("Train throughput observed during training (95% CI over seeds where n > 1; shared host)", "throughput",
+         lambda p: plots.plot_bars(fin, {"train/tokens_per_s": ("train tokens/s (observed)", 1.0)}, p,
+                                   "Observed during training", colors=colors)),
     ]
     out = []
     for caption, name, fn in todo:
@@ -396,13 +447,15 @@ def _figures(c: Collected, out_dir: Path, hist: pd.DataFrame, optuna) -> list[tu
 
 
 def _smooth(h: pd.DataFrame) -> int:
-    """Rolling window for the train-loss figure: about 1/50 of the logged steps."""
+    """Rolling window for the train-loss figure: about 1/50 of the logged points."""
     steps = h.loc[h.key.eq("train/loss"), "step"].nunique()
     return max(1, steps // 50)
 
 
-def _not_finished_section(c: Collected, hist: pd.DataFrame) -> str:
-    bad = c.runs[~c.runs.status.eq("finished")]
+# ----------------------------------------------------------------------------- other sections
+
+def _not_finished_section(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame) -> str:
+    bad = runs[~runs.status.eq("finished")]
     parts = []
     if bad.empty:
         parts.append("Every trial finished.")
@@ -410,24 +463,42 @@ def _not_finished_section(c: Collected, hist: pd.DataFrame) -> str:
         last = hist[hist.key.eq("train/loss")].groupby("run_id").step.max()
         rows = []
         for r in bad.sort_values(["arm", "seed", "run_id"]).itertuples():
-            ds = c.runs.loc[c.runs.run_id.eq(r.run_id), "train/diverged_step"].iloc[0]
+            ds = runs.loc[runs.run_id.eq(r.run_id), "train/diverged_step"].iloc[0]
             step = ds if pd.notna(ds) else last.get(r.run_id, float("nan"))
             rows.append([r.arm, r.seed, r.status, "n/a" if pd.isna(step) else int(step), r.run_id])
         parts.append(md_table(["arm", "seed", "status", "step (diverged at, else last logged)", "run id"],
                               rows))
-    if c.n_dropped:
-        rows = [[r.arm, r.seed, r.status, r.trial_key, r.run_id] for r in c.dropped.itertuples()]
-        parts.append(f"{c.n_dropped} superseded run(s) with the trial key of a kept run (in no statistic):"
+    dropped = c.dropped[c.dropped.trial_key.isin(set(runs.trial_key.dropna()))] if len(c.dropped) else c.dropped
+    if len(dropped):
+        rows = [[r.arm, r.seed, r.status, r.trial_key, r.run_id] for r in dropped.itertuples()]
+        parts.append(f"{len(dropped)} superseded run(s) with the trial key of a kept run (in no statistic):"
                      f"\n\n{md_table(['arm', 'seed', 'status', 'trial key', 'run id'], rows)}")
     return "\n\n".join(parts)
+
+
+def _groups_section(all_runs: pd.DataFrame, shown: list[str], all_shown: bool) -> str:
+    from reports.groups import describe_groups
+
+    d = describe_groups(all_runs)
+    rows = [[r["group"] + (" (shown)" if r["group"] in shown else ""), r["arms"], r["trials"], r["budget"],
+             r["code"], r["newest trial"].strftime("%Y-%m-%d %H:%M UTC") if pd.notna(r["newest trial"]) else "n/a",
+             r["differs in"]] for r in d.to_dict("records")]
+    text = ("Runs are compared only within a group: the same resolved configuration (budget, model dims, data "
+            "hash, tokenizer, code version, tuned params) except the seed. Statistics never average across "
+            "groups.")
+    if len(d) > 1 and not all_shown:
+        text += " This report shows the newest matrix invocation; `kimi-bench report --all-runs` shows every group."
+    return md_table(["group", "arms", "trials", "budget", "code", "newest trial", "differs in"], rows) + "\n\n" + text
 
 
 def _uniq(values) -> list[str]:
     return sorted({str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
 
 
-def _repro_section(c: Collected, command: str | None) -> str:
-    runs, m = c.runs, c.matrix_runs
+def _repro_section(c: Collected, runs: pd.DataFrame, command: str | None) -> str:
+    m = c.matrix_runs
+    mine = m[m.run_id.isin(set(runs.parent_run_id.dropna()))] if len(runs) else m
+    m = mine if len(mine) else m
     lines = []
     if command:
         lines.append(f"- Report command: `{command}`")
@@ -448,58 +519,118 @@ def _repro_section(c: Collected, command: str | None) -> str:
     lines.append(f"- MLflow: tracking URI `{strip_credentials(c.tracking_uri)}`, experiment `{c.experiment}` "
                  f"(id {c.experiment_id})" + (f", matrix run(s) {', '.join(f'`{r}`' for r in m.run_id)}"
                                               if len(m) else ""))
-    tuning = c.tuning
-    if tuning.empty:
+    t = runs.loc[runs.tuned_from.notna(), ["arm", "tuned_from"]].drop_duplicates().sort_values(["arm", "tuned_from"])
+    if t.empty:
         lines.append("- Tuning provenance: none (no trial has a `kb.tuned_from` tag)")
     else:
         lines.append("- Tuning provenance (`kb.tuned_from`): " +
-                     "; ".join(f"{r.arm}: `{r.tuned_from}`" for r in tuning.itertuples()))
+                     "; ".join(f"{r.arm}: `{r.tuned_from}`" for r in t.itertuples()))
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- one block, the report
+
+def _target_of(c: Collected, runs: pd.DataFrame) -> float | None:
+    col = "param.report.target_loss"
+    if col in runs and runs[col].notna().any():
+        return float(runs[col].dropna().iloc[0])
+    return None
+
+
+def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, fig_dir: Path, figures: bool,
+           optuna, heading: str) -> list[str]:
+    from reports import claims as cl
+    from reports.compute import eval_curves
+    from reports.speed import speed_rows_for
+
+    fin = _finished(runs)
+    curves = eval_curves(hist[hist.run_id.isin(fin.run_id)], fin)
+    folded = cl.identical_arms(curves)
+    match = _match_of(c, runs)
+    speed_rows = speed_rows_for(c.speed, runs)
+    target = _target_of(c, runs)
+    rows = []
+    for label, pr in _presets(fin):
+        ctx = cl.Context(pr, curves[curves.run_id.isin(pr.run_id)],
+                         speed_rows[speed_rows.preset.astype(str).eq(label)] if label and len(speed_rows)
+                         else speed_rows, match, folded, target)
+        rows += cl.claim_rows(ctx, label)
+    cl.apply_holm(rows)
+    rows += cl.fitted_rows(fin, curves, folded)
+    sections = [_scope_banner(runs, match), f"{heading}Claims vs measured", _claims_section(rows, folded, match)]
+    if figures:
+        sections.append(_first_figure(runs, hist, fig_dir, out_dir))
+
+    def compute_pairs(r: pd.DataFrame) -> list[tuple[str, str]]:
+        """The pairs the compute claims use, folded arms left out."""
+        pairs = [cl.headline_pair(r)] + cl.same_optimizer_pairs(r) + cl.optimizer_pairs(r, "muon") + \
+            cl.optimizer_pairs(r, "muonclip")
+        return list(dict.fromkeys((a, b) for a, b in pairs if a and b and a not in folded and b not in folded))
+    sections += [f"{heading}Compute to target", _compute_section(curves, fin, compute_pairs, target),
+                 f"{heading}Results per arm", ROUNDING_NOTE, *_main_tables(runs),
+                 f"{heading}Speed and memory (controlled measurements)", _speed_section(speed_rows, runs),
+                 f"{heading}Paired differences",
+                 "Per seed A − B over the seeds both arms finished (same seed = same data order), mean and 95% "
+                 "Student-t CI of the differences; relative = mean difference / B's mean. Only the comparisons the "
+                 "claims use.", _paired_section(runs, rows)]
+    if figures:
+        figs = _figures(c, runs, out_dir, fig_dir, hist, optuna)
+        sections += [f"{heading}Figures", "\n\n".join(
+            f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})" for cap, p in figs) or "No figure."]
+    sections += [f"{heading}Trials that did not finish", _not_finished_section(c, runs, hist)]
+    return sections
+
+
 def write_report(collected: Collected, out_dir: str | Path, command: str | None = None,
-                 optuna: tuple | dict | None = None, figures: bool = True) -> Path:
-    """Write out_dir/report.md, out_dir/summary.csv and out_dir/figures/*.png; return report.md's path.
+                 optuna: tuple | dict | None = None, figures: bool = True, all_runs: bool = False) -> Path:
+    """Write out_dir/report.md, summary.csv, trials.csv and figures/*.png; return report.md's path.
 
     command: the command that made this report (printed in the reproducibility block).
     optuna: (trials dataframe, param importances), or {arm: that pair}, for the tuning figures; by default
     they come from the experiment's Optuna study runs (kb.kind=study: trials.csv, importances.json).
-    figures: False skips the PNGs (tables only, much faster).
+    figures: False skips the PNGs (tables only, faster).
+    all_runs: every group of runs as its own block (default: the group(s) of the newest matrix invocation).
     """
+    from reports.groups import assign_groups, default_groups
+
     c, out_dir = collected, Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = c.runs
-    keys = _group_keys(runs)
-    summary = summary_frame(runs)
-    summary.to_csv(out_dir / "summary.csv", index=False)
-    hist = c.history(HISTORY_KEYS) if len(runs) else pd.DataFrame(
+    every = assign_groups(c.runs)
+    groups = sorted(every.group.dropna().unique(), key=lambda g: int(g[1:])) if all_runs else \
+        default_groups(every, c.matrix_runs)
+    runs = every[every.group.isin(groups)].reset_index(drop=True)
+    summary_frame(runs).to_csv(out_dir / "summary.csv", index=False)
+    trials_frame(runs).to_csv(out_dir / "trials.csv", index=False)
+    hist = c.curves(HISTORY_KEYS, list(runs.run_id)) if len(runs) else pd.DataFrame(
         columns=["run_id", "arm", "seed", "key", "step", "value", "timestamp"])
 
     newest = runs.start_time.max() if len(runs) else pd.NaT
     date = newest.strftime("%Y-%m-%d %H:%M UTC") if pd.notna(newest) else "n/a"
-    dropped = (f"; {c.n_dropped} duplicate run(s) of a trial key dropped (kept per key: the finished run, "
-               "else the newest)" if c.n_dropped else "")
+    n_drop = int(c.dropped.trial_key.isin(set(runs.trial_key.dropna())).sum()) if len(c.dropped) else 0
+    dropped = (f"; {n_drop} duplicate run(s) of a trial key dropped (kept per key: the finished run, "
+               "else the newest)" if n_drop else "")
+    others = len(every) - len(runs)
     sections = [
         f"# kimi-bench report: {c.experiment}",
         f"Experiment `{c.experiment}` (MLflow id {c.experiment_id}); newest trial started {date}.  \n"
-        f"Trials: {len(runs)} ({status_counts(runs.status) if len(runs) else 'none'}){dropped}.",
+        f"Trials: {len(runs)} ({status_counts(runs.status) if len(runs) else 'none'}){dropped}"
+        + (f"; group(s) {', '.join(groups)}" if groups else "")
+        + (f"; {others} trial(s) of other groups not shown (see 'Groups')" if others else "") + ".",
     ]
     if runs.empty:
         sections.append("No trial runs (tag `kb.kind=trial`) in this experiment.")
     else:
-        figs = _figures(c, out_dir, hist, optuna) if figures else []
-        fig_md = "\n\n".join(f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})" for cap, p in figs)
-        sections += [
-            "## Results per arm", ROUNDING_NOTE, *_main_tables(summary, keys),
-            "## Paired differences",
-            "Per seed A − B over the seeds both arms finished (same seed = same data order), mean and 95% "
-            "Student-t CI of the differences; relative = mean difference / B's mean.",
-            _paired_section(runs),
-            "## Claims vs measured", _claims_section(runs),
-            "## Figures", fig_md or ("No figure: no step metrics logged." if figures else "Figures skipped."),
-            "## Trials that did not finish", _not_finished_section(c, hist),
-        ]
-    sections += ["## Reproducibility", _repro_section(c, command)]
+        fig_dir = out_dir / "figures"
+        for g in groups:
+            block = runs[runs.group.eq(g)]
+            if len(groups) > 1:
+                sections.append(f"## Group {g}")
+                fd = fig_dir / g
+                sections += _block(c, block, hist, out_dir, fd, figures, optuna, "### ")
+            else:
+                sections += _block(c, block, hist, out_dir, fig_dir, figures, optuna, "## ")
+        sections += ["## Groups in this experiment", _groups_section(every, groups, all_runs)]
+    sections += ["## Reproducibility", _repro_section(c, runs, command)]
     path = out_dir / "report.md"
     path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return path

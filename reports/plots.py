@@ -32,11 +32,43 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
 
 
+LINESTYLES = {"adamw": "-", "muon": "--", "muonclip": ":"}
+WALL_CLOCK_CAVEAT = "wall-clock on a shared host: other processes slow some runs; compare with care"
+
+
+def _variant_optimizer(label: str) -> tuple[str, str]:
+    """'kimi+muon [tiny]' -> ('kimi', 'muon'); a label without '+' is its own variant."""
+    base = label.split(" [")[0]
+    variant, _, optimizer = base.partition("+")
+    preset = label.split(" [")[1].rstrip("]") if " [" in label else ""
+    return variant + (f" [{preset}]" if preset else ""), optimizer
+
+
 def arm_colors(arms) -> dict[str, tuple]:
-    """A fixed colour per arm (sorted), so every figure of a report uses the same legend colours."""
+    """A fixed colour per variant (sorted; with several presets, per variant and preset), so the same model
+    has the same colour in every figure; the optimizer is told apart by line style (`arm_linestyle`)."""
     arms = sorted(set(arms))
-    palette = sns.color_palette("colorblind", max(len(arms), 1))
-    return {a: palette[i % len(palette)] for i, a in enumerate(arms)}
+    variants = sorted({_variant_optimizer(a)[0] for a in arms})
+    palette = sns.color_palette("colorblind", max(len(variants), 1))
+    by_variant = {v: palette[i % len(palette)] for i, v in enumerate(variants)}
+    return {a: by_variant[_variant_optimizer(a)[0]] for a in arms}
+
+
+def arm_linestyle(arm: str) -> str:
+    return LINESTYLES.get(_variant_optimizer(arm)[1], "-.")
+
+
+def _crop_y(ax, values: pd.Series, x: pd.Series) -> None:
+    """Crop the y axis to the part that matters: from just below the lowest value to the highest value after
+    the first 10% of the x range (the initial drop from the untrained loss would flatten everything else)."""
+    v, xs = values.to_numpy(float), x.to_numpy(float)
+    if len(v) < 4 or not np.isfinite(v).any():
+        return
+    late = v[xs >= np.nanmin(xs) + 0.1 * (np.nanmax(xs) - np.nanmin(xs))]
+    lo, hi = float(np.nanmin(v)), float(np.nanmax(late)) if len(late) else float(np.nanmax(v))
+    if hi > lo:
+        pad = 0.05 * (hi - lo)
+        ax.set_ylim(lo - pad, hi + pad)
 
 
 def _figure(w: float = 7.0, h: float = 4.2) -> tuple[Figure, object]:
@@ -88,7 +120,7 @@ def _with_x(history: pd.DataFrame, key: str, x: str) -> pd.DataFrame:
 
 def plot_curves(history: pd.DataFrame, key: str, path: Path, x: str = "step", band: str = "minmax",
                 logy: bool = False, smooth: int = 1, title: str | None = None,
-                colors: dict | None = None) -> Path | None:
+                colors: dict | None = None, markers: bool = False, crop: bool = False) -> Path | None:
     """Mean of `key` over seeds per arm against step/tokens/seconds, with a min-max band over seeds.
 
     `history` is Collected.history(...) output (must include train/tokens or train/elapsed_s for those
@@ -108,12 +140,17 @@ def plot_curves(history: pd.DataFrame, key: str, path: Path, x: str = "step", ba
         agg = g.groupby("step").agg(x=("x", "mean"), y=("value", "mean"), lo=("value", "min"),
                                     hi=("value", "max"), n=("value", "size")).sort_index()
         n_seeds = g.run_id.nunique()
-        ax.plot(agg.x, agg.y, color=colors[arm], lw=1.6, label=f"{arm} (n={n_seeds})")
+        ax.plot(agg.x, agg.y, color=colors[arm], lw=1.6, ls=arm_linestyle(arm), marker="o" if markers else None,
+                ms=3, label=f"{arm} (n={n_seeds})")
         if band == "minmax" and n_seeds > 1:
             ax.fill_between(agg.x, agg.lo, agg.hi, color=colors[arm], alpha=0.2, lw=0)
     if logy:
         ax.set_yscale("log")
         _plain_log_labels(ax)
+    elif crop:
+        _crop_y(ax, h.value, h.x)
+    if x == "seconds":
+        fig.text(0.01, 0.005, WALL_CLOCK_CAVEAT, fontsize=7, color="0.4")
     if x == "step":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(X_AXES[x][1])
@@ -145,7 +182,11 @@ def plot_bars(runs: pd.DataFrame, metrics: dict[str, tuple[str, float]], path: P
         err = np.vstack([(s["mean"] - s.ci_low) / scale, (s.ci_high - s["mean"]) / scale])
         err = np.nan_to_num(err, nan=0.0)
         pos = np.arange(len(s))
-        ax.bar(pos, y, yerr=err, capsize=4, color=[colors[a] for a in s.arm])
+        y = y.to_numpy()
+        ax.bar(pos, y, color=[colors[a] for a in s.arm])
+        multi = (s.n > 1).to_numpy()          # no error bar where n == 1: there is no interval
+        if multi.any():
+            ax.errorbar(pos[multi], y[multi], yerr=err[:, multi], fmt="none", ecolor="black", capsize=4)
         labels = [f"{a} (n={n})" if rotate else f"{a}\n(n={n})".replace(" [", "\n[")
                   for a, n in zip(s.arm, s.n, strict=True)]
         ax.set_xticks(pos, labels, fontsize=8, rotation=35 if rotate else 0,

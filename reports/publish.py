@@ -12,7 +12,7 @@ def _attach(collected, out_dir: Path) -> str | None:
     if collected.matrix_runs.empty:
         return None
     run_id = str(collected.matrix_runs.run_id.iloc[-1])  # sorted by start_time: the newest invocation
-    for name in ("report.md", "summary.csv"):
+    for name in ("report.md", "summary.csv", "trials.csv"):
         if (out_dir / name).is_file():
             collected.client.log_artifact(run_id, str(out_dir / name))
     if (out_dir / "figures").is_dir():
@@ -21,7 +21,7 @@ def _attach(collected, out_dir: Path) -> str | None:
 
 
 def publish_report(experiment: str, tracking_uri: str, out: Path | None, log: bool, command: str,
-                   console: Console) -> Path:
+                   console: Console, all_runs: bool = False) -> Path:
     """Write the report of `experiment` to `out` (default reports/out/<experiment>); -> report.md's path."""
     from reports.collect import collect
     from reports.markdown import write_report
@@ -30,8 +30,8 @@ def publish_report(experiment: str, tracking_uri: str, out: Path | None, log: bo
     with console.status("collecting runs from MLflow"):
         collected = collect(tracking_uri, experiment)
     with console.status("rendering report"):
-        path = write_report(collected, out, command=command)
+        path = write_report(collected, out, command=command, all_runs=all_runs)
     console.print(f"wrote {path}")
     if log and (run_id := _attach(collected, path.parent)):
-        console.print(f"logged report.md, summary.csv, figures/ to the matrix run {run_id}")
+        console.print(f"logged report.md, summary.csv, trials.csv, figures/ to the matrix run {run_id}")
     return path

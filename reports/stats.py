@@ -185,3 +185,73 @@ def paired_verdict(p: Paired, claimed_direction, rel_margin: float = EQUIVALENCE
     """verdict() on a Paired result, margin = rel_margin * |mean of B over the paired seeds|."""
     margin = rel_margin * abs(p.b_mean) if math.isfinite(p.b_mean) else 0.0
     return verdict(p.diff.low, p.diff.high, claimed_direction, p.n, margin)
+
+
+# ----------------------------------------------------------------------------- multiplicity (Holm)
+
+HOLM_RULE = (
+    "Multiplicity: the rows with a p-value (paired two-sided t-test over seeds, or of the log ratio for "
+    "compute multipliers) are Holm-corrected together (step-down, family-wise error 5%): a row is supported "
+    "or not supported on its direction only when its Holm-adjusted p is below 0.05; practical equality "
+    "(the whole 95% CI within ±2% of B) still reads not supported. Exact facts (counts, bytes) and "
+    "controlled speed measurements have no p-value and are judged on their own rule."
+)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm-adjusted p-values (step-down, made monotone, capped at 1); NaN stays NaN and is not counted."""
+    p = [float(x) for x in pvalues]
+    idx = sorted((i for i, x in enumerate(p) if math.isfinite(x)), key=lambda i: p[i])
+    m = len(idx)
+    out = [math.nan] * len(p)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def paired_p_value(p: Paired) -> float:
+    """Two-sided paired t-test of mean(A - B) = 0; NaN with fewer than 2 pairs."""
+    d = p.pairs["diff"].to_numpy(float) if p.n else np.array([])
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return math.nan
+    sd = float(d.std(ddof=1))
+    if sd == 0:
+        return 0.0 if d.mean() != 0 else 1.0
+    return float(_st.ttest_1samp(d, 0.0).pvalue)
+
+
+def holm_verdict(mean_diff: float, low: float, high: float, direction: int, p_adjusted: float, n: int,
+                 margin: float = 0.0, alpha: float = 1 - LEVEL) -> str:
+    """Verdict of a directional claim after Holm: the direction counts only where the adjusted p < alpha."""
+    if n < 2 or not math.isfinite(p_adjusted):
+        return INCONCLUSIVE
+    if margin > 0 and math.isfinite(low) and -margin <= low and high <= margin:
+        return NOT_SUPPORTED                       # practically equal
+    if p_adjusted < alpha:
+        return SUPPORTED if direction * mean_diff > 0 else NOT_SUPPORTED
+    return INCONCLUSIVE
+
+
+def exact_verdict(a: float, b: float, direction: int, digits: int | None = None,
+                  tolerance: float | None = None) -> str:
+    """Deterministic values judged exactly. direction +1/-1: A higher/lower than B after rounding both to the
+    claim's own `digits` significant digits (None: unrounded). direction 0 (equality): |A - B| <= tolerance x |B|
+    (the matrix's match tolerance)."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return INCONCLUSIVE
+    if direction == 0:
+        if tolerance is None:
+            raise ValueError("exact_verdict: an equality claim needs the match tolerance")
+        return SUPPORTED if abs(a - b) <= tolerance * abs(b) else NOT_SUPPORTED
+    ra, rb = (round_sig(v, digits) for v in (a, b))
+    return SUPPORTED if direction * (ra - rb) > 0 else NOT_SUPPORTED
+
+
+def round_sig(x: float, digits: int | None) -> float:
+    """x to `digits` significant digits (None or 0: unchanged)."""
+    if not digits or x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - math.floor(math.log10(abs(x))))

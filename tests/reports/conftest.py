@@ -33,7 +33,8 @@ FINALS = {
         "infer/decode_tokens_per_s": 30.3, "infer/decode_tokens_per_s_b8": 200.0, "infer/ttft_s": 0.02,
         "infer/kv_bytes_per_token": 36864.0, "grad/norm_median": 0.8, "grad/norm_p99_over_median": 3.0,
         "grad/norm_cv": 0.5, "grad/norm_spikes": 2.0, "train/loss_spikes": 1.0, "val/loss_final": 3.127,
-        "val/ppl_final": 22.8,
+        "val/ppl_final": 22.8, "val/bpb": 1.70, "mem/param_bytes": 296e6, "mem/grad_bytes": 296e6,
+        "mem/optim_state_bytes": 592e6,
     },
     "kimi+muon": {
         "params/total": 75_351_936.0, "params/active": 40_000_000.0, "params/embedding": 19_300_000.0,
@@ -42,14 +43,32 @@ FINALS = {
         "infer/decode_tokens_per_s": 45.2, "infer/decode_tokens_per_s_b8": 201.0, "infer/ttft_s": 0.03,
         "infer/kv_bytes_per_token": 4608.0, "grad/norm_median": 0.6, "grad/norm_p99_over_median": 2.0,
         "grad/norm_cv": 0.3, "grad/norm_spikes": 0.0, "train/loss_spikes": 0.0, "val/loss_final": 2.896,
-        "val/ppl_final": 18.1, "moe/load_cv": 0.1, "moe/max_load": 0.3, "moe/dropped": 0.0,
+        "val/ppl_final": 18.1, "val/bpb": 1.55, "mem/param_bytes": 301e6, "mem/grad_bytes": 301e6,
+        "mem/optim_state_bytes": 301e6, "moe/load_cv": 0.1, "moe/max_load": 0.3, "moe/dropped": 0.0,
         "attn/max_logit": 12.5,
     },
 }
-NOISY = {"train/tokens_per_s", "infer/decode_tokens_per_s", "infer/decode_tokens_per_s_b8", "grad/norm_cv",
+NOISY = {"val/bpb", "train/tokens_per_s", "infer/decode_tokens_per_s", "infer/decode_tokens_per_s_b8", "grad/norm_cv",
          "grad/norm_p99_over_median", "val/loss_final", "val/ppl_final", "mem/peak_bytes"}
 # decode b8 gets a seed pattern of opposite sign per arm so that the Kimi - GPT CI straddles zero
 B8_NOISE = {"gpt+adamw": {0: 0.03, 1: -0.02, 2: 0.0, 3: 0.0}, "kimi+muon": {0: -0.03, 1: 0.02, 2: 0.01}}
+
+
+# Controlled speed runs (kb.kind=speed), one per model shape: (median, iqr, n) per metric. gpt's decode at batch 8
+# is noisy (IQR 25% of the median); kimi decodes faster at batch 1 with bands apart; train step per optimizer.
+SPEED = {
+    "gpt": {"speed/prefill_tokens_per_s": (9000.0, 300.0, 20), "speed/ttft_s": (0.02, 0.001, 20),
+            "speed/decode_tokens_per_s_b1": (30.0, 1.0, 20), "speed/decode_tokens_per_s_b8": (200.0, 50.0, 20),
+            "speed/adamw/step_s": (0.5, 0.01, 15), "speed/adamw/fwd_bwd_s": (0.4, 0.01, 15),
+            "speed/adamw/optim_s": (0.1, 0.005, 15), "speed/adamw/train_tokens_per_s": (2048.0, 40.0, 15),
+            "speed/adamw/peak_bytes": (2.0e9, 1.0e7, 2)},
+    "kimi": {"speed/prefill_tokens_per_s": (8000.0, 200.0, 20), "speed/ttft_s": (0.03, 0.001, 20),
+             "speed/decode_tokens_per_s_b1": (45.0, 1.5, 20), "speed/decode_tokens_per_s_b8": (210.0, 5.0, 20),
+             "speed/muon/step_s": (0.6, 0.01, 15), "speed/muon/fwd_bwd_s": (0.45, 0.01, 15),
+             "speed/muon/optim_s": (0.15, 0.005, 15), "speed/muon/train_tokens_per_s": (1700.0, 30.0, 15),
+             "speed/muon/peak_bytes": (2.2e9, 1.0e7, 2)},
+}
+KV_BYTES = {"gpt": 36864.0, "kimi": 4608.0}
 
 
 @dataclass
@@ -109,7 +128,7 @@ def _trial(client: MlflowClient, st: Store, arm: str, seed: int, status: str, st
     tags = {"kb.kind": "trial", "mlflow.parentRunId": st.parent_id, "kb.trial_key": f"key-{arm}-{seed}",
             "kb.arm": arm, "kb.variant": variant, "kb.optimizer": optimizer, "kb.preset": "tiny",
             "kb.seed": str(seed), "kb.status": status, "kb.git_commit": GIT, "kb.device": "cpu",
-            "kb.torch_version": "2.13.0", "kb.data_hash": "d00dfeed"}
+            "kb.torch_version": "2.13.0", "kb.data_hash": "d00dfeed", "kb.shape": f"shape-{variant}"}
     if arm == "kimi+muon":
         tags["kb.tuned_from"] = "study=kimi-tune trial=7"
     run = client.create_run(st.experiment_id, start_time=start, tags=tags, run_name=f"{arm}-s{seed}")
@@ -156,6 +175,18 @@ def build_store(root: Path) -> Store:
     client.create_run(exp_id, start_time=T0 + 3_600_001,
                       tags={"kb.kind": "tune-trial", "mlflow.parentRunId": study.info.run_id,
                             "kb.arm": "gpt+adamw", "kb.seed": "0", "kb.trial_key": "key-gpt+adamw-0"})
+    for i, (variant, metrics) in enumerate(SPEED.items()):
+        opt = "adamw" if variant == "gpt" else "muon"
+        run = client.create_run(exp_id, start_time=T0 + 3_000_000 + i, tags={
+            "kb.kind": "speed", "kb.shape": f"shape-{variant}", "kb.variant": variant, "kb.preset": "tiny",
+            "kb.device": "cpu", "kb.threads": "1", "kb.parent_run": parent.info.run_id, "kb.optimizers": opt,
+            "mlflow.parentRunId": parent.info.run_id})
+        ms = [Metric("speed/kv_bytes_per_token", KV_BYTES[variant], T0, 0)]
+        for k, (med, iqr, n) in metrics.items():
+            ms += [Metric(k, med, T0, 0), Metric(k + "_iqr", iqr, T0, 0), Metric(k + "_n", float(n), T0, 0)]
+        client.log_batch(run.info.run_id, metrics=ms, params=[Param("model.n_layer", "4")])
+        client.set_terminated(run.info.run_id, "FINISHED")
+        st.runs[("speed", variant)] = run.info.run_id
     client.set_terminated(parent.info.run_id, "FINISHED", end_time=T0 + 7_200_000)
     return st
 

@@ -51,7 +51,9 @@ def test_bad_options_are_one_line_errors(tmp_path):
 IMAGE_MODULES = {"torch", "typer", "click", "rich", "markdown_it", "mdurl", "pygments", "shellingham", "numpy",
                  "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec", "triton", "packaging",
                  "typing_extensions", "yaml", "annotated_doc", "pydantic", "pydantic_core", "annotated_types",
-                 "typing_inspection", "torchgen", "setuptools", "pkg_resources", "tqdm"}
+                 "typing_inspection", "torchgen", "setuptools", "pkg_resources", "tqdm",
+                 # setuptools' vendored packages, importable top-level once pkg_resources has loaded (newer setuptools)
+                 "jaraco", "more_itertools", "backports"}
 
 
 def test_bench_imports_only_what_the_gpu_image_has():
