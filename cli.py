@@ -65,15 +65,20 @@ def run(
     steps: Annotated[int | None, typer.Option(help="override the step budget")] = None,
     nproc: Annotated[int, typer.Option(help="processes (GPUs) per trial, via torchrun")] = 1,
     peak_tflops: Annotated[float | None, typer.Option(help="device peak for MFU (default: table)")] = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Run a matrix of trials and log them to MLflow (finished trials are skipped on a rerun)."""
     from harness.dist import init_distributed, shutdown
     from harness.matrix import load_matrix
     from harness.runner import check_trials, prepare_data, run_matrix, summary_table
 
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+    ray_options = _ray_options(executor, ray_address, nproc)  # --executor ray: checked before anything runs
+    if nproc > 1 and "LOCAL_RANK" not in os.environ and ray_options is None:
         _relaunch_with_torchrun(nproc)
     spec = load_matrix(matrix)
+    if ray_options is not None:
+        ray_options = ray_options.from_matrix(spec.spec.ray, str(matrix), address=ray_address, nproc=nproc)
     if device is not None and not device.startswith(("cpu", "cuda", "auto")):
         raise UserError(f"--device: unknown device {device!r}; use cpu, cuda, cuda:N or auto")
     if steps is not None and steps < 1:
@@ -92,7 +97,8 @@ def run(
         return
     dist_info = init_distributed()
     try:
-        outcome = run_matrix(spec, trials, data, tracking_uri, out, console, dist_info, peak_tflops)
+        outcome = run_matrix(spec, trials, data, tracking_uri, out, console, dist_info, peak_tflops,
+                             executor=executor, ray_options=ray_options, cache_dir=cache_dir)
     finally:
         shutdown()
     if dist_info.is_main:
@@ -101,6 +107,29 @@ def run(
                       f"browse: mlflow ui --backend-store-uri {_display_uri(tracking_uri)}")
     if outcome.interrupted:
         raise typer.Exit(130)
+
+
+# --- executor options (--executor local|ray, --ray-address, --n-workers; harness/executors/) ---
+ExecutorOpt = Annotated[str, typer.Option("--executor", help="local (this process, the default) | ray (every "
+                                          "trial a Ray task; pip install -e '.[ray]')")]
+RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help="--executor ray: auto | HOST:PORT of a "
+                                                   "running cluster (default: $RAY_ADDRESS, else a local "
+                                                   "cluster on 127.0.0.1)")]
+
+
+def _ray_options(executor: str, ray_address: str | None, nproc: int = 1):
+    """RayOptions for --executor ray (Ray imported here, with a one-line fix when missing), else None."""
+    from harness.executors import check_executor
+
+    if check_executor(executor) == "local":
+        if ray_address is not None:
+            raise UserError("--ray-address: only with --executor ray; add --executor ray or drop it")
+        return None
+    from harness.executors.ray import RayOptions, import_ray
+
+    import_ray()
+    return RayOptions(address=ray_address, nproc=nproc)
+# --- end executor options ---
 
 
 def _check_out_dir(out: Path) -> None:
@@ -213,16 +242,32 @@ def tune_command(
     heartbeat: Annotated[int, typer.Option(
         help="seconds between worker heartbeats; a RUNNING trial silent for 2x this is failed")
                          ] = 60,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    n_workers: Annotated[int, typer.Option("--n-workers", help="--executor ray: Optuna workers run as Ray "
+                                           "tasks at once; together they add --n-trials per arm")] = 1,
 ) -> None:
     """Tune each arm with its own Optuna study: equal trials, same kind of search space, shared storage."""
     import shlex
 
     from harness.tune import best_params_lines, summary_table, tune
 
-    outcome = tune(matrix, n_trials=n_trials, total_trials=total_trials, storage=storage,
-                   study_prefix=study_prefix, tracking_uri=tracking_uri, cache_dir=cache_dir, out=out,
-                   sampler_seed=sampler_seed, pruner=pruner, arms=arms, timeout=timeout, seed=seed,
-                   heartbeat_s=heartbeat, console=console)
+    ray_options = _ray_options(executor, ray_address)
+    if ray_options is None and n_workers != 1:
+        raise UserError("--n-workers: only with --executor ray; add --executor ray or start more workers by hand")
+    if ray_options is not None:  # --- executor dispatch: N Optuna workers as Ray tasks ---
+        from harness.executors.ray import tune_ray
+
+        outcome = tune_ray(matrix, n_workers=n_workers, opts=ray_options, n_trials=n_trials,
+                           total_trials=total_trials, storage=storage, study_prefix=study_prefix,
+                           tracking_uri=tracking_uri, cache_dir=cache_dir, out=out, sampler_seed=sampler_seed,
+                           pruner=pruner, arms=arms, timeout=timeout, seed=seed, heartbeat_s=heartbeat,
+                           console=console)
+    else:
+        outcome = tune(matrix, n_trials=n_trials, total_trials=total_trials, storage=storage,
+                       study_prefix=study_prefix, tracking_uri=tracking_uri, cache_dir=cache_dir, out=out,
+                       sampler_seed=sampler_seed, pruner=pruner, arms=arms, timeout=timeout, seed=seed,
+                       heartbeat_s=heartbeat, console=console)
     console.print(summary_table(outcome))
     for line in best_params_lines(outcome):
         console.print(line, markup=False, highlight=False)

@@ -69,8 +69,16 @@ def last_logged_step(tracker: Tracker, run_id: str) -> int:
 
 def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tracking_uri: str | None,
                out_root: Path, console: Console, dist_info: DistInfo = DistInfo(),
-               peak_tflops: float | None = None) -> MatrixOutcome:
+               peak_tflops: float | None = None, executor: str = "local", ray_options=None,
+               cache_dir: str | None = None) -> MatrixOutcome:
     """Run every trial; Ctrl-C marks the current run killed and stops with a resume hint."""
+    # --- executor dispatch: --executor ray runs every trial as a Ray task (harness/executors/ray.py) ---
+    if executor == "ray":
+        from harness.executors.ray import RayOptions, run_matrix_ray
+
+        return run_matrix_ray(matrix, trials, data, tracking_uri, out_root, console, ray_options or RayOptions(),
+                              peak_tflops, cache_dir)
+    # --- end executor dispatch ---
     tracker = Tracker(tracking_uri) if dist_info.is_main else None
     experiment_id = tracker.ensure_experiment(matrix.name) if tracker else ""
     device = resolve_device(trials[0].train.device) if trials else torch.device("cpu")
