@@ -160,6 +160,14 @@ def cluster_hosts() -> dict[str, list[str]]:
     return hosts
 
 
+def driver_node():
+    """Scheduling on the driver's node (soft): the driver's bookkeeping actors are not lost with a worker node."""
+    ray = import_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
 def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "journal:", "/", ".")) or "://" not in uri
 
@@ -266,7 +274,8 @@ class Claims:
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.scope = hashlib.sha256(scope.encode()).hexdigest()[:16]
         self.board = ray.remote(ClaimBoard).options(name=CLAIMS_ACTOR, namespace=NAMESPACE, lifetime="detached",
-                                                    get_if_exists=True, num_cpus=0).remote()
+                                                    get_if_exists=True, num_cpus=0,
+                                                    scheduling_strategy=driver_node()).remote()
         self.lock_dir = lock_dir / self.scope
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         self.locks: dict[str, Any] = {}
@@ -526,7 +535,7 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
             **common_tags, "kb.matrix_file": str(matrix.path), "kb.n_trials": str(len(trials))})
         outcome = MatrixOutcome(experiment_id, parent, [])
         claims = Claims(f"{strip_credentials(uri)}|{experiment_id}", claims_lock_dir(uri))
-        board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+        board = ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=driver_node()).remote()
         console.print(f"ray: {sum(len(v) for v in hosts.values())} node(s) on {len(hosts)} machine(s), "
                       f"{_slots(ray)}; {len(trials)} trial(s)")
         try:
