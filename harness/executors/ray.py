@@ -354,8 +354,23 @@ class BoardReporter:
         self.board, self.key = board, key
 
     def __call__(self, step: int, total: int | None, info: dict) -> None:
+        with contextlib.suppress(Exception):  # fire-and-forget; a lost board costs the driver's view only
+            self._send(step, total, info)
+
+    def _send(self, step: int, total: int | None, info: dict) -> None:
         self.board.update.remote(self.key, {"step": step, "total": total, "loss": info.get("loss"),
                                             "tok_s": info.get("tok/s"), "time": time.time()})
+
+
+def _board_start(board, key: str, info: dict) -> int:
+    """This attempt's number (1, 2, ...) from the driver's board; 0 when the board cannot be reached (progress
+    is a nicety: the trial runs all the same)."""
+    if board is None:
+        return 0
+    try:
+        return int(import_ray().get(board.start.remote(key, info), timeout=60))
+    except Exception:
+        return 0
 
 
 def _where() -> dict:
@@ -420,7 +435,7 @@ def train_trial(job: TrialJob) -> dict:
     data = _prepare_quietly(job.data_fields, job.cache_dir)
     key = job.spec.key(data.data_hash)
     where = _where()
-    attempt = import_ray().get(job.board.start.remote(key, {**where, "arm": job.spec.arm})) if job.board else 1
+    attempt = _board_start(job.board, key, {**where, "arm": job.spec.arm})
     tracker = Tracker(resolve_secret("tracking", job.tracking_uri, job.tracking_secret))
     run = open_trial_run(job, tracker, key)
     if run is None:
@@ -675,7 +690,8 @@ def _collect(ray, r: Running, row: dict, tracker, console: Console):
     style = {"finished": "green", "diverged": "red", "oom": "red", "failed": "red"}.get(result.status, "yellow")
     ppl = result.metrics.get("val/ppl_final")
     detail = f"val ppl {ppl:.3f}" if ppl else (result.error or "")
-    retried = f" after {out['attempt'] - 1} retr{'y' if out['attempt'] == 2 else 'ies'}" if out["attempt"] > 1 else ""
+    n_retries = out["attempt"] - 1
+    retried = f" after {n_retries} retr{'y' if n_retries == 1 else 'ies'}" if n_retries > 0 else ""
     console.print(f"[{style}]{result.status}[/] {r.spec.name} at step {result.step} on {out['node']}{retried}: "
                   f"{detail}")
     return result

@@ -50,7 +50,7 @@ from tests.helpers import (  # noqa: E402
     write_matrix,
 )
 
-FAST_HEALTH = {"health_check_period_ms": 500, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+FAST_HEALTH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 3000, "health_check_failure_threshold": 5}
 
 
 @pytest.fixture(scope="module")
