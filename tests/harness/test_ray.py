@@ -44,7 +44,10 @@ from tests.helpers import (  # noqa: E402
     assert_one_line_error,
     child_env,
     duplicate_steps,
+    finish,
+    kill_group,
     metric_steps,
+    popen_cli,
     run_cli,
     trial_runs,
     write_matrix,
@@ -148,6 +151,7 @@ def listening_addresses(pids: list[int]) -> set[str]:
 # ----------------------------------------------------------------------------------------------- the cluster
 
 
+@pytest.mark.slow
 def test_cluster_is_pinned_to_loopback(cluster):
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert len(nodes) == 3
@@ -163,6 +167,7 @@ def test_cluster_is_pinned_to_loopback(cluster):
 # ----------------------------------------------------------------------------------------------- a matrix
 
 
+@pytest.mark.slow
 def test_four_trials_on_two_nodes_overlap_and_a_second_driver_trains_nothing_twice(cluster, store, tmp_path):
     matrix = write_matrix(tmp_path / "m.toml", "ray-four", variants=("gpt", "kimi"), optimizers=("adamw", "muon"),
                           train={"steps": 30, "checkpoint_interval": 10})
@@ -200,6 +205,7 @@ def test_four_trials_on_two_nodes_overlap_and_a_second_driver_trains_nothing_twi
     assert len({row["node_id"] for row in seen.values()}) == 2, "the trials did not use both worker nodes"
 
 
+@pytest.mark.slow
 def test_ray_and_local_executor_leave_the_same_keys(cluster, store, tmp_path):
     """One trial through each executor: the same metric, param, tag and artifact names, the same report keys."""
     from reports.collect import collect
@@ -237,6 +243,7 @@ def _kill_worker(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)  # the Ray worker process running the trial (started by this test's cluster)
 
 
+@pytest.mark.slow
 def test_lost_node_or_worker_is_retried_and_resumes_from_checkpoint(cluster, store, tmp_path):
     steps = 45
     matrix = write_matrix(tmp_path / "f.toml", "ray-faults",
@@ -277,9 +284,40 @@ def test_lost_node_or_worker_is_retried_and_resumes_from_checkpoint(cluster, sto
     assert run.data.tags["kb.status"] == "finished"
 
 
+@pytest.mark.slow
+def test_ctrl_c_on_the_driver_cancels_the_trials_and_marks_them_killed(cluster, store, tmp_path):
+    matrix = write_matrix(tmp_path / "c.toml", "ray-ctrl-c", variants=("gpt", "kimi"),
+                          train={"steps": 400, "checkpoint_interval": 20})
+    client = MlflowClient(store["uri"])
+    log = tmp_path / "driver.log"
+    proc = popen_cli(["run", "--matrix", str(matrix), "--executor", "ray", "--ray-address", cluster.address,
+                      "--tracking-uri", store["uri"], "--out", str(tmp_path / "runs"), "--cache-dir",
+                      store["cache"]], cwd=tmp_path, env=child_env({LOOPBACK_ENV: "0"}), log=log)
+    try:
+        def training() -> bool:
+            if client.get_experiment_by_name("ray-ctrl-c") is None:
+                return False
+            runs = trial_runs(client, "ray-ctrl-c")
+            return len(runs) == 2 and all(metric_steps(client, r.info.run_id, "train/loss") for r in runs)
+
+        wait_for(training, 240, "both trials to log steps", 0.5)
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: the driver process this test started
+        assert finish(proc, 120) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    runs = trial_runs(client, "ray-ctrl-c")
+    assert {r.data.tags["kb.status"] for r in runs} == {"killed"}, log.read_text()[-3000:]
+    assert {r.info.status for r in runs} == {"KILLED"}
+    (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert client.get_run(parent_id).info.status == "KILLED"
+    assert "interrupted" in log.read_text()
+
+
 # ----------------------------------------------------------------------------------------------- studies
 
 
+@pytest.mark.slow
 def test_tune_two_workers_adds_exactly_four_per_arm_two_at_once(cluster, store, tmp_path):
     import optuna
     from optuna.trial import TrialState
@@ -327,6 +365,7 @@ def test_the_local_path_never_imports_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_local_stores_are_refused_on_several_machines_in_one_line(monkeypatch, cluster, store, tmp_path):
     import harness.executors.ray as rx
 
