@@ -161,11 +161,12 @@ def cluster_hosts() -> dict[str, list[str]]:
 
 
 def driver_node():
-    """Scheduling on the driver's node (soft): the driver's bookkeeping actors are not lost with a worker node."""
+    """Scheduling on the driver's node (hard; the actors need no CPU, so it always fits): the driver's
+    bookkeeping actors are never lost with a worker node, only with the driver's own node (and the driver)."""
     ray = import_ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def is_local_store(uri: str) -> bool:
