@@ -245,14 +245,15 @@ def _kill_worker(pid: int) -> None:
 
 @pytest.mark.slow
 def test_lost_node_or_worker_is_retried_and_resumes_from_checkpoint(cluster, store, tmp_path):
-    steps = 45
+    steps = 150  # micro-batches of 32 rows: ~10 steps/s here, so a kill lands within a few steps of its moment
     matrix = write_matrix(tmp_path / "f.toml", "ray-faults",
-                          train={"steps": steps, "checkpoint_interval": 3, "log_interval": 3, "eval_interval": 15})
+                          train={"steps": steps, "micro_batch_size": 32, "checkpoint_interval": 5, "log_interval": 5,
+                                 "eval_interval": 50})
     latest: dict[str, dict] = {}
     t, box = in_thread(drive, matrix, store, tmp_path / "runs", cluster, lambda s: latest.update(s), 3)
     seed = random.randrange(2**31)
     rng = random.Random(seed)
-    moments = [rng.randint(lo, hi) for lo, hi in ((4, 14), (16, 28), (30, 40))]
+    moments = [rng.randint(lo, hi) for lo, hi in ((10, 40), (55, 90), (105, 135))]
     kills = []
     for attempt, (moment, kind) in enumerate(zip(moments, ("node", "worker", "node"), strict=True), 1):
         def at_moment(attempt=attempt, moment=moment):
@@ -276,6 +277,7 @@ def test_lost_node_or_worker_is_retried_and_resumes_from_checkpoint(cluster, sto
     n_dups = sum(map(len, dups.values()))
     print(f"\nfault test (seed {seed}): kills {kills}, attempts {attempts} (retries {attempts - 1}), runs "
           f"{len(runs)}, train/loss steps logged {len(logged)} of {steps}, duplicate steps {n_dups}")
+    assert all(step < steps for _, step, _ in kills), f"a kill came after training ended: {kills}"
     assert result.status == "finished" and result.step == steps, log[-3000:]
     assert attempts == 4, f"expected 3 retries, got {attempts - 1}"
     assert logged == list(range(1, steps + 1))
