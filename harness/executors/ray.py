@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shlex
 import sys
@@ -58,6 +59,7 @@ NAMESPACE = "kimi-bench"
 CLAIMS_ACTOR = "kb-claims"
 CLAIM_TTL_S = 120.0  # a driver renews its claims every CLAIM_TTL_S / 4; a dead driver's expire after this
 SECRET_ENV = {"tracking": "MLFLOW_TRACKING_URI", "storage": "KB_OPTUNA_STORAGE"}
+DDP_RESULT = "ddp_result.json"  # rank 0's TrialResult, in the trial folder
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, every port on 127.0.0.1
 
 
@@ -472,9 +474,11 @@ def _ddp_worker_loop(config: dict) -> None:
     progress = BoardReporter(job.board, key) if job.board and info.is_main else None
     result = run_trial(job.spec, data, Path(job.out_dir), run, info, progress=progress,
                        peak_tflops=job.peak_tflops)
-    if info.is_main:
-        ray.train.report({"status": result.status, "step": result.step, "error": result.error or "",
-                          "run_id": result.run_id or "", **result.metrics})
+    if info.is_main:  # the trial folder is shared: the task that launched the trainer reads it back
+        out = {"status": result.status, "step": result.step, "error": result.error, "run_id": result.run_id,
+               "metrics": result.metrics}
+        (Path(job.out_dir) / DDP_RESULT).write_text(json.dumps(out, default=float))
+    ray.train.report({"status": result.status})  # every rank: a collective in Ray Train
 
 
 def _train_ddp(job: TrialJob, key: str):
@@ -490,12 +494,13 @@ def _train_ddp(job: TrialJob, key: str):
         scaling_config=ScalingConfig(num_workers=job.nproc, use_gpu=use_gpu),
         run_config=RunConfig(name=f"kb-{key}", storage_path=str(Path(job.out_dir).parent.resolve()),
                              failure_config=FailureConfig(max_failures=0)))
-    metrics = dict(trainer.fit().metrics or {})
-    status = str(metrics.pop("status", "failed"))
-    step = int(metrics.pop("step", 0))
-    error = str(metrics.pop("error", "")) or None
-    run_id = str(metrics.pop("run_id", "")) or None
-    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and "/" in k}
+    result_file = Path(job.out_dir) / DDP_RESULT
+    result_file.unlink(missing_ok=True)
+    trainer.fit()
+    out = json.loads(result_file.read_text()) if result_file.is_file() else {
+        "status": "failed", "step": 0, "error": "the DDP workers ended without a result", "run_id": None,
+        "metrics": {}}
+    status, step, error, run_id, numeric = out["status"], out["step"], out["error"], out["run_id"], out["metrics"]
     return TrialResult(status, key, step, numeric, run_id, error, Path(job.out_dir))
 
 

@@ -84,7 +84,7 @@ def _console() -> Console:
 
 
 def drive(matrix_path: Path, store: dict, out: Path, cluster, observer=None, max_retries: int = 3,
-          executor: str = "ray"):
+          executor: str = "ray", nproc: int = 1):
     """One in-process driver of a matrix (the CLI's run, minus argument parsing)."""
     from harness.matrix import load_matrix
     from harness.runner import prepare_data, run_matrix
@@ -93,7 +93,7 @@ def drive(matrix_path: Path, store: dict, out: Path, cluster, observer=None, max
     console = _console()
     data = prepare_data(matrix.data_fields(), store["cache"], console)
     trials = matrix.expand(data.vocab_size)
-    opts = RayOptions(address=cluster.address, observer=observer, max_retries=max_retries, poll_s=0.2)
+    opts = RayOptions(address=cluster.address, observer=observer, max_retries=max_retries, poll_s=0.2, nproc=nproc)
     outcome = run_matrix(matrix, trials, data, store["uri"], out, console, executor=executor, ray_options=opts,
                          cache_dir=store["cache"])
     return outcome, console.file.getvalue()
@@ -228,6 +228,22 @@ def test_ray_and_local_executor_leave_the_same_keys(cluster, store, tmp_path):
     assert keys(names["ray"]) == keys(names["local"])
     frames = {e: collect(store["uri"], n).runs for e, n in names.items()}
     assert set(frames["ray"].columns) == set(frames["local"].columns)
+
+
+@pytest.mark.slow
+def test_a_trial_of_two_processes_runs_ddp_through_torch_trainer_across_the_nodes(cluster, store, tmp_path):
+    """--nproc 2 on Ray: Ray Train's TorchTrainer sets up the (gloo) process group on one CPU slot of each node;
+    rank 0 logs into the trial's run, the same layout as one process."""
+    matrix = write_matrix(tmp_path / "d.toml", "ray-ddp", train={"steps": 8, "eval_interval": 4})
+    outcome, log = drive(matrix, store, tmp_path / "runs", cluster, nproc=2)
+    ((spec, result),) = outcome.results
+    assert result.status == "finished" and result.step == 8, log[-3000:]
+    assert result.metrics["train/tokens"] == 8 * 2 * 4 * spec.dims.block_size  # 2 ranks x micro_batch 4
+    client = MlflowClient(store["uri"])
+    (run,) = trial_runs(client, "ray-ddp")
+    assert run.data.tags["kb.status"] == "finished"
+    assert metric_steps(client, run.info.run_id, "train/loss") == list(range(1, 9))
+    assert duplicate_steps(client, run) == {}
 
 
 # ----------------------------------------------------------------------------------------------- faults
@@ -419,3 +435,12 @@ def test_credentials_reach_tasks_through_the_environment_only(monkeypatch):
     with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_URI is not set"):
         resolve_secret("tracking", shown, True)
     assert secret_arg("storage", "sqlite:///x.db") == ("sqlite:///x.db", {})
+
+
+def test_the_matrix_ray_table_is_validated_in_one_line():
+    opts = RayOptions.from_matrix({"num_cpus": 2, "max_retries": 1, "checkpoint_dir": "/shared/runs"}, "m.toml")
+    assert (opts.num_cpus, opts.max_retries, opts.checkpoint_dir) == (2, 1, "/shared/runs")
+    with pytest.raises(UserError, match=r"^m.toml: ray.num_gpu: unknown field; use num_cpus, num_gpus"):
+        RayOptions.from_matrix({"num_gpu": 1}, "m.toml")
+    with pytest.raises(UserError, match=r"^m.toml: ray.max_retries: "):
+        RayOptions.from_matrix({"max_retries": -1}, "m.toml")
