@@ -440,14 +440,16 @@ def train_trial(job: TrialJob) -> dict:
     where = _where()
     attempt = _board_start(job.board, key, {**where, "arm": job.spec.arm})
     tracker = Tracker(resolve_secret("tracking", job.tracking_uri, job.tracking_secret))
-    run = open_trial_run(job, tracker, key)
-    if run is None:
-        return {"status": "skipped", "trial_key": key, "attempt": attempt, **where}
-    run.log_dataset(data.corpus_name, data.data_hash, str(data.path))
-    if job.nproc > 1:
-        run.end("killed")  # the DDP workers reopen it (rank 0 logs)
+    if job.nproc > 1:  # rank 0 of the DDP workers opens (or resumes) the run and logs
+        existing = tracker.find_trial(job.experiment_id, key)
+        if existing is not None and existing.data.tags.get("kb.status") in TERMINAL:
+            return {"status": "skipped", "trial_key": key, "attempt": attempt, **where}
         result = _train_ddp(job, key)
     else:
+        run = open_trial_run(job, tracker, key)
+        if run is None:
+            return {"status": "skipped", "trial_key": key, "attempt": attempt, **where}
+        run.log_dataset(data.corpus_name, data.data_hash, str(data.path))
         progress = BoardReporter(job.board, key) if job.board else None
         result = run_trial(job.spec, data, Path(job.out_dir), run, progress=progress, peak_tflops=job.peak_tflops)
     return {"status": result.status, "trial_key": key, "step": result.step, "metrics": result.metrics,
@@ -471,6 +473,8 @@ def _ddp_worker_loop(config: dict) -> None:
     run = None
     if info.is_main:
         run = open_trial_run(job, Tracker(resolve_secret("tracking", job.tracking_uri, job.tracking_secret)), key)
+        if run is not None:
+            run.log_dataset(data.corpus_name, data.data_hash, str(data.path))
     progress = BoardReporter(job.board, key) if job.board and info.is_main else None
     result = run_trial(job.spec, data, Path(job.out_dir), run, info, progress=progress,
                        peak_tflops=job.peak_tflops)
