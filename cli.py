@@ -84,6 +84,12 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", metavar="SECTION.KEY=VALUE", help="override a matrix field, e.g. --set train.steps=5 "
     "--set optim.adamw.lr=3e-4 (repeatable; validated like the file; part of the trial key)")]
 
+ExecutorOpt = Annotated[str, typer.Option("--executor", help="local (this process, the default) | ray (every "
+                                          "trial a Ray task; pip install -e '.[ray]')")]
+RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help="--executor ray: auto | HOST:PORT of a "
+                                                   "running cluster (default: $RAY_ADDRESS, else a local "
+                                                   "cluster on 127.0.0.1)")]
+
 
 @app.command(context_settings=CONTEXT)
 def run(
@@ -105,16 +111,18 @@ def run(
     peak_tflops: Annotated[float | None, typer.Option(help="device peak for MFU (default: table)")] = None,
     keep_state: Annotated[bool, typer.Option("--keep-state", help="keep trial_state.pt (optimizer state) "
                                              "after a trial ended; by default it is deleted")] = False,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Run a matrix of trials and log them to MLflow (finished trials are skipped on a rerun)."""
     from harness.commands import RunOptions
     from harness.commands import run as run_matrix_command
 
-    if nproc > 1 and "LOCAL_RANK" not in os.environ and not dry_run:
-        _relaunch_with_torchrun(nproc)
+    if nproc > 1 and "LOCAL_RANK" not in os.environ and not dry_run and executor == "local":
+        _relaunch_with_torchrun(nproc)  # --executor ray runs multi-process trials through Ray Train instead
     code = run_matrix_command(RunOptions(matrix, list(sets or []), tracking_uri, out, cache_dir, tuned,
                                          study_storage, study_prefix, dry_run, device, steps, nproc, peak_tflops,
-                                         keep_state), console)
+                                         keep_state, executor, ray_address), console)
     if code:
         raise typer.Exit(code)
 
@@ -163,17 +171,22 @@ def tune_command(
     heartbeat: Annotated[int, typer.Option(
         help="seconds between worker heartbeats; a RUNNING trial silent for 2x this is failed")
                          ] = 60,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    n_workers: Annotated[int, typer.Option("--n-workers", help="--executor ray: Optuna workers run as Ray "
+                                           "tasks at once; together they add --n-trials per arm")] = 1,
 ) -> None:
     """Tune each arm with its own Optuna study: equal trials, same kind of search space, shared storage."""
     import shlex
 
-    from harness.matrix import load_matrix
-    from harness.tune import best_params_lines, summary_table, tune
+    from harness.commands import tune as tune_matrix
+    from harness.tune import best_params_lines, summary_table
 
-    outcome = tune(load_matrix(matrix, list(sets or [])), n_trials=n_trials, total_trials=total_trials,
-                   storage=storage, study_prefix=study_prefix, tracking_uri=tracking_uri, cache_dir=cache_dir,
-                   out=out, sampler_seed=sampler_seed, pruner=pruner, arms=arms, timeout=timeout, seed=seed,
-                   heartbeat_s=heartbeat, console=console)
+    outcome = tune_matrix(matrix, list(sets or []), console, executor=executor, ray_address=ray_address,
+                          n_workers=n_workers, n_trials=n_trials, total_trials=total_trials, storage=storage,
+                          study_prefix=study_prefix, tracking_uri=tracking_uri, cache_dir=cache_dir, out=out,
+                          sampler_seed=sampler_seed, pruner=pruner, arms=arms, timeout=timeout, seed=seed,
+                          heartbeat_s=heartbeat)
     console.print(summary_table(outcome))
     for line in best_params_lines(outcome):
         console.print(line, markup=False, highlight=False)

@@ -29,6 +29,8 @@ class RunOptions:
     nproc: int = 1
     peak_tflops: float | None = None
     keep_state: bool = False
+    executor: str = "local"
+    ray_address: str | None = None
 
 
 def user_errors(fn):
@@ -88,7 +90,10 @@ def dry_run(o: RunOptions, console: Console) -> None:
     from harness.plan import show_plan, vocab_size_for
 
     _check_run_options(o)
+    ray_options = ray_options_for(o.executor, o.ray_address, o.nproc)  # checked before anything runs
     spec = load_matrix(o.matrix, o.sets)
+    if ray_options is not None:
+        ray_options = ray_options.from_matrix(spec.spec.ray, str(o.matrix), address=o.ray_address, nproc=o.nproc)
     vocab = user_errors(lambda: vocab_size_for(spec.data_fields(), o.cache_dir))
     tuned = _load_tuned(spec, o) if o.tuned else None
     trials = spec.expand(vocab[0], tuned=tuned, **_train_overrides(o))
@@ -115,7 +120,10 @@ def run(o: RunOptions, console: Console) -> int:
     from harness.tracking import resolve_tracking_uri, strip_credentials
 
     _check_run_options(o)
+    ray_options = ray_options_for(o.executor, o.ray_address, o.nproc)  # checked before anything runs
     spec = load_matrix(o.matrix, o.sets)
+    if ray_options is not None:
+        ray_options = ray_options.from_matrix(spec.spec.ray, str(o.matrix), address=o.ray_address, nproc=o.nproc)
     check_out_dir(o.out)
     data = user_errors(lambda: prepare_data(spec.data_fields(), o.cache_dir, console))
     tuned = _load_tuned(spec, o) if o.tuned else None
@@ -124,7 +132,8 @@ def run(o: RunOptions, console: Console) -> int:
     dist_info = init_distributed()
     try:
         outcome = run_matrix(spec, trials, data, o.tracking_uri, o.out, console, dist_info, o.peak_tflops,
-                             keep_state=o.keep_state)
+                             keep_state=o.keep_state, executor=o.executor, ray_options=ray_options,
+                             cache_dir=o.cache_dir)
     finally:
         shutdown()
     if dist_info.is_main:
@@ -195,3 +204,35 @@ def data_info(fields: dict | None, matrix: Path | None, cache_dir: str | None, c
     for key, value in data.info().items():
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     return table
+
+
+def ray_options_for(executor: str, ray_address: str | None, nproc: int = 1):
+    """RayOptions for --executor ray (Ray imported only then, with a one-line fix when missing), else None."""
+    from harness.executors import check_executor
+
+    if check_executor(executor) == "local":
+        if ray_address is not None:
+            raise UserError("--ray-address: only with --executor ray; add --executor ray or drop it")
+        return None
+    from harness.executors.ray import RayOptions, import_ray
+
+    import_ray()
+    return RayOptions(address=ray_address, nproc=nproc)
+
+
+def tune(matrix: Path, sets: list[str], console: Console, *, executor: str = "local",
+         ray_address: str | None = None, n_workers: int = 1, **tune_kwargs):
+    """`kimi-bench tune`: one study per arm, in this process or as N Optuna workers on Ray; -> TuneOutcome."""
+    from harness.matrix import load_matrix
+
+    ray_options = ray_options_for(executor, ray_address)
+    if ray_options is None and n_workers != 1:
+        raise UserError("--n-workers: only with --executor ray; add --executor ray or start more workers by hand")
+    spec = load_matrix(matrix, sets)
+    if ray_options is not None:
+        from harness.executors.ray import tune_ray
+
+        return tune_ray(spec, n_workers=n_workers, opts=ray_options, console=console, **tune_kwargs)
+    from harness.tune import tune as tune_local
+
+    return tune_local(spec, console=console, **tune_kwargs)

@@ -122,6 +122,7 @@ class MatrixFile(BaseModel):
     match: MatchSection | None = None
     model: dict[str, Any] = {}
     optim: dict[str, dict[str, Any]] = {}
+    ray: dict[str, Any] = {}  # --executor ray scheduling (validated by harness.executors.ray; not in trial keys)
 
 
 @dataclasses.dataclass

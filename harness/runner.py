@@ -100,9 +100,17 @@ def _command_line() -> str:
 
 def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tracking_uri: str | None,
                out_root: Path, console: Console, dist_info: DistInfo = DistInfo(),
-               peak_tflops: float | None = None, keep_state: bool = False) -> MatrixOutcome:
+               peak_tflops: float | None = None, keep_state: bool = False, executor: str = "local",
+               ray_options=None, cache_dir: str | None = None) -> MatrixOutcome:
     """Run every trial; Ctrl-C marks the current run killed and stops with a resume hint. MLflow's own log
-    lines go to <out>/<experiment>/mlflow.log while the bars draw."""
+    lines go to <out>/<experiment>/mlflow.log while the bars draw. `executor="ray"` runs every trial as a Ray
+    task instead (harness/executors/ray.py), with the same trial code and MLflow layout."""
+    if executor == "ray":
+        from harness.executors.ray import RayOptions, run_matrix_ray
+
+        with mlflow_logs_to(out_root / matrix.name / "mlflow.log"):
+            return run_matrix_ray(matrix, trials, data, tracking_uri, out_root, console,
+                                  ray_options or RayOptions(), peak_tflops, cache_dir)
     with mlflow_logs_to(out_root / matrix.name / "mlflow.log"):
         return _run_matrix(matrix, trials, data, tracking_uri, out_root, console, dist_info, peak_tflops,
                            keep_state)
