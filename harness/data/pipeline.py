@@ -318,8 +318,8 @@ def vocab_size_for(fields: dict) -> tuple[int, bool]:
         with no_downloads():
             corpus = load_corpus(cfg)
     except UserError:
-        if cfg.corpus.startswith("bin:"):
-            raise
+        if cfg.corpus.startswith("bin:") and cfg.vocab_size is None:
+            raise  # a bin: folder's ids mean nothing without its meta.json (or a stated vocab_size)
         return estimate, False
     if corpus.bin_dir is not None:
         return _bin_vocab_and_tokenizer(cfg, corpus)[0], True
