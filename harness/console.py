@@ -98,8 +98,13 @@ class _LazyFileHandler(logging.FileHandler):
 @contextlib.contextmanager
 def mlflow_logs_to(log_file: Path) -> Iterator[Path]:
     """Send MLflow's (and alembic's) log records to `log_file` while the bars draw; warnings and errors still
-    reach stderr. MLflow installs its own stderr handler on import, so it is imported first."""
-    import mlflow  # noqa: F401  (configures its loggers; replaced below, restored after)
+    reach stderr. MLflow installs its own stderr handler on import, so it is imported first; where MLflow is
+    absent (a `record:` tracker on a machine without it) there is nothing to quiet."""
+    try:
+        import mlflow  # noqa: F401  (configures its loggers; replaced below, restored after)
+    except ImportError:
+        yield log_file
+        return
 
     to_file = _LazyFileHandler(log_file)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -128,9 +128,18 @@ VARIANTS: dict[str, Callable[[ModelDims], nn.Module]] = {
 # the 0.23M: nanoKimi's per-head rope keys and biases). Budget matching is what makes the arms comparable.
 # A preset's vocab_size (paper: GPT-2's) is kept when it covers the tokenizer's; None takes the tokenizer's.
 PRESETS: dict[str, ModelDims] = {
+    # micro < tiny < mini: three CPU-sized models for a loss-vs-compute fit in minutes (scaling-cpu.toml)
+    "micro": ModelDims(
+        n_layer=2, dim=32, n_heads=2, block_size=64, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=32,
+    ),
     "tiny": ModelDims(
         n_layer=2, dim=64, n_heads=4, block_size=64, q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16,
         qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=64,
+    ),
+    "mini": ModelDims(
+        n_layer=3, dim=96, n_heads=4, block_size=64, q_lora_rank=0, kv_lora_rank=48, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=96,
     ),
     "small": ModelDims(
         n_layer=6, dim=320, n_heads=5, block_size=256, q_lora_rank=160, kv_lora_rank=96, qk_nope_head_dim=48,

@@ -325,6 +325,22 @@ def apply_holm(rows: list[Row]) -> None:
         r.verdict = r.decide(adj)
 
 
+EDGE_SLACK = 1.5  # a fitted curve may reach the target up to 1.5x beyond the compute its runs span
+
+
+def _extrapolated(points: pd.DataFrame, f) -> str:
+    """The arm whose fitted curve reaches the target outside the compute its runs span ("" if none): a
+    multiplier read there is an extrapolation of the fit, not a measurement, and gets no verdict. The default
+    target is the worse arm's final loss at its largest size, so that arm meets it at the edge of its range:
+    EDGE_SLACK allows the fit's noise there."""
+    for arm, fit in ((f.a_arm, f.fit_a), (f.b_arm, f.fit_b)):
+        c = points[points.arm.eq(arm)].compute
+        need = fit.compute_for(f.target) if fit is not None else math.inf
+        if not (c.min() / EDGE_SLACK <= need <= c.max() * EDGE_SLACK):
+            return arm
+    return ""
+
+
 def fitted_rows(runs: pd.DataFrame, curves: pd.DataFrame, folded: dict[str, str]) -> list[Row]:
     """With three or more sizes: the FLOPs multiplier read off fitted loss-vs-compute curves, bootstrap CI."""
     from reports.compute import fitted_multiplier, scaling_points
@@ -343,8 +359,11 @@ def fitted_rows(runs: pd.DataFrame, curves: pd.DataFrame, folded: dict[str, str]
             if not math.isfinite(f.multiplier):
                 continue
             ci = f"[{_fmt(f.low)}, {_fmt(f.high)}]" if math.isfinite(f.low) else "(no interval: one seed per size)"
+            extrapolated = _extrapolated(points, f)
             v = INCONCLUSIVE                  # claimed: A/B < 1 (A needs less compute)
-            if math.isfinite(f.low) and f.high < 1:
+            if extrapolated:
+                ci += f"; extrapolated: {extrapolated} reaches the target outside its measured compute range"
+            elif math.isfinite(f.low) and f.high < 1:
                 v = SUPPORTED
             elif math.isfinite(f.low) and f.low > 1:
                 v = NOT_SUPPORTED

@@ -33,11 +33,11 @@ def test_set_changes_the_trial_and_its_key(tmp_path):
 
 
 @pytest.mark.parametrize(("item", "words"), [
-    ("train.stpes=5", ["--set train.stpes=5", "did you mean 'train.steps'"]),
-    ("train.steps=abc", ["--set train.steps=abc", "integer", "'abc'"]),
-    ("train.steps=-2", ["--set train.steps=-2", "greater than 0"]),
-    ("optim.adamw.lrr=1e-3", ["--set optim.adamw.lrr=1e-3", "did you mean 'lr'"]),
-    ("trian.steps=5", ["--set trian.steps=5", "did you mean 'train.KEY'"]),
+    ("train.stpes=5", ["--set train.stpes:", "did you mean 'steps'"]),
+    ("train.steps=abc", ["--set train.steps:", "integer", "'abc'"]),
+    ("train.steps=-2", ["--set train.steps:", "greater than 0"]),
+    ("optim.adamw.lrr=1e-3", ["--set optim.adamw.lrr:", "did you mean 'lr'"]),
+    ("trian.steps=5", ["--set trian:", "did you mean 'train'"]),
     ("train.steps", ["--set train.steps", "section.key=value"]),
 ])
 def test_bad_set_is_one_line(tmp_path, capsys, item, words):

@@ -334,3 +334,22 @@ def test_fitted_rows_in_a_three_size_matrix():
     assert rows[0].verdict == SUPPORTED
     mult = float(rows[0].diff_text.split("×")[1].split(" ")[0])
     assert mult == pytest.approx(1 / k, rel=0.05)
+
+
+def test_fitted_rows_give_no_verdict_where_the_fit_extrapolates():
+    """kimi already beats the target at its smallest size: the multiplier would be read off an extrapolation."""
+    rng = np.random.default_rng(3)
+    runs, curves = [], []
+    for size, compute in zip(("tiny", "small", "paper"), (1e15, 1e16, 1e17), strict=True):
+        for seed in range(3):
+            for arm, mult in (("kimi+muon", 1e3), ("gpt+adamw", 1.0)):
+                rid = f"{arm}-{size}-{seed}"
+                variant, opt = arm.split("+")
+                runs.append({"run_id": rid, "arm": arm, "variant": variant, "optimizer": opt, "preset": size,
+                             "seed": seed})
+                loss = (2.0 * (mult * compute / 1e16) ** -0.3 + 1.5) * (1 + 0.002 * rng.standard_normal())
+                curves.append({"run_id": rid, "arm": arm, "seed": seed, "step": 100, "loss": loss,
+                               "tokens": compute / 1e6, "flops": compute, "seconds": compute / 1e12})
+    rows = cl.fitted_rows(pd.DataFrame(runs), pd.DataFrame(curves), {})
+    assert len(rows) == 1 and rows[0].verdict == INCONCLUSIVE
+    assert "extrapolated: kimi+muon" in rows[0].diff_text
