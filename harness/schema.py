@@ -74,6 +74,8 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI opens an untagged
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
 TAG_SOURCE_GIT = "mlflow.source.git.commit"
 TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_NOTE = "mlflow.note.content"  # the run or experiment page's "Description"
 
 TAG_RECORD_RUN_ID = "kb.record_run_id"  # harness.record: the run id a recorded (offline) run was written under
 TAG_RECORD_IMPORT = "kb.record_import"  # harness.record: set on a run imported from a record
