@@ -148,6 +148,7 @@ GRAD_NORM_CV = "grad/norm_cv"
 GRAD_NORM_SPIKES = "grad/norm_spikes"  # norms above SPIKE_FACTOR x the rolling median (harness.metrics)
 VAL_LOSS_FINAL = "val/loss_final"
 VAL_PPL_FINAL = "val/ppl_final"
+VAL_BPB_FINAL = "val/bpb_final"
 MOE_DROPPED = "moe/dropped"  # always 0: dropless dispatch
 CKPT_BYTES = "ckpt/bytes"
 MEM_PEAK = "mem/peak_bytes"  # CUDA: max_memory_allocated of the trial
