@@ -187,6 +187,15 @@ REPORTED_FINAL_METRICS = (
 )
 
 
+# ----------------------------------------------------------------------------- study runs (kb.kind=study)
+STUDY_COUNT = "study/n_{state}"  # trials of the study per state: complete, pruned, fail, diverged
+STUDY_BEST_VALUE = "study/best_value"
+
+
+def study_count(state: str) -> str:
+    return STUDY_COUNT.format(state=state)
+
+
 # ----------------------------------------------------------------------------- speed runs (kb.kind=speed)
 SPEED_PREFILL = "speed/prefill_tokens_per_s"
 SPEED_TTFT = "speed/ttft_s"
