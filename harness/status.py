@@ -75,8 +75,8 @@ def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
             return None
         runs = con.execute(
             "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            "AND t.key = 'kb.kind' AND t.value = 'trial' WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
-            "ORDER BY r.start_time DESC", (row[0],)).fetchall()
+            "AND t.key = ? AND t.value = ? WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
+            "ORDER BY r.start_time DESC", (schema.KIND, schema.KIND_TRIAL, row[0])).fetchall()
         records = []
         for run_id, name, start, end in runs:
             tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
@@ -89,8 +89,8 @@ def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
 
 
 def _client_records(client, experiment_id: str) -> list[RunRecord]:
-    runs = client.search_runs([experiment_id], filter_string="tags.`kb.kind` = 'trial'", max_results=10000,
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'",
+                              max_results=10000, order_by=["attributes.start_time DESC"])
     records = []
     for r in runs:
         last = None

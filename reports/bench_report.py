@@ -99,9 +99,9 @@ def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, an
         task = bar.add_task("step metrics (bulk SQL)", total=n_runs)
         for rid, start, final in run_ids:
             loss = final + 3.0 * np.exp(-steps / (n_steps / 5)) + 0.05 * rng.standard_normal(n_steps)
-            cols = {"train/loss": loss, "grad/norm": 0.5 + 0.1 * rng.standard_normal(n_steps) ** 2,
-                    "train/lr": np.full(n_steps, 3e-3), "train/tokens": (steps + 1.0) * TOKENS_PER_STEP,
-                    "train/elapsed_s": (steps + 1.0) * 0.2, "train/tokens_per_s": np.full(n_steps, 5e3)}
+            cols = {S.TRAIN_LOSS: loss, S.GRAD_NORM: 0.5 + 0.1 * rng.standard_normal(n_steps) ** 2,
+                    S.TRAIN_LR: np.full(n_steps, 3e-3), S.TRAIN_TOKENS: (steps + 1.0) * TOKENS_PER_STEP,
+                    S.TRAIN_ELAPSED: (steps + 1.0) * 0.2, S.TRAIN_TOKENS_PER_S: np.full(n_steps, 5e3)}
             ts = start + steps
             rows = ((key, float(v), int(t), rid, int(s), 0)
                     for key in STEP_KEYS for v, t, s in zip(cols[key], ts, steps, strict=True))

@@ -128,7 +128,8 @@ class Collected:
     def studies(self) -> dict[str, tuple[pd.DataFrame, dict | None]]:
         """Per arm, the Optuna study's trials (trials.csv) and importances (importances.json) logged on the
         experiment's study runs (kb.kind=study) by `kimi-bench tune`; empty when nothing was tuned."""
-        runs = self.client.search_runs([self.experiment_id], "tags.`kb.kind` = 'study'", max_results=1000)
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{schema.KIND}` = '{schema.KIND_STUDY}'",
+                                       max_results=1000)
         out: dict[str, tuple[pd.DataFrame, dict | None]] = {}
         with tempfile.TemporaryDirectory(prefix="kb-optuna-") as tmp, _no_progress_bar():
             for run in sorted(runs, key=lambda r: r.info.start_time):  # newest study of an arm wins
@@ -175,9 +176,9 @@ def collect(tracking_uri: str | None, experiment: str) -> Collected:
         raise UserError(
             f"experiment: no MLflow experiment named {experiment!r} at {strip_credentials(uri)}; "
             f"existing: {', '.join(names) or '(none)'}; pass one of them")
-    trials = _search(client, exp.experiment_id, "tags.`kb.kind` = 'trial'")
-    matrices = _search(client, exp.experiment_id, "tags.`kb.kind` = 'matrix'")
-    speed = _search(client, exp.experiment_id, "tags.`kb.kind` = 'speed'")
+    trials = _search(client, exp.experiment_id, f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'")
+    matrices = _search(client, exp.experiment_id, f"tags.`{schema.KIND}` = '{schema.KIND_MATRIX}'")
+    speed = _search(client, exp.experiment_id, f"tags.`{schema.KIND}` = '{schema.KIND_SPEED}'")
     runs, dropped = _dedupe(_runs_frame(trials))
     return Collected(tracking_uri=uri, experiment=experiment, experiment_id=exp.experiment_id,
                      runs=runs, dropped=dropped, matrix_runs=_matrix_frame(matrices), client=client,

@@ -609,7 +609,7 @@ def _drive(ray, trials, data, tracker, experiment_id, parent, common_tags, out_r
         key = spec.key(data.data_hash)
         existing = tracker.find_trial(experiment_id, key)
         if existing is not None and existing.data.tags.get(schema.TAG_STATUS) in TERMINAL:
-            console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags['kb.status']} "
+            console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags[schema.TAG_STATUS]} "
                           f"(run {existing.info.run_id[:8]}), skipped[/]")
             results[i] = None
             continue

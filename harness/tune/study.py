@@ -84,10 +84,10 @@ def open_study(st: StudyStorage, name: str, base: TrialSpec, space: tuple[Dim, .
         raise UserError(f"--study-prefix: study {name} in {st.display} was created with another search "
                         "space; use a new --study-prefix (or storage) to tune with this one")
     if schema.TAG_SEED in attrs and (attrs[schema.TAG_SEED], attrs.get(schema.TAG_PRESET)) != (base.seed, base.preset):
-        raise UserError(f"--seed: study {name} tunes seed {attrs['kb.seed']} at preset "
-                        f"{attrs.get('kb.preset')}; use the same --seed or a new --study-prefix")
+        raise UserError(f"--seed: study {name} tunes seed {attrs[schema.TAG_SEED]} at preset "
+                        f"{attrs.get(schema.TAG_PRESET)}; use the same --seed or a new --study-prefix")
     if attrs.get(schema.TAG_PRUNER, pruner_desc) != pruner_desc:
-        note(f"study {name} was started with pruner {attrs['kb.pruner']}; this worker prunes with {pruner_desc}")
+        note(f"study {name} was started with pruner {attrs[schema.TAG_PRUNER]}; this worker prunes with {pruner_desc}")
     for key, value in wanted.items():
         if key not in attrs:
             study.set_user_attr(key, value)
