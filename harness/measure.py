@@ -303,7 +303,7 @@ def _prepare(group: ShapeGroup, rows: torch.Tensor, device: torch.device, fns: d
     exact: dict[str, float] = {}
     if memory:
         for name in group.optims:
-            exact[f"speed/{name}/peak_bytes"] = float(step_peak_bytes(group, name, x, y, device, amp))
+            exact[schema.speed_opt(name, "peak_bytes")] = float(step_peak_bytes(group, name, x, y, device, amp))
 
     torch.manual_seed(group.seed)
     model = build_model(group.variant, group.dims).to(device)
@@ -329,11 +329,11 @@ def _prepare(group: ShapeGroup, rows: torch.Tensor, device: torch.device, fns: d
 
 def _metrics(p: _Prepared, timings: dict[str, Timing]) -> dict[str, float]:
     key = p.group.key
-    out = inference_metrics(timings, p.shape, p.batch_sizes, f"{key}/", "speed/")
+    out = inference_metrics(timings, p.shape, p.batch_sizes, f"{key}/", schema.SPEED_PREFIX)
     for name in p.group.optims:
         for part in ("step", "fwd_bwd", "optim"):
-            out.update(timed_metrics(f"speed/{name}/{part}_s", timings[f"{key}/{name}/{part}"]))
-        out.update(timed_metrics(f"speed/{name}/train_tokens_per_s", timings[f"{key}/{name}/step"], p.tokens))
+            out.update(timed_metrics(schema.speed_opt(name, f"{part}_s"), timings[f"{key}/{name}/{part}"]))
+        out.update(timed_metrics(schema.speed_opt(name, "train_tokens_per_s"), timings[f"{key}/{name}/step"], p.tokens))
     out.update(p.exact)
     return out
 
@@ -430,7 +430,7 @@ def speed_table(results: list[SpeedResult]) -> Table:
         for key in sorted(k for k in r.metrics if not k.endswith(("_iqr", "_n"))):
             value = r.metrics[key]
             iqr, n = r.metrics.get(f"{key}_iqr"), r.metrics.get(f"{key}_n")
-            table.add_row(escape(r.group.label), key.removeprefix("speed/"), f"{value:,.6g}",
+            table.add_row(escape(r.group.label), key.removeprefix(schema.SPEED_PREFIX), f"{value:,.6g}",
                           "" if iqr is None else f"{iqr:,.3g}", "" if n is None else f"{n:.0f}")
     return table
 

@@ -158,6 +158,7 @@ MEM_OPTIM = "mem/optim_state_bytes"
 TRACK_LOG_S = "track/log_s"  # time the training thread spent in logging calls
 TRACK_OVERHEAD_FRAC = "track/overhead_frac"
 # single-shot inference figures of trial runs before the speed runs existed (reports still read old stores)
+INFER_PREFIX = "infer/"
 INFER_PREFILL = "infer/prefill_tokens_per_s"
 INFER_DECODE = "infer/decode_tokens_per_s"  # batch 1; other batches: infer_decode(b)
 INFER_TTFT = "infer/ttft_s"
@@ -197,6 +198,7 @@ def study_count(state: str) -> str:
 
 
 # ----------------------------------------------------------------------------- speed runs (kb.kind=speed)
+SPEED_PREFIX = "speed/"  # every speed-run metric starts with it
 SPEED_PREFILL = "speed/prefill_tokens_per_s"
 SPEED_TTFT = "speed/ttft_s"
 SPEED_DECODE = "speed/decode_tokens_per_s_b{batch}"

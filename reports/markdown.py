@@ -56,7 +56,7 @@ TABLES: dict[str, list[tuple[str, str, float]]] = {
     ],
 }
 HISTORY_KEYS = [names.VAL_LOSS, names.TRAIN_LOSS, names.GRAD_NORM, names.TRAIN_TOKENS, names.TRAIN_ELAPSED]
-STATUS_ORDER = ["finished", "diverged", "oom", "killed", "failed", "pruned", "running"]
+STATUS_ORDER = [names.FINISHED, names.DIVERGED, names.OOM, names.KILLED, names.FAILED, names.PRUNED, names.RUNNING]
 CLAIM_SCALE = "about 75M parameters (nanoKimi's table)"
 
 
@@ -153,7 +153,7 @@ def _presets(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs.status.eq("finished")]
+    return runs[runs.status.eq(names.FINISHED)]
 
 
 # ----------------------------------------------------------------------------- per-arm tables
@@ -167,7 +167,7 @@ def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(keys, key, strict=True))
         row |= {"variant": g.variant.iloc[0], "optimizer": g.optimizer.iloc[0],
                 "trials": status_counts(g.status), "n_trials": len(g),
-                "n_finished": int(g.status.eq("finished").sum())}
+                "n_finished": int(g.status.eq(names.FINISHED).sum())}
         f = _finished(g)
         for metric, _, _ in [m for table in TABLES.values() for m in table]:
             e = estimate(f[metric]) if metric in f else estimate([])
@@ -455,7 +455,7 @@ def _smooth(h: pd.DataFrame) -> int:
 # ----------------------------------------------------------------------------- other sections
 
 def _not_finished_section(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame) -> str:
-    bad = runs[~runs.status.eq("finished")]
+    bad = runs[~runs.status.eq(names.FINISHED)]
     parts = []
     if bad.empty:
         parts.append("Every trial finished.")

@@ -93,7 +93,7 @@ class Objective:
             value = float(value) if math.isfinite(value) else math.inf
             self._done(run.run_id, "COMPLETE", value, f"{OBJECTIVE} {value:.4f}", shown)
             return value
-        if result.status == "diverged":
+        if result.status == schema.DIVERGED:
             self._done(run.run_id, "COMPLETE", math.inf, f"diverged ({result.error}): value inf", shown)
             return math.inf
         if result.status == schema.PRUNED:
