@@ -23,6 +23,7 @@ KIND_SPEED = "speed"  # controlled speed/memory measurements of one model shape 
 KINDS = (KIND_TRIAL, KIND_MATRIX, KIND_STUDY, KIND_TUNE_TRIAL, KIND_SPEED)
 
 # ----------------------------------------------------------------------------- tags
+KB_PREFIX = "kb."  # every kimi-bench tag starts with it
 # identity of a trial
 TAG_TRIAL_KEY = "kb.trial_key"  # trial_key() below: reruns of the same spec share it
 TAG_ARM = "kb.arm"  # "{variant}+{optimizer}"

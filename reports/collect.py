@@ -266,7 +266,7 @@ def _matrix_frame(matrices: list[Run]) -> pd.DataFrame:
     rows = [{"run_id": r.info.run_id, "start_time": _ms_to_time(r.info.start_time),
              "command": r.data.tags.get(names.TAG_COMMAND),
              "git_commit": r.data.tags.get(names.TAG_GIT) or r.data.tags.get(schema.TAG_SOURCE_GIT),
-             **{k: r.data.params.get(k, r.data.tags.get(f"kb.{k}")) for k in match}}
+             **{k: r.data.params.get(k, r.data.tags.get(f"{schema.KB_PREFIX}{k}")) for k in match}}
             for r in matrices]
     df = pd.DataFrame(rows, columns=["run_id", "start_time", "command", "git_commit", *match])
     return df.sort_values(["start_time", "run_id"]).reset_index(drop=True)
