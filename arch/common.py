@@ -1,7 +1,7 @@
 """Shared building blocks: RMSNorm, RoPE, SwiGLU, KV-cache types, init helper, and `generate`.
 
 Everything here is model-agnostic; attention/MLP modules in gpt.py, mla.py, moe.py and kimi.py use it,
-and `generate` drives any model that follows the protocol in CONTRACT.md:
+and `generate` drives any model that follows the model protocol (docs/design.md):
     logits, loss = model(idx, targets=None, cache=None); cache = model.make_cache(batch_size, max_len)
 """
 

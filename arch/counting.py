@@ -127,7 +127,7 @@ def kv_cache_bytes_per_token(model: nn.Module, dtype_bytes: int = 2) -> int:
 
 
 def summarize(model: nn.Module, seq_len: int, dtype_bytes: int = 2) -> dict[str, int]:
-    """All counts, keyed by the MLflow metric names of CONTRACT.md where one exists."""
+    """All counts, keyed by the MLflow metric names of harness/schema.py where one exists."""
     c = count_params(model)
     return {
         "params/total": c.total,

@@ -2,7 +2,7 @@
 
 Same module tree, parameter names, init and forward as nanoGPT, so a nanoGPT `ckpt.pt` and Hugging Face
 GPT-2 weights load directly. What is added:
-  - a KV cache (`make_cache`, `forward(idx, cache=...)`) following the protocol in CONTRACT.md;
+  - a KV cache (`make_cache`, `forward(idx, cache=...)`) following the model protocol in docs/design.md;
   - logits for all positions always (nanoGPT returns only the last one at inference);
   - max-logit tracking and per-head QK-Clip on the attention, for MuonClip;
   - `attn="mla"` swaps the attention for arch.mla.MLA, `mlp="moe"` swaps the MLP for arch.moe.MoE

@@ -4,7 +4,7 @@
     for each layer:  x = x + attn(attn_norm(x));  x = x + ffn(ffn_norm(x))
     logits = head(norm(x))
 The first `n_dense_layers` blocks use a dense SwiGLU FFN, the rest a MoE (routed + shared experts).
-Parameter names follow DeepSeek-V3's reference code (see CONTRACT.md), so optimizer rules match on them.
+Parameter names follow DeepSeek-V3's reference code (see docs/references.md), so optimizer rules match on them.
 """
 
 from __future__ import annotations

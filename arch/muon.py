@@ -31,7 +31,7 @@ Gradients must already be identical across ranks (DDP's all-reduce does that).
 
 QK-Clip (Kimi K2 report, Algorithm 1): after the optimizer step, for every attention head h whose max
 pre-softmax logit S_h over the batch exceeded tau, rescale its query/key weights by gamma_h = tau / S_h
-(the attention module's `qk_clip_(gamma)` knows which rows; see CONTRACT.md). `Muon(...,
+(the attention module's `qk_clip_(gamma)` knows which rows; see docs/design.md, "The model protocol"). `Muon(...,
 qk_clip_model=model)` does this inside `step()`; `qk_clip_(model, tau)` is the standalone function.
 """
 

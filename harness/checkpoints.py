@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from harness import schema
 from harness.errors import UserError
 
 # Data of a checkpoint that does not say what it was trained on (a nanoGPT ckpt.pt): GPT-2's tokenizer.
@@ -100,7 +101,7 @@ def benchmark_table(checkpoint: Path, batch_sizes: str, new_tokens: int, device:
     amp = torch.bfloat16 if device.startswith("cuda") else None
     result = benchmark_inference(model, model.config.vocab_size, model.config.block_size, sizes, new_tokens,
                                  repeats=repeats, autocast_dtype=amp)
-    result["ckpt/bytes"] = checkpoint.stat().st_size
+    result[schema.CKPT_BYTES] = checkpoint.stat().st_size
     table = Table(title=f"inference: {checkpoint}", header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from harness import schema
 from harness.bench.timing import Timing, time_interleaved
 
 
@@ -155,9 +156,9 @@ def benchmark_inference(model: nn.Module, vocab_size: int, block_size: int, batc
         prompts = {b: random_prompt(vocab_size, b, shape.prompt_len, device, seed + b) for b in batch_sizes}
         timings = time_interleaved(inference_fns(served, prompts, shape, amp), rounds=repeats,
                                    min_run_time=min_run_time)
-        metrics = inference_metrics(timings, shape, batch_sizes, "", "infer/")
+        metrics = inference_metrics(timings, shape, batch_sizes, "", schema.INFER_PREFIX)
         out = {k.replace("decode_tokens_per_s_b1", "decode_tokens_per_s"): v for k, v in metrics.items()}
-        out["infer/kv_bytes_per_token"] = kv_bytes_per_token(served)
+        out[schema.INFER_KV_BYTES] = kv_bytes_per_token(served)
     finally:
         model.train(was_training)
     return out

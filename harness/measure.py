@@ -17,8 +17,9 @@ the peak of the tensor bytes allocated during the step: on CUDA from torch.cuda.
 from the torch profiler's memory events (allocator-level accounting of this step only), so the figure does not
 depend on what the process ran before, unlike process RSS. Both count tensor bytes, the same quantity.
 
-Speed runs are MLflow children of the matrix run (tag kb.kind = "speed"); /work/wt/SPEED_SCHEMA.md lists the
-keys. Everything is measured first and logged at the end, so a kill leaves no half-logged speed run.
+Speed runs are MLflow children of the matrix run (tag kb.kind = "speed"); harness/schema.py names the keys and
+docs/design.md describes them. Everything is measured first and logged at the end, so a kill leaves no
+half-logged speed run.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from torch import nn
 from arch.moe import moe_modules
 from arch.muon import enable_max_logit_tracking
 from arch.optimizers import OptimizerConfig
+from harness import schema
 from harness.bench.timing import Timing, time_interleaved
 from harness.inference import (
     InferenceShape,
@@ -54,7 +56,7 @@ from harness.inference import (
 )
 from harness.registry import ModelDims, TrainConfig, TrialSpec, build_model, variant_params
 
-SPEED_KIND = "speed"
+SPEED_KIND = schema.KIND_SPEED
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -114,9 +116,9 @@ def memory_facts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     """Exact bytes: parameters (tied tensors once), one gradient per trainable parameter (in its dtype), and the
     optimizer's state tensors as they are (call after at least one step: torch optimizers allocate lazily)."""
     params = list(model.parameters())
-    return {"mem/param_bytes": float(sum(tensor_bytes(p) for p in params)),
-            "mem/grad_bytes": float(sum(tensor_bytes(p) for p in params if p.requires_grad)),
-            "mem/optim_state_bytes": float(optimizer_state_bytes(optimizer))}
+    return {schema.MEM_PARAM: float(sum(tensor_bytes(p) for p in params)),
+            schema.MEM_GRAD: float(sum(tensor_bytes(p) for p in params if p.requires_grad)),
+            schema.MEM_OPTIM: float(optimizer_state_bytes(optimizer))}
 
 
 def live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, *tensors: torch.Tensor) -> int:
@@ -301,7 +303,7 @@ def _prepare(group: ShapeGroup, rows: torch.Tensor, device: torch.device, fns: d
     exact: dict[str, float] = {}
     if memory:
         for name in group.optims:
-            exact[f"speed/{name}/peak_bytes"] = float(step_peak_bytes(group, name, x, y, device, amp))
+            exact[schema.speed_opt(name, "peak_bytes")] = float(step_peak_bytes(group, name, x, y, device, amp))
 
     torch.manual_seed(group.seed)
     model = build_model(group.variant, group.dims).to(device)
@@ -312,7 +314,7 @@ def _prepare(group: ShapeGroup, rows: torch.Tensor, device: torch.device, fns: d
     shape = InferenceShape.for_block(block, train.infer_new_tokens)
     batch_sizes = tuple(train.infer_batch_sizes)
     prompts = {b: rows[:b, : shape.prompt_len].contiguous().to(device) for b in batch_sizes}
-    exact["speed/kv_bytes_per_token"] = kv_bytes_per_token(served)
+    exact[schema.SPEED_KV_BYTES] = kv_bytes_per_token(served)
     fns.update(inference_fns(served, prompts, shape, served_amp, prefix=f"{group.key}/"))
 
     model.train()
@@ -327,11 +329,11 @@ def _prepare(group: ShapeGroup, rows: torch.Tensor, device: torch.device, fns: d
 
 def _metrics(p: _Prepared, timings: dict[str, Timing]) -> dict[str, float]:
     key = p.group.key
-    out = inference_metrics(timings, p.shape, p.batch_sizes, f"{key}/", "speed/")
+    out = inference_metrics(timings, p.shape, p.batch_sizes, f"{key}/", schema.SPEED_PREFIX)
     for name in p.group.optims:
         for part in ("step", "fwd_bwd", "optim"):
-            out.update(timed_metrics(f"speed/{name}/{part}_s", timings[f"{key}/{name}/{part}"]))
-        out.update(timed_metrics(f"speed/{name}/train_tokens_per_s", timings[f"{key}/{name}/step"], p.tokens))
+            out.update(timed_metrics(schema.speed_opt(name, f"{part}_s"), timings[f"{key}/{name}/{part}"]))
+        out.update(timed_metrics(schema.speed_opt(name, "train_tokens_per_s"), timings[f"{key}/{name}/step"], p.tokens))
     out.update(p.exact)
     return out
 
@@ -392,12 +394,13 @@ def measure_speed(trials: list[TrialSpec], data, device: torch.device, rounds: i
 
 def speed_tags(result: SpeedResult, parent_id: str | None, common_tags: dict[str, str]) -> dict[str, str]:
     g = result.group
-    tags = {**common_tags, "kb.shape": g.key, "kb.variant": g.variant, "kb.preset": g.preset,
-            "kb.threads": str(result.threads), "kb.optimizers": ",".join(g.optims), "kb.experiment": g.experiment}
-    tags.setdefault("kb.device", torch.cuda.get_device_name(result.device) if result.device.type == "cuda"
+    tags = {**common_tags, schema.TAG_SHAPE: g.key, schema.TAG_VARIANT: g.variant, schema.TAG_PRESET: g.preset,
+            schema.TAG_THREADS: str(result.threads), schema.TAG_SPEED_OPTIMIZERS: ",".join(g.optims),
+            schema.TAG_EXPERIMENT: g.experiment}
+    tags.setdefault(schema.TAG_DEVICE, torch.cuda.get_device_name(result.device) if result.device.type == "cuda"
                     else "cpu")
     if parent_id:
-        tags["kb.parent_run"] = parent_id
+        tags[schema.TAG_SPEED_PARENT] = parent_id
     return tags
 
 
@@ -412,7 +415,7 @@ def log_speed(tracker, experiment_id: str, parent_id: str | None, results: list[
                                   speed_tags(r, parent_id, common_tags), params, system_metrics=False,
                                   kind=SPEED_KIND)
         run.log(0, r.metrics, final=True)
-        run.end("finished")
+        run.end(schema.FINISHED)
         run_ids.append(run.run_id)
     return run_ids
 
@@ -427,7 +430,7 @@ def speed_table(results: list[SpeedResult]) -> Table:
         for key in sorted(k for k in r.metrics if not k.endswith(("_iqr", "_n"))):
             value = r.metrics[key]
             iqr, n = r.metrics.get(f"{key}_iqr"), r.metrics.get(f"{key}_n")
-            table.add_row(escape(r.group.label), key.removeprefix("speed/"), f"{value:,.6g}",
+            table.add_row(escape(r.group.label), key.removeprefix(schema.SPEED_PREFIX), f"{value:,.6g}",
                           "" if iqr is None else f"{iqr:,.3g}", "" if n is None else f"{n:.0f}")
     return table
 

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import schema
 from harness.errors import UserError
-from harness.tracking import RUN_STATUS, TERMINAL, _param_value, resolve_tracking_uri, strip_credentials
+from harness.schema import MLFLOW_RUN_STATUS, TERMINAL, param_value
+from harness.tracking import resolve_tracking_uri, strip_credentials
 
 SCHEME = "record:"
 EVENTS = "events.jsonl"
@@ -59,8 +61,8 @@ def _now_ms() -> int:
 
 
 def _fix_commit(tags: dict[str, str]) -> dict[str, str]:
-    if tags.get("kb.git_commit") == "unknown" and os.environ.get(GIT_COMMIT_ENV):
-        return {**tags, "kb.git_commit": os.environ[GIT_COMMIT_ENV]}
+    if tags.get(schema.TAG_GIT) == "unknown" and os.environ.get(GIT_COMMIT_ENV):
+        return {**tags, schema.TAG_GIT: os.environ[GIT_COMMIT_ENV]}
     return tags
 
 
@@ -234,15 +236,15 @@ class RecordTracker:
 
     def start_parent(self, experiment_id: str, name: str, command: str, tags: dict[str, str],
                      description: str = "") -> str:
-        all_tags = {"kb.kind": "matrix", "kb.command": command, **tags}
+        all_tags = {schema.KIND: schema.KIND_MATRIX, schema.TAG_COMMAND: command, **tags}
         if description:
-            all_tags["mlflow.note.content"] = description
+            all_tags[schema.TAG_NOTE] = description
         return self._create_run(experiment_id, f"matrix {name}", all_tags)
 
     def log_matrix(self, run_id: str, matrix_text: str, params: dict[str, Any], trials: list[dict]) -> None:
         """Tracker.log_matrix over the record: the parent's params, matrix.toml and trials.json."""
         self.writer.append({"ev": "params", "run_id": run_id,
-                            "params": {k: _param_value(v) for k, v in sorted(params.items())}})
+                            "params": {k: param_value(v) for k, v in sorted(params.items())}})
         run = RecordTrialRun(self, run_id)
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in (("matrix.toml", matrix_text), ("trials.json", json.dumps(trials, indent=1,
@@ -251,36 +253,36 @@ class RecordTracker:
                 run.log_artifact(Path(tmp) / name)
 
     def end_parent(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, RUN_STATUS.get(status, "FINISHED"))
+        self.client.set_terminated(run_id, MLFLOW_RUN_STATUS.get(status, "FINISHED"))
 
     def find_trial(self, experiment_id: str, trial_key: str) -> RecordedRun | None:
         """The newest run with this trial key: finished ones first (a rerun skips them)."""
         runs = [r for r in load_state(self.folder).runs.values()
-                if r.experiment_id == experiment_id and r.tags.get("kb.trial_key") == trial_key]
+                if r.experiment_id == experiment_id and r.tags.get(schema.TAG_TRIAL_KEY) == trial_key]
         runs.sort(key=lambda r: r.start_ms, reverse=True)
-        terminal = [r for r in runs if r.tags.get("kb.status") in TERMINAL]
+        terminal = [r for r in runs if r.tags.get(schema.TAG_STATUS) in TERMINAL]
         return (terminal or runs or [None])[0]
 
     def trials(self, experiment_id: str) -> list[RecordedRun]:
         return [r for r in load_state(self.folder).runs.values()
-                if r.experiment_id == experiment_id and r.tags.get("kb.kind") == "trial"]
+                if r.experiment_id == experiment_id and r.tags.get(schema.KIND) == schema.KIND_TRIAL]
 
     def start_trial(self, experiment_id: str, parent_id: str | None, run_name: str, tags: dict[str, str],
                     params: dict[str, Any], resume_run_id: str | None = None, system_metrics: bool = True,
-                    kind: str = "trial") -> RecordTrialRun:
+                    kind: str = schema.KIND_TRIAL) -> RecordTrialRun:
         if resume_run_id:
             run_id = resume_run_id
             self.writer.append({"ev": "status", "run_id": run_id, "status": "RUNNING"})
             logged = load_state(self.folder).runs[run_id].params
             params = {k: v for k, v in params.items() if k not in logged}
         else:
-            all_tags = {"kb.kind": kind, **tags}
+            all_tags = {schema.KIND: kind, **tags}
             if parent_id:
-                all_tags["mlflow.parentRunId"] = parent_id
+                all_tags[schema.TAG_PARENT] = parent_id
             run_id = self._create_run(experiment_id, run_name, all_tags)
         self.writer.append({"ev": "params", "run_id": run_id,
-                            "params": {k: _param_value(v) for k, v in sorted(params.items())}})
-        self.writer.append({"ev": "tags", "run_id": run_id, "tags": {"kb.status": "running"}}, sync=True)
+                            "params": {k: param_value(v) for k, v in sorted(params.items())}})
+        self.writer.append({"ev": "tags", "run_id": run_id, "tags": {schema.TAG_STATUS: schema.RUNNING}}, sync=True)
         return RecordTrialRun(self, run_id)
 
 
@@ -334,8 +336,8 @@ class RecordTrialRun:
         try:
             self.flush()
         finally:
-            self.set_tags({"kb.status": status})
-            self.tracker.client.set_terminated(self.run_id, RUN_STATUS.get(status, "FAILED"))
+            self.set_tags({schema.TAG_STATUS: status})
+            self.tracker.client.set_terminated(self.run_id, MLFLOW_RUN_STATUS.get(status, "FAILED"))
 
 
 # ----------------------------------------------------------------------------------------------- import
@@ -348,8 +350,8 @@ class ImportSummary:
     redone: list[str] = field(default_factory=list)  # half-imported by an interrupted import
 
 
-RECORD_TAG = "kb.record_run_id"
-IMPORT_TAG = "kb.record_import"
+RECORD_TAG = schema.TAG_RECORD_RUN_ID
+IMPORT_TAG = schema.TAG_RECORD_IMPORT
 
 
 def import_record(folder: str | Path, tracking_uri: str | None = None, progress=None) -> ImportSummary:
@@ -383,9 +385,9 @@ def import_record(folder: str | Path, tracking_uri: str | None = None, progress=
         for half in found:  # an interrupted import's: redo it whole
             client.delete_run(half.info.run_id)
         tags = dict(run.tags)
-        parent = tags.get("mlflow.parentRunId")
+        parent = tags.get(schema.TAG_PARENT)
         if parent:
-            tags["mlflow.parentRunId"] = new_ids.get(parent, parent)
+            tags[schema.TAG_PARENT] = new_ids.get(parent, parent)
         mlflow_run = client.create_run(exp_id, start_time=run.start_ms, run_name=run.run_name,
                                        tags={RECORD_TAG: run.run_id, IMPORT_TAG: "partial"})
         run_id = mlflow_run.info.run_id
@@ -404,8 +406,8 @@ def import_record(folder: str | Path, tracking_uri: str | None = None, progress=
         status = run.status
         if status == "RUNNING":  # its writer is gone (killed mid-trial, e.g. at the device's time limit)
             status = "KILLED"
-            if tags.get("kb.status") == "running":
-                tags["kb.status"] = "killed"
+            if tags.get(schema.TAG_STATUS) == schema.RUNNING:
+                tags[schema.TAG_STATUS] = schema.KILLED
         tag_list = [RunTag(k, v) for k, v in tags.items()]
         for j in range(0, len(tag_list), 100):
             client.log_batch(run_id, tags=tag_list[j : j + 100])

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from harness import schema
 from harness.console import MatrixProgress, mlflow_logs_to
 from harness.data import DataConfig, PreparedData, prepare
 from harness.dist import DistInfo, barrier, broadcast_object
@@ -23,7 +24,8 @@ from harness.errors import UserError
 from harness.matrix import Matrix
 from harness.record import open_tracker
 from harness.registry import TrialSpec
-from harness.tracking import RUN_STATUS, TERMINAL, Tracker, git_commit, source_tags, strip_credentials
+from harness.schema import MLFLOW_RUN_STATUS, TERMINAL
+from harness.tracking import Tracker, git_commit, source_tags, strip_credentials
 from harness.trial import STATE_FILE, TrialResult, resolve_device, run_trial
 
 
@@ -49,9 +51,9 @@ def prepare_data(fields: dict, cache_dir: str | None, console: Console) -> Prepa
 
 def run_tags(data: PreparedData, device: torch.device) -> dict[str, str]:
     commit = git_commit()
-    return {"kb.git_commit": commit, "kb.torch_version": torch.__version__,
-            "kb.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "kb.data_hash": data.data_hash, **source_tags(commit)}
+    return {schema.TAG_GIT: commit, schema.TAG_TORCH: torch.__version__,
+            schema.TAG_DEVICE: torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            schema.TAG_DATA_HASH: data.data_hash, **source_tags(commit)}
 
 
 def trial_dir_name(spec: TrialSpec, key: str) -> str:
@@ -79,10 +81,11 @@ def matrix_params(matrix: Matrix) -> dict:
 
 
 def trial_tags(spec: TrialSpec, key: str) -> dict[str, str]:
-    tags = {"kb.trial_key": key, "kb.arm": spec.arm, "kb.variant": spec.variant, "kb.optimizer": spec.optimizer,
-            "kb.preset": spec.preset, "kb.seed": str(spec.seed), "kb.experiment": spec.experiment}
+    tags = {schema.TAG_TRIAL_KEY: key, schema.TAG_ARM: spec.arm, schema.TAG_VARIANT: spec.variant,
+            schema.TAG_OPTIMIZER: spec.optimizer, schema.TAG_PRESET: spec.preset, schema.TAG_SEED: str(spec.seed),
+            schema.TAG_EXPERIMENT: spec.experiment}
     if spec.tuned_from:
-        tags["kb.tuned_from"] = spec.tuned_from
+        tags[schema.TAG_TUNED_FROM] = spec.tuned_from
     return tags
 
 
@@ -90,7 +93,7 @@ def last_logged_step(tracker: Tracker, run_id: str) -> int:
     """The last step a killed run logged, a train step or an eval (the step-0 eval comes before any
     train/loss): the resumed trial logs only later steps."""
     history = tracker.client.get_metric_history
-    steps = [m.step for key in ("train/loss", "val/loss") for m in history(run_id, key)]
+    steps = [m.step for key in (schema.TRAIN_LOSS, schema.VAL_LOSS) for m in history(run_id, key)]
     return max(steps, default=-1)
 
 
@@ -127,7 +130,8 @@ def _run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tra
     parent = None
     if tracker:
         parent = tracker.start_parent(experiment_id, matrix.name, strip_credentials(_command_line()), {
-            **common_tags, "kb.matrix_file": str(matrix.path), "kb.n_trials": str(len(trials))}, description)
+            **common_tags, schema.TAG_MATRIX_FILE: str(matrix.path), schema.TAG_N_TRIALS: str(len(trials))},
+            description)
         tracker.log_matrix(parent, matrix.path.read_text(encoding="utf-8"), matrix_params(matrix),
                            trial_list(trials, data.data_hash))
     outcome = MatrixOutcome(experiment_id, parent, [])
@@ -152,7 +156,7 @@ def _run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tra
         console.print(strip_credentials(_command_line()), markup=False, highlight=False)
     finally:
         if tracker and parent:
-            tracker.end_parent(parent, "killed" if outcome.interrupted else "finished")
+            tracker.end_parent(parent, schema.KILLED if outcome.interrupted else schema.FINISHED)
     return outcome
 
 
@@ -162,13 +166,14 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
     key = spec.key(data.data_hash)
     total = spec.train.total_steps(spec.dims.block_size, dist_info.world_size)
     existing = tracker.find_trial(experiment_id, key) if tracker else None
-    skip = broadcast_object(existing is not None and existing.data.tags.get("kb.status") in TERMINAL)
+    skip = broadcast_object(existing is not None and existing.data.tags.get(schema.TAG_STATUS) in TERMINAL)
     if skip:
-        status = existing.data.tags["kb.status"] if existing else ""
+        status = existing.data.tags[schema.TAG_STATUS] if existing else ""
         if existing is not None and existing.info.status == "RUNNING":
             # killed between its kb.status tag and its MLflow end status (TrialRun.end): finish the bookkeeping
-            tracker.client.set_terminated(existing.info.run_id, RUN_STATUS.get(status, "FINISHED"))
-        console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags['kb.status'] if existing else 'done'}"
+            tracker.client.set_terminated(existing.info.run_id, MLFLOW_RUN_STATUS.get(status, "FINISHED"))
+        console.print(f"[dim][{i}/{n}] {spec.name}: "
+                      f"already {existing.data.tags[schema.TAG_STATUS] if existing else 'done'}"
                       f" (run {existing.info.run_id[:8] if existing else '?'}), skipped[/]")
         progress.skip(total or 1)
         return None
@@ -195,8 +200,9 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
         (out_dir / STATE_FILE).unlink(missing_ok=True)
     if not dist_info.is_main:
         return result
-    style = {"finished": "green", "diverged": "red", "oom": "red", "failed": "red"}.get(result.status, "yellow")
-    ppl = result.metrics.get("val/ppl_final")
+    style = {schema.FINISHED: "green", schema.DIVERGED: "red", schema.OOM: "red", schema.FAILED: "red"}.get(
+        result.status, "yellow")
+    ppl = result.metrics.get(schema.VAL_PPL_FINAL)
     detail = f"val ppl {ppl:.3f}" if ppl else (result.error or "")
     console.print(f"[{style}]{result.status}[/] {spec.name} at step {result.step}: {detail}")
     return result
@@ -218,14 +224,14 @@ def summary_table(outcome: MatrixOutcome) -> Table:
         def fmt(key: str, spec_: str = ",.0f", scale: float = 1.0, m=m) -> str:
             return format(m[key] / scale, spec_) if key in m else "-"
 
-        table.add_row(spec.name, result.status, str(result.step), fmt("params/total"), fmt("params/active"),
-                      fmt("val/ppl_final", ".3f"), fmt("val/bpb_final", ".3f"), fmt("train/tokens_per_s"),
-                      _state_mb(m))
+        table.add_row(spec.name, result.status, str(result.step), fmt(schema.PARAMS_TOTAL), fmt(schema.PARAMS_ACTIVE),
+                      fmt(schema.VAL_PPL_FINAL, ".3f"), fmt(schema.VAL_BPB_FINAL, ".3f"),
+                      fmt(schema.TRAIN_TOKENS_PER_S), _state_mb(m))
     return table
 
 
 def _state_mb(m: dict) -> str:
-    keys = ("mem/param_bytes", "mem/grad_bytes", "mem/optim_state_bytes")
+    keys = (schema.MEM_PARAM, schema.MEM_GRAD, schema.MEM_OPTIM)
     return f"{sum(m[k] for k in keys) / 1e6:,.2f}" if all(k in m for k in keys) else "-"
 
 

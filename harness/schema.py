@@ -23,6 +23,7 @@ KIND_SPEED = "speed"  # controlled speed/memory measurements of one model shape 
 KINDS = (KIND_TRIAL, KIND_MATRIX, KIND_STUDY, KIND_TUNE_TRIAL, KIND_SPEED)
 
 # ----------------------------------------------------------------------------- tags
+KB_PREFIX = "kb."  # every kimi-bench tag starts with it
 # identity of a trial
 TAG_TRIAL_KEY = "kb.trial_key"  # trial_key() below: reruns of the same spec share it
 TAG_ARM = "kb.arm"  # "{variant}+{optimizer}"
@@ -74,8 +75,28 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI opens an untagged
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
 TAG_SOURCE_GIT = "mlflow.source.git.commit"
 TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_NOTE = "mlflow.note.content"  # the run or experiment page's "Description"
+
+TAG_RECORD_RUN_ID = "kb.record_run_id"  # harness.record: the run id a recorded (offline) run was written under
+TAG_RECORD_IMPORT = "kb.record_import"  # harness.record: set on a run imported from a record
 
 TAGS = tuple(v for k, v in dict(globals()).items() if k.startswith("TAG_") and v.startswith("kb."))
+
+# tag -> column of the reports' trial frame (reports.collect)
+TRIAL_TAG_COLUMNS = {
+    TAG_TRIAL_KEY: "trial_key", TAG_ARM: "arm", TAG_VARIANT: "variant", TAG_OPTIMIZER: "optimizer",
+    TAG_PRESET: "preset", TAG_SEED: "seed", TAG_STATUS: "status", TAG_GIT: "git_commit",
+    TAG_DEVICE: "device", TAG_TORCH: "torch_version", TAG_DATA_HASH: "data_hash",
+    TAG_TUNED_FROM: "tuned_from", TAG_PARENT: "parent_run_id", TAG_SHAPE: "shape",
+}
+# tag -> column of the reports' speed frame
+SPEED_TAG_COLUMNS = {
+    TAG_SHAPE: "shape", TAG_VARIANT: "variant", TAG_PRESET: "preset", TAG_DEVICE: "device",
+    TAG_THREADS: "threads", TAG_SPEED_PARENT: "parent_run_id", TAG_SPEED_OPTIMIZERS: "optimizers",
+    TAG_GIT: "git_commit",
+}
+ERROR_CHARS = 500  # kb.error holds at most this many characters
 
 # ----------------------------------------------------------------------------- trial statuses (tag kb.status)
 FINISHED = "finished"
@@ -128,6 +149,7 @@ GRAD_NORM_CV = "grad/norm_cv"
 GRAD_NORM_SPIKES = "grad/norm_spikes"  # norms above SPIKE_FACTOR x the rolling median (harness.metrics)
 VAL_LOSS_FINAL = "val/loss_final"
 VAL_PPL_FINAL = "val/ppl_final"
+VAL_BPB_FINAL = "val/bpb_final"
 MOE_DROPPED = "moe/dropped"  # always 0: dropless dispatch
 CKPT_BYTES = "ckpt/bytes"
 MEM_PEAK = "mem/peak_bytes"  # CUDA: max_memory_allocated of the trial
@@ -137,6 +159,7 @@ MEM_OPTIM = "mem/optim_state_bytes"
 TRACK_LOG_S = "track/log_s"  # time the training thread spent in logging calls
 TRACK_OVERHEAD_FRAC = "track/overhead_frac"
 # single-shot inference figures of trial runs before the speed runs existed (reports still read old stores)
+INFER_PREFIX = "infer/"
 INFER_PREFILL = "infer/prefill_tokens_per_s"
 INFER_DECODE = "infer/decode_tokens_per_s"  # batch 1; other batches: infer_decode(b)
 INFER_TTFT = "infer/ttft_s"
@@ -155,7 +178,28 @@ def infer_decode(batch: int) -> str:
     return INFER_DECODE if batch == 1 else f"{INFER_DECODE}_b{batch}"
 
 
+# final metrics as columns of the reports' trial frame, in table order: FINAL_METRICS plus the training totals
+# and the legacy inference figures that older stores hold
+REPORTED_FINAL_METRICS = (
+    PARAMS_TOTAL, PARAMS_ACTIVE, PARAMS_EMBEDDING, CKPT_BYTES, MEM_PEAK, MEM_PARAM, MEM_GRAD, MEM_OPTIM,
+    FLOPS_PER_TOKEN, TRAIN_TOKENS_PER_S, TRAIN_TOKENS, TRAIN_SECONDS, TRAIN_MFU,
+    INFER_PREFILL, INFER_DECODE, infer_decode(8), INFER_TTFT, INFER_KV_BYTES,
+    GRAD_NORM_MEDIAN, GRAD_NORM_P99_OVER_MEDIAN, GRAD_NORM_CV, GRAD_NORM_SPIKES, TRAIN_LOSS_SPIKES,
+    VAL_LOSS_FINAL, VAL_PPL_FINAL, VAL_BPB, MOE_LOAD_CV, MOE_MAX_LOAD, MOE_DROPPED, ATTN_MAX_LOGIT, TRAIN_DIVERGED_STEP,
+)
+
+
+# ----------------------------------------------------------------------------- study runs (kb.kind=study)
+STUDY_COUNT = "study/n_{state}"  # trials of the study per state: complete, pruned, fail, diverged
+STUDY_BEST_VALUE = "study/best_value"
+
+
+def study_count(state: str) -> str:
+    return STUDY_COUNT.format(state=state)
+
+
 # ----------------------------------------------------------------------------- speed runs (kb.kind=speed)
+SPEED_PREFIX = "speed/"  # every speed-run metric starts with it
 SPEED_PREFILL = "speed/prefill_tokens_per_s"
 SPEED_TTFT = "speed/ttft_s"
 SPEED_DECODE = "speed/decode_tokens_per_s_b{batch}"
@@ -191,6 +235,15 @@ TOP_LEVEL_PARAMS = ("variant", "optimizer", "preset", "seed", "data_seed")
 # with other logging intervals is the same trial)
 COSMETIC_PARAMS = ("train.device", "train.compile", "train.log_interval", "train.checkpoint_interval")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+# what the reports read from params: the seed and what the trial key also ignores do not make a configuration;
+# data_seed counts only when it differs from the seed
+SEED_PARAMS = ("seed", "train.seed")
+DATA_SEED_PARAM = "data_seed"
+# params that name the arm rather than the budget: they may differ between arms of one comparison
+ARM_PARAM_PREFIXES = ("model.", "optim.")
+ARM_PARAMS = ("variant", "optimizer", "preset")
+# the [match] section of a matrix, as params of the matrix (parent) run or of the trials, when logged
+MATCH_BY, MATCH_REFERENCE, MATCH_TOLERANCE = "match.by", "match.reference", "match.tolerance"
 
 
 def flatten_params(top: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -16,9 +16,10 @@ from pathlib import Path
 import tomllib
 from rich.table import Table
 
+from harness import schema
 from harness.errors import UserError
 
-ENDED = {"finished", "diverged", "oom", "pruned"}
+ENDED = schema.TERMINAL
 
 
 @dataclass(frozen=True)
@@ -74,27 +75,27 @@ def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
             return None
         runs = con.execute(
             "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            "AND t.key = 'kb.kind' AND t.value = 'trial' WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
-            "ORDER BY r.start_time DESC", (row[0],)).fetchall()
+            "AND t.key = ? AND t.value = ? WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
+            "ORDER BY r.start_time DESC", (schema.KIND, schema.KIND_TRIAL, row[0])).fetchall()
         records = []
         for run_id, name, start, end in runs:
             tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
             latest = con.execute("SELECT key, value, step FROM latest_metrics WHERE run_uuid = ?",
                                  (run_id,)).fetchall()
-            steps = [step for key, _, step in latest if key in ("train/loss", "val/loss")]
+            steps = [step for key, _, step in latest if key in (schema.TRAIN_LOSS, schema.VAL_LOSS)]
             records.append(RunRecord(name, run_id, start, end, tags, {k: v for k, v, _ in latest},
                                      max(steps) if steps else None))
     return records
 
 
 def _client_records(client, experiment_id: str) -> list[RunRecord]:
-    runs = client.search_runs([experiment_id], filter_string="tags.`kb.kind` = 'trial'", max_results=10000,
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'",
+                              max_results=10000, order_by=["attributes.start_time DESC"])
     records = []
     for r in runs:
         last = None
-        if "kb.final_step" not in r.data.tags:  # still running or killed: ask for its last logged step
-            steps = [m.step for key in ("train/loss", "val/loss")
+        if schema.TAG_FINAL_STEP not in r.data.tags:  # still running or killed: ask for its last logged step
+            steps = [m.step for key in (schema.TRAIN_LOSS, schema.VAL_LOSS)
                      for m in client.get_metric_history(r.info.run_id, key)]
             last = max(steps) if steps else None
         records.append(RunRecord(r.info.run_name, r.info.run_id, r.info.start_time, r.info.end_time,
@@ -108,7 +109,7 @@ def trial_states(records: list[RunRecord], planned: list[str] | None = None) -> 
     by_name: dict[str, RunRecord] = {}
     for r in records:
         best = by_name.get(r.name)
-        if best is None or (r.tags.get("kb.status") in ENDED and best.tags.get("kb.status") not in ENDED):
+        if best is None or (r.tags.get(schema.TAG_STATUS) in ENDED and best.tags.get(schema.TAG_STATUS) not in ENDED):
             by_name[r.name] = r
     names = list(planned) if planned is not None else sorted(by_name)
     names += [n for n in sorted(by_name) if n not in names] if planned is not None else []
@@ -118,10 +119,10 @@ def trial_states(records: list[RunRecord], planned: list[str] | None = None) -> 
         if r is None:
             out.append(TrialState(name, "pending", "", None, None, "", ""))
             continue
-        step = r.tags.get("kb.final_step", "" if r.last_step is None else str(r.last_step))
+        step = r.tags.get(schema.TAG_FINAL_STEP, "" if r.last_step is None else str(r.last_step))
         elapsed = ((r.end_ms or time.time() * 1000) - r.start_ms) / 1000 if r.start_ms else None
-        out.append(TrialState(name, r.tags.get("kb.status", "?"), step, elapsed, r.metrics.get("val/ppl_final"),
-                              r.run_id, r.tags.get("kb.trial_key", "")))
+        out.append(TrialState(name, r.tags.get(schema.TAG_STATUS, "?"), step, elapsed,
+                              r.metrics.get(schema.VAL_PPL_FINAL), r.run_id, r.tags.get(schema.TAG_TRIAL_KEY, "")))
     return out
 
 

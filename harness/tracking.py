@@ -20,14 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import schema
 from harness.errors import UserError
-from harness.schema import strip_credentials
-
-# A rerun skips these outcomes (they would repeat); killed, running (a dead process) and failed (an error, e.g.
-# a bug fixed since) are resumed into the same run.
-TERMINAL = {"finished", "diverged", "oom", "pruned"}
-RUN_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED",
-              "pruned": "FINISHED", "killed": "KILLED"}
+from harness.schema import MLFLOW_RUN_STATUS, TERMINAL, param_value, strip_credentials  # noqa: F401  (re-exported)
 
 
 def default_tracking_uri() -> str:
@@ -53,9 +48,9 @@ def git_commit() -> str:
 
 def source_tags(commit: str) -> dict[str, str]:
     """MLflow's own source tags (the UI's "Source" and "Git commit" columns); the commit without '-dirty'."""
-    tags = {"mlflow.source.name": "kimi-bench", "mlflow.source.type": "LOCAL"}
+    tags = {schema.TAG_SOURCE_NAME: "kimi-bench", schema.TAG_SOURCE_TYPE: "LOCAL"}
     if commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+        tags[schema.TAG_SOURCE_GIT] = commit.removesuffix("-dirty")
     return tags
 
 
@@ -171,14 +166,14 @@ class Tracker:
         try:
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
-                tags = {"mlflow.experimentKind": "custom_model_development"}
+                tags = {schema.TAG_EXPERIMENT_KIND: schema.EXPERIMENT_KIND_TRAINING}
                 if description:
-                    tags["mlflow.note.content"] = description
+                    tags[schema.TAG_NOTE] = description
                 return self.client.create_experiment(name, tags=tags)
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
-            if description and exp.tags.get("mlflow.note.content") != description:
-                self.client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", description)
+            if description and exp.tags.get(schema.TAG_NOTE) != description:
+                self.client.set_experiment_tag(exp.experiment_id, schema.TAG_NOTE, description)
             return exp.experiment_id
         except Exception as e:  # connection refused, bad URI, locked store ...
             if isinstance(e, UserError):
@@ -189,39 +184,39 @@ class Tracker:
 
     def start_parent(self, experiment_id: str, name: str, command: str, tags: dict[str, str],
                      description: str = "") -> str:
-        all_tags = {"kb.kind": "matrix", "kb.command": command, **tags}
+        all_tags = {schema.KIND: schema.KIND_MATRIX, schema.TAG_COMMAND: command, **tags}
         if description:
-            all_tags["mlflow.note.content"] = description  # the run page's "Description"
+            all_tags[schema.TAG_NOTE] = description  # the run page's "Description"
         return self.client.create_run(experiment_id, run_name=f"matrix {name}", tags=all_tags).info.run_id
 
     def log_matrix(self, run_id: str, matrix_text: str, params: dict[str, Any], trials: list[dict]) -> None:
         """The matrix as given (matrix.toml), its resolved trials (trials.json) and its settings as params."""
         from mlflow.entities import Param
 
-        param_list = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        param_list = [Param(k, param_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(param_list), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=param_list[i : i + 100])
         self.client.log_text(run_id, matrix_text, "matrix.toml")
         self.client.log_text(run_id, json.dumps(trials, indent=1, default=str), "trials.json")
 
     def end_parent(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, RUN_STATUS.get(status, "FINISHED"))
+        self.client.set_terminated(run_id, MLFLOW_RUN_STATUS.get(status, "FINISHED"))
 
     def find_trial(self, experiment_id: str, trial_key: str):
         """The newest run with this trial key: finished ones first (a rerun skips them)."""
         runs = self.client.search_runs(
-            [experiment_id], filter_string=f"tags.`kb.trial_key` = '{trial_key}'",
+            [experiment_id], filter_string=f"tags.`{schema.TAG_TRIAL_KEY}` = '{trial_key}'",
             order_by=["attributes.start_time DESC"], max_results=50)
-        terminal = [r for r in runs if r.data.tags.get("kb.status") in TERMINAL]
+        terminal = [r for r in runs if r.data.tags.get(schema.TAG_STATUS) in TERMINAL]
         return (terminal or runs or [None])[0]
 
     def trials(self, experiment_id: str) -> list:
-        return self.client.search_runs([experiment_id], filter_string="tags.`kb.kind` = 'trial'",
+        return self.client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'",
                                        max_results=10000)
 
     def start_trial(self, experiment_id: str, parent_id: str | None, run_name: str, tags: dict[str, str],
                     params: dict[str, Any], resume_run_id: str | None = None, system_metrics: bool = True,
-                    kind: str = "trial") -> TrialRun:
+                    kind: str = schema.KIND_TRIAL) -> TrialRun:
         from mlflow.entities import Param, RunTag
 
         if resume_run_id:
@@ -231,20 +226,15 @@ class Tracker:
             logged = self.client.get_run(run_id).data.params
             params = {k: v for k, v in params.items() if k not in logged}
         else:
-            all_tags = {"kb.kind": kind, **tags}
+            all_tags = {schema.KIND: kind, **tags}
             if parent_id:
-                all_tags["mlflow.parentRunId"] = parent_id
+                all_tags[schema.TAG_PARENT] = parent_id
             run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
-        param_list = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        param_list = [Param(k, param_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(param_list), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=param_list[i : i + 100])
-        self.client.log_batch(run_id, tags=[RunTag("kb.status", "running")])
+        self.client.log_batch(run_id, tags=[RunTag(schema.TAG_STATUS, schema.RUNNING)])
         return TrialRun(self, run_id, system_metrics=system_metrics)
-
-
-def _param_value(v: Any) -> str:
-    s = v if isinstance(v, str) else json.dumps(v, default=str)
-    return strip_credentials(s)[:6000]
 
 
 @dataclass
@@ -335,5 +325,5 @@ class TrialRun:
                 with contextlib.suppress(Exception):
                     self._monitor.finish()
                 self._monitor = None
-            self.set_tags({"kb.status": status})
-            self.tracker.client.set_terminated(self.run_id, RUN_STATUS.get(status, "FAILED"))
+            self.set_tags({schema.TAG_STATUS: status})
+            self.tracker.client.set_terminated(self.run_id, MLFLOW_RUN_STATUS.get(status, "FAILED"))

@@ -33,6 +33,7 @@ from torch import nn
 from arch.counting import count_params, flops_per_token
 from arch.moe import load_stats, moe_modules
 from arch.muon import enable_max_logit_tracking
+from harness import schema
 from harness.data import PreparedData, TokenBatches, val_batches
 from harness.dist import DistInfo, all_reduce_
 from harness.errors import UserError
@@ -132,12 +133,12 @@ def evaluate(model: nn.Module, data: PreparedData, spec: TrialSpec, device: torc
     if count == 0:
         raise RuntimeError("the validation split has fewer tokens than one block; use a larger corpus")
     mean_nll = float(nll_sum) / count
-    out = {"val/loss": mean_nll, "val/ppl": perplexity(mean_nll)}
+    out = {schema.VAL_LOSS: mean_nll, schema.VAL_PPL: perplexity(mean_nll)}
     n_bytes = val_bytes(data, count)
     if n_bytes:
-        out["val/bpb"] = bits_per_byte(mean_nll, count, n_bytes)
+        out[schema.VAL_BPB] = bits_per_byte(mean_nll, count, n_bytes)
     if max_logit is not None:
-        out["attn/max_logit"] = max_logit
+        out[schema.ATTN_MAX_LOGIT] = max_logit
     return out
 
 
@@ -190,7 +191,7 @@ def _save_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path, ti
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+    for key, style in ((schema.TRAIN_LOSS, "-"), (schema.VAL_LOSS, "o-")):
         if history.get(key):
             steps, values = zip(*history[key], strict=True)
             ax.plot(steps, values, style, label=key, markersize=3)
@@ -213,7 +214,7 @@ class TrainState:
     train_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
-    history: dict[str, list] = field(default_factory=lambda: {"train/loss": [], "val/loss": []})
+    history: dict[str, list] = field(default_factory=lambda: {schema.TRAIN_LOSS: [], schema.VAL_LOSS: []})
     moe_rows: list[tuple[int, int, int, float]] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
     window_rates: list[float] = field(default_factory=list)
@@ -359,13 +360,13 @@ class Trainer:
                 raise Diverged(step, loss)
             self.state.losses.append(loss)
             self.state.grad_norms.append(norm)
-            self.state.history["train/loss"].append((step, loss))
+            self.state.history[schema.TRAIN_LOSS].append((step, loss))
             tokens = step * self.tokens_per_step
             self.log(step, {
-                "train/loss": loss, "grad/norm": norm, "train/lr_factor": lr_factor_,
-                "train/lr": lr_factor_ * self.optimizer.param_groups[0]["base_lr"],
-                "train/tokens": tokens, "train/elapsed_s": base_seconds + (t_step - window_start),
-                "train/tokens_per_s": self.state.window_rates[-1] if self.state.window_rates else None,
+                schema.TRAIN_LOSS: loss, schema.GRAD_NORM: norm, schema.TRAIN_LR_FACTOR: lr_factor_,
+                schema.TRAIN_LR: lr_factor_ * self.optimizer.param_groups[0]["base_lr"],
+                schema.TRAIN_TOKENS: tokens, schema.TRAIN_ELAPSED: base_seconds + (t_step - window_start),
+                schema.TRAIN_TOKENS_PER_S: self.state.window_rates[-1] if self.state.window_rates else None,
             })
 
     def run_eval(self) -> dict[str, float]:
@@ -374,15 +375,15 @@ class Trainer:
             loads = self.load_meter.read()
             stats = [load_stats(load) for load in loads if load.sum() > 0]
             if stats:
-                metrics["moe/load_cv"] = sum(s["load_cv"] for s in stats) / len(stats)
-                metrics["moe/max_load"] = max(s["max_load"] for s in stats)
+                metrics[schema.MOE_LOAD_CV] = sum(s["load_cv"] for s in stats) / len(stats)
+                metrics[schema.MOE_MAX_LOAD] = max(s["max_load"] for s in stats)
             for layer, load in enumerate(loads):
                 total = float(load.sum())
                 if total == 0:  # nothing routed since the last eval (the step-0 eval)
                     continue
                 for expert, value in enumerate(load.tolist()):
                     self.state.moe_rows.append((self.state.step, layer, expert, value / total))
-        self.state.history["val/loss"].append((self.state.step, metrics["val/loss"]))
+        self.state.history[schema.VAL_LOSS].append((self.state.step, metrics[schema.VAL_LOSS]))
         self.state.last_eval = metrics
         self.log(self.state.step, metrics)
         if self.run is not None and self.dist.is_main:
@@ -425,26 +426,27 @@ class Trainer:
         rates = s.window_rates[1:] or s.window_rates  # the first window holds warm-up / compilation
         tokens_per_s = sum(rates) / len(rates) if rates else 0.0
         out: dict[str, float] = {
-            "params/total": self.counts.total, "params/active": self.counts.active,
-            "params/embedding": self.counts.embedding, "train/flops_per_token": self.flops_per_token,
-            "train/tokens_per_s": tokens_per_s, "train/seconds": s.train_seconds, "train/tokens": s.tokens,
-            "train/loss_spikes": float(loss_spike_count(s.losses)),
+            schema.PARAMS_TOTAL: self.counts.total, schema.PARAMS_ACTIVE: self.counts.active,
+            schema.PARAMS_EMBEDDING: self.counts.embedding, schema.FLOPS_PER_TOKEN: self.flops_per_token,
+            schema.TRAIN_TOKENS_PER_S: tokens_per_s, schema.TRAIN_SECONDS: s.train_seconds,
+            schema.TRAIN_TOKENS: s.tokens,
+            schema.TRAIN_LOSS_SPIKES: float(loss_spike_count(s.losses)),
         }
         out.update(grad_norm_summary(s.grad_norms))
         out.update(memory_facts(self.model, self.optimizer))
         if s.last_eval:
-            out["val/loss_final"] = s.last_eval["val/loss"]
-            out["val/ppl_final"] = s.last_eval["val/ppl"]
-            if "val/bpb" in s.last_eval:
-                out["val/bpb_final"] = s.last_eval["val/bpb"]
-            for key in ("moe/load_cv", "moe/max_load", "attn/max_logit"):
+            out[schema.VAL_LOSS_FINAL] = s.last_eval[schema.VAL_LOSS]
+            out[schema.VAL_PPL_FINAL] = s.last_eval[schema.VAL_PPL]
+            if schema.VAL_BPB in s.last_eval:
+                out[schema.VAL_BPB_FINAL] = s.last_eval[schema.VAL_BPB]
+            for key in (schema.MOE_LOAD_CV, schema.MOE_MAX_LOAD, schema.ATTN_MAX_LOGIT):
                 if key in s.last_eval:
                     out[key] = s.last_eval[key]
         if self.moe:
-            out["moe/dropped"] = 0.0  # dropless dispatch: every routed (token, expert) pair is computed
+            out[schema.MOE_DROPPED] = 0.0  # dropless dispatch: every routed (token, expert) pair is computed
         achieved = mfu(self.flops_per_token, tokens_per_s, self.peak_flops)
         if achieved is not None:
-            out["train/mfu"] = achieved
+            out[schema.TRAIN_MFU] = achieved
         return out
 
     def save_model(self) -> int:
@@ -476,7 +478,7 @@ def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun 
     """Train one trial to its budget and log everything; never raises except KeyboardInterrupt."""
     key = spec.key(data.data_hash)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = TrialResult(status="failed", trial_key=key, run_id=run.run_id if run else None, out_dir=out_dir)
+    result = TrialResult(status=schema.FAILED, trial_key=key, run_id=run.run_id if run else None, out_dir=out_dir)
     trainer = None
     try:
         trainer = Trainer(spec, data, out_dir, run, dist_info, progress, on_eval, peak_tflops)
@@ -484,44 +486,44 @@ def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun 
             torch.cuda.reset_peak_memory_stats(trainer.device)
         resumed = resume and trainer.load_state()
         if run is not None and dist_info.is_main:
-            tags = {"kb.shape": shape_key(spec.variant, spec.dims)}
+            tags = {schema.TAG_SHAPE: shape_key(spec.variant, spec.dims)}
             if resumed:
-                tags["kb.resumed_from_step"] = trainer.state.step
+                tags[schema.TAG_RESUMED_FROM_STEP] = trainer.state.step
             run.set_tags(tags)
         if trainer.state.step == 0:  # every rank: the eval's MoE load stats are all-reduced
             trainer.run_eval()  # step 0: the untrained model (loss should be near ln(vocab))
         trainer.train()
         final = trainer.final_metrics()
         if trainer.device.type == "cuda":
-            final["mem/peak_bytes"] = float(torch.cuda.max_memory_allocated(trainer.device))
+            final[schema.MEM_PEAK] = float(torch.cuda.max_memory_allocated(trainer.device))
         if dist_info.is_main:
-            final["ckpt/bytes"] = trainer.save_model()
+            final[schema.CKPT_BYTES] = trainer.save_model()
             if run is not None:
                 run.set_tags({TAG_MODEL_PATH: str((out_dir / MODEL_FILE).absolute())})
                 run.flush()
-                final["track/log_s"] = run.log_seconds
-                final["track/overhead_frac"] = run.log_seconds / max(trainer.state.train_seconds, 1e-9)
+                final[schema.TRACK_LOG_S] = run.log_seconds
+                final[schema.TRACK_OVERHEAD_FRAC] = run.log_seconds / max(trainer.state.train_seconds, 1e-9)
         trainer.log(trainer.state.step, final, final=True)
         trainer.write_artifacts(final)
         trainer.save_state()  # the finished state: a rerun with a longer budget could continue from it
-        result.status, result.metrics = "finished", final
+        result.status, result.metrics = schema.FINISHED, final
     except Diverged as e:
-        result.status, result.error = "diverged", str(e)
-        result.metrics = {"train/diverged_step": e.step}
+        result.status, result.error = schema.DIVERGED, str(e)
+        result.metrics = {schema.TRAIN_DIVERGED_STEP: e.step}
         if trainer is not None:
             trainer.log(e.step, result.metrics, final=True)
     except Pruned as e:
-        result.status, result.error = "pruned", str(e)
+        result.status, result.error = schema.PRUNED, str(e)
     except torch.OutOfMemoryError as e:
-        result.status, result.error = "oom", str(e).splitlines()[0]
+        result.status, result.error = schema.OOM, str(e).splitlines()[0]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except KeyboardInterrupt:
-        result.status, result.error = "killed", "interrupted (Ctrl-C)"
+        result.status, result.error = schema.KILLED, "interrupted (Ctrl-C)"
         _finish_run(run, result, trainer)
         raise
     except Exception as e:  # isolate the failure: the matrix goes on with the next trial
-        result.status = "failed"
+        result.status = schema.FAILED
         result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         (out_dir / "error.txt").write_text(traceback.format_exc())
         if run is not None:
@@ -536,9 +538,9 @@ def _finish_run(run: TrialRun | None, result: TrialResult, trainer: Trainer | No
         result.step = trainer.state.step
     if run is None:
         return
-    tags = {"kb.final_step": result.step}
+    tags = {schema.TAG_FINAL_STEP: result.step}
     if result.error:
-        tags["kb.error"] = result.error[:500]
+        tags[schema.TAG_ERROR] = result.error[:schema.ERROR_CHARS]
     with contextlib.suppress(Exception):
         run.set_tags(tags)
     run.end(result.status)

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import schema as S
+
 EXPERIMENT = "bench-report"
 T0 = 1_760_000_000_000
-STEP_KEYS = ("train/loss", "grad/norm", "train/lr", "train/tokens", "train/elapsed_s", "train/tokens_per_s")
+STEP_KEYS = (S.TRAIN_LOSS, S.GRAD_NORM, S.TRAIN_LR, S.TRAIN_TOKENS, S.TRAIN_ELAPSED, S.TRAIN_TOKENS_PER_S)
 EVAL_EVERY = 100
 TOKENS_PER_STEP = 8192
 TARGET_S, TARGET_BYTES = 60.0, 1e9
@@ -61,7 +63,7 @@ def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, an
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-    parent = client.create_run(exp, start_time=T0, tags={"kb.kind": "matrix", "kb.command": "bench_report"})
+    parent = client.create_run(exp, start_time=T0, tags={S.KIND: S.KIND_MATRIX, S.TAG_COMMAND: "bench_report"})
     steps = np.arange(n_steps, dtype=np.int64)
     rng = np.random.default_rng(0)
     with Progress(disable=not progress) as bar:
@@ -71,18 +73,18 @@ def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, an
             arm = f"{variant}+{opt}"
             start = T0 + 1000 * (i + 1)
             run = client.create_run(exp, start_time=start, run_name=f"{arm}-s{seed}", tags={
-                "kb.kind": "trial", "mlflow.parentRunId": parent.info.run_id, "kb.arm": arm, "kb.variant": variant,
-                "kb.optimizer": opt, "kb.preset": "tiny", "kb.seed": str(seed), "kb.status": "finished",
-                "kb.trial_key": f"{arm}-{seed}", "kb.git_commit": "bench", "kb.device": "cpu",
-                "kb.data_hash": "bench", "kb.shape": variant})
+                S.KIND: S.KIND_TRIAL, S.TAG_PARENT: parent.info.run_id, S.TAG_ARM: arm, S.TAG_VARIANT: variant,
+                S.TAG_OPTIMIZER: opt, S.TAG_PRESET: "tiny", S.TAG_SEED: str(seed), S.TAG_STATUS: S.FINISHED,
+                S.TAG_TRIAL_KEY: f"{arm}-{seed}", S.TAG_GIT: "bench", S.TAG_DEVICE: "cpu",
+                S.TAG_DATA_HASH: "bench", S.TAG_SHAPE: variant})
             final = 2.0 + (0.1 if variant == "gpt" else 0.0) + (0.05 if opt == "adamw" else 0.0) + 0.01 * seed % 0.05
-            finals = {"val/loss_final": final, "val/ppl_final": math.exp(final), "val/bpb": final / math.log(2) / 4,
-                      "params/total": 1.6e5, "params/active": 1.2e5 if variant == "kimi" else 1.6e5,
-                      "ckpt/bytes": 7e5, "train/flops_per_token": 1e6, "train/tokens_per_s": 5e3,
-                      "train/tokens": float(n_steps * TOKENS_PER_STEP), "grad/norm_cv": 0.3,
-                      "grad/norm_p99_over_median": 2.0, "mem/param_bytes": 6.4e5}
+            finals = {S.VAL_LOSS_FINAL: final, S.VAL_PPL_FINAL: math.exp(final), S.VAL_BPB: final / math.log(2) / 4,
+                      S.PARAMS_TOTAL: 1.6e5, S.PARAMS_ACTIVE: 1.2e5 if variant == "kimi" else 1.6e5,
+                      S.CKPT_BYTES: 7e5, S.FLOPS_PER_TOKEN: 1e6, S.TRAIN_TOKENS_PER_S: 5e3,
+                      S.TRAIN_TOKENS: float(n_steps * TOKENS_PER_STEP), S.GRAD_NORM_CV: 0.3,
+                      S.GRAD_NORM_P99_OVER_MEDIAN: 2.0, S.MEM_PARAM: 6.4e5}
             evals = [s for s in range(0, n_steps, EVAL_EVERY)] + [n_steps - 1]
-            val = [Metric("val/loss", final + 3.0 * math.exp(-s / (n_steps / 5)), start + s, s) for s in evals]
+            val = [Metric(S.VAL_LOSS, final + 3.0 * math.exp(-s / (n_steps / 5)), start + s, s) for s in evals]
             client.log_batch(run.info.run_id, metrics=[Metric(k, v, start + n_steps, n_steps - 1)
                                                        for k, v in finals.items()] + val,
                              params=[Param("seed", str(seed)), Param("variant", variant), Param("optimizer", opt),
@@ -97,9 +99,9 @@ def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, an
         task = bar.add_task("step metrics (bulk SQL)", total=n_runs)
         for rid, start, final in run_ids:
             loss = final + 3.0 * np.exp(-steps / (n_steps / 5)) + 0.05 * rng.standard_normal(n_steps)
-            cols = {"train/loss": loss, "grad/norm": 0.5 + 0.1 * rng.standard_normal(n_steps) ** 2,
-                    "train/lr": np.full(n_steps, 3e-3), "train/tokens": (steps + 1.0) * TOKENS_PER_STEP,
-                    "train/elapsed_s": (steps + 1.0) * 0.2, "train/tokens_per_s": np.full(n_steps, 5e3)}
+            cols = {S.TRAIN_LOSS: loss, S.GRAD_NORM: 0.5 + 0.1 * rng.standard_normal(n_steps) ** 2,
+                    S.TRAIN_LR: np.full(n_steps, 3e-3), S.TRAIN_TOKENS: (steps + 1.0) * TOKENS_PER_STEP,
+                    S.TRAIN_ELAPSED: (steps + 1.0) * 0.2, S.TRAIN_TOKENS_PER_S: np.full(n_steps, 5e3)}
             ts = start + steps
             rows = ((key, float(v), int(t), rid, int(s), 0)
                     for key in STEP_KEYS for v, t, s in zip(cols[key], ts, steps, strict=True))

@@ -1,7 +1,7 @@
 """Read one kimi-bench experiment out of MLflow into tidy pandas frames.
 
 Only MLflow is read (never harness.trial or arch), so a report can be rebuilt from any tracking
-server long after the runs. Schema: see CONTRACT.md, "MLflow schema".
+server long after the runs. Names: harness/schema.py; the runs they describe: docs/design.md.
 
     c = collect("sqlite:///mlflow.db", "paper")
     c.runs                      # one row per trial (kb.kind=trial), final metrics as columns
@@ -25,35 +25,19 @@ import pandas as pd
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
+from harness import schema
 from harness.errors import UserError
 from harness.schema import strip_credentials
 from reports import names
 
 # Final metrics of a trial (logged once, at the last step). Always present as columns of `runs`
 # (NaN where a run did not log one), so callers can index them without checking.
-FINAL_METRICS = (
-    "params/total", "params/active", "params/embedding", "ckpt/bytes", "mem/peak_bytes",
-    "mem/param_bytes", "mem/grad_bytes", "mem/optim_state_bytes",
-    "train/flops_per_token", "train/tokens_per_s", "train/tokens", "train/seconds", "train/mfu",
-    "infer/prefill_tokens_per_s", "infer/decode_tokens_per_s", "infer/decode_tokens_per_s_b8", "infer/ttft_s",
-    "infer/kv_bytes_per_token", "grad/norm_median", "grad/norm_p99_over_median", "grad/norm_cv",
-    "grad/norm_spikes", "train/loss_spikes", "val/loss_final", "val/ppl_final", "val/bpb", "moe/load_cv",
-    "moe/max_load", "moe/dropped", "attn/max_logit", "train/diverged_step",
-)
+FINAL_METRICS = schema.REPORTED_FINAL_METRICS
 
 # tag -> column of `runs`
-TRIAL_TAGS = {
-    "kb.trial_key": "trial_key", "kb.arm": "arm", "kb.variant": "variant", "kb.optimizer": "optimizer",
-    "kb.preset": "preset", "kb.seed": "seed", "kb.status": "status", "kb.git_commit": "git_commit",
-    "kb.device": "device", "kb.torch_version": "torch_version", "kb.data_hash": "data_hash",
-    "kb.tuned_from": "tuned_from", "mlflow.parentRunId": "parent_run_id", "kb.shape": "shape",
-}
-# tag -> column of `speed` (controlled speed runs, kb.kind=speed; see SPEED_SCHEMA.md)
-SPEED_TAGS = {
-    "kb.shape": "shape", "kb.variant": "variant", "kb.preset": "preset", "kb.device": "device",
-    "kb.threads": "threads", "kb.parent_run": "parent_run_id", "kb.optimizers": "optimizers",
-    "kb.git_commit": "git_commit",
-}
+TRIAL_TAGS = schema.TRIAL_TAG_COLUMNS
+# tag -> column of `speed` (controlled speed runs, kb.kind=speed; see docs/design.md)
+SPEED_TAGS = schema.SPEED_TAG_COLUMNS
 # Curves: step-dense keys are read downsampled to about this many points per run (first and last kept);
 # keys logged at evals (val/*) are read at every eval up to the server's cap of 2500 points per run.
 CURVE_POINTS = 400
@@ -63,8 +47,7 @@ ID_COLUMNS = ["run_id", "experiment_id", "arm", "variant", "optimizer", "preset"
               "trial_key", "start_time", "end_time"]
 HISTORY_COLUMNS = ["run_id", "arm", "seed", "key", "step", "value", "timestamp"]
 # MLflow run status, used when a run has no kb.status tag (e.g. the process died before tagging)
-_MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed",
-                  "RUNNING": "running", "SCHEDULED": "running"}
+_MLFLOW_STATUS = schema.STATUS_FROM_MLFLOW
 _PAGE = 1000
 
 
@@ -145,7 +128,8 @@ class Collected:
     def studies(self) -> dict[str, tuple[pd.DataFrame, dict | None]]:
         """Per arm, the Optuna study's trials (trials.csv) and importances (importances.json) logged on the
         experiment's study runs (kb.kind=study) by `kimi-bench tune`; empty when nothing was tuned."""
-        runs = self.client.search_runs([self.experiment_id], "tags.`kb.kind` = 'study'", max_results=1000)
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{schema.KIND}` = '{schema.KIND_STUDY}'",
+                                       max_results=1000)
         out: dict[str, tuple[pd.DataFrame, dict | None]] = {}
         with tempfile.TemporaryDirectory(prefix="kb-optuna-") as tmp, _no_progress_bar():
             for run in sorted(runs, key=lambda r: r.info.start_time):  # newest study of an arm wins
@@ -160,7 +144,7 @@ class Collected:
                     raw = json.loads(Path(self.client.download_artifacts(
                         run.info.run_id, "importances.json", str(folder))).read_text())
                     importances = raw.get("importances") if isinstance(raw, dict) else None
-                out[run.data.tags.get("kb.arm", run.info.run_name)] = (trials, importances)
+                out[run.data.tags.get(names.TAG_ARM, run.info.run_name)] = (trials, importances)
         return out
 
 
@@ -192,9 +176,9 @@ def collect(tracking_uri: str | None, experiment: str) -> Collected:
         raise UserError(
             f"experiment: no MLflow experiment named {experiment!r} at {strip_credentials(uri)}; "
             f"existing: {', '.join(names) or '(none)'}; pass one of them")
-    trials = _search(client, exp.experiment_id, "tags.`kb.kind` = 'trial'")
-    matrices = _search(client, exp.experiment_id, "tags.`kb.kind` = 'matrix'")
-    speed = _search(client, exp.experiment_id, "tags.`kb.kind` = 'speed'")
+    trials = _search(client, exp.experiment_id, f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'")
+    matrices = _search(client, exp.experiment_id, f"tags.`{schema.KIND}` = '{schema.KIND_MATRIX}'")
+    speed = _search(client, exp.experiment_id, f"tags.`{schema.KIND}` = '{schema.KIND_SPEED}'")
     runs, dropped = _dedupe(_runs_frame(trials))
     return Collected(tracking_uri=uri, experiment=experiment, experiment_id=exp.experiment_id,
                      runs=runs, dropped=dropped, matrix_runs=_matrix_frame(matrices), client=client,
@@ -280,9 +264,9 @@ def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _matrix_frame(matrices: list[Run]) -> pd.DataFrame:
     match = (names.MATCH_BY, names.MATCH_REFERENCE, names.MATCH_TOLERANCE)
     rows = [{"run_id": r.info.run_id, "start_time": _ms_to_time(r.info.start_time),
-             "command": r.data.tags.get("kb.command"),
-             "git_commit": r.data.tags.get("kb.git_commit") or r.data.tags.get("mlflow.source.git.commit"),
-             **{k: r.data.params.get(k, r.data.tags.get(f"kb.{k}")) for k in match}}
+             "command": r.data.tags.get(names.TAG_COMMAND),
+             "git_commit": r.data.tags.get(names.TAG_GIT) or r.data.tags.get(schema.TAG_SOURCE_GIT),
+             **{k: r.data.params.get(k, r.data.tags.get(f"{schema.KB_PREFIX}{k}")) for k in match}}
             for r in matrices]
     df = pd.DataFrame(rows, columns=["run_id", "start_time", "command", "git_commit", *match])
     return df.sort_values(["start_time", "run_id"]).reset_index(drop=True)
@@ -294,7 +278,7 @@ def _speed_frame(runs: list[Run]) -> pd.DataFrame:
     for r in runs:
         row = {"run_id": r.info.run_id, "start_time": _ms_to_time(r.info.start_time)}
         row |= {col: r.data.tags.get(tag) for tag, col in SPEED_TAGS.items()}
-        row["parent_run_id"] = row["parent_run_id"] or r.data.tags.get("mlflow.parentRunId")
+        row["parent_run_id"] = row["parent_run_id"] or r.data.tags.get(names.TAG_PARENT)
         row |= dict(r.data.metrics)
         row |= {f"param.{k}": v for k, v in r.data.params.items()}
         rows.append(row)

@@ -31,32 +31,32 @@ NOT_MEASURED = "not measured"
 # (metric, column header, divide by)
 TABLES: dict[str, list[tuple[str, str, float]]] = {
     "Quality and size": [
-        ("params/total", "total params (M)", 1e6),
-        ("params/active", "active params (M)", 1e6),
-        ("val/ppl_final", "val ppl", 1.0),
-        ("val/bpb", "val bits/byte", 1.0),
-        ("val/loss_final", "val loss", 1.0),
-        ("ckpt/bytes", "checkpoint (MB)", 1e6),
+        (names.PARAMS_TOTAL, "total params (M)", 1e6),
+        (names.PARAMS_ACTIVE, "active params (M)", 1e6),
+        (names.VAL_PPL_FINAL, "val ppl", 1.0),
+        (names.VAL_BPB, "val bits/byte", 1.0),
+        (names.VAL_LOSS_FINAL, "val loss", 1.0),
+        (names.CKPT_BYTES, "checkpoint (MB)", 1e6),
     ],
     "Memory (exact bytes; peak per trial on CUDA only)": [
-        ("mem/param_bytes", "params (MB)", 1e6),
-        ("mem/grad_bytes", "grads (MB)", 1e6),
-        ("mem/optim_state_bytes", "optimizer state (MB)", 1e6),
-        ("mem/peak_bytes", "peak, CUDA trial (MB)", 1e6),
+        (names.MEM_PARAM, "params (MB)", 1e6),
+        (names.MEM_GRAD, "grads (MB)", 1e6),
+        (names.MEM_OPTIM, "optimizer state (MB)", 1e6),
+        (names.MEM_PEAK, "peak, CUDA trial (MB)", 1e6),
     ],
     "Gradient stability (lower is more stable)": [
-        ("grad/norm_median", "grad-norm median", 1.0),
-        ("grad/norm_p99_over_median", "grad-norm p99/median", 1.0),
-        ("grad/norm_cv", "grad-norm CV", 1.0),
-        ("grad/norm_spikes", "grad-norm spikes", 1.0),
-        ("train/loss_spikes", "loss spikes", 1.0),
+        (names.GRAD_NORM_MEDIAN, "grad-norm median", 1.0),
+        (names.GRAD_NORM_P99_OVER_MEDIAN, "grad-norm p99/median", 1.0),
+        (names.GRAD_NORM_CV, "grad-norm CV", 1.0),
+        (names.GRAD_NORM_SPIKES, "grad-norm spikes", 1.0),
+        (names.TRAIN_LOSS_SPIKES, "loss spikes", 1.0),
     ],
     "Throughput observed during training (not a benchmark; the speed claims use the controlled runs)": [
-        ("train/tokens_per_s", "train tok/s (observed during training)", 1.0),
+        (names.TRAIN_TOKENS_PER_S, "train tok/s (observed during training)", 1.0),
     ],
 }
-HISTORY_KEYS = ["val/loss", "train/loss", "grad/norm", "train/tokens", "train/elapsed_s"]
-STATUS_ORDER = ["finished", "diverged", "oom", "killed", "failed", "pruned", "running"]
+HISTORY_KEYS = [names.VAL_LOSS, names.TRAIN_LOSS, names.GRAD_NORM, names.TRAIN_TOKENS, names.TRAIN_ELAPSED]
+STATUS_ORDER = [names.FINISHED, names.DIVERGED, names.OOM, names.KILLED, names.FAILED, names.PRUNED, names.RUNNING]
 CLAIM_SCALE = "about 75M parameters (nanoKimi's table)"
 
 
@@ -134,8 +134,8 @@ def status_counts(statuses: pd.Series) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in order) or "0"
 
 
-EXACT_METRICS = {"params/total", "params/active", "params/embedding", "ckpt/bytes", "mem/param_bytes",
-                 "mem/grad_bytes", "mem/optim_state_bytes", "train/flops_per_token", "infer/kv_bytes_per_token"}
+EXACT_METRICS = {names.PARAMS_TOTAL, names.PARAMS_ACTIVE, names.PARAMS_EMBEDDING, names.CKPT_BYTES, names.MEM_PARAM,
+                 names.MEM_GRAD, names.MEM_OPTIM, names.FLOPS_PER_TOKEN, names.INFER_KV_BYTES}
 
 
 # ----------------------------------------------------------------------------- grouping helpers
@@ -153,7 +153,7 @@ def _presets(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs.status.eq("finished")]
+    return runs[runs.status.eq(names.FINISHED)]
 
 
 # ----------------------------------------------------------------------------- per-arm tables
@@ -167,7 +167,7 @@ def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(keys, key, strict=True))
         row |= {"variant": g.variant.iloc[0], "optimizer": g.optimizer.iloc[0],
                 "trials": status_counts(g.status), "n_trials": len(g),
-                "n_finished": int(g.status.eq("finished").sum())}
+                "n_finished": int(g.status.eq(names.FINISHED).sum())}
         f = _finished(g)
         for metric, _, _ in [m for table in TABLES.values() for m in table]:
             e = estimate(f[metric]) if metric in f else estimate([])
@@ -391,7 +391,7 @@ def _first_figure(runs: pd.DataFrame, hist: pd.DataFrame, fig_dir: Path, out_dir
     fin = _finished(runs)
     fin, h = _labelled(runs, fin, hist[hist.run_id.isin(fin.run_id)])
     colors = plots.arm_colors(fin.arm.dropna())
-    p = plots.plot_curves(h, "val/loss", fig_dir / "val_loss_vs_tokens.png", "tokens", colors=colors, markers=True,
+    p = plots.plot_curves(h, names.VAL_LOSS, fig_dir / "val_loss_vs_tokens.png", "tokens", colors=colors, markers=True,
                           crop=True)
     if p is None:
         return "No figure: no val/loss logged."
@@ -413,16 +413,16 @@ def _figures(c: Collected, runs: pd.DataFrame, out_dir: Path, fig_dir: Path, his
     curve = plots.plot_curves
     todo = [  # (caption, file name, plot(path) -> path | None)
         ("Validation loss vs optimizer steps", "val_loss_vs_step",
-         lambda p: curve(h, "val/loss", p, "step", colors=colors, markers=True, crop=True)),
+         lambda p: curve(h, names.VAL_LOSS, p, "step", colors=colors, markers=True, crop=True)),
         ("Validation loss vs training wall-clock (shared host: other processes slow some runs)",
          "val_loss_vs_seconds",
-         lambda p: curve(h, "val/loss", p, "seconds", colors=colors, markers=True, crop=True)),
+         lambda p: curve(h, names.VAL_LOSS, p, "seconds", colors=colors, markers=True, crop=True)),
         ("Training loss vs steps", "train_loss_vs_step",
-         lambda p: curve(h, "train/loss", p, "step", smooth=_smooth(h), colors=colors, crop=True)),
+         lambda p: curve(h, names.TRAIN_LOSS, p, "step", smooth=_smooth(h), colors=colors, crop=True)),
         ("Gradient norm (before clipping) vs steps", "grad_norm_vs_step",
-         lambda p: curve(h, "grad/norm", p, "step", logy=True, colors=colors)),
+         lambda p: curve(h, names.GRAD_NORM, p, "step", logy=True, colors=colors)),
         ("Train throughput observed during training (95% CI over seeds where n > 1; shared host)", "throughput",
-         lambda p: plots.plot_bars(fin, {"train/tokens_per_s": ("train tokens/s (observed)", 1.0)}, p,
+         lambda p: plots.plot_bars(fin, {names.TRAIN_TOKENS_PER_S: ("train tokens/s (observed)", 1.0)}, p,
                                    "Observed during training", colors=colors)),
     ]
     out = []
@@ -448,22 +448,22 @@ def _figures(c: Collected, runs: pd.DataFrame, out_dir: Path, fig_dir: Path, his
 
 def _smooth(h: pd.DataFrame) -> int:
     """Rolling window for the train-loss figure: about 1/50 of the logged points."""
-    steps = h.loc[h.key.eq("train/loss"), "step"].nunique()
+    steps = h.loc[h.key.eq(names.TRAIN_LOSS), "step"].nunique()
     return max(1, steps // 50)
 
 
 # ----------------------------------------------------------------------------- other sections
 
 def _not_finished_section(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame) -> str:
-    bad = runs[~runs.status.eq("finished")]
+    bad = runs[~runs.status.eq(names.FINISHED)]
     parts = []
     if bad.empty:
         parts.append("Every trial finished.")
     else:
-        last = hist[hist.key.eq("train/loss")].groupby("run_id").step.max()
+        last = hist[hist.key.eq(names.TRAIN_LOSS)].groupby("run_id").step.max()
         rows = []
         for r in bad.sort_values(["arm", "seed", "run_id"]).itertuples():
-            ds = runs.loc[runs.run_id.eq(r.run_id), "train/diverged_step"].iloc[0]
+            ds = runs.loc[runs.run_id.eq(r.run_id), names.TRAIN_DIVERGED_STEP].iloc[0]
             step = ds if pd.notna(ds) else last.get(r.run_id, float("nan"))
             rows.append([r.arm, r.seed, r.status, "n/a" if pd.isna(step) else int(step), r.run_id])
         parts.append(md_table(["arm", "seed", "status", "step (diverged at, else last logged)", "run id"],

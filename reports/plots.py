@@ -14,6 +14,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from reports import names
 from reports.stats import summarize
 
 DPI = 120
@@ -22,8 +23,8 @@ _SAVE = {"dpi": DPI, "metadata": {"Software": None}}
 # x axis -> (metric holding it, axis label, short name for titles)
 X_AXES = {
     "step": ("step", "optimizer step", "steps"),
-    "tokens": ("train/tokens", "training tokens", "tokens"),
-    "seconds": ("train/elapsed_s", "training wall-clock (s, excluding eval)", "wall-clock"),
+    "tokens": (names.TRAIN_TOKENS, "training tokens", "tokens"),
+    "seconds": (names.TRAIN_ELAPSED, "training wall-clock (s, excluding eval)", "wall-clock"),
 }
 
 

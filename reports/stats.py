@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _st
 
+from reports import names
+
 LEVEL = 0.95
 N_BOOT = 10_000
 BOOT_SEED = 0
@@ -20,7 +22,7 @@ BOOT_SEED = 0
 # 95% CI lies within +-2% of B is "practically equal".
 EQUIVALENCE_MARGIN = 0.02
 # Lower is more stable for both (coefficient of variation; 99th percentile over the median of grad/norm).
-STABILITY_METRICS = ("grad/norm_cv", "grad/norm_p99_over_median")
+STABILITY_METRICS = (names.GRAD_NORM_CV, names.GRAD_NORM_P99_OVER_MEDIAN)
 
 VERDICT_RULE = (
     "Verdict rule: d = A - B for each seed both arms finished (paired on seed); 95% Student-t CI of the "

@@ -198,7 +198,7 @@ def metric_steps(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-# Keys the CONTRACT logs both per step/eval and once more as a final value at the last step, so their history
+# Keys the trainer logs both per step/eval and once more as a final value at the last step, so their history
 # may hold two points at the last step; every other key must have each step at most once.
 FINAL_OVERLAP = {"train/tokens", "train/tokens_per_s", "attn/max_logit", "moe/load_cv", "moe/max_load"}
 

@@ -107,7 +107,7 @@ def test_run_rerun_report_numbers_equal_mlflow(tmp_path):
 
 
 def _check_parent_run_and_files(client, exp, trials, proc, tmp_path: Path) -> None:
-    """What issue 15 asks of a run: descriptions, source tags, the matrix and its trials on the parent run,
+    """What a run leaves behind: descriptions, source tags, the matrix and its trials on the parent run,
     readable trial folders without the optimizer state, MLflow's log lines in a file, hints that paste."""
     import json
 

@@ -51,8 +51,10 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from harness import schema
 from harness.errors import UserError
-from harness.tracking import TERMINAL, strip_credentials
+from harness.schema import MLFLOW_RUN_STATUS, TERMINAL
+from harness.tracking import strip_credentials
 
 INSTALL_HINT = "pip install -e '.[ray]'  (or: pip install 'ray[default]>=2.40')"
 NAMESPACE = "kimi-bench"
@@ -419,7 +421,7 @@ def open_trial_run(job: TrialJob, tracker, key: str):
 
     spec = job.spec
     existing = tracker.find_trial(job.experiment_id, key)
-    if existing is not None and existing.data.tags.get("kb.status") in TERMINAL:
+    if existing is not None and existing.data.tags.get(schema.TAG_STATUS) in TERMINAL:
         return None
     resume_id = existing.info.run_id if existing is not None else None
     run = tracker.start_trial(job.experiment_id, job.parent_run_id, spec.name,
@@ -442,7 +444,7 @@ def train_trial(job: TrialJob) -> dict:
     tracker = Tracker(resolve_secret("tracking", job.tracking_uri, job.tracking_secret))
     if job.nproc > 1:  # rank 0 of the DDP workers opens (or resumes) the run and logs
         existing = tracker.find_trial(job.experiment_id, key)
-        if existing is not None and existing.data.tags.get("kb.status") in TERMINAL:
+        if existing is not None and existing.data.tags.get(schema.TAG_STATUS) in TERMINAL:
             return {"status": "skipped", "trial_key": key, "attempt": attempt, **where}
         result = _train_ddp(job, key)
     else:
@@ -502,7 +504,7 @@ def _train_ddp(job: TrialJob, key: str):
     result_file.unlink(missing_ok=True)
     trainer.fit()
     out = json.loads(result_file.read_text()) if result_file.is_file() else {
-        "status": "failed", "step": 0, "error": "the DDP workers ended without a result", "run_id": None,
+        "status": schema.FAILED, "step": 0, "error": "the DDP workers ended without a result", "run_id": None,
         "metrics": {}}
     status, step, error, run_id, numeric = out["status"], out["step"], out["error"], out["run_id"], out["metrics"]
     return TrialResult(status, key, step, numeric, run_id, error, Path(job.out_dir))
@@ -557,7 +559,7 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
         common_tags = run_tags(data, device) if device is not None else {}
         command = " ".join(shlex.quote(a) for a in ["kimi-bench", *sys.argv[1:]])
         parent = tracker.start_parent(experiment_id, matrix.name, strip_credentials(command), {
-            **common_tags, "kb.matrix_file": str(matrix.path), "kb.n_trials": str(len(trials))},
+            **common_tags, schema.TAG_MATRIX_FILE: str(matrix.path), schema.TAG_N_TRIALS: str(len(trials))},
             matrix.spec.description)
         tracker.log_matrix(parent, matrix.path.read_text(encoding="utf-8"), matrix_params(matrix),
                            trial_list(trials, data.data_hash))
@@ -579,7 +581,7 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
                           f"trials are kept. Resume with the same command: kimi-bench run --matrix {matrix.path}")
         finally:
             claims.close()
-            tracker.end_parent(parent, "killed" if outcome.interrupted else "finished")
+            tracker.end_parent(parent, schema.KILLED if outcome.interrupted else schema.FINISHED)
             with contextlib.suppress(Exception):
                 ray.kill(board)
         return outcome
@@ -606,8 +608,8 @@ def _drive(ray, trials, data, tracker, experiment_id, parent, common_tags, out_r
     for i, spec in enumerate(trials, 1):
         key = spec.key(data.data_hash)
         existing = tracker.find_trial(experiment_id, key)
-        if existing is not None and existing.data.tags.get("kb.status") in TERMINAL:
-            console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags['kb.status']} "
+        if existing is not None and existing.data.tags.get(schema.TAG_STATUS) in TERMINAL:
+            console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags[schema.TAG_STATUS]} "
                           f"(run {existing.info.run_id[:8]}), skipped[/]")
             results[i] = None
             continue
@@ -696,16 +698,17 @@ def _collect(ray, r: Running, row: dict, tracker, console: Console):
         from harness.tracking import first_line
 
         error = f"{type(e).__name__}: {first_line(e)}"
-        _end_if_running(tracker, r.experiment_id, r.key, "failed", error)
+        _end_if_running(tracker, r.experiment_id, r.key, schema.FAILED, error)
         console.print(f"[red]failed[/] {r.spec.name} on Ray: {error}")
-        return TrialResult("failed", r.key, error=error)
+        return TrialResult(schema.FAILED, r.key, error=error)
     if out["status"] == "skipped":
         console.print(f"[dim]{r.spec.name}: already ended, skipped[/]")
         return None
     result = TrialResult(out["status"], out["trial_key"], out["step"], out["metrics"], out["run_id"],
                          out["error"], Path(out["out_dir"]))
-    style = {"finished": "green", "diverged": "red", "oom": "red", "failed": "red"}.get(result.status, "yellow")
-    ppl = result.metrics.get("val/ppl_final")
+    style = {schema.FINISHED: "green", schema.DIVERGED: "red", schema.OOM: "red", schema.FAILED: "red"}.get(
+        result.status, "yellow")
+    ppl = result.metrics.get(schema.VAL_PPL_FINAL)
     detail = f"val ppl {ppl:.3f}" if ppl else (result.error or "")
     n_retries = out["attempt"] - 1
     retried = f" after {n_retries} retr{'y' if n_retries == 1 else 'ies'}" if n_retries > 0 else ""
@@ -716,15 +719,14 @@ def _collect(ray, r: Running, row: dict, tracker, console: Console):
 
 def _end_if_running(tracker, experiment_id: str, key: str, status: str, error: str) -> None:
     """Mark a trial's run ended when its task could not (lost for good, cancelled before run_trial)."""
-    from harness.tracking import RUN_STATUS
 
     with contextlib.suppress(Exception):
         run = tracker.find_trial(experiment_id, key)
-        if run is not None and run.data.tags.get("kb.status") == "running":
+        if run is not None and run.data.tags.get(schema.TAG_STATUS) == schema.RUNNING:
             run_id = run.info.run_id
-            tracker.client.set_tag(run_id, "kb.status", status)
-            tracker.client.set_tag(run_id, "kb.error", error[:500])
-            tracker.client.set_terminated(run_id, RUN_STATUS.get(status, "FAILED"))
+            tracker.client.set_tag(run_id, schema.TAG_STATUS, status)
+            tracker.client.set_tag(run_id, schema.TAG_ERROR, error[:schema.ERROR_CHARS])
+            tracker.client.set_terminated(run_id, MLFLOW_RUN_STATUS.get(status, "FAILED"))
 
 
 def _cancel(ray, running: list[Running], board, tracker, console: Console, grace_s: float = 30.0) -> None:
@@ -741,7 +743,7 @@ def _cancel(ray, running: list[Running], board, tracker, console: Console, grace
             with contextlib.suppress(Exception):
                 ray.cancel(r.ref, force=True)
     for r in running:
-        _end_if_running(tracker, r.experiment_id, r.key, "killed", "interrupted (Ctrl-C)")
+        _end_if_running(tracker, r.experiment_id, r.key, schema.KILLED, "interrupted (Ctrl-C)")
     console.print(f"cancelled {len(running)} trial(s)")
 
 

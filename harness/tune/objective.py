@@ -16,6 +16,7 @@ from typing import Any
 
 import optuna
 
+from harness import schema
 from harness.tune.progress import OnEvent, TuneEvent
 from harness.tune.spaces import apply_params
 from harness.tune.storage import JournalHeartbeat, StudyStorage
@@ -47,14 +48,14 @@ class Objective:
         params = {d.name: d.suggest(trial) for d in arm.space}
         spec = apply_params(arm.base, arm.matrix, params, experiment=arm.name)
         key = spec.key(self.data.data_hash)
-        tags = {**self.runs.common_tags, **trial_tags(spec, key), "kb.experiment": arm.base.experiment,
-                "kb.study": arm.name, "kb.optuna_trial": str(trial.number),
-                "kb.optuna_storage": self.st.display}
+        tags = {**self.runs.common_tags, **trial_tags(spec, key), schema.TAG_EXPERIMENT: arm.base.experiment,
+                schema.TAG_STUDY: arm.name, schema.TAG_OPTUNA_TRIAL: str(trial.number),
+                schema.TAG_OPTUNA_STORAGE: self.st.display}
         run_params = {**spec.flat_params(), **{f"tune.{k}": v for k, v in params.items()},
                       "tune.study": arm.name, "tune.trial": trial.number}
         run = self.runs.tracker.start_trial(self.runs.experiment_id, arm.run_id, f"{arm.arm} t{trial.number}",
                                             tags, run_params, system_metrics=self.runs.system_metrics,
-                                            kind="tune-trial")
+                                            kind=schema.KIND_TUNE_TRIAL)
         trial.set_user_attr(RUN_ATTR, run.run_id)
         trial.set_user_attr("trial_key", key)
         run.log_dataset(self.data.corpus_name, self.data.data_hash, str(self.data.path))
@@ -65,7 +66,7 @@ class Objective:
             self._event("step", step=step, total=total, info={"loss": info["loss"]})
 
         def on_eval(step: int, metrics: dict) -> None:
-            value = metrics.get("val/loss")
+            value = metrics.get(schema.VAL_LOSS)
             if step <= 0 or value is None or not math.isfinite(value):
                 return  # step 0 is the untrained model: the same for every trial
             trial.report(value, step)
@@ -79,7 +80,7 @@ class Objective:
                                    resume=False)
         except BaseException:  # run_trial only raises KeyboardInterrupt (run ended killed) or on a bug here
             with contextlib.suppress(Exception):
-                run.end("killed")
+                run.end(schema.KILLED)
             raise
         if not self.keep:
             for name in ("model.pt", "trial_state.pt"):
@@ -88,23 +89,23 @@ class Objective:
         trial.set_user_attr("kb_status", result.status)
         value = result.metrics.get(OBJECTIVE)
         shown = format_params(params)
-        if result.status == "finished" and value is not None:
+        if result.status == schema.FINISHED and value is not None:
             value = float(value) if math.isfinite(value) else math.inf
             self._done(run.run_id, "COMPLETE", value, f"{OBJECTIVE} {value:.4f}", shown)
             return value
-        if result.status == "diverged":
+        if result.status == schema.DIVERGED:
             self._done(run.run_id, "COMPLETE", math.inf, f"diverged ({result.error}): value inf", shown)
             return math.inf
-        if result.status == "pruned":
+        if result.status == schema.PRUNED:
             self._done(run.run_id, "PRUNED", None, result.error or "pruned", shown)
             raise optuna.TrialPruned(result.error)
         self._done(run.run_id, "FAIL", None, f"{result.status}: {result.error}", shown)
         raise TrialFailed(f"{result.status}: {result.error}")
 
     def _done(self, run_id: str, state: str, value: float | None, what: str, shown: str) -> None:
-        tags = {"kb.optuna_state": state}
+        tags = {schema.TAG_OPTUNA_STATE: state}
         if value is not None:
-            tags["kb.optuna_value"] = f"{value:.6g}"
+            tags[schema.TAG_OPTUNA_VALUE] = f"{value:.6g}"
         with contextlib.suppress(Exception):
             for k, v in tags.items():
                 self.runs.tracker.client.set_tag(run_id, k, v)

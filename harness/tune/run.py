@@ -26,6 +26,7 @@ import optuna
 from optuna.trial import TrialState
 from rich.console import Console
 
+from harness import schema
 from harness.errors import UserError
 from harness.matrix import Matrix, load_matrix
 from harness.registry import TrialSpec, check_choice, suggest
@@ -137,7 +138,7 @@ def run_worker(config: TuneConfig, worker_id: int = 0, on_event: OnEvent | None 
         finally:
             for arm in studies.values():
                 try:
-                    runs.summarize(arm, "killed" if outcome.interrupted else "finished")
+                    runs.summarize(arm, schema.KILLED if outcome.interrupted else schema.FINISHED)
                 except Exception as e:  # the trials are safe in Optuna and MLflow; only the summary is lost
                     note(f"could not summarize {arm.name} on MLflow ({e})")
     return outcome
@@ -203,8 +204,8 @@ def _open_studies(config: TuneConfig, matrix: Matrix, bases: dict[str, TrialSpec
                            matrix, note)
         studies[arm] = ArmStudy(arm, name, base, study, space, matrix)
         studies[arm].run_id = runs.study_run(studies[arm], command, {
-            "kb.pruner": pruner_desc, "kb.sampler_seed": str(config.sampler_seed),
-            "kb.matrix_file": str(matrix.path), "kb.search_space": json.dumps(space_attr(space))})
+            schema.TAG_PRUNER: pruner_desc, schema.TAG_SAMPLER_SEED: str(config.sampler_seed),
+            schema.TAG_MATRIX_FILE: str(matrix.path), schema.TAG_SEARCH_SPACE: json.dumps(space_attr(space))})
     return studies
 
 

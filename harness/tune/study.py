@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from harness import schema
 from harness.errors import UserError
 from harness.matrix import Matrix
 from harness.registry import TrialSpec
@@ -29,7 +30,7 @@ from harness.tune.sampler import make_sampler, sampler_description
 from harness.tune.spaces import Dim, space_attr
 from harness.tune.storage import StudyStorage
 
-OBJECTIVE = "val/loss_final"
+OBJECTIVE = schema.VAL_LOSS_FINAL
 RUN_ATTR = "mlflow_run_id"  # trial user attr: its MLflow run
 
 
@@ -72,20 +73,21 @@ def open_study(st: StudyStorage, name: str, base: TrialSpec, space: tuple[Dim, .
                                 sampler=make_sampler(seed, target), pruner=pruner_obj, load_if_exists=True)
     attrs = study.user_attrs
     wanted = {
-        "kb.matrix": matrix.name, "kb.arm": base.arm, "kb.preset": base.preset, "kb.seed": base.seed,
-        "kb.objective": f"{OBJECTIVE} at the budget, minimized; diverged trials = +inf",
-        "kb.search_space": space_attr(space),
-        "kb.sampler": sampler_description(seed, target),
-        "kb.pruner": pruner_desc,
+        schema.TAG_MATRIX: matrix.name, schema.TAG_ARM: base.arm, schema.TAG_PRESET: base.preset,
+        schema.TAG_SEED: base.seed,
+        schema.TAG_OBJECTIVE: f"{OBJECTIVE} at the budget, minimized; diverged trials = +inf",
+        schema.TAG_SEARCH_SPACE: space_attr(space),
+        schema.TAG_SAMPLER: sampler_description(seed, target),
+        schema.TAG_PRUNER: pruner_desc,
     }
-    if "kb.search_space" in attrs and attrs["kb.search_space"] != wanted["kb.search_space"]:
+    if schema.TAG_SEARCH_SPACE in attrs and attrs[schema.TAG_SEARCH_SPACE] != wanted[schema.TAG_SEARCH_SPACE]:
         raise UserError(f"--study-prefix: study {name} in {st.display} was created with another search "
                         "space; use a new --study-prefix (or storage) to tune with this one")
-    if "kb.seed" in attrs and (attrs["kb.seed"], attrs.get("kb.preset")) != (base.seed, base.preset):
-        raise UserError(f"--seed: study {name} tunes seed {attrs['kb.seed']} at preset "
-                        f"{attrs.get('kb.preset')}; use the same --seed or a new --study-prefix")
-    if attrs.get("kb.pruner", pruner_desc) != pruner_desc:
-        note(f"study {name} was started with pruner {attrs['kb.pruner']}; this worker prunes with {pruner_desc}")
+    if schema.TAG_SEED in attrs and (attrs[schema.TAG_SEED], attrs.get(schema.TAG_PRESET)) != (base.seed, base.preset):
+        raise UserError(f"--seed: study {name} tunes seed {attrs[schema.TAG_SEED]} at preset "
+                        f"{attrs.get(schema.TAG_PRESET)}; use the same --seed or a new --study-prefix")
+    if attrs.get(schema.TAG_PRUNER, pruner_desc) != pruner_desc:
+        note(f"study {name} was started with pruner {attrs[schema.TAG_PRUNER]}; this worker prunes with {pruner_desc}")
     for key, value in wanted.items():
         if key not in attrs:
             study.set_user_attr(key, value)
@@ -116,10 +118,11 @@ class StudyRuns:
                     client.update_run(run_id, status="RUNNING")
                     return run_id
         b = arm.base
-        tags = {**self.common_tags, "kb.kind": "study", "kb.study": arm.name, "kb.arm": arm.arm,
-                "kb.variant": b.variant, "kb.optimizer": b.optimizer, "kb.preset": b.preset,
-                "kb.seed": str(b.seed), "kb.experiment": b.experiment, "kb.optuna_storage": self.st.display,
-                "kb.command": command, "kb.objective": OBJECTIVE, **extra}
+        tags = {**self.common_tags, schema.KIND: schema.KIND_STUDY, schema.TAG_STUDY: arm.name,
+                schema.TAG_ARM: arm.arm, schema.TAG_VARIANT: b.variant, schema.TAG_OPTIMIZER: b.optimizer,
+                schema.TAG_PRESET: b.preset, schema.TAG_SEED: str(b.seed), schema.TAG_EXPERIMENT: b.experiment,
+                schema.TAG_OPTUNA_STORAGE: self.st.display,
+                schema.TAG_COMMAND: command, schema.TAG_OBJECTIVE: OBJECTIVE, **extra}
         run_id = client.create_run(self.experiment_id, run_name=f"study {arm.name}", tags=tags).info.run_id
         arm.study.set_user_attr(self.attr_key, run_id)
         # Two workers creating the run at once: the last write wins; the other drops its own run.
@@ -136,9 +139,9 @@ class StudyRuns:
             return
         client = self.tracker.client
         run = client.get_run(run_id)
-        if run.data.tags.get("kb.status") == "running":
-            client.set_tag(run_id, "kb.status", "killed")
-            client.set_tag(run_id, "kb.error", "worker stopped beating; failed as stale by another worker")
+        if run.data.tags.get(schema.TAG_STATUS) == schema.RUNNING:
+            client.set_tag(run_id, schema.TAG_STATUS, schema.KILLED)
+            client.set_tag(run_id, schema.TAG_ERROR, "worker stopped beating; failed as stale by another worker")
             client.set_terminated(run_id, "KILLED")
 
     def summarize(self, arm: ArmStudy, status: str) -> None:
@@ -151,15 +154,16 @@ class StudyRuns:
         counts = arm.counts()
         n_done = counts["complete"] + counts["pruned"]
         ts = int(time.time() * 1000)
-        metrics = [Metric(f"study/n_{k}", float(v), ts, n_done) for k, v in counts.items() if k != "running"]
+        metrics = [Metric(schema.study_count(k), float(v), ts, n_done) for k, v in counts.items() if k != "running"]
         n_trials = len(arm.study.get_trials(deepcopy=False))
-        tags = [RunTag("kb.status", status), RunTag("kb.n_trials", str(n_trials))]
+        tags = [RunTag(schema.TAG_STATUS, status), RunTag(schema.TAG_N_TRIALS, str(n_trials))]
         best = arm.best()
         if best is not None:
-            metrics.append(Metric("study/best_value", float(best.value), ts, n_done))
-            tags += [RunTag("kb.best_value", f"{best.value:.6g}"), RunTag("kb.best_trial", str(best.number)),
-                     RunTag("kb.best_params", json.dumps(best.params, sort_keys=True)),
-                     RunTag("kb.best_run_id", str(best.user_attrs.get(RUN_ATTR, "")))]
+            metrics.append(Metric(schema.STUDY_BEST_VALUE, float(best.value), ts, n_done))
+            tags += [RunTag(schema.TAG_BEST_VALUE, f"{best.value:.6g}"),
+                     RunTag(schema.TAG_BEST_TRIAL, str(best.number)),
+                     RunTag(schema.TAG_BEST_PARAMS, json.dumps(best.params, sort_keys=True)),
+                     RunTag(schema.TAG_BEST_RUN_ID, str(best.user_attrs.get(RUN_ATTR, "")))]
         client.log_batch(arm.run_id, metrics=metrics, tags=tags)
         with tempfile.TemporaryDirectory() as tmp:
             csv = Path(tmp) / "trials.csv"
@@ -170,7 +174,7 @@ class StudyRuns:
             space.write_text(json.dumps(space_attr(arm.space), indent=2))
             for path in (csv, imp, space):
                 client.log_artifact(arm.run_id, str(path))
-        client.set_terminated(arm.run_id, {"finished": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+        client.set_terminated(arm.run_id, {schema.FINISHED: "FINISHED", schema.KILLED: "KILLED"}.get(status, "FAILED"))
 
 
 def param_importances(study: optuna.Study) -> dict[str, Any]:

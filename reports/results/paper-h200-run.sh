@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared command of issue 13 (reports/results/README.md says how and when to call it).
+# The one prepared command of the paper-scale H200 run (reports/results/README.md says how and when to call it).
 #
 #   bash reports/results/paper-h200-run.sh --prepare    # HERE, once, no device time: .carry/ (wheels, data, commit)
 #   bash reports/results/paper-h200-run.sh              # ON THE H200 (device `run`, carry [".carry"])

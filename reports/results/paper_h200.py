@@ -1,4 +1,4 @@
-"""Helpers of paper-h200-run.sh (issue 13): derive a matrix variant, size the token budget on the device.
+"""Helpers of paper-h200-run.sh: derive a matrix variant, size the token budget on the device.
 
     python reports/results/paper_h200.py derive IN OUT [--seed S] [--rehearse]
     python reports/results/paper_h200.py size --matrix FILE --window-s 180 [--device cuda] [--out size.json]

@@ -538,7 +538,7 @@ def _dist_train() -> list[torch.Tensor]:
 
 
 class _FakeAttention(torch.nn.Module):
-    """Contract stand-in with a rank-dependent max_logit, to test the MAX all-reduce."""
+    """A model following the protocol (docs/design.md) with a rank-dependent max_logit, to test the MAX all-reduce."""
 
     def __init__(self, logits):
         super().__init__()

@@ -1,4 +1,4 @@
-"""A real MLflow sqlite store following the CONTRACT schema, built once per test session.
+"""A real MLflow sqlite store following the names of harness/schema.py, built once per test session.
 
 Experiment "paper-test": one matrix (parent) run; trials gpt+adamw and kimi+muon x seeds 0, 1, 2 (finished),
 gpt+adamw seed 3 diverged at step 12, and a killed earlier run of kimi+muon seed 1 with the same trial key

@@ -1,4 +1,4 @@
-"""Issue 14, report side: groups never pooled, controlled speed, exact facts, compute to target, scaling fit."""
+"""The evidence, report side: groups never pooled, controlled speed, exact facts, compute to target, scaling fit."""
 
 import dataclasses
 import math

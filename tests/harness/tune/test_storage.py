@@ -19,7 +19,7 @@ def test_refuses_the_mlflow_store(env, tmp_path):
     shutil.copy(env["uri"].removeprefix("sqlite:///"), renamed)
     with pytest.raises(UserError, match="MLflow store"):
         open_storage(str(renamed), env["uri"])
-    # through the CLI command's signature (what the lead registers)
+    # through the CLI command's signature (as cli.py registers it)
     from typer.testing import CliRunner
 
     from cli import app
