@@ -227,7 +227,9 @@ def test_ray_and_local_executor_leave_the_same_keys(cluster, store, tmp_path):
 
     assert keys(names["ray"]) == keys(names["local"])
     frames = {e: collect(store["uri"], n).runs for e, n in names.items()}
-    assert set(frames["ray"].columns) == set(frames["local"].columns)
+    # MLflow's system-metrics sampler logs on a timer: whether a 10-step run got a sample is timing, not executor
+    columns = {e: {c for c in f.columns if not str(c).startswith("system/")} for e, f in frames.items()}
+    assert columns["ray"] == columns["local"]
 
 
 @pytest.mark.slow

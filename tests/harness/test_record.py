@@ -189,7 +189,8 @@ def test_rehearsal_runs_the_device_path_on_cpu_then_imports_and_reports(tmp_path
     size = json.loads((out / "size.json").read_text())
     assert size["steps"] >= 4 and size["steps"] % 4 == 0 and set(size["arms"]) == {
         "gpt+adamw", "gpt+muon", "kimi+adamw", "kimi+muon"}
-    assert "imported 10 runs" in proc.stdout and "imported 0 runs, skipped 10" in proc.stdout
+    # 8 trials + 2 matrix runs (one invocation per seed) + 4 speed runs (2 model shapes per invocation)
+    assert "imported 14 runs" in proc.stdout and "imported 0 runs, skipped 14" in proc.stdout
     report = (out / "report.md").read_text()
     assert report.startswith("# kimi-bench report: paper-h200")
     import tarfile
