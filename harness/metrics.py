@@ -7,10 +7,7 @@ module only computes them.
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -102,47 +99,6 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None) -
     if not peak_flops:
         return None
     return flops_per_token * tokens_per_s / peak_flops
-
-
-@dataclass
-class PeakMemory:
-    """Peak memory of a block: CUDA max_memory_allocated, or on CPU the peak RSS sampled by a thread.
-
-    CPU uses sampled RSS rather than ru_maxrss because ru_maxrss is the whole process's lifetime peak, which
-    would leak one trial's peak into the next when a matrix runs trials in one process.
-    """
-
-    device: torch.device
-    interval_s: float = 0.05
-    peak_bytes: int = 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        import psutil
-
-        self._proc = psutil.Process(os.getpid())
-        self._stop = threading.Event()
-        self.peak_bytes = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
-
-    def read(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        return max(self.peak_bytes, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type != "cuda":
-            self._stop.set()
-            self._thread.join()
-        self.peak_bytes = self.read()
 
 
 def synchronize(device: torch.device) -> None:
