@@ -96,6 +96,10 @@ def test_mlflow_ui_shows_trials_metrics_and_report(tmp_path):
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`kb.kind` = 'matrix'")
     assert len(trials) == 2 and len(parents) == 1
     parent_id = parents[0].info.run_id
+    # the matrix's children: its trials and the controlled speed measurement (one run per model shape)
+    speed = client.search_runs([exp.experiment_id], filter_string="tags.`kb.kind` = 'speed'")
+    assert len(speed) == 1, [r.info.run_name for r in speed]  # two optimizers, one architecture: one shape
+    children = {r.info.run_id for r in (*trials, *speed)}
     trial_names = sorted(r.info.run_name for r in trials)
 
     with mlflow_server(uri, tmp_path, command="ui") as url, sync_playwright() as pw:
@@ -115,7 +119,7 @@ def test_mlflow_ui_shows_trials_metrics_and_report(tmp_path):
                 page.get_by_role("link", name=name, exact=True).first.wait_for()
             row_ids = set(page.locator("[role=row][row-id]").evaluate_all(
                 "els => els.map(e => e.getAttribute('row-id'))"))
-            assert row_ids == {parent_id, *(r.info.run_id for r in trials)}, row_ids
+            assert row_ids == {parent_id, *children}, row_ids
             _shot(page, tmp_path, "1-runs-table")
 
             # 2. a trial run: the model-metrics tab has the val/loss chart (MLflow titles it "loss" in the
