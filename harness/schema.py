@@ -40,6 +40,7 @@ TAG_FINAL_STEP = "kb.final_step"
 TAG_ERROR = "kb.error"  # first line of the error, at most 500 characters
 TAG_RESUMED_FROM_STEP = "kb.resumed_from_step"
 TAG_MODEL_PATH = "kb.model_path"  # absolute path of the finished trial's model.pt (kimi-bench export --run)
+TAG_CURVES = "kb.curves"  # set once the run's curves artifact (ARTIFACT_CURVES, harness/curves.py) is logged
 # environment, on every run of a matrix
 TAG_GIT = "kb.git_commit"  # commit + "-dirty" with uncommitted changes
 TAG_TORCH = "kb.torch_version"
@@ -89,6 +90,7 @@ TRIAL_TAG_COLUMNS = {
     TAG_PRESET: "preset", TAG_SEED: "seed", TAG_STATUS: "status", TAG_GIT: "git_commit",
     TAG_DEVICE: "device", TAG_TORCH: "torch_version", TAG_DATA_HASH: "data_hash",
     TAG_TUNED_FROM: "tuned_from", TAG_PARENT: "parent_run_id", TAG_SHAPE: "shape",
+    TAG_CURVES: "curves_artifact",
 }
 # tag -> column of the reports' speed frame
 SPEED_TAG_COLUMNS = {
@@ -97,6 +99,8 @@ SPEED_TAG_COLUMNS = {
     TAG_GIT: "git_commit",
 }
 ERROR_CHARS = 500  # kb.error holds at most this many characters
+ARTIFACT_CURVES = "curves.json"  # a trial's thinned learning curves (harness/curves.py), read by reports
+ARTIFACT_MOE_LOAD = "moe_load.csv"  # a MoE trial's expert loads at each eval: step, layer, expert, load
 
 # ----------------------------------------------------------------------------- trial statuses (tag kb.status)
 FINISHED = "finished"

@@ -34,6 +34,7 @@ from arch.counting import count_params, flops_per_token
 from arch.moe import load_stats, moe_modules
 from arch.muon import enable_max_logit_tracking
 from harness import schema
+from harness.curves import CURVE_KEYS, write_curves
 from harness.data import PreparedData, TokenBatches, val_batches
 from harness.dist import DistInfo, all_reduce_
 from harness.errors import UserError
@@ -214,7 +215,7 @@ class TrainState:
     train_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
-    history: dict[str, list] = field(default_factory=lambda: {schema.TRAIN_LOSS: [], schema.VAL_LOSS: []})
+    history: dict[str, list] = field(default_factory=lambda: {key: [] for key in CURVE_KEYS})  # (step, value)
     moe_rows: list[tuple[int, int, int, float]] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
     window_rates: list[float] = field(default_factory=list)
@@ -288,6 +289,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["train_state"])
+        for key in CURVE_KEYS:  # a checkpoint of an older version kept fewer curves
+            self.state.history.setdefault(key, [])
         torch.set_rng_state(ckpt["rng_cpu"].cpu())
         if ckpt["rng_cuda"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
@@ -360,12 +363,15 @@ class Trainer:
                 raise Diverged(step, loss)
             self.state.losses.append(loss)
             self.state.grad_norms.append(norm)
-            self.state.history[schema.TRAIN_LOSS].append((step, loss))
             tokens = step * self.tokens_per_step
+            elapsed = base_seconds + (t_step - window_start)
+            for key, value in ((schema.TRAIN_LOSS, loss), (schema.GRAD_NORM, norm), (schema.TRAIN_TOKENS, tokens),
+                               (schema.TRAIN_ELAPSED, elapsed)):
+                self.state.history[key].append((step, value))
             self.log(step, {
                 schema.TRAIN_LOSS: loss, schema.GRAD_NORM: norm, schema.TRAIN_LR_FACTOR: lr_factor_,
                 schema.TRAIN_LR: lr_factor_ * self.optimizer.param_groups[0]["base_lr"],
-                schema.TRAIN_TOKENS: tokens, schema.TRAIN_ELAPSED: base_seconds + (t_step - window_start),
+                schema.TRAIN_TOKENS: tokens, schema.TRAIN_ELAPSED: elapsed,
                 schema.TRAIN_TOKENS_PER_S: self.state.window_rates[-1] if self.state.window_rates else None,
             })
 
@@ -455,6 +461,15 @@ class Trainer:
                    "data_hash": self.data.data_hash}
         return atomic_save(payload, self.out_dir / MODEL_FILE)
 
+    def log_curves(self) -> None:
+        """The thinned curves artifact and the `kb.curves` tag (harness/curves.py), whatever the status, so that a
+        report reads a diverged or killed run's curves as it reads a finished one's."""
+        if self.run is None or not self.dist.is_main or not self.state.step:
+            return
+        path = write_curves(self.out_dir / schema.ARTIFACT_CURVES, self.state.history)
+        self.run.log_artifact(path)
+        self.run.set_tags({schema.TAG_CURVES: schema.ARTIFACT_CURVES})
+
     def write_artifacts(self, final: dict[str, float]) -> None:
         if self.run is None or not self.dist.is_main:
             return
@@ -466,7 +481,7 @@ class Trainer:
         _save_loss_curve(self.state.history, curve, f"{self.spec.name}")
         self.run.log_artifact(curve)
         if self.state.moe_rows:
-            csv = self.out_dir / "moe_load.csv"
+            csv = self.out_dir / schema.ARTIFACT_MOE_LOAD
             csv.write_text("step,layer,expert,load\n" + "".join(
                 f"{s},{layer},{e},{v:.6g}\n" for s, layer, e, v in self.state.moe_rows))
             self.run.log_artifact(csv)
@@ -538,6 +553,9 @@ def _finish_run(run: TrialRun | None, result: TrialResult, trainer: Trainer | No
         result.step = trainer.state.step
     if run is None:
         return
+    if trainer is not None:
+        with contextlib.suppress(Exception):  # never lose the status over a figure's data
+            trainer.log_curves()
     tags = {schema.TAG_FINAL_STEP: result.step}
     if result.error:
         tags[schema.TAG_ERROR] = result.error[:schema.ERROR_CHARS]

@@ -4,6 +4,8 @@ Builds a real MLflow sqlite store of RUNS trial runs x STEPS logged steps (runs,
 through MlflowClient; the step metrics bulk-inserted into its `metrics` table with plain SQL, which is what
 MLflow's own SQL store holds), then times `kimi-bench report` in a fresh process on the sqlite URI and on a real
 `mlflow server` bound to 127.0.0.1 over the same database, and prints seconds and peak memory (max RSS).
+Each run also gets the curves artifact a real trial logs at its end (harness/curves.py); `--no-artifacts` leaves
+it out, so the report reads every curve from MLflow's metric history (runs logged by an older version).
 
     python -m reports.bench_report                       # 128 runs x 20,000 steps (target: < 60 s, < 1 GB)
     python -m reports.bench_report --runs 8 --steps 500  # a quick look
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import schema as S
+from harness.curves import CURVE_KEYS, write_curves
 
 EXPERIMENT = "bench-report"
 T0 = 1_760_000_000_000
@@ -35,14 +38,19 @@ STEP_KEYS = (S.TRAIN_LOSS, S.GRAD_NORM, S.TRAIN_LR, S.TRAIN_TOKENS, S.TRAIN_ELAP
 EVAL_EVERY = 100
 TOKENS_PER_STEP = 8192
 TARGET_S, TARGET_BYTES = 60.0, 1e9
+STATUS_TARGET_S = 3.0
 
-# the measured process: `kimi-bench report` in-process, then its own wall time and peak RSS as one JSON line
+# the measured process: one kimi-bench command in-process (imports included), then its own wall time and peak RSS
+# as one JSON line
 _MEASURE = """
 import json, resource, sys, time
 t = time.perf_counter()
 from cli import app
-app(["report", "--experiment", sys.argv[1], "--tracking-uri", sys.argv[2], "--out", sys.argv[3], "--no-log"],
-    standalone_mode=False)
+try:
+    app(sys.argv[1:])
+except SystemExit as e:
+    if e.code:
+        raise
 print("BENCH " + json.dumps({"seconds": time.perf_counter() - t,
                              "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
@@ -54,7 +62,8 @@ def _arms(n_runs: int) -> list[tuple[str, str, int]]:
     return [(*arms[i % len(arms)], i // len(arms)) for i in range(n_runs)]
 
 
-def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, analyze: bool = True) -> str:
+def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, analyze: bool = True,
+                artifacts: bool = True) -> str:
     """A sqlite MLflow store at root/mlflow.db with one matrix run and n_runs finished trials."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
@@ -91,13 +100,15 @@ def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, an
                                      Param("train.steps", str(n_steps)), Param("model.dim", "64"),
                                      Param("optim.lr", "0.003")], tags=[RunTag("bench", "1")])
             client.set_terminated(run.info.run_id, "FINISHED", end_time=start + n_steps)
-            run_ids.append((run.info.run_id, start, final))
+            run_ids.append((run.info.run_id, start, final, val))
             bar.advance(task)
         client.set_terminated(parent.info.run_id, "FINISHED")
         con = sqlite3.connect(root / "mlflow.db")
         con.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;")
         task = bar.add_task("step metrics (bulk SQL)", total=n_runs)
-        for rid, start, final in run_ids:
+        curves_dir = root / "curves"
+        curves_dir.mkdir(exist_ok=True)
+        for rid, start, final, val in run_ids:
             loss = final + 3.0 * np.exp(-steps / (n_steps / 5)) + 0.05 * rng.standard_normal(n_steps)
             cols = {S.TRAIN_LOSS: loss, S.GRAD_NORM: 0.5 + 0.1 * rng.standard_normal(n_steps) ** 2,
                     S.TRAIN_LR: np.full(n_steps, 3e-3), S.TRAIN_TOKENS: (steps + 1.0) * TOKENS_PER_STEP,
@@ -111,6 +122,13 @@ def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, an
                             "VALUES (?, ?, ?, ?, 0, ?)",
                             [(k, float(cols[k][-1]), int(ts[-1]), n_steps - 1, rid) for k in STEP_KEYS])
             con.commit()
+            if artifacts:  # what the trial logs at its end: the same values, thinned (harness/curves.py)
+                history = {key: list(zip(steps.tolist(), cols[key].tolist(), strict=True)) for key in CURVE_KEYS
+                           if key in cols}
+                history[S.VAL_LOSS] = [(m.step, m.value) for m in val]
+                path = write_curves(curves_dir / S.ARTIFACT_CURVES, history)
+                client.log_artifact(rid, str(path))
+                client.set_tag(rid, S.TAG_CURVES, S.ARTIFACT_CURVES)
             bar.advance(task)
         if analyze:
             # sqlite keeps no statistics until ANALYZE; without them it plans MLflow's bulk-interval sampler (the
@@ -122,15 +140,23 @@ def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, an
     return uri
 
 
-def measure_report(uri: str, out: Path, cwd: Path) -> dict:
-    """`kimi-bench report` in a fresh process: {"seconds", "max_rss_bytes"}."""
+def measure(args: list[str], cwd: Path) -> dict:
+    """One `kimi-bench` command in a fresh process: {"seconds", "max_rss_bytes"}."""
     env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "PYTHONPATH": str(cwd)}
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, EXPERIMENT, uri, str(out)], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=3600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if proc.returncode or line is None:
-        raise RuntimeError(f"report failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise RuntimeError(f"{args[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(line[len("BENCH "):])
+
+
+def measure_report(uri: str, out: Path, cwd: Path) -> dict:
+    return measure(["report", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--out", str(out), "--no-log"], cwd)
+
+
+def measure_status(uri: str, cwd: Path) -> dict:
+    return measure(["status", "--experiment", EXPERIMENT, "--tracking-uri", uri], cwd)
 
 
 def _free_port() -> int:
@@ -183,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-analyze", action="store_true", help="leave the sqlite store without statistics "
                     "(as MLflow leaves it: the server's bulk-interval sampler then scans whole keys)")
     ap.add_argument("--reuse", action="store_true", help="reuse the store already in --dir")
+    ap.add_argument("--no-artifacts", action="store_true", help="no curves artifacts: the report reads every "
+                    "curve from the metric history")
     args = ap.parse_args(argv)
     repo = Path(__file__).resolve().parents[1]
     root = args.dir or Path(tempfile.mkdtemp(prefix="kb-bench-report-"))
@@ -193,24 +221,27 @@ def main(argv: list[str] | None = None) -> int:
         uri = f"sqlite:///{db}"
     else:
         db.unlink(missing_ok=True)
-        uri = build_store(root, args.runs, args.steps, analyze=not args.no_analyze)
+        uri = build_store(root, args.runs, args.steps, analyze=not args.no_analyze, artifacts=not args.no_artifacts)
     n_rows = args.runs * args.steps * len(STEP_KEYS)
     print(f"store: {args.runs} runs x {args.steps:,} steps x {len(STEP_KEYS)} keys = {n_rows:,} metric rows, "
           f"{db.stat().st_size / 1e9:.2f} GB, ready in {time.perf_counter() - t:.0f} s ({root}"
-          f"{', reused' if args.reuse else ''}{', not analyzed' if args.no_analyze else ', ANALYZEd'})")
-    results = {"sqlite": measure_report(uri, root / "out-sqlite", repo)}
+          f"{', reused' if args.reuse else ''}{', not analyzed' if args.no_analyze else ', ANALYZEd'}"
+          f"{', no curves artifacts' if args.no_artifacts else ', curves artifacts'})")
+    results = {"sqlite": (measure_report(uri, root / "out-sqlite", repo), measure_status(uri, repo))}
     if not args.no_server:
         proc, url = start_server(root, uri)
         try:
-            results["server"] = measure_report(url, root / "out-server", repo)
+            results["server"] = (measure_report(url, root / "out-server", repo), measure_status(url, repo))
         finally:
             stop_server(proc)
     ok = True
-    for where, r in results.items():
+    for where, (r, st) in results.items():
         met = r["seconds"] < TARGET_S and r["max_rss_bytes"] < TARGET_BYTES
-        ok &= met
+        ok &= met and st["seconds"] < STATUS_TARGET_S
         print(f"report on {where:6s}: {r['seconds']:6.1f} s, peak memory {r['max_rss_bytes'] / 1e9:.2f} GB "
               f"(target < {TARGET_S:.0f} s and < {TARGET_BYTES / 1e9:.0f} GB: {'met' if met else 'NOT met'})")
+        print(f"status on {where:6s}: {st['seconds']:6.1f} s (target < {STATUS_TARGET_S:.0f} s: "
+              f"{'met' if st['seconds'] < STATUS_TARGET_S else 'NOT met'})")
     return 0 if ok else 1
 
 

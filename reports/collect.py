@@ -15,17 +15,20 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from harness import schema
+from harness.curves import CURVE_POINTS, is_eval_key, read_curves, thin
 from harness.errors import UserError
 from harness.schema import strip_credentials
 from reports import names
@@ -38,13 +41,12 @@ FINAL_METRICS = schema.REPORTED_FINAL_METRICS
 TRIAL_TAGS = schema.TRIAL_TAG_COLUMNS
 # tag -> column of `speed` (controlled speed runs, kb.kind=speed; see docs/design.md)
 SPEED_TAGS = schema.SPEED_TAG_COLUMNS
-# Curves: step-dense keys are read downsampled to about this many points per run (first and last kept);
+# Curves: step-dense keys are read downsampled to about CURVE_POINTS points per run (first and last kept);
 # keys logged at evals (val/*) are read at every eval up to the server's cap of 2500 points per run.
-CURVE_POINTS = 400
 EVAL_POINTS = 2500
 _REST_RUNS = 100       # MLflow server: at most 100 run ids per get-history-bulk-interval request
 ID_COLUMNS = ["run_id", "experiment_id", "arm", "variant", "optimizer", "preset", "seed", "status",
-              "trial_key", "start_time", "end_time"]
+              "trial_key", "start_time", "end_time", "artifact_uri"]
 HISTORY_COLUMNS = ["run_id", "arm", "seed", "key", "step", "value", "timestamp"]
 # MLflow run status, used when a run has no kb.status tag (e.g. the process died before tagging)
 _MLFLOW_STATUS = schema.STATUS_FROM_MLFLOW
@@ -85,41 +87,70 @@ class Collected:
 
     def curves(self, keys: str | list[str], run_ids: list[str] | None = None,
                points: int = CURVE_POINTS) -> pd.DataFrame:
-        """Like `history`, but read downsampled through MLflow's bulk-interval history: step-dense keys at about
-        `points` points per run (first and last kept), eval keys (val/*) at every eval. Many runs per request,
-        so the cost does not grow with the number of logged steps."""
+        """Like `history`, but downsampled: step-dense keys at about `points` points per run (first and last kept),
+        eval keys (val/*) at every eval, the eval steps exact in every key. A run tagged `kb.curves` is read from its
+        curves artifact (one small download, harness/curves.py); any other run, or a key the artifact lacks, through
+        MLflow's bulk-interval history, many runs per request. Either way the cost does not grow with the number of
+        logged steps. `timestamp` is empty (<NA>) for points read from an artifact."""
         keys = [keys] if isinstance(keys, str) else list(keys)
         ids = sorted(self.runs.run_id if run_ids is None else run_ids)
+        stored = self._stored_curves(ids, points)
         frames = []
         eval_steps: list[int] = []
-        for key in sorted(keys, key=lambda k: not k.startswith("val/")):   # evals first: their steps stay exact
-            n = EVAL_POINTS if key.startswith("val/") else points
-            rows = _interval_history(self.client, key, ids, n, eval_steps)
-            if key.startswith("val/"):
+        for key in sorted(keys, key=lambda k: not is_eval_key(k)):   # evals first: their steps stay exact
+            n = EVAL_POINTS if is_eval_key(key) else points
+            rows = [(rid, s, v, None) for rid, cur in stored.items() if key in cur
+                    for s, v in (cur[key] if len(cur[key]) <= n else thin(cur[key], n, eval_steps))]
+            rest = [rid for rid in ids if key not in stored.get(rid, {})]
+            rows += _interval_history(self.client, key, rest, n, eval_steps)
+            if is_eval_key(key):
                 eval_steps = sorted({r[1] for r in rows} | set(eval_steps))
             df = pd.DataFrame(rows, columns=["run_id", "step", "value", "timestamp"])
             df.insert(1, "key", key)
-            frames.append(df.astype({"step": "int64", "value": "float64", "timestamp": "int64"}))
+            frames.append(df.astype({"step": "int64", "value": "float64", "timestamp": "Int64"}))
         h = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HISTORY_COLUMNS[:1] + [
             "key", "step", "value", "timestamp"])
         meta = self.runs[["run_id", "arm", "seed"]]
         h = h.merge(meta, on="run_id", how="left")[HISTORY_COLUMNS]
         return h.sort_values(["key", "run_id", "step", "timestamp"], kind="stable").reset_index(drop=True)
 
+    def _stored_curves(self, run_ids: list[str], points: int) -> dict[str, dict[str, list[tuple[int, float]]]]:
+        """run_id -> the curves artifact of each run tagged `kb.curves` that holds at least `points` per key.
+        A run whose artifact cannot be read is left to the metric history."""
+        tagged = self.runs[self.runs.run_id.isin(run_ids) & self.runs.curves_artifact.notna()]
+        got = self._read_artifacts(tagged, lambda row: row.curves_artifact, read_curves)
+        return {rid: cur for rid, (n, cur) in got.items() if n >= points}
+
+    def _read_artifacts(self, runs: pd.DataFrame, artifact: Callable[[Any], str],
+                        read: Callable[[Path], Any]) -> dict[str, Any]:
+        """run_id -> read(local copy of the run's `artifact(row)`), for the runs that have it; the downloads run in
+        parallel, straight from each run's artifact URI (no request per run to the tracking server first)."""
+        if runs.empty:
+            return {}
+        from mlflow.artifacts import download_artifacts
+
+        def fetch(row, tmp: str) -> tuple[str, Any]:
+            dst = Path(tmp) / row.run_id
+            dst.mkdir()
+            try:
+                path = download_artifacts(artifact_uri=f"{row.artifact_uri.rstrip('/')}/{artifact(row)}",
+                                          dst_path=str(dst), tracking_uri=self.tracking_uri)
+                return row.run_id, read(Path(path))
+            except Exception:  # not there (or unreadable): the caller goes without it
+                return row.run_id, None
+
+        with tempfile.TemporaryDirectory(prefix="kb-artifacts-") as tmp, _no_progress_bar(), \
+                ThreadPoolExecutor(max_workers=8) as pool:
+            got = list(pool.map(lambda row: fetch(row, tmp), runs.itertuples(index=False)))
+        return {rid: value for rid, value in got if value is not None}
+
     @cached_property
     def moe_load(self) -> pd.DataFrame:
         """`moe_load.csv` artifacts (step, layer, expert, load) of every trial that has one."""
         cols = ["run_id", "arm", "seed", "step", "layer", "expert", "load"]
-        frames = []
-        with tempfile.TemporaryDirectory(prefix="kb-moe-") as tmp, _no_progress_bar():
-            for run in self.runs.itertuples():
-                names = {Path(f.path).name for f in self.client.list_artifacts(run.run_id)}
-                if "moe_load.csv" not in names:
-                    continue
-                path = self.client.download_artifacts(run.run_id, "moe_load.csv", tmp)
-                df = pd.read_csv(path)
-                df["run_id"], df["arm"], df["seed"] = run.run_id, run.arm, run.seed
-                frames.append(df[cols])
+        got = self._read_artifacts(self.runs, lambda row: schema.ARTIFACT_MOE_LOAD, pd.read_csv)
+        meta = self.runs.set_index("run_id")
+        frames = [df.assign(run_id=rid, arm=meta.arm[rid], seed=meta.seed[rid])[cols] for rid, df in got.items()]
         if not frames:
             return pd.DataFrame(columns=cols)
         df = pd.concat(frames, ignore_index=True)
@@ -223,7 +254,7 @@ def _runs_frame(trials: list[Run]) -> pd.DataFrame:
     rows = []
     for r in trials:
         tags = r.data.tags
-        row = {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id,
+        row = {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "artifact_uri": r.info.artifact_uri,
                "start_time": _ms_to_time(r.info.start_time), "end_time": _ms_to_time(r.info.end_time),
                "mlflow_status": r.info.status}
         row |= {col: tags.get(tag) for tag, col in TRIAL_TAGS.items()}
@@ -391,11 +422,7 @@ def _rest_interval_history(store, key: str, run_ids: list[str], points: int) -> 
 
 def _thin(rows: list[tuple], points: int) -> list[tuple]:
     """Keep about `points` rows per run, evenly spaced over its rows ordered by step, first and last kept."""
-    df = pd.DataFrame(rows, columns=["run_id", "step", "value", "timestamp"]).sort_values(["run_id", "step"])
-    out = []
-    for _, g in df.groupby("run_id", sort=True):
-        if len(g) > points:
-            idx = sorted({round(i * (len(g) - 1) / (points - 1)) for i in range(points)})
-            g = g.iloc[idx]
-        out += list(g.itertuples(index=False, name=None))
-    return out
+    by_run: dict[str, list[tuple]] = {}
+    for rid, step, value, ts in sorted(rows):
+        by_run.setdefault(rid, []).append((step, value, ts))
+    return [(rid, step, value, ts) for rid, pts in by_run.items() for step, value, ts in thin(pts, points)]

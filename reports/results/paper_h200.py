@@ -69,6 +69,7 @@ def derive(src: Path, dest: Path, seed: int | None, rehearse: bool, corpus: str 
         doc["data"]["corpus"] = corpus
     if rehearse:  # the whole path on a CPU in about a minute: tiny models, a few steps, small evals
         doc["matrix"]["presets"] = ["tiny"]
+        doc["data"].pop("vocab_size", None)  # the rehearsal bin's own (bytes: 256), not 50257 padded ids
         doc["match"].update(align=16, tolerance=0.05)
         doc["train"].update(tokens=8 * 16 * 2 * 64, micro_batch_size=16, eval_interval=4, eval_tokens=4096,
                             log_interval=2, infer_batch_sizes=[1], infer_new_tokens=4, dtype="float32")
