@@ -72,6 +72,7 @@ TAG_BEST_PARAMS = "kb.best_params"
 TAG_BEST_RUN_ID = "kb.best_run_id"
 # MLflow's own tags that kimi-bench sets or reads
 TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI opens an untagged experiment in its GenAI view
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
 TAG_SOURCE_GIT = "mlflow.source.git.commit"

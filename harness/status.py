@@ -88,6 +88,73 @@ def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
     return records
 
 
+class _RestUnsupported(Exception):
+    """The stdlib REST reader does not handle this server or answer: ask MLflow's client instead."""
+
+
+def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0) -> list[RunRecord] | None:
+    """Trial runs read from a tracking server through MLflow's documented REST API (/api/2.0/mlflow), with the
+    standard library: importing MLflow alone takes ~3 s. The search answer holds each run's latest metrics with
+    their steps, so no request per run follows. None: no such experiment. Raises _RestUnsupported on anything
+    it does not handle (credentials in the URI, TLS client settings, an unexpected answer)."""
+    import base64
+    import json
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    tls_env = ("MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+    if parts.username or parts.password or any(os.environ.get(k) for k in tls_env):
+        raise _RestUnsupported(uri)
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    elif user and password:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    base = uri.rstrip("/") + "/api/2.0/mlflow/"
+
+    def call(endpoint: str, body: dict | None = None, query: dict | None = None) -> dict:
+        url = base + endpoint + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 404 and "RESOURCE_DOES_NOT_EXIST" in e.read().decode(errors="replace"):
+                return {}
+            raise _RestUnsupported(f"{endpoint}: HTTP {e.code}") from None
+        except (OSError, ValueError) as e:
+            raise _RestUnsupported(f"{endpoint}: {e}") from None
+
+    exp = call("experiments/get-by-name", query={"experiment_name": experiment}).get("experiment")
+    if not exp or exp.get("lifecycle_stage", "active") != "active":
+        return None
+    records, token_ = [], None
+    while True:
+        body = {"experiment_ids": [exp["experiment_id"]], "max_results": 1000,
+                "filter": f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'", "order_by": ["attributes.start_time DESC"]}
+        if token_:
+            body["page_token"] = token_
+        page = call("runs/search", body)
+        for run in page.get("runs", []):
+            info, data = run["info"], run.get("data", {})
+            tags = {t["key"]: t.get("value", "") for t in data.get("tags", [])}
+            metrics = data.get("metrics", [])
+            steps = [int(m.get("step", 0)) for m in metrics if m["key"] in (schema.TRAIN_LOSS, schema.VAL_LOSS)]
+            start, end = info.get("start_time"), info.get("end_time")
+            records.append(RunRecord(info.get("run_name", tags.get(schema.TAG_RUN_NAME, "")), info["run_id"],
+                                     int(start) if start else None, int(end) if end else None, tags,
+                                     {m["key"]: float(m["value"]) for m in metrics}, max(steps) if steps else None))
+        token_ = page.get("next_page_token")
+        if not token_:
+            return records
+
+
 def _client_records(client, experiment_id: str) -> list[RunRecord]:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'",
                               max_results=10000, order_by=["attributes.start_time DESC"])
@@ -143,6 +210,13 @@ def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord]
                 return records, []
         except sqlite3.Error:
             pass  # an unknown schema: ask MLflow itself
+    if uri.startswith(("http://", "https://")):
+        try:
+            records = _rest_records(uri, experiment)
+            if records is not None:
+                return records, []
+        except _RestUnsupported:
+            pass  # MLflow's client handles it (and words any error)
     from mlflow.tracking import MlflowClient
 
     try:
