@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"store: {args.runs} runs x {args.steps:,} steps x {len(STEP_KEYS)} keys = {n_rows:,} metric rows, "
           f"{db.stat().st_size / 1e9:.2f} GB, ready in {time.perf_counter() - t:.0f} s ({root}"
           f"{', reused' if args.reuse else ''}{', not analyzed' if args.no_analyze else ', ANALYZEd'}"
-          f"{', no curves artifacts' if args.no_artifacts else ', curves artifacts'})")
+          f", {_tagged_runs(db)} of {args.runs} runs with a curves artifact)")
     ok = _measure_and_print("sqlite", uri, root, repo, args.repeats)
     if not args.no_server:
         proc, url = start_server(root, uri)
@@ -237,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_server(proc)
     return 0 if ok else 1
+
+
+def _tagged_runs(db: Path) -> int:
+    """Runs of the store tagged kb.curves (a --reuse'd store says what it holds, not what the flags say)."""
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT COUNT(*) FROM tags WHERE key = ?", (S.TAG_CURVES,)).fetchone()[0]
 
 
 def _median(xs: list[float]) -> float:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 def test_the_report_benchmark_runs_on_a_small_store(tmp_path, capsys):
     bench_report.main(["--runs", "4", "--steps", "300", "--dir", str(tmp_path), "--no-server", "--repeats", "1"])
     out = capsys.readouterr().out
-    assert "4 runs x 300 steps" in out and "curves artifacts" in out
+    assert "4 runs x 300 steps" in out and "4 of 4 runs with a curves artifact" in out
     assert "report on sqlite:" in out and "status on sqlite:" in out
     report = (tmp_path / "out-sqlite" / "report.md").read_text()
     assert "kimi-bench report: bench-report" in report
