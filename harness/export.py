@@ -54,6 +54,9 @@ def checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
 # GPT -> transformers GPT2LMHeadModel
 
 
+GPT2_EOT = 50256  # GPT-2's <|endoftext|> id
+
+
 def _gpt2_config(model) -> Any:
     from transformers import GPT2Config
 
@@ -65,6 +68,9 @@ def _gpt2_config(model) -> Any:
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         tie_word_embeddings=c.tie_embeddings,
+        # GPT2Config's defaults name GPT-2's <|endoftext|> (50256), an id only a GPT-2-sized vocabulary has
+        bos_token_id=GPT2_EOT if c.vocab_size > GPT2_EOT else None,
+        eos_token_id=GPT2_EOT if c.vocab_size > GPT2_EOT else None,
     )
 
 

@@ -62,6 +62,9 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, variant,
     assert ours.shape == theirs.shape
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert ours.abs().max() > 0.1  # a real function, not two zero tensors
+    # special ids inside the vocabulary (GPT2Config's default 50256 is not an id of a 256-token model)
+    for token_id in (hf.config.bos_token_id, hf.config.eos_token_id):
+        assert token_id is None or 0 <= token_id < hf.config.vocab_size, token_id
 
 
 def test_hf_export_greedy_generation_matches_ours(tmp_path):
