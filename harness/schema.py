@@ -46,7 +46,7 @@ TAG_GIT = "kb.git_commit"  # commit + "-dirty" with uncommitted changes
 TAG_TORCH = "kb.torch_version"
 TAG_DEVICE = "kb.device"  # "cpu" or the CUDA device name
 TAG_DATA_HASH = "kb.data_hash"
-TAG_THREADS = "kb.threads"  # speed runs: torch threads used
+TAG_THREADS = "kb.threads"  # torch threads of a trial or speed run (CPU results depend on it)
 # matrix (parent) runs
 TAG_COMMAND = "kb.command"  # the command line that started the matrix
 TAG_MATRIX_FILE = "kb.matrix_file"
@@ -91,7 +91,7 @@ TRIAL_TAG_COLUMNS = {
     TAG_PRESET: "preset", TAG_SEED: "seed", TAG_STATUS: "status", TAG_GIT: "git_commit",
     TAG_DEVICE: "device", TAG_TORCH: "torch_version", TAG_DATA_HASH: "data_hash",
     TAG_TUNED_FROM: "tuned_from", TAG_PARENT: "parent_run_id", TAG_SHAPE: "shape",
-    TAG_CURVES: "curves_artifact",
+    TAG_CURVES: "curves_artifact", TAG_THREADS: "threads",
 }
 # tag -> column of the reports' speed frame
 SPEED_TAG_COLUMNS = {

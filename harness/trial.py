@@ -501,7 +501,8 @@ def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun 
             torch.cuda.reset_peak_memory_stats(trainer.device)
         resumed = resume and trainer.load_state()
         if run is not None and dist_info.is_main:
-            tags = {schema.TAG_SHAPE: shape_key(spec.variant, spec.dims)}
+            # CPU results depend on the thread count (reduction order), e.g. 2 threads locally, 1 in a Ray task
+            tags = {schema.TAG_SHAPE: shape_key(spec.variant, spec.dims), schema.TAG_THREADS: torch.get_num_threads()}
             if resumed:
                 tags[schema.TAG_RESUMED_FROM_STEP] = trainer.state.step
             run.set_tags(tags)

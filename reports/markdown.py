@@ -181,7 +181,7 @@ def trials_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """trials.csv: one row per trial of the report, its ids and final metrics."""
     from reports.collect import FINAL_METRICS
     cols = ["group", "config_id", "run_id", "arm", "variant", "optimizer", "preset", "seed", "status",
-            "trial_key", "git_commit", "device", "data_hash", "start_time"]
+            "trial_key", "git_commit", "device", "threads", "data_hash", "start_time"]
     cols = [c for c in cols if c in runs] + [m for m in FINAL_METRICS if m in runs]
     return runs[cols].sort_values(["arm", "seed", "run_id"]).reset_index(drop=True)
 

@@ -129,6 +129,7 @@ def test_trial_run_gets_its_shape_tag_and_bpb_at_every_eval(data, tmp_path):
     result = run_trial(spec, data, tmp_path, run=run, resume=False)
     assert result.status == "finished", result.error
     assert run.tags["kb.shape"] == shape_key("gpt", spec.dims)
+    assert run.tags["kb.threads"] == torch.get_num_threads()
     evals = [(step, m) for step, m, final in run.metrics if "val/loss" in m and not final]
     assert [step for step, _ in evals] == [0, 3, 6]
     for _, m in evals:  # byte tokenizer: one byte per token, so bpb is the loss in bits
