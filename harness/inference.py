@@ -106,11 +106,13 @@ def inference_fns(model: nn.Module, prompts: dict[int, torch.Tensor], shape: Inf
 
 
 def throughput(tokens: float, t: Timing) -> tuple[float, float]:
-    """(tokens/s at the median time, its IQR mapped through the same formula: tokens/q1 - tokens/q3).
-
-    `Timing` keeps the median and the IQR but not the quartiles, so q1, q3 are taken as median -/+ IQR/2
-    (exact for quartiles symmetric about the median)."""
-    q1, q3 = t.median_s - t.iqr_s / 2, t.median_s + t.iqr_s / 2
+    """(tokens/s at the median time, its IQR mapped through the same formula: tokens/q1 - tokens/q3; a rate is
+    monotone in the time, so these are the rate's own quartiles). A `Timing` made without its quartiles takes
+    them as median -/+ IQR/2 (exact for quartiles symmetric about the median; inf when q1 would be <= 0)."""
+    if t.q1_s is not None and t.q3_s is not None:
+        q1, q3 = t.q1_s, t.q3_s
+    else:
+        q1, q3 = t.median_s - t.iqr_s / 2, t.median_s + t.iqr_s / 2
     rate = tokens / t.median_s
     spread = (tokens / q1 - tokens / q3) if q1 > 0 else float("inf")
     return rate, spread

@@ -358,14 +358,17 @@ def fitted_rows(runs: pd.DataFrame, curves: pd.DataFrame, folded: dict[str, str]
             f = fitted_multiplier(points, a, b)
             if not math.isfinite(f.multiplier):
                 continue
-            ci = f"[{_fmt(f.low)}, {_fmt(f.high)}]" if math.isfinite(f.low) else "(no interval: one seed per size)"
+            has_ci = not math.isnan(f.low)
+            ci = f"[{_fmt(f.low)}, {_fmt(f.high)}]" if has_ci else "(no interval: one seed per size)"
+            if f.n_unreached:
+                ci += f" ({f.n_unreached} of {f.n_resamples} resamples: a refitted curve never reaches the target)"
             extrapolated = _extrapolated(points, f)
             v = INCONCLUSIVE                  # claimed: A/B < 1 (A needs less compute)
             if extrapolated:
                 ci += f"; extrapolated: {extrapolated} reaches the target outside its measured compute range"
-            elif math.isfinite(f.low) and f.high < 1:
+            elif has_ci and f.high < 1:
                 v = SUPPORTED
-            elif math.isfinite(f.low) and f.low > 1:
+            elif has_ci and f.low > 1:
                 v = NOT_SUPPORTED
             rows.append(Row(claim, f"fit over {f.n_sizes} sizes", a, b, f"{a}: L = a C^-b + c",
                             f"{b}: L = a C^-b + c",

@@ -175,9 +175,11 @@ class FittedMultiplier:
     fit_a: PowerLaw | None
     fit_b: PowerLaw | None
     multiplier: float               # C_A(target) / C_B(target)
-    low: float                      # bootstrap percentile interval over seeds (NaN with one seed per size)
-    high: float
+    low: float                      # bootstrap percentile interval over seeds (NaN with one seed per size);
+    high: float                     # 0 / inf where B's / A's refitted curve misses the target in the tail
     n_sizes: int
+    n_unreached: int = 0            # resamples where one arm's refitted curve never reaches the target
+    n_resamples: int = 0            # resamples with both fits
 
 
 def _fit_points(points: pd.DataFrame, arm: str) -> pd.DataFrame:
@@ -206,14 +208,17 @@ def fitted_multiplier(points: pd.DataFrame, a_arm: str, b_arm: str, target: floa
             ga, gb = fit_power_law(ra.compute, ra.loss), fit_power_law(rb.compute, rb.loss)
             if ga is None or gb is None:
                 continue
-            m = ga.compute_for(target) / gb.compute_for(target)
-            if math.isfinite(m):
-                boots.append(m)
-    if len(boots) >= 20:
-        low, high = (float(q) for q in np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2]))
+            need_a, need_b = ga.compute_for(target), gb.compute_for(target)
+            # an arm whose refit never reaches the target needs unbounded compute: the ratio is inf (A) or 0 (B),
+            # kept so the interval says so; dropping them would bias it towards the other arm
+            boots.append(math.nan if math.isinf(need_a) and math.isinf(need_b) else need_a / need_b)
+    finite = [m for m in boots if not math.isnan(m)]
+    if len(finite) >= 20:   # inverted_cdf: no interpolation, so a tail of 0s or infs stays 0 or inf
+        low, high = (float(q) for q in np.quantile(finite, [0.5 - level / 2, 0.5 + level / 2], method="inverted_cdf"))
     else:
         low = high = math.nan
-    return FittedMultiplier(a_arm, b_arm, target, fa, fb, float(mult), low, high, n_sizes)
+    unreached = sum(1 for m in boots if not 0 < m < math.inf)
+    return FittedMultiplier(a_arm, b_arm, target, fa, fb, float(mult), low, high, n_sizes, unreached, len(boots))
 
 
 def _resample(points: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:

@@ -72,13 +72,16 @@ def decimals(x: float) -> int | None:
     return None
 
 
+BIG = 1e300  # at or above: shown as inf (a stored inf reads back as sys.float_info.max)
+
+
 def fmt(x: float | None, scale: float = 1.0, places: int | None = None) -> str:
     """4 significant digits, whole numbers from 1000 up, exponent below 1e-3; NaN -> n/a.
     places: force that many decimals (used for a half-width, shown to the precision of its mean)."""
     if x is None or pd.isna(x):
         return "n/a"
     x = float(x) / scale
-    if math.isinf(x):
+    if math.isinf(x) or abs(x) >= BIG:   # MLflow stores inf as the largest double
         return "inf" if x > 0 else "-inf"
     d = decimals(x) if places is None else places
     return f"{x:.3e}" if d is None else f"{x:.{d}f}"

@@ -22,11 +22,14 @@ NOISY_REL_IQR = 0.10  # a measurement whose IQR / median exceeds this is flagged
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call: median and interquartile range over `n` measurements (each a block mean)."""
+    """Seconds per call: median and interquartile range over `n` measurements (each a block mean), and the
+    quartiles themselves (None where only median and IQR are known), which a throughput's spread needs."""
 
     median_s: float
     iqr_s: float
     n: int
+    q1_s: float | None = None
+    q3_s: float | None = None
 
     @property
     def rel_iqr(self) -> float:
@@ -45,9 +48,9 @@ class Timing:
         if not seconds:
             raise ValueError("Timing.of: no measurements")
         if len(seconds) == 1:
-            return cls(seconds[0], 0.0, 1)
+            return cls(seconds[0], 0.0, 1, seconds[0], seconds[0])
         q1, _, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
-        return cls(statistics.median(seconds), q3 - q1, len(seconds))
+        return cls(statistics.median(seconds), q3 - q1, len(seconds), q1, q3)
 
 
 def _measurement_times(m: benchmark.Measurement) -> list[float]:

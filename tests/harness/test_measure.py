@@ -156,6 +156,15 @@ def test_throughput_spread_maps_the_iqr_through_tokens_over_time():
     assert throughput(100.0, Timing(0.1, 0.0, 1)) == (pytest.approx(1000.0), 0.0)
 
 
+def test_throughput_spread_of_skewed_times_uses_the_real_quartiles():
+    """A few slow blocks (a busy host): IQR > 2 x median, so median - IQR/2 < 0; the real quartiles keep the
+    spread finite (it was logged as inf, which MLflow stores as 1.8e308 and the report printed in full)."""
+    t = Timing.of([0.01, 0.01, 0.012, 0.2, 0.3])
+    assert (t.q1_s, t.median_s, t.q3_s) == (0.01, 0.012, 0.2) and t.iqr_s > 2 * t.median_s
+    rate, spread = throughput(100.0, t)
+    assert rate == pytest.approx(100 / 0.012) and spread == pytest.approx(100 / 0.01 - 100 / 0.2)
+
+
 @pytest.mark.parametrize("variant", ["gpt", "kimi"])
 def test_decode_timer_rewinds_the_cache_to_the_same_state(variant):
     """Every timed decode call starts from the prompt's cache: the logits of its last step are the same on each

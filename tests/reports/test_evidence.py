@@ -278,6 +278,34 @@ def test_fitted_multiplier_recovers_a_known_multiplier():
     assert f.fit_b.b == pytest.approx(b, rel=0.25)
 
 
+def test_fitted_interval_keeps_resamples_where_a_curve_never_reaches_the_target(monkeypatch):
+    """A refit of arm A that flattens above the target needs unbounded compute: the resample's ratio is inf and
+    stays in the interval (dropping it, as before, moved the upper bound under 1 and made 'A needs less' look
+    supported). Scripted fits: the two full fits, then per resample A's and B's; every 4th A refit misses."""
+    from reports import compute
+
+    reaches = compute.PowerLaw(a=1.0, b=0.5, c=2.0, c0=1.0)      # reaches loss 2.5 at compute 4
+    calls = {"n": 0}
+
+    def scripted_fit(c, loss):
+        calls["n"] += 1
+        i = calls["n"] - 3                                         # 0, 1: A and B of resample 0, ...
+        if i >= 0 and i % 2 == 0 and (i // 2) % 4 == 0:
+            return compute.PowerLaw(a=1.0, b=0.5, c=2.6, c0=1.0)   # A's refit: asymptote above the target
+        return reaches
+
+    monkeypatch.setattr(compute, "fit_power_law", scripted_fit)
+    points = pd.DataFrame([{"arm": arm, "size": size, "seed": seed, "compute": 10.0 ** k, "loss": 3.0}
+                           for arm in ("kimi+muon", "gpt+adamw") for k, size in enumerate(("s", "m", "l"))
+                           for seed in (0, 1)])
+    f = fitted_multiplier(points, "kimi+muon", "gpt+adamw", target=2.5, n_boot=200)
+    assert f.multiplier == pytest.approx(1.0)
+    assert f.n_resamples == 200 and f.n_unreached == 50            # resamples 0, 4, 8, ...
+    assert f.high == math.inf and f.low == pytest.approx(1.0)      # 25% of the mass at inf: above the 97.5% point
+    row_text = f"[{cl._fmt(f.low)}, {cl._fmt(f.high)}]"
+    assert row_text == "[1.000, inf]"
+
+
 def test_holm_by_hand():
     # p = (0.01, 0.04, 0.03, nan): sorted 0.01 x 3, 0.03 x 2, 0.04 x 1 -> 0.03, 0.06, 0.06 (monotone)
     assert holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])

@@ -180,6 +180,7 @@ def test_optuna_figures(collected, tmp_path):
 @pytest.mark.parametrize("x, scale, text", [
     (22.837999, 1, "22.84"), (3.13221, 1, "3.132"), (1001.67, 1, "1002"), (74_000_000, 1e6, "74.00"),
     (0.000123, 1, "1.230e-04"), (0.0, 1, "0"), (float("nan"), 1, "n/a"), (float("inf"), 1, "inf"),
+    (1.7976931348623157e308, 1, "inf"), (-1.7976931348623157e308, 1, "-inf"),  # MLflow's stored inf
 ])
 def test_fmt(x, scale, text):
     assert fmt(x, scale) == text
