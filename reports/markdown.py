@@ -311,7 +311,8 @@ def _claims_section(rows, folded: dict[str, str], match) -> str:
     from reports.stats import HOLM_RULE, VERDICT_RULE
 
     table = []
-    for r in rows:
+    # what was measured first (a scaling matrix without a Muon-vs-AdamW pair has a dozen "not measured" rows)
+    for r in sorted(rows, key=lambda r: r.verdict == NOT_MEASURED):
         text = r.claim.text + (f" [{r.label}]" if r.label else "")
         p = "n/a" if not math.isfinite(r.p) else f"{r.p:.3g} → {r.p_adj:.3g}"
         table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, p, f"**{r.verdict}**"

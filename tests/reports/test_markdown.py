@@ -152,6 +152,13 @@ def test_report_is_byte_identical_when_written_twice(report, collected, tmp_path
         assert (tmp_path / "figures" / png.name).read_bytes() == png.read_bytes(), png.name
 
 
+def test_claims_not_measured_come_after_the_measured_ones(report):
+    verdicts = [r["verdict"] for r in table_rows(report[1], "## Claims vs measured").values()]
+    measured = [v != "not measured" for v in verdicts]
+    assert any(measured) and not all(measured)
+    assert measured == sorted(measured, reverse=True), verdicts
+
+
 def test_credentials_are_stripped_from_the_tracking_uri(collected, tmp_path):
     c = dataclasses.replace(collected, tracking_uri="https://alice:s3cr3t@mlflow.example.com:5000")
     md = write_report(c, tmp_path, figures=False).read_text()
