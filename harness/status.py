@@ -1,6 +1,7 @@
 """`kimi-bench status`: every trial's state from MLflow, and with a matrix also the trials never started.
 
-It must answer in a few seconds, so it imports neither torch nor the matrix validator on its fast path: the
+It must answer in a few seconds, so it imports neither torch nor the matrix validator on its fast path (nor
+MLflow: a local sqlite store is read with sqlite3, a tracking server through its REST API with urllib): the
 planned trial names come from the TOML's [matrix] table directly (presets x arms x seeds, the order of
 harness.matrix.Matrix.expand). A file the fast path cannot read goes through harness.matrix.load_matrix for
 its one-line error.
