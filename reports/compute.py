@@ -212,9 +212,9 @@ def fitted_multiplier(points: pd.DataFrame, a_arm: str, b_arm: str, target: floa
             # an arm whose refit never reaches the target needs unbounded compute: the ratio is inf (A) or 0 (B),
             # kept so the interval says so; dropping them would bias it towards the other arm
             boots.append(math.nan if math.isinf(need_a) and math.isinf(need_b) else need_a / need_b)
-    finite = [m for m in boots if not math.isnan(m)]
-    if len(finite) >= 20:   # inverted_cdf: no interpolation, so a tail of 0s or infs stays 0 or inf
-        low, high = (float(q) for q in np.quantile(finite, [0.5 - level / 2, 0.5 + level / 2], method="inverted_cdf"))
+    usable = [m for m in boots if not math.isnan(m)]   # 0 and inf included
+    if len(usable) >= 20:   # inverted_cdf: no interpolation, so a tail of 0s or infs stays 0 or inf
+        low, high = (float(q) for q in np.quantile(usable, [0.5 - level / 2, 0.5 + level / 2], method="inverted_cdf"))
     else:
         low = high = math.nan
     unreached = sum(1 for m in boots if not 0 < m < math.inf)
