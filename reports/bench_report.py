@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -245,11 +246,6 @@ def _tagged_runs(db: Path) -> int:
         return con.execute("SELECT COUNT(*) FROM tags WHERE key = ?", (S.TAG_CURVES,)).fetchone()[0]
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
-
-
 def _measure_and_print(where: str, uri: str, root: Path, repo: Path, repeats: int) -> bool:
     """Time `report` and `status` on one URI, `repeats` fresh processes each, alternating; print the median and
     range of each as it is measured; -> both medians within their targets."""
@@ -258,13 +254,15 @@ def _measure_and_print(where: str, uri: str, root: Path, repo: Path, repeats: in
         reports.append(measure_report(uri, root / f"out-{where}", repo))
         statuses.append(measure_status(uri, repo))
     secs, rss = [r["seconds"] for r in reports], max(r["max_rss_bytes"] for r in reports)
-    report_met = _median(secs) < TARGET_S and rss < TARGET_BYTES
-    print(f"report on {where:6s}: median {_median(secs):6.1f} s (range {min(secs):.1f}-{max(secs):.1f}, n={repeats}), "
+    med = statistics.median(secs)
+    report_met = med < TARGET_S and rss < TARGET_BYTES
+    print(f"report on {where:6s}: median {med:6.1f} s (range {min(secs):.1f}-{max(secs):.1f}, n={repeats}), "
           f"peak memory {rss / 1e9:.2f} GB (target < {TARGET_S:.0f} s and < {TARGET_BYTES / 1e9:.0f} GB: "
           f"{'met' if report_met else 'NOT met'})", flush=True)
     st = [r["seconds"] for r in statuses]
-    status_met = _median(st) < STATUS_TARGET_S
-    print(f"status on {where:6s}: median {_median(st):6.1f} s (range {min(st):.1f}-{max(st):.1f}, n={repeats}) "
+    st_med = statistics.median(st)
+    status_met = st_med < STATUS_TARGET_S
+    print(f"status on {where:6s}: median {st_med:6.1f} s (range {min(st):.1f}-{max(st):.1f}, n={repeats}) "
           f"(target < {STATUS_TARGET_S:.0f} s: {'met' if status_met else 'NOT met'})", flush=True)
     return report_met and status_met
 
