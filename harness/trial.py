@@ -34,7 +34,7 @@ from arch.counting import count_params, flops_per_token
 from arch.moe import load_stats, moe_modules
 from arch.muon import enable_max_logit_tracking
 from harness import schema
-from harness.curves import CURVE_KEYS, write_curves
+from harness.curves import write_curves
 from harness.data import PreparedData, TokenBatches, val_batches
 from harness.dist import DistInfo, all_reduce_
 from harness.errors import UserError
@@ -51,6 +51,7 @@ from harness.registry import TrialSpec, build_model
 from harness.schema import TAG_MODEL_PATH
 from harness.tracking import TrialRun
 
+HISTORY_KEYS = (schema.TRAIN_LOSS, schema.TRAIN_ELAPSED, schema.VAL_LOSS)  # kept per step in TrainState
 STATE_FILE = "trial_state.pt"  # resume point: model, optimizer, step, RNG, histories
 MODEL_FILE = "model.pt"  # final weights + config: what `ckpt/bytes` measures and `generate` loads
 
@@ -215,7 +216,8 @@ class TrainState:
     train_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
-    history: dict[str, list] = field(default_factory=lambda: {key: [] for key in CURVE_KEYS})  # (step, value)
+    # (step, value) of train/loss, train/elapsed_s, val/loss; grad norms and tokens follow from losses' steps
+    history: dict[str, list] = field(default_factory=lambda: {key: [] for key in HISTORY_KEYS})
     moe_rows: list[tuple[int, int, int, float]] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
     window_rates: list[float] = field(default_factory=list)
@@ -289,7 +291,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["train_state"])
-        for key in CURVE_KEYS:  # a checkpoint of an older version kept fewer curves
+        for key in HISTORY_KEYS:  # a checkpoint of an older version kept fewer curves
             self.state.history.setdefault(key, [])
         torch.set_rng_state(ckpt["rng_cpu"].cpu())
         if ckpt["rng_cuda"] and self.device.type == "cuda":
@@ -365,9 +367,8 @@ class Trainer:
             self.state.grad_norms.append(norm)
             tokens = step * self.tokens_per_step
             elapsed = base_seconds + (t_step - window_start)
-            for key, value in ((schema.TRAIN_LOSS, loss), (schema.GRAD_NORM, norm), (schema.TRAIN_TOKENS, tokens),
-                               (schema.TRAIN_ELAPSED, elapsed)):
-                self.state.history[key].append((step, value))
+            self.state.history[schema.TRAIN_LOSS].append((step, loss))
+            self.state.history[schema.TRAIN_ELAPSED].append((step, elapsed))
             self.log(step, {
                 schema.TRAIN_LOSS: loss, schema.GRAD_NORM: norm, schema.TRAIN_LR_FACTOR: lr_factor_,
                 schema.TRAIN_LR: lr_factor_ * self.optimizer.param_groups[0]["base_lr"],
@@ -461,12 +462,20 @@ class Trainer:
                    "data_hash": self.data.data_hash}
         return atomic_save(payload, self.out_dir / MODEL_FILE)
 
+    def curves(self) -> dict[str, list[tuple[int, float]]]:
+        """(step, value) per key of CURVE_KEYS: the kept histories, plus grad norms (logged with each loss, in the
+        same order) and tokens (step x tokens per step), derived rather than stored twice."""
+        h = self.state.history
+        steps = [step for step, _ in h[schema.TRAIN_LOSS]]
+        return {**h, schema.GRAD_NORM: list(zip(steps, self.state.grad_norms, strict=True)),
+                schema.TRAIN_TOKENS: [(step, step * self.tokens_per_step) for step in steps]}
+
     def log_curves(self) -> None:
         """The thinned curves artifact and the `kb.curves` tag (harness/curves.py), whatever the status, so that a
         report reads a diverged or killed run's curves as it reads a finished one's."""
         if self.run is None or not self.dist.is_main or not self.state.step:
             return
-        path = write_curves(self.out_dir / schema.ARTIFACT_CURVES, self.state.history)
+        path = write_curves(self.out_dir / schema.ARTIFACT_CURVES, self.curves())
         self.run.log_artifact(path)
         self.run.set_tags({schema.TAG_CURVES: schema.ARTIFACT_CURVES})
 
