@@ -64,6 +64,14 @@ class RunRecord:
     last_step: int | None  # the highest step of train/loss or val/loss
 
 
+PROGRESS_KEYS = (schema.TRAIN_LOSS, schema.VAL_LOSS)  # a run's last logged step: the highest step of these
+
+
+def _last_step(key_steps) -> int | None:
+    """The highest step among (key, step) pairs of PROGRESS_KEYS; None when there is none."""
+    return max((step for key, step in key_steps if key in PROGRESS_KEYS), default=None)
+
+
 def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
     """Trial runs read straight from a local MLflow sqlite store (read-only; MLflow's import alone takes
     seconds). None: no such experiment. Raises sqlite3.Error on a schema this reader does not know."""
@@ -83,9 +91,8 @@ def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
             tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
             latest = con.execute("SELECT key, value, step FROM latest_metrics WHERE run_uuid = ?",
                                  (run_id,)).fetchall()
-            steps = [step for key, _, step in latest if key in (schema.TRAIN_LOSS, schema.VAL_LOSS)]
             records.append(RunRecord(name, run_id, start, end, tags, {k: v for k, v, _ in latest},
-                                     max(steps) if steps else None))
+                                     _last_step((key, step) for key, _, step in latest)))
     return records
 
 
@@ -146,11 +153,11 @@ def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0) -> list[Ru
             info, data = run["info"], run.get("data", {})
             tags = {t["key"]: t.get("value", "") for t in data.get("tags", [])}
             metrics = data.get("metrics", [])
-            steps = [int(m.get("step", 0)) for m in metrics if m["key"] in (schema.TRAIN_LOSS, schema.VAL_LOSS)]
             start, end = info.get("start_time"), info.get("end_time")
             records.append(RunRecord(info.get("run_name", tags.get(schema.TAG_RUN_NAME, "")), info["run_id"],
                                      int(start) if start else None, int(end) if end else None, tags,
-                                     {m["key"]: float(m["value"]) for m in metrics}, max(steps) if steps else None))
+                                     {m["key"]: float(m["value"]) for m in metrics},
+                                     _last_step((m["key"], int(m.get("step", 0))) for m in metrics)))
         token_ = page.get("next_page_token")
         if not token_:
             return records
@@ -163,9 +170,8 @@ def _client_records(client, experiment_id: str) -> list[RunRecord]:
     for r in runs:
         last = None
         if schema.TAG_FINAL_STEP not in r.data.tags:  # still running or killed: ask for its last logged step
-            steps = [m.step for key in (schema.TRAIN_LOSS, schema.VAL_LOSS)
-                     for m in client.get_metric_history(r.info.run_id, key)]
-            last = max(steps) if steps else None
+            last = _last_step((key, m.step) for key in PROGRESS_KEYS
+                              for m in client.get_metric_history(r.info.run_id, key))
         records.append(RunRecord(r.info.run_name, r.info.run_id, r.info.start_time, r.info.end_time,
                                  r.data.tags, r.data.metrics, last))
     return records
