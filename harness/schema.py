@@ -205,6 +205,7 @@ def study_count(state: str) -> str:
 
 # ----------------------------------------------------------------------------- speed runs (kb.kind=speed)
 SPEED_PREFIX = "speed/"  # every speed-run metric starts with it
+NOISY_REL_IQR = 0.10  # a timing whose IQR / median exceeds this is noisy: Timing.noisy and the report's verdicts
 SPEED_PREFILL = "speed/prefill_tokens_per_s"
 SPEED_TTFT = "speed/ttft_s"
 SPEED_DECODE = "speed/decode_tokens_per_s_b{batch}"

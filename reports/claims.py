@@ -180,7 +180,7 @@ class Context:
 
 
 def _fmt(x, scale=1.0):
-    from reports.markdown import fmt
+    from harness.mdformat import fmt
     return fmt(x, scale)
 
 
@@ -229,7 +229,7 @@ def _stat_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
     fin = ctx.runs
     ea, eb = (estimate(fin.loc[fin.arm.eq(arm), claim.metric]) if claim.metric in fin else estimate([])
               for arm in (a, b))
-    from reports.markdown import fmt_ci
+    from harness.mdformat import fmt_ci
     a_text, b_text = f"{a}: {fmt_ci(ea, claim.scale)}", f"{b}: {fmt_ci(eb, claim.scale)}"
     if claim.metric == names.VAL_PPL_FINAL and names.VAL_BPB in fin:
         ba, bb = (estimate(fin.loc[fin.arm.eq(arm), names.VAL_BPB]) for arm in (a, b))
@@ -276,8 +276,8 @@ def _speed_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
 
 
 def _compute_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
+    from harness.mdformat import fmt_ci
     from reports.compute import to_target
-    from reports.markdown import fmt_ci
 
     t = to_target(ctx.curves, a, b, claim.metric, ctx.target)
     med = t.per_seed.median(numeric_only=True) if len(t.per_seed) else pd.Series(dtype=float)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.mdformat import fmt, fmt_ci, fmt_pm, md_table  # noqa: F401  (fmt_pm: re-exported)
 from reports import names
 from reports.collect import Collected, strip_credentials
-from reports.stats import Estimate, estimate
+from reports.stats import estimate
 
 ROUNDING_NOTE = (
     "Numbers: 4 significant digits (whole numbers from 1000 up); `mean ± h` is the mean over finished "
@@ -62,42 +63,6 @@ CLAIM_SCALE = "about 75M parameters (nanoKimi's table)"
 
 # ----------------------------------------------------------------------------- formatting
 
-def decimals(x: float) -> int | None:
-    """Decimal places that show x (already scaled) with 4 significant digits; None: use an exponent."""
-    ax = abs(x)
-    if ax == 0 or ax >= 1000:
-        return 0
-    if ax >= 1e-3:
-        return max(0, 3 - math.floor(math.log10(ax)))
-    return None
-
-
-BIG = 1e300  # at or above: shown as inf (a stored inf reads back as sys.float_info.max)
-
-
-def fmt(x: float | None, scale: float = 1.0, places: int | None = None) -> str:
-    """4 significant digits, whole numbers from 1000 up, exponent below 1e-3; NaN -> n/a.
-    places: force that many decimals (used for a half-width, shown to the precision of its mean)."""
-    if x is None or pd.isna(x):
-        return "n/a"
-    x = float(x) / scale
-    if math.isinf(x) or abs(x) >= BIG:   # MLflow stores inf as the largest double
-        return "inf" if x > 0 else "-inf"
-    d = decimals(x) if places is None else places
-    return f"{x:.3e}" if d is None else f"{x:.{d}f}"
-
-
-def fmt_pm(e: Estimate, scale: float = 1.0) -> str:
-    """'mean ± half-width' of a t interval, the half-width to the mean's decimals; '(n=1)' without an
-    interval; 'n/a' without data."""
-    if e.n == 0:
-        return "n/a"
-    if e.n == 1 or math.isnan(e.low):
-        return f"{fmt(e.mean, scale)} (n=1)"
-    d = decimals(e.mean / scale) if e.mean != 0 else None   # mean 0: the half-width's own 4 digits
-    return f"{fmt(e.mean, scale)} ± {fmt(e.high - e.mean, scale, d)}"
-
-
 def fmt_exact(values: pd.Series, scale: float = 1.0) -> str:
     """A deterministic value: shown once; 'a to b' if the seeds disagree (they should not)."""
     v = values.dropna()
@@ -105,28 +70,6 @@ def fmt_exact(values: pd.Series, scale: float = 1.0) -> str:
         return "n/a"
     lo, hi = v.min(), v.max()
     return fmt(lo, scale) if lo == hi else f"{fmt(lo, scale)} to {fmt(hi, scale)} (seeds differ)"
-
-
-def fmt_ci(e: Estimate, scale: float = 1.0, sign: bool = False) -> str:
-    """'mean [low, high]'; sign=True prefixes '+' on positive means (differences)."""
-    if e.n == 0:
-        return "n/a"
-    m = fmt(e.mean, scale)
-    if sign and e.mean > 0:
-        m = "+" + m
-    if e.n == 1 or math.isnan(e.low):
-        return f"{m} (n=1, no CI)"
-    return f"{m} [{fmt(e.low, scale)}, {fmt(e.high, scale)}]"
-
-
-def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def status_counts(statuses: pd.Series) -> str:

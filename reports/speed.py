@@ -4,16 +4,13 @@ seen during a trial (`train/tokens_per_s`) is shown apart, labelled "observed du
 
 from __future__ import annotations
 
-import ast
 import functools
-import importlib.util
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
+from harness.schema import NOISY_REL_IQR
 from reports import names
 from reports.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
@@ -30,19 +27,7 @@ SPEED_RULE = (
 
 @functools.cache
 def noisy_threshold() -> float:
-    """harness.bench.timing.NOISY_REL_IQR, the one threshold. That module imports torch (seconds to load), which a
-    report does not otherwise need: read the constant from its source unless torch is loaded already."""
-    if "torch" in sys.modules:
-        from harness.bench.timing import NOISY_REL_IQR
-        return NOISY_REL_IQR
-    spec = importlib.util.find_spec("harness.bench.timing")
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign | ast.AnnAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id == "NOISY_REL_IQR" for t in targets):
-                return float(ast.literal_eval(node.value))
-    from harness.bench.timing import NOISY_REL_IQR
+    """harness.schema.NOISY_REL_IQR, the one threshold (the timer flags a noisy Timing with the same constant)."""
     return NOISY_REL_IQR
 
 
@@ -81,7 +66,7 @@ def measured(row: pd.Series | dict | None, metric: str) -> Measured:
 
 def fmt_measured(m: Measured, scale: float = 1.0, threshold: float | None = None) -> str:
     """'median (IQR x, n=k)' plus ' **noisy**' above the threshold; 'n/a' when not measured."""
-    from reports.markdown import fmt
+    from harness.mdformat import fmt
 
     if m.n == 0:
         return "n/a"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import re
@@ -25,6 +24,8 @@ from rich.table import Table
 
 from harness.bench.targets import MISS_MARGIN, evaluate_targets
 from harness.errors import UserError
+from harness.mdformat import fmt_spec as fmt
+from harness.mdformat import md_table
 
 REPO = Path(__file__).resolve().parents[2]
 RECORD_DIR = REPO / "reports" / "benchmarks"
@@ -84,14 +85,6 @@ def default_record_path(env: dict[str, Any], directory: Path = RECORD_DIR) -> Pa
 
 
 # ============================================================================ tables
-
-
-def fmt(value: Any, spec: str = "{:,.2f}") -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return spec.format(value)
 
 
 def _pct(value: float | None) -> str:
@@ -218,15 +211,6 @@ def print_section(console: Console, section: str, rows: list[dict]) -> None:
     for row in cells:
         table.add_row(*row)
     console.print(table)
-
-
-def md_table(headers: list[str], cells: list[list[str]]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
-    return "\n".join(lines)
 
 
 # ============================================================================ markdown

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils import benchmark
 
-NOISY_REL_IQR = 0.10  # a measurement whose IQR / median exceeds this is flagged noisy in reports
+from harness.schema import NOISY_REL_IQR
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,20 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from harness.errors import UserError
+
+# progress(description, completed, total): one task per distinct description; the last call of a task has
+# completed == total. Units: files for hashing, bytes for downloads, (about) characters for tokenization.
+Progress = Callable[[str, int, int], None]
+
+
+def noop_progress(description: str, completed: int, total: int) -> None:
+    pass
 
 FORMAT_VERSION = 1  # bump when tokenization or the cache layout changes: it enters every data_hash
 

@@ -9,25 +9,16 @@ is excluded from `model_dump()`, so it never enters a trial key or the MLflow `d
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from harness.data.cache import Progress, noop_progress  # noqa: F401  (re-exported: the data API)
 from harness.errors import UserError, suggest
 
 TOKENIZERS = ("byte", "char", "bpe", "gpt2")
 DEFAULT_BPE_VOCAB = 4096  # a small-corpus default; GPT-2's 50257 is what the paper-scale matrices set
-
-# progress(description, completed, total): one task per distinct description; the last call of a task has
-# completed == total. Units: files for hashing, bytes for downloads, (about) characters for tokenization.
-Progress = Callable[[str, int, int], None]
-
-
-def noop_progress(description: str, completed: int, total: int) -> None:
-    pass
-
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("KIMI_BENCH_CACHE") or ".kimi-cache")

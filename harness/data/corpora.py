@@ -34,14 +34,19 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from harness.data.cache import DigestMemo, ensure_writable
-from harness.data.config import Progress, noop_progress
+from harness.data.cache import DigestMemo, Progress, ensure_writable, noop_progress
 from harness.errors import UserError, suggest
 
-if TYPE_CHECKING:
-    from harness.data.config import DataConfig
+
+class LoaderConfig(Protocol):
+    """The fields of harness.data.config.DataConfig a loader reads (that module imports this one, to check a
+    corpus name, so the class itself is not imported here)."""
+
+    corpus: str
+    cache_dir: Path
+    val_fraction: float
 
 
 _NO_DOWNLOADS = contextvars.ContextVar("kimi_bench_no_downloads", default=False)
@@ -116,7 +121,7 @@ class Corpus:
     notes: dict = field(default_factory=dict)
 
 
-CorpusLoader = Callable[[str, "DataConfig", DigestMemo, Progress], Corpus]
+CorpusLoader = Callable[[str, "LoaderConfig", DigestMemo, Progress], Corpus]
 CORPORA: dict[str, CorpusLoader] = {}  # exact names, and prefixes ending in ":" ("text:", "bin:")
 
 
@@ -167,7 +172,7 @@ def _split_by_chars(doc: Doc, val_fraction: float) -> tuple[list[Doc], list[Doc]
     return [Doc(doc.name, doc.path, doc.text, 0.0, cut)], [Doc(doc.name, doc.path, doc.text, cut, 1.0)]
 
 
-def _file_corpus(kind: str, files: list[tuple[str, Path]], cfg: DataConfig, memo: DigestMemo,
+def _file_corpus(kind: str, files: list[tuple[str, Path]], cfg: LoaderConfig, memo: DigestMemo,
                  progress: Progress, notes: dict) -> Corpus:
     """files: (relative name, path) sorted by name; one file is split by characters, several by file."""
     entries = []
@@ -202,7 +207,7 @@ def _stdlib_files(include_tests: bool) -> tuple[Path, list[tuple[str, Path]]]:
 
 
 def _stdlib_loader(include_tests: bool) -> CorpusLoader:
-    def load(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Progress) -> Corpus:
+    def load(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress) -> Corpus:
         import platform
 
         root, files = _stdlib_files(include_tests)
@@ -256,7 +261,7 @@ def _site_files() -> list[tuple[str, Path]]:
 
 
 @register_corpus("python-site")
-def _load_site(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Progress) -> Corpus:
+def _load_site(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress) -> Corpus:
     import platform
 
     files = _site_files()
@@ -274,7 +279,7 @@ def _is_binary(path: Path) -> bool:
 
 
 @register_corpus("text:")
-def _load_text(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Progress) -> Corpus:
+def _load_text(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress) -> Corpus:
     root = Path(arg).expanduser()
     if root.is_file():
         return _file_corpus("text", [(root.name, root)], cfg, memo, progress, {"root": str(root.resolve())})
@@ -292,7 +297,7 @@ def _load_text(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Progress) 
     return _file_corpus("text", sorted(files), cfg, memo, progress, {"root": str(root.resolve())})
 
 
-def _find_or_fetch(kind: str, filename: str, url: str, cfg: DataConfig, progress: Progress) -> Path:
+def _find_or_fetch(kind: str, filename: str, url: str, cfg: LoaderConfig, progress: Progress) -> Path:
     """Look in $KIMI_BENCH_DATA/<kind>/ then cache_dir/corpora/<kind>/; download into the latter."""
     dest = cfg.cache_dir / "corpora" / kind / filename
     candidates = [Path(d) / kind / filename for d in [os.environ.get("KIMI_BENCH_DATA")] if d] + [dest]
@@ -316,13 +321,13 @@ def _tinystories_url(filename: str) -> str:
 
 
 @register_corpus("tinyshakespeare")
-def _load_tinyshakespeare(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Progress) -> Corpus:
+def _load_tinyshakespeare(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress) -> Corpus:
     path = _find_or_fetch("tinyshakespeare", "input.txt", TINYSHAKESPEARE_URL, cfg, progress)
     return _file_corpus("tinyshakespeare", [("input.txt", path)], cfg, memo, progress, {"file": str(path)})
 
 
 @register_corpus("tinystories")
-def _load_tinystories(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Progress) -> Corpus:
+def _load_tinystories(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress) -> Corpus:
     paths = {split: _find_or_fetch("tinystories", fn, _tinystories_url(fn), cfg, progress)
              for split, fn in TINYSTORIES_FILES.items()}
     entries = []
@@ -335,14 +340,14 @@ def _load_tinystories(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Pro
 
 
 @register_corpus("tinystories-valid")
-def _load_tinystories_valid(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Progress) -> Corpus:
+def _load_tinystories_valid(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress) -> Corpus:
     fn = TINYSTORIES_FILES["valid"]
     path = _find_or_fetch("tinystories", fn, _tinystories_url(fn), cfg, progress)
     return _file_corpus("tinystories-valid", [(fn, path)], cfg, memo, progress, {"file": str(path)})
 
 
 @register_corpus("bin:")
-def _load_bin(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Progress) -> Corpus:
+def _load_bin(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress) -> Corpus:
     root = Path(arg).expanduser()
     for fn in ("train.bin", "val.bin"):
         if not (root / fn).is_file():
@@ -362,7 +367,7 @@ def _load_bin(arg: str, cfg: DataConfig, memo: DigestMemo, progress: Progress) -
                   notes={"root": str(root.resolve()), "has_meta_pkl": (root / "meta.pkl").exists()})
 
 
-def load_corpus(cfg: DataConfig, progress: Progress | None = None) -> Corpus:
+def load_corpus(cfg: LoaderConfig, progress: Progress | None = None) -> Corpus:
     """Find (download if needed and possible) and hash a corpus; documents are read later, lazily."""
     ensure_writable(cfg.cache_dir)
     loader, arg = find_loader(cfg.corpus)
