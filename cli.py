@@ -115,14 +115,13 @@ def run(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Run a matrix of trials and log them to MLflow (finished trials are skipped on a rerun)."""
+    options = dict(locals())  # every option by name: RunOptions has one field per parameter of this command
     from harness.commands import RunOptions
     from harness.commands import run as run_matrix_command
 
     if nproc > 1 and "LOCAL_RANK" not in os.environ and not dry_run and executor == "local":
         _relaunch_with_torchrun(nproc)  # --executor ray runs multi-process trials through Ray Train instead
-    code = run_matrix_command(RunOptions(matrix, list(sets or []), tracking_uri, out, cache_dir, tuned,
-                                         study_storage, study_prefix, dry_run, device, steps, nproc, peak_tflops,
-                                         keep_state, executor, ray_address), console)
+    code = run_matrix_command(RunOptions.of(options), console)
     if code:
         raise typer.Exit(code)
 
@@ -266,7 +265,7 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
     """Sample text from a trained checkpoint with the KV cache."""
-    from harness.checkpoints import sample_text
+    from harness.measure.trained import sample_text
 
     text = sample_text(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, tokenizer, cache_dir, device,
                        console)
@@ -277,7 +276,7 @@ def generate(
              context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """GPU speed suite: train tokens/s and MFU, MoE vs dense, MLA vs MHA decode, Muon share (bench --help)."""
-    from harness.bench.suite import bench_command  # torch-heavy: imported only for this command
+    from harness.measure.bench.suite import bench_command  # torch-heavy: imported only for this command
 
     suite = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                         context_settings=CONTEXT)
@@ -294,7 +293,7 @@ def bench_infer(
     repeats: Annotated[int, typer.Option(help="timed repeats (median)")] = 5,
 ) -> None:
     """Inference benchmark of a checkpoint alone: prefill/decode tokens/s, TTFT, KV and checkpoint bytes."""
-    from harness.checkpoints import benchmark_table
+    from harness.measure.trained import benchmark_table
 
     console.print(benchmark_table(checkpoint, batch_sizes, new_tokens, device, repeats))
 
@@ -311,7 +310,7 @@ def report(
                                            "newest matrix invocation")] = False,
 ) -> None:
     """Write report.md + figures from what MLflow holds (tables, intervals, claims vs measured)."""
-    from harness.tracking import resolve_tracking_uri
+    from harness.stores.tracking import resolve_tracking_uri
     from reports.publish import publish_report
 
     publish_report(experiment, resolve_tracking_uri(tracking_uri), out, log,
@@ -338,7 +337,7 @@ def import_command(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Replay a portable run record into MLflow (idempotent: runs already imported are skipped)."""
-    from harness.record import import_record
+    from harness.stores.runrecord import import_record
 
     with console.status("importing the record") as spinner:
         summary = import_record(record, tracking_uri,

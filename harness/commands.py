@@ -13,8 +13,11 @@ from rich.table import Table
 from harness.errors import UserError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunOptions:
+    """The options of `kimi-bench run`, one field per parameter of cli.run (same names, same defaults), built
+    from that command's own arguments by name (`RunOptions.of(locals())`), never by position."""
+
     matrix: Path
     sets: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
@@ -31,6 +34,11 @@ class RunOptions:
     keep_state: bool = False
     executor: str = "local"
     ray_address: str | None = None
+
+    @classmethod
+    def of(cls, options: dict) -> RunOptions:
+        """From the run command's arguments by name (typer gives None for an unset repeatable --set)."""
+        return cls(**{**options, "sets": list(options.get("sets") or [])})
 
 
 def user_errors(fn):
@@ -54,10 +62,10 @@ def check_out_dir(out: Path) -> None:
 
 def check_tracking(uri: str | None) -> None:
     """--dry-run reaches the tracking store too: a server must answer (a sqlite file is not created)."""
-    from harness.tracking import Tracker, resolve_tracking_uri
+    from harness.stores.tracking import Tracker, resolve_tracking_uri
 
     resolved = resolve_tracking_uri(uri)
-    if resolved.startswith("record:"):  # a portable record (harness.record): created on first use
+    if resolved.startswith("record:"):  # a portable record (harness.stores.runrecord): created on first use
         return
     if resolved.startswith("sqlite:///"):
         parent = Path(resolved.removeprefix("sqlite:///")).parent
@@ -86,8 +94,8 @@ def _train_overrides(o: RunOptions) -> dict:
 def dry_run(o: RunOptions, console: Console) -> None:
     """Validate and size every trial and print what it will cost; offline (no data is read or downloaded
     unless only a local corpus can give the vocabulary), nothing trained, no store created."""
-    from harness.matrix import load_matrix
     from harness.plan import show_plan, vocab_size_for
+    from harness.spec.matrix import load_matrix
 
     _check_run_options(o)
     ray_options = ray_options_for(o.executor, o.ray_address, o.nproc)  # checked before anything runs
@@ -114,10 +122,12 @@ def run(o: RunOptions, console: Console) -> int:
         dry_run(o, console)
         return 0
     from harness.console import browse_lines, report_hint, status_hint
-    from harness.dist import init_distributed, shutdown
-    from harness.matrix import load_matrix
-    from harness.runner import check_trials, prepare_data, run_matrix, summary_table
-    from harness.tracking import resolve_tracking_uri, strip_credentials
+    from harness.data.bar import prepare_data
+    from harness.executors import run_matrix
+    from harness.executors.matrix_run import check_trials, summary_table
+    from harness.spec.matrix import load_matrix
+    from harness.stores.tracking import resolve_tracking_uri, strip_credentials
+    from harness.trial.dist import init_distributed, shutdown
 
     _check_run_options(o)
     ray_options = ray_options_for(o.executor, o.ray_address, o.nproc)  # checked before anything runs
@@ -151,10 +161,17 @@ def params(matrix: Path | None, sets: list[str], preset: str | None, vocab_size:
            device: str | None, console: Console) -> None:
     """`kimi-bench params`: counts, FLOPs and KV bytes per arm, and per trial the cost of a matrix (offline)."""
     from harness.plan import params_table, show_plan, vocab_size_for
-    from harness.registry import OPTIMIZER_DEFAULTS, VARIANTS, TrainConfig, TrialSpec, resolve_dims, resolve_optimizer
+    from harness.spec.registry import (
+        OPTIMIZER_DEFAULTS,
+        VARIANTS,
+        TrainConfig,
+        TrialSpec,
+        resolve_dims,
+        resolve_optimizer,
+    )
 
     if matrix is not None:
-        from harness.matrix import load_matrix
+        from harness.spec.matrix import load_matrix
 
         spec = load_matrix(matrix, sets)
         vocab = user_errors(lambda: vocab_size_for(spec.data_fields(), cache_dir))
@@ -165,7 +182,7 @@ def params(matrix: Path | None, sets: list[str], preset: str | None, vocab_size:
         raise UserError("--set: needs --matrix (it overrides fields of a matrix file)")
     if preset is None:
         raise UserError("--matrix / --preset: give --matrix FILE or --preset NAME")
-    from harness.registry import PRESETS, check_choice
+    from harness.spec.registry import PRESETS, check_choice
 
     check_choice("--preset", preset, PRESETS)
     trials = [TrialSpec("params", v, "adamw", preset, 0, resolve_dims(preset, vocab_size),
@@ -177,7 +194,7 @@ def params(matrix: Path | None, sets: list[str], preset: str | None, vocab_size:
 def registry_table() -> Table:
     """`kimi-bench list`: variants, optimizers, presets."""
     from arch.optimizers import OPTIMIZERS
-    from harness.registry import PRESETS, VARIANTS
+    from harness.spec.registry import PRESETS, VARIANTS
 
     table = Table(title="registry", header_style="bold")
     table.add_column("kind")
@@ -193,10 +210,10 @@ def registry_table() -> Table:
 
 def data_info(fields: dict | None, matrix: Path | None, cache_dir: str | None, console: Console) -> Table:
     """`kimi-bench data prepare|info`: tokenize into the cache (idempotent) and show hash, counts, paths."""
-    from harness.runner import prepare_data
+    from harness.data.bar import prepare_data
 
     if matrix is not None:
-        from harness.matrix import load_matrix
+        from harness.spec.matrix import load_matrix
 
         fields = load_matrix(matrix).data_fields()
     data = user_errors(lambda: prepare_data(fields, cache_dir, console))
@@ -214,7 +231,7 @@ def ray_options_for(executor: str, ray_address: str | None, nproc: int = 1):
         if ray_address is not None:
             raise UserError("--ray-address: only with --executor ray; add --executor ray or drop it")
         return None
-    from harness.executors.ray import RayOptions, import_ray
+    from harness.executors.ray.options import RayOptions, import_ray
 
     import_ray()
     return RayOptions(address=ray_address, nproc=nproc)
@@ -223,14 +240,14 @@ def ray_options_for(executor: str, ray_address: str | None, nproc: int = 1):
 def tune(matrix: Path, sets: list[str], console: Console, *, executor: str = "local",
          ray_address: str | None = None, n_workers: int = 1, **tune_kwargs):
     """`kimi-bench tune`: one study per arm, in this process or as N Optuna workers on Ray; -> TuneOutcome."""
-    from harness.matrix import load_matrix
+    from harness.spec.matrix import load_matrix
 
     ray_options = ray_options_for(executor, ray_address)
     if ray_options is None and n_workers != 1:
         raise UserError("--n-workers: only with --executor ray; add --executor ray or start more workers by hand")
     spec = load_matrix(matrix, sets)
     if ray_options is not None:
-        from harness.executors.ray import tune_ray
+        from harness.executors.ray.tuning import tune_ray
 
         return tune_ray(spec, n_workers=n_workers, opts=ray_options, console=console, **tune_kwargs)
     from harness.tune import tune as tune_local

@@ -140,8 +140,8 @@ def status_hint(matrix: Path, tracking_uri: str | None) -> str:
 
 def browse_lines(display_uri: str, experiment_id: str) -> list[str]:
     """Where to look at the runs: a server's runs page URL, or the `mlflow ui` command for a local store.
-    The URL opens MLflow 3's training-runs view (see harness.tracking.runs_page_url)."""
-    from harness.tracking import runs_page_url
+    The URL opens MLflow 3's training-runs view (see harness.stores.tracking.runs_page_url)."""
+    from harness.stores.tracking import runs_page_url
 
     if display_uri.startswith(("http://", "https://")):
         return [f"runs: {runs_page_url(display_uri, experiment_id)}"]

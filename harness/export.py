@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.checkpoints import TrainedModel, load_trained
 from harness.errors import UserError, suggest
+from harness.measure.trained import TrainedModel, load_trained
 from harness.schema import TAG_MODEL_PATH
 
 FORMATS = ("safetensors", "hf")
@@ -34,7 +34,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 def checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
     """The model.pt a finished trial run wrote (its `kb.model_path` tag)."""
-    from harness.tracking import Tracker, resolve_tracking_uri
+    from harness.stores.tracking import Tracker, resolve_tracking_uri
 
     tracker = Tracker(resolve_tracking_uri(tracking_uri))
     try:
@@ -225,7 +225,7 @@ def _save_tokenizer(trained: TrainedModel, out: Path, cache_dir: str | None) -> 
     if name not in ("bpe", "gpt2"):
         return f"no transformers tokenizer for the {name or 'unknown'} tokenizer (ids are its own; see {CONFIG_FILE})"
     try:
-        from harness.runner import prepare_data
+        from harness.data.bar import prepare_data
 
         _write_hf_tokenizer(prepare_data(dict(data), cache_dir, None).tokenizer, out)
     except (UserError, OSError, ValueError, ImportError) as e:

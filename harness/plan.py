@@ -7,7 +7,6 @@ Used by `kimi-bench params --matrix` and `kimi-bench run --dry-run`.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import UserError
-from harness.registry import TrialSpec
+from harness.spec.registry import TrialSpec
 
 # Assumed model-FLOPs utilization of the time estimates (stated beside every estimate). CUDA: 40% of the
 # dense bf16 peak is what nanoGPT-class training reaches on A100/H100 (nanoGPT's README reports ~40% MFU for
@@ -82,7 +81,7 @@ def trial_cost(spec: TrialSpec, rate: DeviceRate, world_size: int = 1) -> TrialC
     import torch
 
     from arch.counting import flops_per_token
-    from harness.registry import build_model
+    from harness.spec.registry import build_model
 
     with torch.device("meta"):
         model = build_model(spec.variant, spec.dims)
@@ -96,16 +95,14 @@ def trial_cost(spec: TrialSpec, rate: DeviceRate, world_size: int = 1) -> TrialC
 
 
 def measured_cpu_flops(seconds: float = 0.3, n: int = 512) -> float:
-    """fp32 matmul FLOP/s of this process's torch threads, timed for ~`seconds` (n x n matrices)."""
+    """fp32 matmul FLOP/s of this process's torch threads, timed for ~`seconds` (n x n matrices) by the one
+    timer (harness.measure.bench.timing.time_fn: median seconds per call after a warm-up call)."""
     import torch
 
+    from harness.measure.bench.timing import time_fn
+
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up (thread pool, caches)
-    reps, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / elapsed
+    return 2 * n**3 / time_fn(lambda: a @ b, min_run_time=seconds, warmup=1).median_s
 
 
 def device_rate(device: str | None, peak_tflops: float | None = None, gpus_per_trial: int = 1) -> DeviceRate:
@@ -116,7 +113,7 @@ def device_rate(device: str | None, peak_tflops: float | None = None, gpus_per_t
     want = device or "auto"
     cuda = want.startswith("cuda") or (want == "auto" and torch.cuda.is_available())
     if cuda:
-        from harness.metrics import PEAK_BF16_FLOPS, device_peak_flops
+        from harness.trial.metrics import PEAK_BF16_FLOPS, device_peak_flops
 
         name = torch.cuda.get_device_name(torch.device(want if want != "auto" else "cuda")) \
             if torch.cuda.is_available() else "H100"
@@ -180,8 +177,8 @@ def params_table(trials: Sequence[TrialSpec], title: str) -> Table:
     import torch
 
     from arch.counting import count_params, flops_per_token, kv_cache_bytes_per_token
-    from harness.matching import describe_shape
-    from harness.registry import build_model
+    from harness.spec.matching import describe_shape
+    from harness.spec.registry import build_model
 
     table = Table(title=title, header_style="bold")
     for col in ("arm", "preset", "seeds", "total params", "active params", "embedding", "GFLOP/token",

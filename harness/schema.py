@@ -40,7 +40,7 @@ TAG_FINAL_STEP = "kb.final_step"
 TAG_ERROR = "kb.error"  # first line of the error, at most 500 characters
 TAG_RESUMED_FROM_STEP = "kb.resumed_from_step"
 TAG_MODEL_PATH = "kb.model_path"  # absolute path of the finished trial's model.pt (kimi-bench export --run)
-TAG_CURVES = "kb.curves"  # set once the run's curves artifact (ARTIFACT_CURVES, harness/curves.py) is logged
+TAG_CURVES = "kb.curves"  # set once the run's curves artifact (ARTIFACT_CURVES, harness/stores/curves.py) is logged
 # environment, on every run of a matrix
 TAG_GIT = "kb.git_commit"  # commit + "-dirty" with uncommitted changes
 TAG_TORCH = "kb.torch_version"
@@ -80,8 +80,8 @@ TAG_SOURCE_NAME = "mlflow.source.name"
 TAG_SOURCE_TYPE = "mlflow.source.type"
 TAG_NOTE = "mlflow.note.content"  # the run or experiment page's "Description"
 
-TAG_RECORD_RUN_ID = "kb.record_run_id"  # harness.record: the run id a recorded (offline) run was written under
-TAG_RECORD_IMPORT = "kb.record_import"  # harness.record: set on a run imported from a record
+TAG_RECORD_RUN_ID = "kb.record_run_id"  # harness.stores.runrecord: the id a recorded (offline) run was written under
+TAG_RECORD_IMPORT = "kb.record_import"  # harness.stores.runrecord: set on a run imported from a record
 
 TAGS = tuple(v for k, v in dict(globals()).items() if k.startswith("TAG_") and v.startswith("kb."))
 
@@ -100,7 +100,7 @@ SPEED_TAG_COLUMNS = {
     TAG_GIT: "git_commit",
 }
 ERROR_CHARS = 500  # kb.error holds at most this many characters
-ARTIFACT_CURVES = "curves.json"  # a trial's thinned learning curves (harness/curves.py), read by reports
+ARTIFACT_CURVES = "curves.json"  # a trial's thinned learning curves (harness/stores/curves.py), read by reports
 ARTIFACT_MOE_LOAD = "moe_load.csv"  # a MoE trial's expert loads at each eval: step, layer, expert, load
 
 # ----------------------------------------------------------------------------- trial statuses (tag kb.status)
@@ -151,7 +151,7 @@ TRAIN_DIVERGED_STEP = "train/diverged_step"
 GRAD_NORM_MEDIAN = "grad/norm_median"
 GRAD_NORM_P99_OVER_MEDIAN = "grad/norm_p99_over_median"
 GRAD_NORM_CV = "grad/norm_cv"
-GRAD_NORM_SPIKES = "grad/norm_spikes"  # norms above SPIKE_FACTOR x the rolling median (harness.metrics)
+GRAD_NORM_SPIKES = "grad/norm_spikes"  # norms above SPIKE_FACTOR x the rolling median (harness.trial.metrics)
 VAL_LOSS_FINAL = "val/loss_final"
 VAL_PPL_FINAL = "val/ppl_final"
 VAL_BPB_FINAL = "val/bpb_final"

@@ -3,7 +3,7 @@
 It must answer in a few seconds, so it imports neither torch nor the matrix validator on its fast path (nor
 MLflow: a local sqlite store is read with sqlite3, a tracking server through its REST API with urllib): the
 planned trial names come from the TOML's [matrix] table directly (presets x arms x seeds, the order of
-harness.matrix.Matrix.expand). A file the fast path cannot read goes through harness.matrix.load_matrix for
+harness.spec.matrix.Matrix.expand). A file the fast path cannot read goes through harness.spec.matrix.load_matrix for
 its one-line error.
 """
 
@@ -45,7 +45,7 @@ def planned_trials(path: Path) -> tuple[str, list[str]]:
                  itertools.product(arms, m.get("seeds", [0])) for _ in (m.get("data_seeds") or [None])]
         return str(raw["name"]), list(dict.fromkeys(names))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
-        from harness.matrix import load_matrix
+        from harness.spec.matrix import load_matrix
 
         load_matrix(path)  # raises the one-line error that names the problem
         raise UserError(f"--matrix {path}: cannot list its trials; check its [matrix] table") from None
@@ -202,7 +202,7 @@ def trial_states(records: list[RunRecord], planned: list[str] | None = None) -> 
 
 def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord] | None, list[str]]:
     """-> (the experiment's trial runs, or None when it does not exist; the names of all experiments)."""
-    from harness.tracking import resolve_tracking_uri, strip_credentials
+    from harness.stores.tracking import resolve_tracking_uri, strip_credentials
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///"):
@@ -230,7 +230,7 @@ def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord]
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
     except Exception as e:
-        from harness.tracking import first_line
+        from harness.stores.tracking import first_line
 
         raise UserError(f"--tracking-uri {strip_credentials(uri)}: cannot reach the tracking store "
                         f"({first_line(e)}); start the server or fix the URI") from None

@@ -5,7 +5,7 @@ through MlflowClient; the step metrics bulk-inserted into its `metrics` table wi
 MLflow's own SQL store holds), then times `kimi-bench report` in a fresh process on the sqlite URI and on a real
 `mlflow server` bound to 127.0.0.1 over the same database, and prints seconds (median and range over --repeats
 fresh processes) and peak memory (max RSS); `kimi-bench status` likewise.
-Each run also gets the curves artifact a real trial logs at its end (harness/curves.py); `--no-artifacts` leaves
+Each run also gets the curves artifact a real trial logs at its end (harness/stores/curves.py); `--no-artifacts` leaves
 it out, so the report reads every curve from MLflow's metric history (runs logged by an older version).
 
     python -m reports.bench_report                       # 128 runs x 20,000 steps (target: < 60 s, < 1 GB)
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import schema as S
-from harness.curves import CURVE_KEYS, write_curves
+from harness.stores.curves import CURVE_KEYS, write_curves
 
 EXPERIMENT = "bench-report"
 T0 = 1_760_000_000_000
@@ -124,7 +124,7 @@ def build_store(root: Path, n_runs: int, n_steps: int, progress: bool = True, an
                             "VALUES (?, ?, ?, ?, 0, ?)",
                             [(k, float(cols[k][-1]), int(ts[-1]), n_steps - 1, rid) for k in STEP_KEYS])
             con.commit()
-            if artifacts:  # what the trial logs at its end: the same values, thinned (harness/curves.py)
+            if artifacts:  # what the trial logs at its end: the same values, thinned (harness/stores/curves.py)
                 history = {key: list(zip(steps.tolist(), cols[key].tolist(), strict=True)) for key in CURVE_KEYS
                            if key in cols}
                 history[S.VAL_LOSS] = [(m.step, m.value) for m in val]

@@ -1,6 +1,6 @@
 """Read one kimi-bench experiment out of MLflow into tidy pandas frames.
 
-Only MLflow is read (never harness.trial or arch), so a report can be rebuilt from any tracking
+Only MLflow is read (never harness.trial.loop or arch), so a report can be rebuilt from any tracking
 server long after the runs. Names: harness/schema.py; the runs they describe: docs/design.md.
 
     c = collect("sqlite:///mlflow.db", "paper")
@@ -28,9 +28,9 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from harness import schema
-from harness.curves import CURVE_POINTS, is_eval_key, read_curves, thin
 from harness.errors import UserError
 from harness.schema import strip_credentials
+from harness.stores.curves import CURVE_POINTS, is_eval_key, read_curves, thin
 from reports import names
 
 # Final metrics of a trial (logged once, at the last step). Always present as columns of `runs`
@@ -89,9 +89,9 @@ class Collected:
                points: int = CURVE_POINTS) -> pd.DataFrame:
         """Like `history`, but downsampled: step-dense keys at about `points` points per run (first and last kept),
         eval keys (val/*) at every eval, the eval steps exact in every key. A run tagged `kb.curves` is read from its
-        curves artifact (one small download, harness/curves.py); any other run, or a key the artifact lacks, through
-        MLflow's bulk-interval history, many runs per request. Either way the cost does not grow with the number of
-        logged steps. `timestamp` is empty (<NA>) for points read from an artifact."""
+        curves artifact (one small download, harness/stores/curves.py); any other run, or a key the artifact lacks,
+        through MLflow's bulk-interval history, many runs per request. Either way the cost does not grow with the
+        number of logged steps. `timestamp` is empty (<NA>) for points read from an artifact."""
         keys = [keys] if isinstance(keys, str) else list(keys)
         ids = sorted(self.runs.run_id if run_ids is None else run_ids)
         stored = self._stored_curves(ids, points)

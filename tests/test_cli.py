@@ -19,7 +19,7 @@ SHIPPED = sorted((REPO / "experiments").glob("*.toml"))
 
 # --------------------------------------------------------------------------- --set
 def test_set_changes_the_trial_and_its_key(tmp_path):
-    from harness.matrix import load_matrix
+    from harness.spec.matrix import load_matrix
 
     m = write_matrix(tmp_path / "m.toml", "sets")
     base = load_matrix(m).expand(256)[0]
@@ -62,8 +62,8 @@ def no_network(monkeypatch):
 
 @pytest.mark.parametrize("matrix", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_dry_run_and_params_offline_on_every_shipped_matrix(tmp_path, capsys, monkeypatch, no_network, matrix):
-    from harness.matrix import load_matrix
     from harness.plan import vocab_size_for
+    from harness.spec.matrix import load_matrix
 
     monkeypatch.chdir(tmp_path)
     spec = load_matrix(matrix)
@@ -86,9 +86,9 @@ def test_dry_run_numbers_follow_from_the_spec(tmp_path):
     import torch
 
     from arch.counting import count_params, flops_per_token
-    from harness.matrix import load_matrix
     from harness.plan import DeviceRate, trial_cost
-    from harness.registry import build_model
+    from harness.spec.matrix import load_matrix
+    from harness.spec.registry import build_model
 
     m = write_matrix(tmp_path / "m.toml", "cost", optimizers=("adamw", "muon"))
     adamw, muon = load_matrix(m).expand(256)
@@ -131,8 +131,8 @@ def test_help_version_and_usage_errors(capsys):
 
 # --------------------------------------------------------------------------- run folders and status
 def test_trial_folder_name_is_readable_and_keyed(tmp_path):
-    from harness.matrix import load_matrix
-    from harness.runner import trial_dir_name
+    from harness.spec.matrix import load_matrix
+    from harness.trial.runs import trial_dir_name
 
     spec = load_matrix(write_matrix(tmp_path / "m.toml", "dirs", variants=("kimi",),
                                     optimizers=("muon",), seeds=(3,))).expand(256)[0]
@@ -171,8 +171,9 @@ def test_status_lists_pending_trials_without_importing_torch(tmp_path):
 
 
 def test_trials_json_lists_each_trial_with_its_folder(tmp_path):
-    from harness.matrix import load_matrix
-    from harness.runner import trial_dir_name, trial_list
+    from harness.executors.matrix_run import trial_list
+    from harness.spec.matrix import load_matrix
+    from harness.trial.runs import trial_dir_name
 
     trials = load_matrix(write_matrix(tmp_path / "m.toml", "tl", seeds=(0, 1))).expand(256)
     listed = json.loads(json.dumps(trial_list(trials, "h"), default=str))

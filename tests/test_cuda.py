@@ -21,12 +21,12 @@ import torch
 from arch.mla import attention_sdpa, use_sdpa_pad_v
 from arch.moe import MoE, MoEConfig
 from arch.muon import zeropower_via_newtonschulz5
-from harness.bench.common import TimingSettings, preset_dims
-from harness.bench.optim_step import fill_grads
-from harness.bench.suite import run_suite
-from harness.bench.timing import time_phases
-from harness.bench.train_step import bench_train_step, build_optimizer
-from harness.registry import build_model
+from harness.measure.bench.kit import TimingSettings, preset_dims
+from harness.measure.bench.optim_step import fill_grads
+from harness.measure.bench.suite import run_suite
+from harness.measure.bench.timing import time_phases
+from harness.measure.bench.train_step import bench_train_step, build_optimizer
+from harness.spec.registry import build_model
 
 pytestmark = pytest.mark.cuda
 

@@ -212,8 +212,9 @@ def test_resume_of_a_run_killed_right_after_it_was_created(tmp_path):
     from mlflow import MlflowClient
     from rich.console import Console
 
-    from harness.matrix import load_matrix
-    from harness.runner import prepare_data, trial_tags
+    from harness.data.bar import prepare_data
+    from harness.spec.matrix import load_matrix
+    from harness.trial.runs import trial_tags
 
     matrix = write_matrix(tmp_path / "m.toml", "resume-window", train={"steps": 6, "eval_interval": 3})
     cache, db = tmp_path / "cache", tmp_path / "mlflow.db"

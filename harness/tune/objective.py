@@ -40,8 +40,8 @@ class Objective:
         self.on_event(TuneEvent(kind, self.worker_id, self.arm.arm, self.number, **fields))
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from harness.runner import trial_tags
-        from harness.trial import Pruned, run_trial
+        from harness.trial.loop import Pruned, run_trial
+        from harness.trial.runs import trial_tags
 
         self.number = trial.number
         arm = self.arm

@@ -10,8 +10,8 @@ from optuna.trial import TrialState
 from rich.table import Table
 
 from harness.errors import UserError
-from harness.matrix import Matrix
-from harness.registry import resolve_optimizer
+from harness.spec.matrix import Matrix
+from harness.spec.registry import resolve_optimizer
 from harness.tune.objective import format_params
 from harness.tune.run import TuneOutcome
 from harness.tune.spaces import Dim, search_space, split_params, study_name

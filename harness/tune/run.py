@@ -28,9 +28,9 @@ from rich.console import Console
 
 from harness import schema
 from harness.errors import UserError
-from harness.matrix import Matrix, load_matrix
-from harness.registry import TrialSpec, check_choice, suggest
-from harness.tracking import Tracker, strip_credentials
+from harness.spec.matrix import Matrix, load_matrix
+from harness.spec.registry import TrialSpec, check_choice, suggest
+from harness.stores.tracking import Tracker, strip_credentials
 from harness.tune.objective import Objective
 from harness.tune.progress import OnEvent, RichTuneProgress, TuneEvent, ignore_events
 from harness.tune.sampler import PRUNERS, make_pruner
@@ -100,7 +100,7 @@ def run_worker(config: TuneConfig, worker_id: int = 0, on_event: OnEvent | None 
     """One worker: join (or create) every arm's study on the shared storage and add its trials. Progress goes
     to on_event only; nothing is printed. Ctrl-C fails the running trial (killed in MLflow) and returns an
     outcome with interrupted=True; every study run is summarized either way."""
-    from harness.trial import resolve_device
+    from harness.trial.loop import resolve_device
 
     emit = on_event or ignore_events
     matrix = config.matrix if isinstance(config.matrix, Matrix) else load_matrix(config.matrix)
@@ -165,7 +165,7 @@ def _prepare_data(matrix: Matrix, cache_dir: str | None, emit: OnEvent, worker_i
 
 
 def _run_tags(data, device) -> dict[str, str]:
-    from harness.runner import run_tags
+    from harness.trial.runs import run_tags
 
     return run_tags(data, device)
 

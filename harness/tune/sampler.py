@@ -21,7 +21,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.registry import TrialSpec, check_choice
+from harness.spec.registry import TrialSpec, check_choice
 
 PRUNERS = ("median", "hyperband", "none")
 

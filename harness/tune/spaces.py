@@ -14,8 +14,8 @@ from typing import Any
 import optuna
 
 from harness.errors import UserError
-from harness.matrix import Matrix
-from harness.registry import TrialSpec, resolve_optimizer
+from harness.spec.matrix import Matrix
+from harness.spec.registry import TrialSpec, resolve_optimizer
 
 MOE_VARIANTS = ("gpt-moe", "kimi")
 

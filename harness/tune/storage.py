@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.errors import UserError
-from harness.tracking import first_line, resolve_tracking_uri, strip_credentials
+from harness.stores.tracking import first_line, resolve_tracking_uri, strip_credentials
 
 DEFAULT_STORAGE_FILE = "optuna.db"
 DEFAULT_HEARTBEAT_S = 60

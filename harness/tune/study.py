@@ -3,7 +3,7 @@ study run (the best value/params, trials.csv and importances.json at the end).
 
 MLflow: per study a run `study <name>` (kb.kind=study, in the matrix's experiment; its id is kept in the
 study's user attrs so every worker nests under the same run) and per Optuna trial a child run
-(kb.kind=tune-trial) trained and logged by `harness.trial.run_trial`, like a matrix trial.
+(kb.kind=tune-trial) trained and logged by `harness.trial.loop.run_trial`, like a matrix trial.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from optuna.trial import TrialState
 
 from harness import schema
 from harness.errors import UserError
-from harness.matrix import Matrix
-from harness.registry import TrialSpec
-from harness.tracking import Tracker, strip_credentials
+from harness.spec.matrix import Matrix
+from harness.spec.registry import TrialSpec
+from harness.stores.tracking import Tracker, strip_credentials
 from harness.tune.sampler import make_sampler, sampler_description
 from harness.tune.spaces import Dim, space_attr
 from harness.tune.storage import StudyStorage

@@ -63,7 +63,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         say "installed from .whl/: $(cd .whl && ls | tr '\n' ' ')"
     fi
 fi
-"$PY" -c "import torch, typer, rich, numpy, pydantic, pytest, harness.bench.suite" >>"$LOG" 2>&1 \
+"$PY" -c "import torch, typer, rich, numpy, pydantic, pytest, harness.measure.bench.suite" >>"$LOG" 2>&1 \
     || { say "gpu-run.sh: error: a package the suite imports is missing (see $LOG); carry its wheel in .whl/"; exit 3; }
 
 # --- environment --------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ step() {
 }
 
 # one suite invocation appending to the record, with the preset's timing; each step adds its sections' options
-suite=("$PY" -m harness.bench.suite --device "$device" "${TIMING[@]}" --profile --out "$RECORD" --append)
+suite=("$PY" -m harness.measure.bench.suite --device "$device" "${TIMING[@]}" --profile --out "$RECORD" --append)
 
 XDIST=()  # the CUDA tests compile a dozen tiny models: 4 pytest workers share the 16 CPUs' compile work
 if [ "$device" = cuda ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi

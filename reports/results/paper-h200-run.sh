@@ -66,7 +66,7 @@ run_matrix() {  # run_matrix MATRIX DEVICE: size the budget, then one seed at a 
     log "budget given: $steps steps per trial (STEPS)"
   else
     log "sizing the budget on $device (window ${WINDOW_S}s of training)"
-    steps=$("$PY" reports/results/paper_h200.py size --matrix "$matrix" --window-s "$WINDOW_S" --device "$device" \
+    steps=$("$PY" harness/measure/paper_h200.py size --matrix "$matrix" --window-s "$WINDOW_S" --device "$device" \
             --cache-dir "$CACHE" --out "$OUT/size.json" | tail -1)
     per_seed=$("$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); print(int(s['predicted_train_s'] / int(sys.argv[2])) + 1)" \
                "$OUT/size.json" "$(echo $SEEDS | wc -w)")
@@ -78,7 +78,7 @@ run_matrix() {  # run_matrix MATRIX DEVICE: size the budget, then one seed at a 
       log "seed $seed not started: ${elapsed}s elapsed + ~$(( per_seed * 2 ))s > deadline ${DEADLINE_S}s; rerun with SEEDS=$seed"
       continue
     fi
-    "$PY" reports/results/paper_h200.py derive "$matrix" "$WORK/seed$seed.toml" --seed "$seed"
+    "$PY" harness/measure/paper_h200.py derive "$matrix" "$WORK/seed$seed.toml" --seed "$seed"
     log "seed $seed: kimi-bench run"
     "$PY" -m cli run --matrix "$WORK/seed$seed.toml" --tracking-uri "record:$REC" --out "$WORK/runs" \
       --cache-dir "$CACHE" --device "$device" --steps "$steps"
@@ -114,7 +114,7 @@ case "$MODE" in
   mkdir -p "$OUT"
   export OMP_NUM_THREADS=1 MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false PYTHONUNBUFFERED=1 KB_GIT_COMMIT=rehearsal
   make_bin python-stdlib byte - 400000 "$CACHE" "$WORK/bin" 300000 30000
-  "$PY" reports/results/paper_h200.py derive "$MATRIX" "$WORK/rehearse.toml" --rehearse --corpus "bin:$WORK/bin"
+  "$PY" harness/measure/paper_h200.py derive "$MATRIX" "$WORK/rehearse.toml" --rehearse --corpus "bin:$WORK/bin"
   run_matrix "$WORK/rehearse.toml" cpu
   mkdir -p "$WORK/unpacked" && tar -xzf "$OUT/record.tgz" -C "$WORK/unpacked"
   log "import into a temp sqlite MLflow, twice (the second adds nothing), then report"
@@ -136,7 +136,7 @@ device)  # on the H200: python3 of the image, wheels from .carry, record under $
   { nvidia-smi; python3 -c "import torch, pydantic, numpy; print('torch', torch.__version__, 'pydantic',
 pydantic.VERSION, 'numpy', numpy.__version__)"; } > "$OUT/env.txt" 2>&1 || true
   # the trial path must import nothing the image lacks (mlflow above all)
-  python3 -c "import sys, cli, harness.runner, harness.record, harness.trial; assert 'mlflow' not in sys.modules; print('imports ok')"
+  python3 -c "import sys, cli, harness.executors.local, harness.stores.runrecord, harness.trial.loop; assert 'mlflow' not in sys.modules; print('imports ok')"
   ( while sleep 20; do pack_record; done ) &
   run_matrix "$MATRIX" cuda
   pack_record

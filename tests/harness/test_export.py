@@ -8,7 +8,7 @@ import torch
 
 from harness.errors import UserError
 from harness.export import export, load_trained
-from harness.registry import build_model, resolve_dims
+from harness.spec.registry import build_model, resolve_dims
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra ('.[hf]')")
 safetensors_torch = pytest.importorskip("safetensors.torch")

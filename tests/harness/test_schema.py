@@ -65,7 +65,7 @@ def test_no_secret_survives(secret):
 
 
 def test_callers_use_the_one_function():
-    from harness import tracking
+    from harness.stores import tracking
     from reports import collect
 
     assert tracking.strip_credentials is schema.strip_credentials

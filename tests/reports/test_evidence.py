@@ -9,7 +9,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from harness.bench.timing import NOISY_REL_IQR
+from harness.measure.bench.timing import NOISY_REL_IQR
 from reports import claims as cl
 from reports.collect import collect
 from reports.compute import eval_curves, fitted_multiplier, reach, to_target

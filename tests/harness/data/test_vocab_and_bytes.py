@@ -64,7 +64,7 @@ def test_vocab_of_a_bin_folder(tmp_path, offline):
 
 
 def test_every_shipped_matrix_offline(tmp_path, offline, monkeypatch):
-    from harness.matrix import load_matrix
+    from harness.spec.matrix import load_matrix
 
     monkeypatch.setenv("KIMI_BENCH_CACHE", str(tmp_path / "cache"))
     for path in sorted((REPO / "experiments").glob("*.toml")):

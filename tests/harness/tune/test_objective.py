@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from harness.errors import UserError
-from harness.matrix import load_matrix
+from harness.spec.matrix import load_matrix
 from harness.tune import best_params_for_arms, open_storage
 from tests.harness.tune.common import artifact_json, runs_of, tune_here, write_matrix
 
@@ -38,8 +38,8 @@ def test_pruned_trials_and_equal_trials_per_arm(env, tmp_path):
 
 def test_diverged_is_inf_and_repeated_failures_stop_the_arm(env, tmp_path, monkeypatch):
     """Without training: gpt+adamw trials diverge (COMPLETE, +inf), kimi+muon trials crash (FAIL)."""
-    import harness.trial
-    from harness.trial import TrialResult
+    import harness.trial.loop
+    from harness.trial.loop import TrialResult
 
     def fake_run_trial(spec, data, out_dir, run, progress=None, on_eval=None, resume=True, **kw):
         status = "diverged" if spec.optimizer == "adamw" else "failed"
@@ -47,7 +47,7 @@ def test_diverged_is_inf_and_repeated_failures_stop_the_arm(env, tmp_path, monke
         return TrialResult(status=status, trial_key="k", step=3, error="RuntimeError: boom",
                            metrics={"train/diverged_step": 3} if status == "diverged" else {})
 
-    monkeypatch.setattr(harness.trial, "run_trial", fake_run_trial)
+    monkeypatch.setattr(harness.trial.loop, "run_trial", fake_run_trial)
     path = write_matrix(env, tmp_path, "diverge")
     outcome = tune_here(env, tmp_path, path, n_trials=4, pruner="none")
     gpt, kimi = outcome.studies["gpt+adamw"], outcome.studies["kimi+muon"]

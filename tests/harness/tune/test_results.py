@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from harness.errors import UserError
-from harness.matrix import load_matrix
+from harness.spec.matrix import load_matrix
 from harness.tune import best_params_for_arms, open_storage, search_space, study_name
 from tests.harness.tune.common import write_matrix
 

@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from harness.errors import UserError
-from harness.matrix import load_matrix
+from harness.spec.matrix import load_matrix
 from harness.tune import make_pruner, make_sampler, search_space
 from tests.harness.tune.common import REPO
 

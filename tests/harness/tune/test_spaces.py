@@ -1,8 +1,8 @@
 """harness/tune/spaces.py: the same kind of search space per family; params reach optimizer, train, model."""
 
 from arch.optimizers import OPTIMIZERS
-from harness.matrix import load_matrix
-from harness.registry import VARIANTS
+from harness.spec.matrix import load_matrix
+from harness.spec.registry import VARIANTS
 from harness.tune import FAMILY, MOE_SPACE, SEARCH_SPACES, apply_params, search_space
 from tests.harness.tune.common import write_matrix
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from harness.errors import UserError
-from harness.tracking import Tracker
+from harness.stores.tracking import Tracker
 from harness.tune import HEARTBEAT_ATTR, RUN_ATTR, TuneConfig, TuneEvent, open_storage, run_worker
 from tests.harness.tune.common import ARM_GPT, REPO, artifact_json, runs_of, tune_here, write_matrix
 
@@ -156,14 +156,14 @@ def test_killed_worker_trial_fails_and_its_run_is_killed(env, tmp_path, monkeypa
     assert MlflowClient(env["uri"]).get_run(dead_run).data.tags["kb.status"] == "running"  # nobody ended it
     time.sleep(3.5)  # past the grace period (2 x 1 s) and sqlite's whole-second heartbeat resolution
 
-    import harness.trial
-    from harness.trial import TrialResult
+    import harness.trial.loop
+    from harness.trial.loop import TrialResult
 
     def quick_trial(spec, data, out_dir, run, **kw):  # the rescuing worker need not train
         run.end("finished")
         return TrialResult(status="finished", trial_key="k", step=1, error=None, metrics={"val/loss_final": 2.0})
 
-    monkeypatch.setattr(harness.trial, "run_trial", quick_trial)
+    monkeypatch.setattr(harness.trial.loop, "run_trial", quick_trial)
     outcome = tune_here(env, tmp_path, path, n_trials=1, storage=storage, pruner="none", heartbeat_s=1)
     trials = optuna.load_study(study_name=f"{name}/gpt+adamw", storage=open_storage(storage).storage).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
