@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 from harness import schema
 from harness.errors import UserError
 from harness.schema import MLFLOW_RUN_STATUS, TERMINAL, param_value
+from harness.stores.buffered import BufferedRun, now_ms
 from harness.stores.tracking import resolve_tracking_uri, strip_credentials
 
 SCHEME = "record:"
@@ -54,10 +54,6 @@ def open_tracker(tracking_uri: str | None):
     from harness.stores.tracking import Tracker
 
     return Tracker(uri)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _fix_commit(tags: dict[str, str]) -> dict[str, str]:
@@ -159,7 +155,7 @@ class RecordWriter:
                             "pick a writable folder") from None
         self.path = folder / EVENTS
         if not self.path.exists():
-            self.append({"ev": "format", "format": FORMAT, "created_ms": _now_ms()})
+            self.append({"ev": "format", "format": FORMAT, "created_ms": now_ms()})
 
     def append(self, event: dict, sync: bool = False) -> None:
         line = json.dumps(event, separators=(",", ":"), default=str) + "\n"
@@ -195,7 +191,7 @@ class _RecordClient:
 
     def set_terminated(self, run_id: str, status: str = "FINISHED", end_time: int | None = None) -> None:
         self.tracker.writer.append({"ev": "status", "run_id": run_id, "status": status,
-                                    "end_ms": end_time or _now_ms()}, sync=True)
+                                    "end_ms": end_time or now_ms()}, sync=True)
 
 
 @dataclass(frozen=True)
@@ -231,7 +227,7 @@ class RecordTracker:
     def _create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
         run_id = uuid.uuid4().hex
         self.writer.append({"ev": "run", "run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
-                            "start_ms": _now_ms(), "tags": _fix_commit(tags)}, sync=True)
+                            "start_ms": now_ms(), "tags": _fix_commit(tags)}, sync=True)
         return run_id
 
     def start_parent(self, experiment_id: str, name: str, command: str, tags: dict[str, str],
@@ -287,36 +283,18 @@ class RecordTracker:
 
 
 @dataclass
-class RecordTrialRun:
-    """harness.stores.tracking.TrialRun's interface: `log` buffers, `flush` appends one metrics line."""
+class RecordTrialRun(BufferedRun):
+    """harness.stores.tracking.TrialRun's interface: the buffer goes out as one metrics line of the record."""
 
-    tracker: RecordTracker
-    run_id: str
     system_metrics: bool = False  # MLflow's monitor is not there; accepted for the same signature
-    flush_every: int = 500
-    flush_seconds: float = 10.0
-    min_step: int = -1
-    log_seconds: float = 0.0
-    _buffer: list = field(default_factory=list)
-    _last_flush: float = field(default_factory=time.perf_counter)
 
-    def log(self, step: int, metrics: dict[str, float], final: bool = False) -> None:
-        if step <= self.min_step and not final:
-            return
-        ts = _now_ms()
-        self._buffer.extend((k, float(v), ts, step) for k, v in metrics.items() if v is not None)
-        if len(self._buffer) >= self.flush_every or time.perf_counter() - self._last_flush > self.flush_seconds:
-            self.flush(wait=False)
+    def _entry(self, key: str, value: float, timestamp: int, step: int) -> tuple:
+        return key, value, timestamp, step
 
-    def flush(self, wait: bool = True) -> None:
-        """Append the buffer (flushed to the OS: a killed process keeps it); wait=True also fsyncs."""
-        t0 = time.perf_counter()
-        if self._buffer:
-            self.tracker.writer.append({"ev": "metrics", "run_id": self.run_id, "metrics": self._buffer},
-                                       sync=wait)
-            self._buffer = []
-        self._last_flush = time.perf_counter()
-        self.log_seconds += self._last_flush - t0
+    def _send(self, batch: list, wait: bool) -> None:
+        """Append the batch (flushed to the OS: a killed process keeps it); wait=True also fsyncs."""
+        if batch:
+            self.tracker.writer.append({"ev": "metrics", "run_id": self.run_id, "metrics": batch}, sync=wait)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tracker.writer.append({"ev": "tags", "run_id": self.run_id,
@@ -330,14 +308,6 @@ class RecordTrialRun:
     def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
         self.tracker.writer.append({"ev": "dataset", "run_id": self.run_id, "name": name, "digest": digest,
                                     "source": source, "context": context})
-
-    def end(self, status: str) -> None:
-        """Flush, set kb.status and the run status; safe to call twice."""
-        try:
-            self.flush()
-        finally:
-            self.set_tags({schema.TAG_STATUS: status})
-            self.tracker.client.set_terminated(self.run_id, MLFLOW_RUN_STATUS.get(status, "FAILED"))
 
 
 # ----------------------------------------------------------------------------------------------- import

@@ -15,7 +15,6 @@ import fcntl
 import json
 import os
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from harness import schema
 from harness.errors import UserError
 from harness.schema import MLFLOW_RUN_STATUS, TERMINAL, param_value, strip_credentials  # noqa: F401  (re-exported)
+from harness.stores.buffered import BufferedRun
 
 
 def default_tracking_uri() -> str:
@@ -238,19 +238,10 @@ class Tracker:
 
 
 @dataclass
-class TrialRun:
-    """A child run with a metric buffer. `log` is cheap; `flush` sends one log_batch."""
+class TrialRun(BufferedRun):
+    """A child run in MLflow: the buffer goes out with `log_batch` through MLflow's asynchronous logging."""
 
-    tracker: Tracker
-    run_id: str
-    system_metrics: bool = True
-    flush_every: int = 500
-    flush_seconds: float = 10.0
-    min_step: int = -1  # on resume: steps <= this were logged by the killed run and are not logged again
-    log_seconds: float = 0.0
-    _buffer: list = field(default_factory=list)
     _pending: list = field(default_factory=list)  # async log_batch operations not yet confirmed
-    _last_flush: float = field(default_factory=time.perf_counter)
     _monitor: Any = None
 
     def __post_init__(self) -> None:
@@ -267,32 +258,21 @@ class TrialRun:
         except Exception:  # psutil missing or an unsupported platform: system metrics are a nicety
             self._monitor = None
 
-    def log(self, step: int, metrics: dict[str, float], final: bool = False) -> None:
+    def _entry(self, key: str, value: float, timestamp: int, step: int):
         from mlflow.entities import Metric
 
-        if step <= self.min_step and not final:
-            return
-        ts = int(time.time() * 1000)
-        for key, value in metrics.items():
-            if value is None:
-                continue
-            self._buffer.append(Metric(key, float(value), ts, step))
-        if len(self._buffer) >= self.flush_every or time.perf_counter() - self._last_flush > self.flush_seconds:
-            self.flush(wait=False)
+        return Metric(key, value, timestamp, step)
 
-    def flush(self, wait: bool = True) -> None:
-        """Send the buffer. wait=False hands it to MLflow's async logging queue (the training loop goes on);
-        wait=True also waits for everything queued so far to be stored (before checkpoints and at the end)."""
-        t0 = time.perf_counter()
-        while self._buffer:
-            batch, self._buffer = self._buffer[:1000], self._buffer[1000:]  # MLflow's per-batch cap
-            self._pending.append(self.tracker.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+    def _send(self, batch: list, wait: bool) -> None:
+        """wait=False hands the batch to MLflow's async logging queue (the training loop goes on); wait=True also
+        waits for everything queued so far to be stored."""
+        while batch:
+            chunk, batch = batch[:1000], batch[1000:]  # MLflow's per-batch cap
+            self._pending.append(self.tracker.client.log_batch(self.run_id, metrics=chunk, synchronous=False))
         if wait:
             for op in self._pending:
                 op.wait()
             self._pending.clear()
-        self._last_flush = time.perf_counter()
-        self.log_seconds += self._last_flush - t0
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -316,14 +296,8 @@ class TrialRun:
         except Exception:  # older MLflow without dataset inputs: the data hash is still a tag
             pass
 
-    def end(self, status: str) -> None:
-        """Flush, set kb.status and the MLflow run status; safe to call twice."""
-        try:
-            self.flush()
-        finally:
-            if self._monitor is not None:
-                with contextlib.suppress(Exception):
-                    self._monitor.finish()
-                self._monitor = None
-            self.set_tags({schema.TAG_STATUS: status})
-            self.tracker.client.set_terminated(self.run_id, MLFLOW_RUN_STATUS.get(status, "FAILED"))
+    def _close(self) -> None:
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):
+                self._monitor.finish()
+            self._monitor = None
