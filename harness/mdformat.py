@@ -1,10 +1,11 @@
-"""Markdown numbers and tables, one definition for the report (reports/) and the bench records (harness/bench).
+"""Markdown numbers and tables, one definition for the report (reports/) and the bench records (harness/measure/bench).
 
 `fmt` shows a float with 4 significant digits (whole numbers from 1000 up, an exponent below 1e-3, NaN as
 n/a); `fmt_pm` and `fmt_ci` show an estimate (anything with n, mean, low, high: reports.stats.Estimate) as
-`mean ± h` or `mean [low, high]`; `fmt_spec` formats with a given format string (the bench tables' fixed
-decimals); `md_table` writes a GitHub table, escaping `|` and newlines in cells. A leaf: imports nothing of
-the project and no pandas (the GPU image has none), so both the reports and the bench may use it.
+`mean ± h` or `mean [low, high]`; `fmt_exact` shows a value every seed shares once; `fmt_spec` formats with a
+given format string (the bench tables' fixed decimals); `md_table` writes a GitHub table, escaping `|` and
+newlines in cells. A leaf: it imports nothing of the project and no pandas (the GPU image has none), so the
+reports and the bench both use it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def fmt_ci(e: Any, scale: float = 1.0, sign: bool = False) -> str:
     if e.n == 1 or math.isnan(e.low):
         return f"{m} (n=1, no CI)"
     return f"{m} [{fmt(e.low, scale)}, {fmt(e.high, scale)}]"
+
+
+def fmt_exact(values: Any, scale: float = 1.0) -> str:
+    """A deterministic value over seeds (a pandas Series): shown once; 'a to b' if the seeds disagree (they
+    should not)."""
+    v = values.dropna()
+    if v.empty:
+        return "n/a"
+    lo, hi = v.min(), v.max()
+    return fmt(lo, scale) if lo == hi else f"{fmt(lo, scale)} to {fmt(hi, scale)} (seeds differ)"
 
 
 def fmt_spec(value: Any, spec: str = "{:,.2f}") -> str:

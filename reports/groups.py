@@ -122,3 +122,12 @@ def describe_groups(runs: pd.DataFrame) -> pd.DataFrame:
                      "budget": budget, "code": str(first.get("git_commit") or "?")[:10],
                      "newest trial": sub.start_time.max(), "differs in": differs})
     return pd.DataFrame(rows, columns=["group", "arms", "trials", "budget", "code", "newest trial", "differs in"])
+
+
+def row_keys(runs: pd.DataFrame) -> list[str]:
+    """Rows are arms; with several size presets in one experiment, (preset, arm)."""
+    return ["preset", "arm"] if runs.preset.nunique(dropna=False) > 1 else ["arm"]
+
+
+def finished_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs.status.eq(names.FINISHED)]

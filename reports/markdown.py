@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.mdformat import fmt, fmt_ci, fmt_pm, md_table  # noqa: F401  (fmt_pm: re-exported)
+from harness.mdformat import fmt, fmt_ci, fmt_exact, fmt_pm, md_table
 from reports import names
 from reports.collect import Collected, strip_credentials
+from reports.figure_section import first_figure, other_figures
+from reports.groups import finished_runs, row_keys
 from reports.stats import estimate
 
 ROUNDING_NOTE = (
@@ -63,15 +65,6 @@ CLAIM_SCALE = "about 75M parameters (nanoKimi's table)"
 
 # ----------------------------------------------------------------------------- formatting
 
-def fmt_exact(values: pd.Series, scale: float = 1.0) -> str:
-    """A deterministic value: shown once; 'a to b' if the seeds disagree (they should not)."""
-    v = values.dropna()
-    if v.empty:
-        return "n/a"
-    lo, hi = v.min(), v.max()
-    return fmt(lo, scale) if lo == hi else f"{fmt(lo, scale)} to {fmt(hi, scale)} (seeds differ)"
-
-
 def status_counts(statuses: pd.Series) -> str:
     """'3 finished, 1 diverged' in STATUS_ORDER (unknown statuses last, alphabetical)."""
     counts = statuses.fillna("unknown").value_counts()
@@ -86,11 +79,6 @@ EXACT_METRICS = {names.PARAMS_TOTAL, names.PARAMS_ACTIVE, names.PARAMS_EMBEDDING
 
 # ----------------------------------------------------------------------------- grouping helpers
 
-def _group_keys(runs: pd.DataFrame) -> list[str]:
-    """Rows are arms; with several size presets in one experiment, (preset, arm)."""
-    return ["preset", "arm"] if runs.preset.nunique(dropna=False) > 1 else ["arm"]
-
-
 def _presets(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """[(label, runs of that preset)]; label is '' when the block has a single preset."""
     if runs.preset.nunique(dropna=False) <= 1:
@@ -98,15 +86,11 @@ def _presets(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(str(p), g) for p, g in runs.groupby(runs.preset.fillna("?"), sort=True)]
 
 
-def _finished(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs.status.eq(names.FINISHED)]
-
-
 # ----------------------------------------------------------------------------- per-arm tables
 
 def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """summary.csv: one row per (group,) arm (per preset and arm with several presets), full precision."""
-    keys = (["group"] if "group" in runs else []) + _group_keys(runs)
+    keys = (["group"] if "group" in runs else []) + row_keys(runs)
     rows = []
     for key, g in runs.groupby(keys, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -114,7 +98,7 @@ def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
         row |= {"variant": g.variant.iloc[0], "optimizer": g.optimizer.iloc[0],
                 "trials": status_counts(g.status), "n_trials": len(g),
                 "n_finished": int(g.status.eq(names.FINISHED).sum())}
-        f = _finished(g)
+        f = finished_runs(g)
         for metric, _, _ in [m for table in TABLES.values() for m in table]:
             e = estimate(f[metric]) if metric in f else estimate([])
             row |= {f"{metric}:n": e.n, f"{metric}:mean": e.mean, f"{metric}:std": e.std,
@@ -133,7 +117,7 @@ def trials_frame(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _main_tables(runs: pd.DataFrame) -> list[str]:
-    keys = _group_keys(runs)
+    keys = row_keys(runs)
     if names.MEM_PEAK in runs:   # per-trial peak memory means something only on CUDA (CPU RSS grew with run order)
         runs = runs.assign(**{names.MEM_PEAK: runs[names.MEM_PEAK].where(runs.device.astype(str).ne("cpu"))})
     out = []
@@ -145,7 +129,7 @@ def _main_tables(runs: pd.DataFrame) -> list[str]:
         rows = []
         for key, g in runs.groupby(keys, sort=True, dropna=False):
             key = key if isinstance(key, tuple) else (key,)
-            f = _finished(g)
+            f = finished_runs(g)
             cells = list(key) + ([status_counts(g.status)] if i == 0 else [])
             for metric, _, scale in cols:
                 cells.append(fmt_exact(f[metric], scale) if metric in EXACT_METRICS else fmt_pm(estimate(f[metric]),
@@ -202,7 +186,7 @@ def _speed_section(speed_rows: pd.DataFrame, runs: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------- scope banner
 
 def _scope_banner(runs: pd.DataFrame, match: tuple[str, float] | None) -> str:
-    fin = _finished(runs)
+    fin = finished_runs(runs)
     params = fin[names.PARAMS_TOTAL].dropna() if names.PARAMS_TOTAL in fin else pd.Series(dtype=float)
     tokens = fin[names.TRAIN_TOKENS].dropna() if names.TRAIN_TOKENS in fin else pd.Series(dtype=float)
     seeds = fin.groupby("arm").seed.nunique() if len(fin) else pd.Series(dtype=int)
@@ -312,7 +296,7 @@ def _paired_section(runs: pd.DataFrame, rows) -> str:
     out = []
     for a, b, metric, label in used:
         pr = runs if not label else runs[runs.preset.astype(str).eq(label)]
-        p = paired_differences(_finished(pr), metric, a, b)
+        p = paired_differences(finished_runs(pr), metric, a, b)
         if p.n == 0:
             continue
         rel = f"{100 * p.diff.mean / abs(p.b_mean):+.1f}%" if p.b_mean else "n/a"
@@ -324,80 +308,6 @@ def _paired_section(runs: pd.DataFrame, rows) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-
-def _labelled(c_runs: pd.DataFrame, fin: pd.DataFrame, h: pd.DataFrame):
-    if len(_group_keys(c_runs)) > 1:
-        label = fin.set_index("run_id").apply(lambda r: f"{r.arm} [{r.preset}]", axis=1)
-        h = h.assign(arm=h.run_id.map(label))
-        fin = fin.assign(arm=fin.run_id.map(label).values)
-    return fin, h
-
-
-def _first_figure(runs: pd.DataFrame, hist: pd.DataFrame, fig_dir: Path, out_dir: Path) -> str:
-    from reports import plots
-    fin = _finished(runs)
-    fin, h = _labelled(runs, fin, hist[hist.run_id.isin(fin.run_id)])
-    colors = plots.arm_colors(fin.arm.dropna())
-    p = plots.plot_curves(h, names.VAL_LOSS, fig_dir / "val_loss_vs_tokens.png", "tokens", colors=colors, markers=True,
-                          crop=True)
-    if p is None:
-        return "No figure: no val/loss logged."
-    cap = "Validation loss vs training tokens (markers: evals; colour: variant; line style: optimizer)"
-    return f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})"
-
-
-def _figures(c: Collected, runs: pd.DataFrame, out_dir: Path, fig_dir: Path, hist: pd.DataFrame,
-             optuna) -> list[tuple[str, Path]]:
-    from reports import plots
-    fin = _finished(runs)
-    moe = c.moe_load
-    moe = moe[moe.run_id.isin(fin.run_id)]
-    fin, h = _labelled(runs, fin, hist[hist.run_id.isin(fin.run_id)])
-    if len(_group_keys(runs)) > 1:
-        label = dict(zip(fin.run_id, fin.arm, strict=True))
-        moe = moe.assign(arm=moe.run_id.map(label))
-    colors = plots.arm_colors(fin.arm.dropna())
-    curve = plots.plot_curves
-    todo = [  # (caption, file name, plot(path) -> path | None)
-        ("Validation loss vs optimizer steps", "val_loss_vs_step",
-         lambda p: curve(h, names.VAL_LOSS, p, "step", colors=colors, markers=True, crop=True)),
-        ("Validation loss vs training wall-clock (shared host: other processes slow some runs)",
-         "val_loss_vs_seconds",
-         lambda p: curve(h, names.VAL_LOSS, p, "seconds", colors=colors, markers=True, crop=True)),
-        ("Training loss vs steps", "train_loss_vs_step",
-         lambda p: curve(h, names.TRAIN_LOSS, p, "step", smooth=_smooth(h), colors=colors, crop=True)),
-        ("Gradient norm (before clipping) vs steps", "grad_norm_vs_step",
-         lambda p: curve(h, names.GRAD_NORM, p, "step", logy=True, colors=colors)),
-        ("Train throughput observed during training (95% CI over seeds where n > 1; shared host)", "throughput",
-         lambda p: plots.plot_bars(fin, {names.TRAIN_TOKENS_PER_S: ("train tokens/s (observed)", 1.0)}, p,
-                                   "Observed during training", colors=colors)),
-    ]
-    out = []
-    for caption, name, fn in todo:
-        path = fn(fig_dir / f"{name}.png")
-        if path is not None:
-            out.append((caption, path))
-    if not moe.empty:
-        for arm in sorted(moe.arm.dropna().unique()):
-            path = plots.plot_moe_heatmap(moe, arm, fig_dir / f"moe_load_{plots.slug(arm)}.png")
-            if path is not None:
-                out.append((f"MoE expert load over training: {arm}", path))
-    studies = optuna if optuna is not None else c.studies()
-    if isinstance(studies, tuple):  # one (trials, importances) pair, no arm
-        studies = {"": studies}
-    for arm, (trials, importances) in sorted(studies.items()):
-        prefix = f"optuna_{plots.slug(arm)}" if arm else "optuna"
-        for path in plots.plot_optuna(trials, fig_dir, importances, prefix=prefix):
-            kind = path.stem.removeprefix(prefix + "_")
-            out.append((f"Optuna {kind}{': ' + arm if arm else ''}", path))
-    return out
-
-
-def _smooth(h: pd.DataFrame) -> int:
-    """Rolling window for the train-loss figure: about 1/50 of the logged points."""
-    steps = h.loc[h.key.eq(names.TRAIN_LOSS), "step"].nunique()
-    return max(1, steps // 50)
-
 
 # ----------------------------------------------------------------------------- other sections
 
@@ -490,7 +400,7 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
     from reports.compute import eval_curves
     from reports.speed import speed_rows_for
 
-    fin = _finished(runs)
+    fin = finished_runs(runs)
     curves = eval_curves(hist[hist.run_id.isin(fin.run_id)], fin)
     folded = cl.identical_arms(curves)
     match = _match_of(c, runs)
@@ -506,7 +416,7 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
     rows += cl.fitted_rows(fin, curves, folded)
     sections = [_scope_banner(runs, match), f"{heading}Claims vs measured", _claims_section(rows, folded, match)]
     if figures:
-        sections.append(_first_figure(runs, hist, fig_dir, out_dir))
+        sections.append(first_figure(runs, hist, fig_dir, out_dir))
 
     def compute_pairs(r: pd.DataFrame) -> list[tuple[str, str]]:
         """The pairs the compute claims use, folded arms left out."""
@@ -521,7 +431,7 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
                  "Student-t CI of the differences; relative = mean difference / B's mean. Only the comparisons the "
                  "claims use.", _paired_section(runs, rows)]
     if figures:
-        figs = _figures(c, runs, out_dir, fig_dir, hist, optuna)
+        figs = other_figures(c, runs, out_dir, fig_dir, hist, optuna)
         sections += [f"{heading}Figures", "\n\n".join(
             f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})" for cap, p in figs) or "No figure."]
     sections += [f"{heading}Trials that did not finish", _not_finished_section(c, runs, hist)]
