@@ -26,8 +26,8 @@ Decisions (docs/ray.md says the same for users):
 - Shared stores. On a cluster that spans several machines, a sqlite or file store is refused (point at an
   MLflow server and an Optuna RDB), and the checkpoint folder must be visible from every node (checked).
 
-One module per job: options (the [ray] table, RayOptions, importing Ray), cluster (joining or starting it, its
-machines, shared stores, credential-free arguments, a trial's resources), claims (ClaimBoard, Claims), progress_board
-(the progress actor and the driver's live view), task (one trial in a task, DDP through TorchTrainer), driver
-(run_matrix_ray) and tuning (tune_ray: Optuna workers as tasks, calling harness.tune).
+One module per job: options (the [ray] table, RayOptions, importing Ray), cluster (joining or starting it,
+its machines, shared stores, credential-free arguments, a trial's resources), claim_board (ClaimBoard, Claims),
+progress_board (the progress actor and the driver's live view), task (one trial in a task, DDP through
+TorchTrainer), driver (run_matrix_ray) and tuning (tune_ray: Optuna workers as tasks, calling harness.tune).
 """

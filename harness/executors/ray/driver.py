@@ -15,7 +15,7 @@ from rich.live import Live
 from harness import schema
 from harness.executors.matrix_run import MatrixOutcome, skipped_line, start_matrix_run, trial_line
 from harness.executors.ray import cluster
-from harness.executors.ray.claims import Claims, claims_lock_dir
+from harness.executors.ray.claim_board import Claims, claims_lock_dir
 from harness.executors.ray.cluster import (
     check_shared_dir,
     check_shared_stores,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.executors.ray.claims import ClaimBoard
+from harness.executors.ray.claim_board import ClaimBoard
 from harness.executors.ray.cluster import check_shared_stores, pin_loopback, resolve_secret, secret_arg
 from harness.executors.ray.options import LOOPBACK_ENV, RayOptions
 from harness.executors.ray.tuning import worker_quotas
