@@ -196,3 +196,21 @@ def test_status_help_path(tmp_path, capsys):
                               "--experiment", "x"], capsys), "--tracking-uri", "no MLflow store")
     assert_one_line_error(kb(["status"], capsys), "--experiment / --matrix")
     assert Path(tmp_path / "none.db").exists() is False
+
+
+def test_run_options_are_the_run_commands_parameters():
+    """RunOptions has one field per option of `kimi-bench run`, same name and default, and is built by name."""
+    import dataclasses
+    import inspect
+
+    import cli
+    from harness.commands import RunOptions
+
+    params = inspect.signature(cli.run).parameters
+    fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    assert list(params) == list(fields)
+    for name, p in params.items():
+        if p.default is not inspect.Parameter.empty and name != "sets":
+            assert fields[name].default == p.default, name
+    options = RunOptions.of({**{k: p.default for k, p in params.items()}, "matrix": "m.toml", "sets": None})
+    assert options.sets == [] and options.executor == "local" and options.out == cli.Path("runs")
