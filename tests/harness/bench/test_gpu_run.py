@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "reports" / "benchmarks" / "gpu-run.sh"
 STEPS = ("tests", "train-gpt2", "train-kimi", "moe", "decode", "muon-kimi", "muon-gpt2", "optim", "attention",
          "proposals")
 
 
+@pytest.mark.slow
 def test_cpu_rehearsal_writes_one_record(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "KIMI_BENCH_GIT_COMMIT": "rehearsal", "SITE": str(tmp_path / "site")}
@@ -56,6 +59,7 @@ IMAGE_MODULES = {"torch", "typer", "click", "rich", "markdown_it", "mdurl", "pyg
                  "jaraco", "more_itertools", "backports"}
 
 
+@pytest.mark.slow
 def test_bench_imports_only_what_the_gpu_image_has():
     code = ("import sys, harness.bench.suite, harness.bench.common;"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")

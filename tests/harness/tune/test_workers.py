@@ -32,6 +32,7 @@ run_tune(TuneConfig(sys.argv[1], n_trials=2, storage=sys.argv[2], tracking_uri=s
 """
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_and_add_their_trials(env, tmp_path):
     path = write_matrix(env, tmp_path, "shared", arms=ARM_GPT)
     storage = f"sqlite:///{tmp_path}/optuna.db"
@@ -79,6 +80,7 @@ def test_two_workers_share_one_study_and_add_their_trials(env, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.slow
 def test_stale_running_trial_fails_on_next_worker_start(env, tmp_path, kind):
     name = f"stale-{kind}"
     path = write_matrix(env, tmp_path, name, arms=ARM_GPT)
@@ -126,6 +128,7 @@ def _running_trial_with_run(storage: str, name: str):
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.slow
 def test_killed_worker_trial_fails_and_its_run_is_killed(env, tmp_path, monkeypatch, kind):
     """A real worker process SIGKILLed mid-trial: the next worker fails its trial and kills its MLflow run."""
     name = f"killed-{kind}"
@@ -173,6 +176,7 @@ def test_killed_worker_trial_fails_and_its_run_is_killed(env, tmp_path, monkeypa
     assert MlflowClient(env["uri"]).get_metric_history(dead_run, "train/loss")  # it had been training
 
 
+@pytest.mark.slow
 def test_run_worker_reports_only_through_its_callback(env, tmp_path, capsys):
     path = write_matrix(env, tmp_path, "events", arms=ARM_GPT)
     events: list[TuneEvent] = []
