@@ -50,7 +50,7 @@ def test_bad_options_are_one_line_errors(tmp_path):
     assert done.returncode != 0 and "OUT is not set" in done.stderr
 
 
-# What the H200 image's python3 has (/work/.library/device/KINDS.md) plus the wheels carried in .whl/.
+# What the H200 image's python3 has (docs/gpu-image.md) plus the wheels carried in .whl/.
 IMAGE_MODULES = {"torch", "typer", "click", "rich", "markdown_it", "mdurl", "pygments", "shellingham", "numpy",
                  "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec", "triton", "packaging",
                  "typing_extensions", "yaml", "annotated_doc", "pydantic", "pydantic_core", "annotated_types",
