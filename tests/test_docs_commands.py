@@ -41,7 +41,8 @@ SKIP: list[tuple[str, str]] = [
 ]
 # appended to every `kimi-bench run` / `tune` that trains: two steps, one seed, small evals and data
 TINY = ("--set train.steps=2 --set train.eval_interval=1 --set train.eval_tokens=1024 --set train.log_interval=1"
-        " --set matrix.seeds=[0] --set data.max_chars=200000")
+        " --set matrix.seeds=[0] --set data.max_chars=200000 --set train.infer_new_tokens=4"
+        " --set train.infer_batch_sizes=[1]")
 SHRINK = [(r"--n-trials \d+", "--n-trials 2"), (r"--n-workers \d+", "--n-workers 2")]
 
 
