@@ -1,4 +1,4 @@
-"""Shared building blocks: RMSNorm, RoPE, SwiGLU, KV-cache types, init helper, and `generate`.
+"""Shared building blocks: RMSNorm, RoPE, SwiGLU, KV-cache types, init, the forward tail, and `generate`.
 
 Everything here is model-agnostic; attention/MLP modules in gpt.py, mla.py, moe.py and kimi.py use it,
 and `generate` drives any model that follows the model protocol (docs/design.md):
@@ -8,7 +8,7 @@ and `generate` drives any model that follows the model protocol (docs/design.md)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,44 @@ class KVCache:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
+# ----------------------------------------------------------------------------- config defaults
+
+
+def default_of(cls: type, name: str):
+    """The default of dataclass `cls`'s field `name`, so a default written once can seed another config's
+    field (KimiConfig's routing fields take MoEConfig's; harness's ModelDims takes KimiConfig's)."""
+    f = cls.__dataclass_fields__[name]
+    if f.default is MISSING:
+        raise TypeError(f"{cls.__name__}.{name} has no plain default")
+    return f.default
+
+
 # ----------------------------------------------------------------------------- init
+
+# Residual-branch output projections: scaled init 0.02/sqrt(2*n_layer), per GPT-2 (nanoGPT's c_proj rule).
+# GPT names them c_proj; its ablations reuse the rule for MLA's `wo` and the MoE's down projections (routed
+# `experts.w2`, shared `shared.w2`), under `mlp.`; Kimi has the same modules under `attn.` / `ffn.`.
+_RESIDUAL_PROJ_SUFFIXES = (
+    "c_proj.weight",  # gpt: attention and MLP output projections
+    "attn.wo.weight",  # gpt-mla, kimi: MLA output projection
+    "mlp.experts.w2", "mlp.shared.w2.weight",  # gpt-moe: routed and shared experts' down projections
+    "ffn.w2.weight", "ffn.experts.w2", "ffn.shared.w2.weight",  # kimi: dense SwiGLU, routed, shared
+)
+
+
+@torch.no_grad()
+def _init_all_weights(model: nn.Module, n_layer: int, skip: set[int] | frozenset[int] = frozenset()) -> None:
+    """In `named_parameters` order: residual output projections N(0, 0.02/sqrt(2*n_layer)), every other
+    >= 2-D parameter N(0, 0.02) unless its id is in `skip` (GPT passes the Linear/Embedding weights nanoGPT's
+    `_init_weights` already drew, so the random stream is nanoGPT's); 1-D parameters and buffers untouched."""
+    std_proj = 0.02 / math.sqrt(2 * n_layer)
+    for name, p in model.named_parameters():
+        if name.endswith(_RESIDUAL_PROJ_SUFFIXES):
+            p.normal_(0.0, std_proj)
+        elif p.dim() >= 2 and id(p) not in skip:
+            p.normal_(0.0, 0.02)
+
+
 
 
 @torch.no_grad()
@@ -162,6 +199,20 @@ def init_normal_(module: nn.Module, std: float = 0.02) -> nn.Module:
         elif name.endswith("bias"):
             p.zero_()
     return module
+
+
+# ----------------------------------------------------------------------------- forward tail
+
+
+def logits_and_loss(x: torch.Tensor, final_norm: nn.Module, lm_head: nn.Module,
+                    targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The end of every model's forward: final norm, LM head over all positions (the model protocol, unlike
+    nanoGPT's last-position shortcut at inference), and the mean token cross-entropy (targets -1 ignored)."""
+    logits = lm_head(final_norm(x))
+    loss = None
+    if targets is not None:
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+    return logits, loss
 
 
 # ----------------------------------------------------------------------------- generation

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from arch.common import Cache, KVCache
+from arch.common import Cache, KVCache, _init_all_weights, logits_and_loss
 
 if TYPE_CHECKING:
     from arch.mla import MLAConfig
@@ -186,11 +186,6 @@ class Block(nn.Module):
         return x
 
 
-# Residual-branch output projections: scaled init 0.02/sqrt(2*n_layer), per GPT-2. For the ablations the
-# same rule covers MLA's `wo` and the MoE's down projections (routed `experts.w2`, shared `shared.w2`).
-_RESIDUAL_PROJ_SUFFIXES = ("c_proj.weight", "attn.wo.weight", "mlp.experts.w2", "mlp.shared.w2.weight")
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -220,12 +215,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         linear_or_embedding = {id(m.weight) for m in self.modules()
                                if isinstance(m, (nn.Linear, nn.Embedding))}
-        std_proj = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for pn, p in self.named_parameters():
-            if pn.endswith(_RESIDUAL_PROJ_SUFFIXES):
-                p.normal_(0.0, std_proj)
-            elif p.dim() >= 2 and id(p) not in linear_or_embedding:
-                p.normal_(0.0, 0.02)
+        _init_all_weights(self, self.config.n_layer, skip=linear_or_embedding)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -257,11 +247,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + pos_emb)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache.layers[i] if cache is not None else None, pos)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # all positions (the contract), unlike nanoGPT's last-position shortcut
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        logits, loss = logits_and_loss(x, self.transformer.ln_f, self.lm_head, targets)
         if cache is not None:
             cache.pos = pos + T
         return logits, loss

@@ -10,20 +10,20 @@ Parameter names follow DeepSeek-V3's reference code (see docs/references.md), so
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
-from arch.common import Cache, RMSNorm, SwiGLU
+from arch.common import Cache, RMSNorm, SwiGLU, _init_all_weights, default_of, logits_and_loss
 from arch.mla import MLA, MLAConfig
 from arch.moe import MoE, MoEConfig, moe_modules
 
 
 @dataclass
 class KimiConfig:
+    # Sizes default to a small Kimi; the routing and attention details take MoEConfig's and MLAConfig's
+    # defaults (each written once, there).
     vocab_size: int = 50257
     block_size: int = 1024
     n_layer: int = 6
@@ -35,23 +35,23 @@ class KimiConfig:
     qk_nope_head_dim: int = 96
     qk_rope_head_dim: int = 32
     v_head_dim: int = 96
-    rope_theta: float = 10000.0
+    rope_theta: float = default_of(MLAConfig, "rope_theta")
     # FFN: the first n_dense_layers are dense SwiGLU of width inter_dim, the rest MoE
     inter_dim: int = 1536
     n_dense_layers: int = 1
     n_routed_experts: int = 8
     n_activated_experts: int = 2
     moe_inter_dim: int = 512
-    n_shared_experts: int = 1
+    n_shared_experts: int = default_of(MoEConfig, "n_shared_experts")
     # Width of the shared expert; None means n_shared_experts * moe_inter_dim (DeepSeek-V3's rule). The
     # nanoKimi paper's shared expert (768) is 1.5x its routed width (512), which that rule cannot express.
-    shared_inter_dim: int | None = None
-    score_func: str = "sigmoid"
-    route_scale: float = 1.0
-    bias_update_speed: float = 1e-3
-    aux_loss_alpha: float = 0.0
+    shared_inter_dim: int | None = default_of(MoEConfig, "shared_inter_dim")
+    score_func: str = default_of(MoEConfig, "score_func")
+    route_scale: float = default_of(MoEConfig, "route_scale")
+    bias_update_speed: float = default_of(MoEConfig, "bias_update_speed")
+    aux_loss_alpha: float = default_of(MoEConfig, "aux_loss_alpha")
     tie_embeddings: bool = False
-    dropout: float = 0.0
+    dropout: float = default_of(MLAConfig, "dropout")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "dim", "n_heads"):
@@ -122,10 +122,6 @@ class Block(nn.Module):
         return x
 
 
-# Residual-branch output projections, initialized N(0, 0.02/sqrt(2*n_layer)) like GPT-2's c_proj.
-_RESIDUAL_PROJ_SUFFIXES = ("attn.wo.weight", "ffn.w2.weight", "ffn.experts.w2", "ffn.shared.w2.weight")
-
-
 class Kimi(nn.Module):
     def __init__(self, config: KimiConfig):
         super().__init__()
@@ -150,12 +146,7 @@ class Kimi(nn.Module):
         residual output projections (wo, w2, experts.w2, shared.w2) N(0, 0.02/sqrt(2*n_layer)); norm gains 1.
         DeepSeek-V3 initializes differently; we keep the same init family as the GPT baseline (nanoGPT's)
         so that the comparison is not an init comparison. The router's selection bias (a buffer) stays 0."""
-        std_proj = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith(_RESIDUAL_PROJ_SUFFIXES):
-                p.normal_(0.0, std_proj)
-            elif p.dim() >= 2:
-                p.normal_(0.0, 0.02)
+        _init_all_weights(self, self.config.n_layer)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None):
         B, T = idx.size()
@@ -165,10 +156,7 @@ class Kimi(nn.Module):
         x = self.drop(self.embed(idx))
         for i, layer in enumerate(self.layers):
             x = layer(x, cache.layers[i] if cache is not None else None, pos)
-        logits = self.head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        logits, loss = logits_and_loss(x, self.norm, self.head, targets)
         if cache is not None:
             cache.pos = pos + T
         return logits, loss

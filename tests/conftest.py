@@ -3,6 +3,14 @@ import os
 import pytest
 import torch
 
+# On SIGTERM/SIGHUP and at session end, kill every process a test started (tests/reaper.py says why).
+from tests.reaper import pytest_configure, pytest_unconfigure  # noqa: F401
+
+# pytest-xdist workers get COLUMNS=80; rich would then draw the CLI's tables 80 wide (harness/console.py reads
+# it when first imported) and cut the cells the tests read. A worker runs like a serial run instead.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+
 # Tests run on 2 CPU cores beside other work: keep torch from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.reaper import die_with_parent
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's scripts: kimi-bench, mlflow
 
@@ -98,7 +100,7 @@ def popen_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None,
     """Start `kimi-bench ARGS` in its own process group (so a kill reaches it and nothing else)."""
     with open(log or os.devnull, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cli_command(*args), cwd=cwd, env=env or child_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int:
@@ -173,7 +175,7 @@ def mlflow_server(backend_uri: str, workdir: Path, *, command: str = "server", a
     log = workdir / f"mlflow-{command}-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=workdir, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", timeout, proc, log)

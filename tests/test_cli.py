@@ -61,6 +61,7 @@ def no_network(monkeypatch):
 
 
 @pytest.mark.parametrize("matrix", SHIPPED, ids=[p.stem for p in SHIPPED])
+@pytest.mark.slow
 def test_dry_run_and_params_offline_on_every_shipped_matrix(tmp_path, capsys, monkeypatch, no_network, matrix):
     from harness.plan import vocab_size_for
     from harness.spec.matrix import load_matrix
@@ -140,6 +141,7 @@ def test_trial_folder_name_is_readable_and_keyed(tmp_path):
     assert trial_dir_name(spec, key) == f"kimi+muon-tiny-s3-{key[:8]}"
 
 
+@pytest.mark.slow
 def test_status_lists_pending_trials_without_importing_torch(tmp_path):
     """A matrix whose store holds one finished trial of three: status lists all three, two pending; the
     command never imports torch (it must answer in seconds)."""

@@ -247,7 +247,7 @@ def _check_names(spec: MatrixFile) -> None:
         else:
             check_fields(ModelDims, {key: value}, "model", "model")
     for name, table in spec.optim.items():
-        check_choice(f"optim.{name}", name, OPTIMIZERS)
+        check_choice(f"optim.{show_key(name)}", name, OPTIMIZERS)
         resolve_optimizer(name, table)  # validates the field names
     if spec.match and spec.match.reference is not None:
         check_choice("match.reference", spec.match.reference, VARIANTS)

@@ -27,6 +27,7 @@ from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, mo
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
+from arch.common import default_of
 from arch.gpt import GPT, GPTConfig
 from arch.kimi import Kimi, KimiConfig
 from arch.mla import MLAConfig
@@ -42,6 +43,10 @@ BUDGET_FIELDS = ("steps", "tokens", "seconds")
 CODE_VERSION = "1"  # bump when a change alters what a trial computes: it enters every trial key
 
 
+def _kimi(name: str):
+    return default_of(KimiConfig, name)
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """Generic dimensions; each variant uses the subset it needs (see VARIANT_FIELDS)."""
@@ -50,28 +55,28 @@ class ModelDims:
     dim: int
     n_heads: int
     block_size: int
-    # MLA (gpt-mla, kimi)
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 32
-    qk_nope_head_dim: int = 16
-    qk_rope_head_dim: int = 8
-    v_head_dim: int = 16
-    # MoE (gpt-moe, kimi)
-    n_routed_experts: int = 4
-    n_activated_experts: int = 2
-    moe_inter_dim: int = 64
-    n_shared_experts: int = 1
-    shared_inter_dim: int | None = None  # None: n_shared_experts * moe_inter_dim (DeepSeek-V3's convention)
-    n_dense_layers: int = 1  # kimi only: leading dense layers (K2: 1, V3: 3)
+    # MLA (gpt-mla, kimi) and MoE (gpt-moe, kimi): defaults are KimiConfig's (which takes the routing ones from
+    # MoEConfig), written once there; every preset below sets the sizes it needs.
+    q_lora_rank: int = _kimi("q_lora_rank")
+    kv_lora_rank: int = _kimi("kv_lora_rank")
+    qk_nope_head_dim: int = _kimi("qk_nope_head_dim")
+    qk_rope_head_dim: int = _kimi("qk_rope_head_dim")
+    v_head_dim: int = _kimi("v_head_dim")
+    n_routed_experts: int = _kimi("n_routed_experts")
+    n_activated_experts: int = _kimi("n_activated_experts")
+    moe_inter_dim: int = _kimi("moe_inter_dim")
+    n_shared_experts: int = _kimi("n_shared_experts")
+    shared_inter_dim: int | None = _kimi("shared_inter_dim")  # None: n_shared_experts * moe_inter_dim
+    n_dense_layers: int = _kimi("n_dense_layers")  # kimi only: leading dense layers (K2: 1, V3: 3)
     dense_inter_dim: int = 0  # kimi's dense SwiGLU width; 0 = 8/3 * dim rounded to 8 (GPT-MLP params)
-    score_func: str = "sigmoid"
-    route_scale: float = 1.0
-    bias_update_speed: float = 1e-3
-    aux_loss_alpha: float = 0.0
+    score_func: str = _kimi("score_func")
+    route_scale: float = _kimi("route_scale")
+    bias_update_speed: float = _kimi("bias_update_speed")
+    aux_loss_alpha: float = _kimi("aux_loss_alpha")
     # misc
     bias: bool = True  # GPT LayerNorm/Linear biases (nanoGPT default)
     tie_embeddings: bool | None = None  # None: gpt family tied (nanoGPT), kimi untied (K2/V3)
-    dropout: float = 0.0
+    dropout: float = _kimi("dropout")
     vocab_size: int | None = None  # None: the tokenizer's vocabulary
 
 

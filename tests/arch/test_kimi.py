@@ -153,6 +153,7 @@ def test_kimi_cached_decode_equals_full_forward(dtype, atol):
     assert_decode_matches(model, tokens(B=2), atol)
 
 
+@pytest.mark.slow
 def test_kimi_generate_same_greedy_tokens_with_and_without_cache():
     model = tiny_kimi(seed=3)
     prompt = tokens(B=2, T=4)
@@ -225,6 +226,7 @@ def test_shared_inter_dim_sets_the_shared_expert_width():
 
 
 @pytest.mark.parametrize("variant", ["gpt-mla", "gpt-moe"])
+@pytest.mark.slow
 def test_gpt_ablations_run_train_and_decode(variant):
     model = gpt_variant(variant)
     blk = model.transformer.h[0]

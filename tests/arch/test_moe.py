@@ -201,6 +201,7 @@ def test_update_bias_rule_and_reset():
     assert m.load_accum.sum().item() == 15 * 2  # accumulates over forwards
 
 
+@pytest.mark.slow
 def test_bias_balancing_lowers_load_cv_of_skewed_router():
     torch.manual_seed(0)
     E = 8

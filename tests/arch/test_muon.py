@@ -563,6 +563,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_two_ranks_equal_one_process(tmp_path):
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     single = _dist_train()

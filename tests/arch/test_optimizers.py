@@ -181,6 +181,7 @@ def test_fused_auto_is_off_on_cpu():
 
 @pytest.mark.parametrize("model_name", ["gpt", "kimi"])
 @pytest.mark.parametrize("opt_name", ["adamw", "muon", "muonclip"])
+@pytest.mark.slow
 def test_training_steps_reduce_loss(model_name, opt_name):
     """A few real steps on one fixed batch: the loss must fall (memorization), every arm, both models."""
     model = MODELS[model_name]()

@@ -124,6 +124,7 @@ def test_bpe_tokenizer_saved_for_transformers_encodes_alike(tmp_path):
     assert theirs.decode(ours.encode(sample)) == sample
 
 
+@pytest.mark.slow
 def test_export_command_from_a_run_id_and_from_a_checkpoint(tmp_path):
     """`kimi-bench export --run ID` finds the model through the run's kb.model_path tag."""
     import mlflow

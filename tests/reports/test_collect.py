@@ -9,6 +9,7 @@ from reports.collect import FINAL_METRICS, collect, strip_credentials
 from tests.reports.conftest import COMMAND, GIT, STEPS
 
 
+@pytest.mark.slow
 def test_one_row_per_trial_with_the_right_columns(collected, store):
     runs = collected.runs
     assert len(runs) == 7          # 2 arms x 3 seeds + 1 diverged; killed duplicate and tune runs dropped

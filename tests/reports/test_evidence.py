@@ -61,6 +61,7 @@ def budgets(tmp_path_factory):
     return collect(uri, "budgets"), finals
 
 
+@pytest.mark.slow
 def test_two_budgets_are_never_averaged(budgets, tmp_path):
     c, finals = budgets
     md = write_report(c, tmp_path, figures=False).read_text()
@@ -259,6 +260,7 @@ def test_eval_curves_read_tokens_and_flops_at_eval_steps():
     assert cur.seconds.tolist() == [0.0, 5.0, 10.0]
 
 
+@pytest.mark.slow
 def test_fitted_multiplier_recovers_a_known_multiplier():
     """A needs k = 2.5x less compute than B for any loss: L_A(C) = L_B(k C). Three sizes x three seeds with
     0.3% noise; the fitted curves give C_A / C_B = 1 / k = 0.4 within 5%."""
@@ -340,6 +342,7 @@ def test_noisy_threshold_is_the_timers_without_importing_torch(monkeypatch):
     assert speed.noisy_threshold.__wrapped__() == NOISY_REL_IQR
 
 
+@pytest.mark.slow
 def test_fitted_rows_in_a_three_size_matrix():
     """claims.fitted_rows reads each run's last eval (FLOPs, val loss) per size and judges the fitted multiplier."""
     rng = np.random.default_rng(2)
@@ -364,6 +367,7 @@ def test_fitted_rows_in_a_three_size_matrix():
     assert mult == pytest.approx(1 / k, rel=0.05)
 
 
+@pytest.mark.slow
 def test_fitted_rows_give_no_verdict_where_the_fit_extrapolates():
     """kimi already beats the target at its smallest size: the multiplier would be read off an extrapolation."""
     rng = np.random.default_rng(3)

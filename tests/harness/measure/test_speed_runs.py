@@ -89,6 +89,7 @@ def test_memory_facts_equal_a_hand_count(optimizer):
     assert facts["mem/optim_state_bytes"] == expected
 
 
+@pytest.mark.slow
 def test_frozen_optimizer_keeps_the_weights_fixed_across_repeats():
     spec = make_spec("kimi", "muonclip")
     model = build_model(spec.variant, spec.dims)
@@ -101,6 +102,7 @@ def test_frozen_optimizer_keeps_the_weights_fixed_across_repeats():
         torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 def test_cpu_peak_memory_is_independent_of_order_and_of_what_ran_before():
     """The same shape measured twice gives the same peak (within 5%), in either order, even after the process
     allocated (and freed) far more than one step needs; a bigger batch needs more."""
@@ -127,6 +129,7 @@ def test_cpu_peak_memory_is_independent_of_order_and_of_what_ran_before():
     assert peak(big) > first["a"] + 3 * logits  # 4x the batch: at least 3 more logits tensors at the peak
 
 
+@pytest.mark.slow
 def test_matrix_measures_each_shape_once_and_cpu_peak_does_not_depend_on_order():
     """measure_speed on the matrix (gpt, kimi) x (adamw, muon) and on the same trials in the opposite order."""
     trials = [make_spec(v, o) for v in ("gpt", "kimi") for o in ("adamw", "muon")]
@@ -194,6 +197,7 @@ def test_decode_timer_rewinds_the_cache_to_the_same_state(variant):
     torch.testing.assert_close(first, reference, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_speed_runs_are_children_of_the_matrix_run(tmp_path):
     from harness.stores.tracking import Tracker
 

@@ -61,6 +61,7 @@ def _mha_head_dim(variant, d):
     return d.dim // d.n_heads if variant in ("gpt", "gpt-moe") else None
 
 
+@pytest.mark.slow
 def test_every_variant_at_the_paper_budget_aligned_within_one_percent():
     dims = {v: resolve_dims("paper", 50257) for v in VARIANTS}
     matched = match_dims(dims, None, "kimi", "total", align=64)

@@ -265,3 +265,15 @@ def test_bad_set_is_one_line_naming_set(tmp_path, sets, needle):
         load_matrix(write(tmp_path, VALID), sets=sets)
     assert str(e.value).startswith(needle), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_an_optimizer_table_named_with_a_control_character_is_one_line(tmp_path):
+    """Found by test_matrix_fuzz (extra={'optim': {'\\r': {}}}): the name is quoted, so the error stays one line."""
+    from tests.helpers import matrix_text
+
+    path = tmp_path / "m.toml"
+    path.write_text(matrix_text("ctl") + '\n[optim."\\r"]\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        load_matrix(path)
+    assert str(e.value).endswith("optim.'\\r': unknown name '\\r'; (choices: adamw, muon, muonclip)")
+    assert len(str(e.value).splitlines()) == 1

@@ -204,6 +204,7 @@ def test_mutations_of_smoke(doc):
     check_load(toml_document(doc))
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=80)
 @given(mutated(TINY, small=True))
 def test_mutations_that_load_also_expand(doc):

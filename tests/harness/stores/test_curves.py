@@ -67,6 +67,7 @@ def _logged(run: FakeRun, key: str) -> list[tuple[int, float]]:
     return [(step, m[key]) for step, m, final in run.metrics if key in m and not final]
 
 
+@pytest.mark.slow
 def test_a_trial_logs_its_curves_as_it_logged_them(data, tmp_path):
     run = ArtifactRun()
     result = run_trial(make_spec("gpt", "adamw", steps=6), data, tmp_path, run=run, resume=False)
@@ -79,6 +80,7 @@ def test_a_trial_logs_its_curves_as_it_logged_them(data, tmp_path):
     assert [s for s, _ in curves[schema.VAL_LOSS]] == [0, 3, 6]
 
 
+@pytest.mark.slow
 def test_killed_then_resumed_trial_has_every_step_once(data, tmp_path):
     spec = make_spec("kimi", "muon", steps=6, checkpoint_interval=3)
 
@@ -103,7 +105,8 @@ def test_killed_then_resumed_trial_has_every_step_once(data, tmp_path):
     assert curves[schema.TRAIN_LOSS][3:] == _logged(resumed, schema.TRAIN_LOSS)
 
 
-@pytest.mark.parametrize("where", ["sqlite", pytest.param("server", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["sqlite", "server"])
 def test_a_report_reads_the_artifact_and_gets_the_history(data, tmp_path, monkeypatch, where):
     """Two real trials logged to MLflow (a sqlite store, or a real `mlflow server` proxying artifacts): the report's
     curves come from the artifacts (the history is not asked) and equal the curves read from the history."""

@@ -45,6 +45,7 @@ def recorded(tmp_path_factory):
     return tmp, record, proc.stdout
 
 
+@pytest.mark.slow
 def test_trial_loop_writes_a_record_without_mlflow_and_a_rerun_skips(recorded):
     _, record, stdout = recorded
     modules = stdout.split("MODULES", 1)[1].split()
@@ -63,6 +64,7 @@ def test_trial_loop_writes_a_record_without_mlflow_and_a_rerun_skips(recorded):
         assert (record / run.artifacts[0][0]).is_file()
 
 
+@pytest.mark.slow
 def test_import_replays_the_record_into_mlflow_once(recorded):
     import mlflow
 
@@ -175,6 +177,7 @@ def test_derive_keeps_the_matrix_and_sets_one_seed(tmp_path):
     assert load_matrix(tmp_path / "s1.toml").spec.match.align == 64
 
 
+@pytest.mark.slow
 def test_rehearsal_runs_the_device_path_on_cpu_then_imports_and_reports(tmp_path):
     """paper-h200-run.sh --rehearse: size on the device's code path, run seed by seed into a record, pack it,
     import it twice into a temp sqlite MLflow (the second adds nothing), write the report."""

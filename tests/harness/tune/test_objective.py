@@ -12,6 +12,7 @@ from harness.tune import best_params_for_arms, open_storage
 from tests.harness.tune.common import artifact_json, runs_of, tune_here, write_matrix
 
 
+@pytest.mark.slow
 def test_pruned_trials_and_equal_trials_per_arm(env, tmp_path):
     path = write_matrix(env, tmp_path, "prune")
     aggressive = optuna.pruners.ThresholdPruner(upper=0.0)  # any val loss > 0: prune at the first eval
@@ -36,6 +37,7 @@ def test_pruned_trials_and_equal_trials_per_arm(env, tmp_path):
     assert imp["importances"] is None and "need 2" in imp["reason"]
 
 
+@pytest.mark.slow
 def test_diverged_is_inf_and_repeated_failures_stop_the_arm(env, tmp_path, monkeypatch):
     """Without training: gpt+adamw trials diverge (COMPLETE, +inf), kimi+muon trials crash (FAIL)."""
     import harness.trial.loop

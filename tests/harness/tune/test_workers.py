@@ -22,6 +22,7 @@ from harness.errors import UserError
 from harness.stores.tracking import Tracker
 from harness.tune import HEARTBEAT_ATTR, RUN_ATTR, TuneConfig, TuneEvent, open_storage, run_worker
 from tests.harness.tune.common import ARM_GPT, REPO, artifact_json, runs_of, tune_here, write_matrix
+from tests.reaper import die_with_parent
 
 WORKER = """
 import sys, torch
@@ -32,6 +33,7 @@ run_tune(TuneConfig(sys.argv[1], n_trials=2, storage=sys.argv[2], tracking_uri=s
 """
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_and_add_their_trials(env, tmp_path):
     path = write_matrix(env, tmp_path, "shared", arms=ARM_GPT)
     storage = f"sqlite:///{tmp_path}/optuna.db"
@@ -40,7 +42,7 @@ def test_two_workers_share_one_study_and_add_their_trials(env, tmp_path):
     out = str(tmp_path / "runs")
     args = [sys.executable, "-c", WORKER, str(path), storage, env["uri"], env["cache"], out]
     workers = [subprocess.Popen(args, cwd=tmp_path, env=envvars, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent) for _ in range(2)]
     for w in workers:
         output, _ = w.communicate(timeout=300)
         assert w.returncode == 0, output[-3000:]
@@ -79,6 +81,7 @@ def test_two_workers_share_one_study_and_add_their_trials(env, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.slow
 def test_stale_running_trial_fails_on_next_worker_start(env, tmp_path, kind):
     name = f"stale-{kind}"
     path = write_matrix(env, tmp_path, name, arms=ARM_GPT)
@@ -126,16 +129,18 @@ def _running_trial_with_run(storage: str, name: str):
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.slow
 def test_killed_worker_trial_fails_and_its_run_is_killed(env, tmp_path, monkeypatch, kind):
     """A real worker process SIGKILLed mid-trial: the next worker fails its trial and kills its MLflow run."""
     name = f"killed-{kind}"
-    path = write_matrix(env, tmp_path, name, arms=ARM_GPT, steps=100_000)  # trains until it is killed
+    # Trains until it is killed (minutes of steps, yet a budget that ends by itself); dies with pytest too.
+    path = write_matrix(env, tmp_path, name, arms=ARM_GPT, steps=5_000)
     storage = f"sqlite:///{tmp_path}/optuna.db" if kind == "sqlite" else f"journal:{tmp_path}/optuna.journal"
     open_storage(storage)
     envvars = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-c", KILLED_WORKER, str(path), storage, env["uri"], env["cache"], str(tmp_path / "r")]
     worker = subprocess.Popen(args, cwd=tmp_path, env=envvars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
+                              text=True, start_new_session=True, preexec_fn=die_with_parent)
     try:
         deadline, dead = time.monotonic() + 240, None
         while dead is None and time.monotonic() < deadline and worker.poll() is None:
@@ -173,6 +178,7 @@ def test_killed_worker_trial_fails_and_its_run_is_killed(env, tmp_path, monkeypa
     assert MlflowClient(env["uri"]).get_metric_history(dead_run, "train/loss")  # it had been training
 
 
+@pytest.mark.slow
 def test_run_worker_reports_only_through_its_callback(env, tmp_path, capsys):
     path = write_matrix(env, tmp_path, "events", arms=ARM_GPT)
     events: list[TuneEvent] = []

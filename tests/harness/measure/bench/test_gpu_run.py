@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[4]
 SCRIPT = REPO / "reports" / "benchmarks" / "gpu-run.sh"
 STEPS = ("tests", "train-gpt2", "train-kimi", "moe", "decode", "muon-kimi", "muon-gpt2", "optim", "attention",
          "proposals")
 
 
+@pytest.mark.slow
 def test_cpu_rehearsal_writes_one_record(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "KIMI_BENCH_GIT_COMMIT": "rehearsal", "SITE": str(tmp_path / "site")}
@@ -47,7 +50,7 @@ def test_bad_options_are_one_line_errors(tmp_path):
     assert done.returncode != 0 and "OUT is not set" in done.stderr
 
 
-# What the H200 image's python3 has (/work/.library/device/KINDS.md) plus the wheels carried in .whl/.
+# What the H200 image's python3 has (docs/gpu-image.md) plus the wheels carried in .whl/.
 IMAGE_MODULES = {"torch", "typer", "click", "rich", "markdown_it", "mdurl", "pygments", "shellingham", "numpy",
                  "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec", "triton", "packaging",
                  "typing_extensions", "yaml", "annotated_doc", "pydantic", "pydantic_core", "annotated_types",
@@ -56,6 +59,7 @@ IMAGE_MODULES = {"torch", "typer", "click", "rich", "markdown_it", "mdurl", "pyg
                  "jaraco", "more_itertools", "backports"}
 
 
+@pytest.mark.slow
 def test_bench_imports_only_what_the_gpu_image_has():
     code = ("import sys, harness.measure.bench.suite, harness.measure.bench.kit;"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")

@@ -20,6 +20,7 @@ VOCAB = 256
 FAST = TimingSettings(repeats=1, warmup=0, rounds=1, min_run_time=0.001)
 
 
+@pytest.mark.slow
 def test_train_step_rows_on_cpu():
     gpt = bench_train_step("gpt", "tiny", "cpu", micro_batch=2, vocab_size=VOCAB, peak_flops=1e12,
                            matmul_peak=1e10, timing=FAST)
@@ -40,6 +41,7 @@ def test_train_step_rows_on_cpu():
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
 
 
+@pytest.mark.slow
 def test_train_step_failure_is_a_row_not_an_exception():
     row = bench_train_step("gpt", "tiny", "cpu", optimizer="lion", micro_batch=2, vocab_size=VOCAB, timing=FAST)
     assert row["status"].startswith("error: UserError: optimizer: unknown name 'lion'")
@@ -75,6 +77,7 @@ def test_moe_layer_rows():
     assert len(profiled) == 1 and profiled[0]["layer"].startswith("moe/")
 
 
+@pytest.mark.slow
 def test_decode_rows_measure_the_cache():
     rows = bench_decode("gpt", "tiny", "cpu", batch_sizes=(1, 2), prompt_len=8, new_tokens=2, vocab_size=VOCAB,
                         timing=FAST)

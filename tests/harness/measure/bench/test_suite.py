@@ -21,6 +21,7 @@ VOCAB = 256
 FAST = dict(timing=TimingSettings(repeats=1, warmup=0, rounds=1, min_run_time=0.001))
 
 
+@pytest.mark.slow
 def test_run_suite_writes_a_complete_record(tmp_path):
     out = tmp_path / "rec.md"
     results = run_suite("cpu", ["tiny"], ["gpt", "gpt-mla", "kimi"], [False], out, micro_batch=2,
@@ -56,6 +57,7 @@ def test_run_suite_keeps_finished_sections_when_one_fails(tmp_path, monkeypatch)
     assert "No rows yet" in text and "Not run (section not selected)" in text
 
 
+@pytest.mark.slow
 def test_append_builds_one_record_from_steps(tmp_path):
     out = tmp_path / "record.md"
     run_suite("cpu", ["tiny"], ["gpt"], [False], out, sections=["train"], optimizers=["adamw"], micro_batch=2,
@@ -72,6 +74,7 @@ def test_append_builds_one_record_from_steps(tmp_path):
         run_suite("cpu", ["tiny"], ["gpt"], [False], None, append=True, **FAST)
 
 
+@pytest.mark.slow
 def test_merge_records_combines_runs(tmp_path):
     first, second = tmp_path / "a.md", tmp_path / "b.md"
     run_suite("cpu", ["tiny"], ["gpt"], [False], first, sections=["train"], optimizers=["adamw"], micro_batch=2,
@@ -111,6 +114,7 @@ def _app() -> typer.Typer:
     return app
 
 
+@pytest.mark.slow
 def test_bench_command_options(tmp_path):
     out = tmp_path / "cli.md"
     result = CliRunner().invoke(_app(), [
