@@ -147,8 +147,7 @@ CLAIMS: list[Claim] = [
 def identical_arms(curves: pd.DataFrame) -> dict[str, str]:
     """{folded arm: the arm it equals}: a muonclip arm whose val-loss curve equals its variant's muon arm at every
     eval both logged, on every seed both ran (QK-Clip never fired, so they computed the same thing). A seed only
-    one of them ran (an extra seed) does not prevent the fold: the shared seeds decide; at least one shared seed
-    with two shared evals is needed."""
+    one of them ran (an extra seed) does not prevent the fold: the shared seeds decide (at least one)."""
     out = {}
     if curves.empty:
         return out
@@ -162,7 +161,7 @@ def identical_arms(curves: pd.DataFrame) -> dict[str, str]:
             continue
         a, b = a[a.seed.isin(shared)], b[b.seed.isin(shared)]
         m = a.merge(b, on=["seed", "step"], suffixes=("_a", "_b"))
-        if m.groupby("seed").size().min() >= 2 and len(m) == len(a) == len(b) and \
+        if len(m) and len(m) == len(a) == len(b) and \
                 np.allclose(m.loss_a, m.loss_b, rtol=1e-12, atol=0):
             out[arm] = twin
     return out

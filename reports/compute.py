@@ -170,7 +170,7 @@ def to_target(curves: pd.DataFrame, a_arm: str, b_arm: str, axis: str = "tokens"
     df = pd.DataFrame(rows, columns=["arm", "seed", "x", "censored"])
     side = {k: df[df.arm.eq(arm)].groupby("seed").agg(x=("x", "mean"), censored=("censored", "any"))
             for k, arm in (("a", a_arm), ("b", b_arm))}
-    per = side["a"].join(side["b"], lsuffix="_a", rsuffix="_b", how="inner").reset_index()
+    per = side["a"].merge(side["b"], left_index=True, right_index=True, suffixes=("_a", "_b")).reset_index()
     per = per.rename(columns={"x_a": "a", "x_b": "b", "censored_a": "a_censored", "censored_b": "b_censored"})
     per = per.dropna(subset=["a", "b"])
     both = per.a_censored & per.b_censored

@@ -198,12 +198,19 @@ def _direction(claimed) -> int:
 
 # ----------------------------------------------------------------------------- the tests
 
+def zero_spread(x: np.ndarray) -> bool:
+    """No spread over seeds: sd 0, or below 1e-9 of the mean (float rounding of identical values, e.g. 0.1 three
+    times, gives sd ~1e-17 and a t of ~1e16: a p of 0 from nothing)."""
+    sd = float(x.std(ddof=1))
+    return sd == 0 or sd <= 1e-9 * abs(float(x.mean()))
+
+
 def t_p_value(d) -> float:
     """Two-sided one-sample t-test of mean(d) = 0 (df = n - 1). NaN with fewer than 2 finite values or zero spread:
     identical differences over seeds give no estimate of the noise, so no test (never p = 0)."""
     x = np.asarray(d, dtype=float)
     x = x[np.isfinite(x)]
-    if len(x) < 2 or float(x.std(ddof=1)) == 0:
+    if len(x) < 2 or zero_spread(x):
         return math.nan
     return float(_st.ttest_1samp(x, 0.0).pvalue)
 
@@ -214,7 +221,7 @@ def tost_p_value(d, margin: float) -> float:
     margin."""
     x = np.asarray(d, dtype=float)
     x = x[np.isfinite(x)]
-    if len(x) < 2 or not (margin > 0) or float(x.std(ddof=1)) == 0:
+    if len(x) < 2 or not (margin > 0) or zero_spread(x):
         return math.nan
     se = float(x.std(ddof=1)) / math.sqrt(len(x))
     df = len(x) - 1
