@@ -93,14 +93,16 @@ def stable_evals(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     these every arm is at the same learning rate at every token count, so a loss read mid-run compares with
     another arm's. Progress = step / the run's last eval step (seconds / train.seconds for a wall-clock budget)."""
     meta = runs.set_index("run_id")
+
+    def number(col: str, rid: str) -> float:     # params are text: "0.2", or "null" for an unset budget
+        return float(pd.to_numeric(meta[col].get(rid), errors="coerce")) if col in meta else math.nan
+
     keep = []
     for rid, g in curves.groupby("run_id", sort=False):
-        cool = float(meta[COOLDOWN_PARAM].get(rid, 0.2)) if COOLDOWN_PARAM in meta else 0.2
-        secs = meta[SECONDS_PARAM].get(rid) if SECONDS_PARAM in meta else None
-        if secs is not None and not pd.isna(secs):
-            progress = g.seconds / float(secs)
-        else:
-            progress = g.step / max(float(g.step.max()), 1.0)
+        cool = number(COOLDOWN_PARAM, rid)
+        cool = cool if math.isfinite(cool) else 0.2
+        secs = number(SECONDS_PARAM, rid)
+        progress = g.seconds / secs if math.isfinite(secs) else g.step / max(float(g.step.max()), 1.0)
         keep.append(g[progress <= 1 - cool + 1e-9])
     return pd.concat(keep) if keep else curves.iloc[0:0]
 

@@ -346,8 +346,8 @@ def _claims_section(rows, folded: dict[str, str], match, family_size: int = 0, o
     for r in sorted(rows, key=lambda r: r.verdict == NOT_MEASURED):
         text = r.claim.text + (f" [{r.label}]" if r.label else "")
         verdict = f"**{r.verdict}**" if r.verdict not in (NOT_MEASURED,) else r.verdict
-        why = getattr(r, "why", "")
-        table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, _p_cell(r), verdict, why or "n/a"])
+        why = getattr(r, "why", "") or ("the speed rule below" if r.claim.kind == "speed" and r.a else "n/a")
+        table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, _p_cell(r), verdict, why])
     header = ["claim", "paper (Kimi vs GPT)", "A measured", "B measured", "A vs B", "p → Holm p", "verdict",
               "why (the rule's branch)"]
     notes = [

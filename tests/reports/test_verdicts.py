@@ -118,6 +118,7 @@ def _compute_runs(curves: pd.DataFrame, schedule="wsd") -> pd.DataFrame:
     if schedule:
         runs["param.train.schedule"] = schedule
         runs["param.train.cooldown_frac"] = "0.2"
+        runs["param.train.seconds"] = "null"          # as MLflow holds an unset budget
     return runs.reset_index(drop=True)
 
 
