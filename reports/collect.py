@@ -293,7 +293,8 @@ def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _matrix_frame(matrices: list[Run]) -> pd.DataFrame:
-    match = (names.MATCH_BY, names.MATCH_REFERENCE, names.MATCH_TOLERANCE)
+    match = (names.MATCH_BY, names.MATCH_REFERENCE, names.MATCH_TOLERANCE,
+             "verdicts.target_loss", "verdicts.loss_margin", "verdicts.ratio_margin")   # [verdicts]: the report's
     rows = [{"run_id": r.info.run_id, "start_time": _ms_to_time(r.info.start_time),
              "command": r.data.tags.get(names.TAG_COMMAND),
              "git_commit": r.data.tags.get(names.TAG_GIT) or r.data.tags.get(schema.TAG_SOURCE_GIT),

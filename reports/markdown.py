@@ -12,6 +12,7 @@ Deterministic: the same runs give a byte-identical report.md (no wall-clock time
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -233,58 +234,93 @@ def _match_of(c: Collected, runs: pd.DataFrame) -> tuple[str, float] | None:
     return cands[0] if cands else None
 
 
-def _claims_section(rows, folded: dict[str, str], match) -> str:
+VERDICTS_DOC = "docs/verdicts.md"
+
+
+def _docs_link(out_dir: Path | None) -> str:
+    """A link to docs/verdicts.md relative to the report when the report is written inside the repository, else
+    the repository path."""
+    doc = Path(__file__).resolve().parent.parent / VERDICTS_DOC
+    if out_dir is not None and doc.is_file():
+        try:
+            rel = Path(os.path.relpath(doc, Path(out_dir).resolve()))
+            if not rel.as_posix().startswith("../" * 6):
+                return f"[How verdicts are decided]({rel.as_posix()})"
+        except ValueError:      # another drive (Windows)
+            pass
+    return f"How verdicts are decided: `{VERDICTS_DOC}` in the kimi-bench repository"
+
+
+def _p_cell(r) -> str:
+    """'diff p → Holm p; eq p → Holm p' for rows in the Holm family; the raw p of an exploratory row."""
+    if getattr(r, "exploratory", False):
+        return f"{r.p:.3g} (exploratory, not in the Holm family)" if math.isfinite(r.p) else "n/a"
+    parts = []
+    if math.isfinite(r.p):
+        parts.append(f"diff {r.p:.3g} → {r.p_adj:.3g}")
+    p_eq = getattr(r, "p_eq", math.nan)
+    if math.isfinite(p_eq):
+        parts.append(f"eq {p_eq:.3g} → {r.p_eq_adj:.3g}")
+    return "; ".join(parts) or "n/a"
+
+
+def _claims_section(rows, folded: dict[str, str], match, family_size: int = 0, out_dir: Path | None = None) -> str:
     from reports.speed import SPEED_RULE, noisy_threshold
-    from reports.stats import HOLM_RULE, VERDICT_RULE
+    from reports.stats import EXACT_RULE, VERDICT_RULE
 
     table = []
     # what was measured first (a scaling matrix without a Muon-vs-AdamW pair has a dozen "not measured" rows)
     for r in sorted(rows, key=lambda r: r.verdict == NOT_MEASURED):
         text = r.claim.text + (f" [{r.label}]" if r.label else "")
-        p = "n/a" if not math.isfinite(r.p) else f"{r.p:.3g} → {r.p_adj:.3g}"
-        table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, p, f"**{r.verdict}**"
-                      if r.verdict not in (NOT_MEASURED,) else r.verdict])
-    header = ["claim", "paper (Kimi vs GPT)", "A measured", "B measured", "A vs B", "p → Holm p", "verdict"]
+        verdict = f"**{r.verdict}**" if r.verdict not in (NOT_MEASURED,) else r.verdict
+        why = getattr(r, "why", "") or ("the speed rule below" if r.claim.kind == "speed" and r.a else "n/a")
+        table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, _p_cell(r), verdict, why])
+    header = ["claim", "paper (Kimi vs GPT)", "A measured", "B measured", "A vs B", "p → Holm p", "verdict",
+              "why (the rule's branch)"]
     notes = [
+        _docs_link(out_dir) + ": the rules below, their margins and thresholds and the reasons for their defaults.",
         "A = Kimi (kimi+muon, else kimi+muonclip) and B = GPT (gpt+adamw) for the paper's table pair; optimizer "
         "claims compare optimizers within each variant. The paper's perplexities were measured with GPT-2 BPE "
         "tokens on other data: compare bits per byte between tokenizers, never perplexities.",
-        "Exact facts (parameters, checkpoint bytes, KV bytes and FLOPs per token) are deterministic: the verdict "
-        "compares the values at the claim's own rounding, no interval. \"Same parameters\" is judged only for a "
-        "matched matrix (within its match tolerance) and states the gap; otherwise **not matched**"
-        + ("" if match else " (no [match] section is recorded on these runs)") + ".",
-        "Compute to target: the tokens (FLOPs, seconds) each arm needs to reach a val loss both reach, "
-        "interpolated between evals; target = the worse arm's final val loss unless the matrix sets one; "
-        "A/B < 1 means A needs less; geometric mean over seeds with a 95% t-interval of the log ratio.",
-        VERDICT_RULE.split(" A claim of equality")[0] + " (Statistical rows.)",
-        HOLM_RULE,
+        VERDICT_RULE + f" Holm family of this table: {family_size} p-value(s) (a difference and an equivalence "
+        "test per tested row; exploratory rows are not in it).",
+        "Compute to target: the tokens, FLOPs and seconds each arm needs to reach the target val loss (the LAST "
+        "crossing: the curve stays at or below it from there; interpolated between evals); one claim per pair, "
+        "tested on its named axis, the other axes beside it. A seed whose curve ends above the target is "
+        "censored: it enters at the compute it had (a lower bound) and cannot count in its own arm's favour. "
+        "Tested only with a target set before the runs ([verdicts] target_loss) on a WSD schedule, reading the "
+        "stable-phase evals; otherwise exploratory. A/B < 1 means A needs less; geometric mean over seeds.",
+        EXACT_RULE + ("" if match else " (no [match] section is recorded on these runs)"),
         SPEED_RULE.format(noisy=noisy_threshold()) if any(r.claim.kind == "speed" for r in rows) else "",
     ]
     if folded:
         notes.insert(0, "Identical arms folded: " + "; ".join(
-            f"`{a}` equals `{b}` at every eval of every seed (QK-Clip never fired), so its rows are `{b}`'s"
-            for a, b in sorted(folded.items())) + ".")
+            f"`{a}` equals `{b}` at every eval of every seed both ran (QK-Clip never fired), so its rows are "
+            f"`{b}`'s" for a, b in sorted(folded.items())) + ".")
     return md_table(header, table) + "\n\n" + "\n\n".join(n for n in notes if n)
 
 
 def _compute_section(curves: pd.DataFrame, runs: pd.DataFrame, pairs, target) -> str:
-    from reports.compute import AXES, to_target
+    from reports.compute import AXES, schedule_of, stable_evals, to_target
 
     rows = []
     for label, pr in _presets(runs):
         cur = curves[curves.run_id.isin(pr.run_id)]
+        if schedule_of(pr) == "wsd":
+            cur = stable_evals(cur, pr)
         for a, b in pairs(pr):
             for axis in AXES:
                 t = to_target(cur, a, b, axis, target)
                 if t.n == 0:
                     continue
                 med = t.per_seed.median(numeric_only=True)
+                cens = len(t.censored("a")) + len(t.censored("b"))
                 rows.append([f"{a} vs {b}" + (f" [{label}]" if label else ""), AXES[axis], fmt(t.target),
-                             fmt(med["a"]), fmt(med["b"]), fmt_ci(t.multiplier), t.n])
+                             fmt(med["a"]), fmt(med["b"]), fmt_ci(t.multiplier), t.n, cens])
     if not rows:
         return "No pair of arms reaches a common val loss on a shared seed."
     return md_table(["A vs B", "to target", "target val loss", "A (median)", "B (median)",
-                     "multiplier A/B [95% CI]", "seeds"], rows) + (
+                     "multiplier A/B [95% CI]", "seeds", "censored seeds"], rows) + (
         "\n\nSeconds are training wall-clock on the host that ran the trials (shared hosts slow some runs).")
 
 
@@ -292,7 +328,8 @@ def _paired_section(runs: pd.DataFrame, rows) -> str:
     """Paired differences only for the (statistical) comparisons the claims use."""
     from reports.stats import paired_differences
 
-    used = sorted({(r.a, r.b, r.claim.metric, r.label) for r in rows if r.claim.kind == "stat" and r.a})
+    used = sorted({(r.a, r.b, m, r.label) for r in rows if r.claim.kind == "stat" and r.a
+                   for m in (r.claim.metric, *getattr(r.claim, "also", ()))})
     out = []
     for a, b, metric, label in used:
         pr = runs if not label else runs[runs.preset.astype(str).eq(label)]
@@ -387,11 +424,31 @@ def _repro_section(c: Collected, runs: pd.DataFrame, command: str | None) -> str
 
 # ----------------------------------------------------------------------------- one block, the report
 
-def _target_of(c: Collected, runs: pd.DataFrame) -> float | None:
-    col = "param.report.target_loss"
-    if col in runs and runs[col].notna().any():
-        return float(runs[col].dropna().iloc[0])
+VERDICT_SETTINGS = ("verdicts.target_loss", "verdicts.loss_margin", "verdicts.ratio_margin")
+
+
+def _setting(c: Collected, runs: pd.DataFrame, key: str) -> float | None:
+    """A [verdicts] setting of the matrix invocation that ran these trials (its parent run's param), else None."""
+    m = c.matrix_runs
+    if len(m) and key in m:
+        mine = m[m.run_id.isin(set(runs.parent_run_id.dropna()))] if "parent_run_id" in runs else m
+        vals = pd.to_numeric(mine[key], errors="coerce").dropna()     # "None": the field was not set
+        if len(vals):
+            return float(vals.iloc[-1])
     return None
+
+
+def _verdict_settings(c: Collected, runs: pd.DataFrame):
+    """(target loss fixed before the runs or None, Margins) from the matrix's [verdicts] section."""
+    from reports.stats import Margins
+
+    target = _setting(c, runs, "verdicts.target_loss")
+    legacy = "param.report.target_loss"          # an older spelling, on the trial runs
+    if target is None and legacy in runs and runs[legacy].notna().any():
+        target = float(runs[legacy].dropna().iloc[0])
+    loss, ratio = (_setting(c, runs, k) for k in VERDICT_SETTINGS[1:])
+    d = Margins()
+    return target, Margins(loss if loss is not None else d.loss_nats, ratio if ratio is not None else d.ratio)
 
 
 def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, fig_dir: Path, figures: bool,
@@ -405,16 +462,17 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
     folded = cl.identical_arms(curves)
     match = _match_of(c, runs)
     speed_rows = speed_rows_for(c.speed, runs)
-    target = _target_of(c, runs)
+    target, margins = _verdict_settings(c, runs)
     rows = []
     for label, pr in _presets(fin):
         ctx = cl.Context(pr, curves[curves.run_id.isin(pr.run_id)],
                          speed_rows[speed_rows.preset.astype(str).eq(label)] if label and len(speed_rows)
-                         else speed_rows, match, folded, target)
+                         else speed_rows, match, folded, target, margins)
         rows += cl.claim_rows(ctx, label)
-    cl.apply_holm(rows)
-    rows += cl.fitted_rows(fin, curves, folded)
-    sections = [_scope_banner(runs, match), f"{heading}Claims vs measured", _claims_section(rows, folded, match)]
+    family_size = cl.apply_holm(rows)
+    rows += cl.fitted_rows(fin, curves, folded, target)
+    sections = [_scope_banner(runs, match), f"{heading}Claims vs measured",
+                _claims_section(rows, folded, match, family_size, out_dir)]
     if figures:
         sections.append(first_figure(runs, hist, fig_dir, out_dir))
 

@@ -1,7 +1,10 @@
-"""Statistics over seeds: mean, 95% confidence intervals, paired differences, claim verdicts.
+"""Statistics over seeds: mean, 95% confidence intervals, paired differences, and the verdict rules.
 
 Each trial (one seed) is one sample. With n >= 2 the interval is Student-t: mean +- t(0.975, n-1) * s/sqrt(n)
 (s = sample std, ddof=1); with n == 1 it is undefined (NaN), and verdicts built on it are "inconclusive".
+The rules (docs/verdicts.md): a paired t-test and a TOST equivalence test per claim, Holm across the table
+(VERDICT_RULE, `decide`); exact facts against a relative threshold (EXACT_RULE, `exact_verdict`). `Verdict`
+carries the word and the branch of the rule that produced it.
 """
 
 from __future__ import annotations
@@ -16,27 +19,62 @@ from scipy import stats as _st
 from reports import names
 
 LEVEL = 0.95
+ALPHA = 1 - LEVEL      # family-wise error rate of the Holm step
 N_BOOT = 10_000
 BOOT_SEED = 0
-# Practical-equivalence margin, as a fraction of the reference (B) arm's mean: a difference whose whole
-# 95% CI lies within +-2% of B is "practically equal".
-EQUIVALENCE_MARGIN = 0.02
 # Lower is more stable for both (coefficient of variation; 99th percentile over the median of grad/norm).
 STABILITY_METRICS = (names.GRAD_NORM_CV, names.GRAD_NORM_P99_OVER_MEDIAN)
 
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
+EQUIVALENT = "equivalent"                   # shown as "equivalent within ±m"
+BELOW_MARGIN = "real, below the margin"     # shown as "real, below the margin ±m"
+EXPLORATORY = "exploratory"                 # outside the Holm family: no verdict
+
+# Equivalence margins, set before the runs (matrix [verdicts] overrides them; docs/verdicts.md gives the reasons).
+LOSS_MARGIN_NATS = 0.02   # losses: 0.02 nats = 2% in perplexity; seed-to-seed spread at small scale, and a tenth
+#                           of the paper's 0.23-nat (18.1 vs 22.8 ppl) claim
+RATIO_MARGIN = 0.10       # ratios (grad-norm CV, p99/median, compute multipliers): a 10% change
+EXACT_THRESHOLD = 0.01    # exact facts: a 1% gap between deterministic counts
+
+
+@dataclass(frozen=True)
+class Margins:
+    """The equivalence margins of one report (matrix [verdicts] loss_margin / ratio_margin, else the defaults)."""
+    loss_nats: float = LOSS_MARGIN_NATS
+    ratio: float = RATIO_MARGIN
+
 VERDICT_RULE = (
-    "Verdict rule: d = A - B for each seed both arms finished (paired on seed); 95% Student-t CI of the "
-    "mean of d, read in the claimed direction (sign flipped when the claim is 'A lower'). "
-    "**supported**: the CI excludes zero on the claimed side. "
-    "**not supported**: the CI excludes zero on the other side, or the whole CI lies within "
-    f"+-{EQUIVALENCE_MARGIN:.0%} of B's mean (practically equal). "
-    "**inconclusive**: anything else, including fewer than 2 paired seeds (no interval). "
-    "A claim of equality (e.g. parameter counts) is supported when the whole CI lies within "
-    f"+-{EQUIVALENCE_MARGIN:.0%} of B's mean, not supported when the CI lies entirely outside that margin, "
-    "inconclusive otherwise."
+    "Verdict rule (rows with a p-value): per claim and pair of arms, d = A − B per seed both arms finished "
+    "(paired on seed; log A − log B for ratios and multipliers). Two tests: a two-sided paired t-test of "
+    "mean d = 0 (p_diff) and an equivalence test (TOST: two one-sided t-tests) of |mean d| < m (p_eq), m the "
+    "margin set before the runs and shown in the row. Every p_diff and p_eq of the table is Holm-corrected "
+    "together (step-down, family-wise error 5%); with the adjusted values: "
+    "**supported**: p_diff < 0.05, mean on the claimed side, p_eq ≥ 0.05; "
+    "**real, below the margin**: p_diff < 0.05 on the claimed side and p_eq < 0.05 (a real difference smaller "
+    "than m); **not supported**: p_diff < 0.05, mean on the other side; "
+    "**equivalent within ±m**: p_eq < 0.05 and p_diff ≥ 0.05; **inconclusive**: neither adjusted p below 0.05, "
+    "or no test (fewer than 2 paired seeds, or zero spread over seeds). A claim measured two ways (stability: "
+    "grad-norm CV and p99/median) is one claim: each p is the larger of its two measures' (intersection-union), "
+    "and a side counts only when both measures are on it. The 95% intervals printed are unadjusted: one can "
+    "exclude 0 while the Holm-adjusted p is at or above 0.05 (then the row is not supported on its direction)."
 )
 
-SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one row and the branch of the rule that produced it, as printed in the table."""
+    word: str             # SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, EQUIVALENT, BELOW_MARGIN, EXPLORATORY, ...
+    rule: str             # why, with the numbers: "Holm p_diff 0.013 < 0.05, on the claimed side; ..."
+    margin: str = ""      # the equivalence margin in words ("0.02 nats", "10%"), for EQUIVALENT / BELOW_MARGIN
+
+    @property
+    def text(self) -> str:
+        """The verdict as the table shows it: 'equivalent within ±0.02 nats', 'supported', ..."""
+        if self.word == EQUIVALENT:
+            return f"equivalent within ±{self.margin}"
+        if self.word == BELOW_MARGIN:
+            return f"real, below the margin ±{self.margin}"
+        return self.word
 
 
 @dataclass(frozen=True)
@@ -158,47 +196,78 @@ def _direction(claimed) -> int:
     return int(claimed)
 
 
-def verdict(diff_low: float, diff_high: float, claimed_direction, n: int, margin: float = 0.0) -> str:
-    """Apply VERDICT_RULE to the CI [diff_low, diff_high] of A - B.
+# ----------------------------------------------------------------------------- the tests
 
-    claimed_direction: +1/"higher" (claim: A > B), -1/"lower" (A < B), 0/"equal" (A ~ B).
-    margin: practical-equivalence half-width in the metric's units (the report passes
-    EQUIVALENCE_MARGIN * |mean of B|); 0 disables the equivalence part of the rule.
-    """
-    d = _direction(claimed_direction)
-    if n < 2 or not (math.isfinite(diff_low) and math.isfinite(diff_high)):
-        return INCONCLUSIVE
-    within = -margin <= diff_low and diff_high <= margin
-    if d == 0:
-        if margin > 0 and within:
-            return SUPPORTED
-        if diff_low > margin or diff_high < -margin:
-            return NOT_SUPPORTED
-        return INCONCLUSIVE
-    low, high = sorted((d * diff_low, d * diff_high))   # difference measured in the claimed direction
-    if low > 0:
-        return SUPPORTED
-    if high < 0 or (margin > 0 and within):
-        return NOT_SUPPORTED
-    return INCONCLUSIVE
+def zero_spread(x: np.ndarray) -> bool:
+    """No spread over seeds: sd 0, or below 1e-9 of the mean (float rounding of identical values, e.g. 0.1 three
+    times, gives sd ~1e-17 and a t of ~1e16: a p of 0 from nothing)."""
+    sd = float(x.std(ddof=1))
+    return sd == 0 or sd <= 1e-9 * abs(float(x.mean()))
 
 
-def paired_verdict(p: Paired, claimed_direction, rel_margin: float = EQUIVALENCE_MARGIN) -> str:
-    """verdict() on a Paired result, margin = rel_margin * |mean of B over the paired seeds|."""
-    margin = rel_margin * abs(p.b_mean) if math.isfinite(p.b_mean) else 0.0
-    return verdict(p.diff.low, p.diff.high, claimed_direction, p.n, margin)
+def t_p_value(d) -> float:
+    """Two-sided one-sample t-test of mean(d) = 0 (df = n - 1). NaN with fewer than 2 finite values or zero spread:
+    identical differences over seeds give no estimate of the noise, so no test (never p = 0)."""
+    x = np.asarray(d, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2 or zero_spread(x):
+        return math.nan
+    return float(_st.ttest_1samp(x, 0.0).pvalue)
+
+
+def tost_p_value(d, margin: float) -> float:
+    """TOST (two one-sided t-tests) of |mean(d)| < margin: the larger of the p-values of H0: mean <= -margin and
+    H0: mean >= +margin, each a one-sided t-test with df = n - 1. NaN with fewer than 2 values, zero spread or no
+    margin."""
+    x = np.asarray(d, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2 or not (margin > 0) or zero_spread(x):
+        return math.nan
+    se = float(x.std(ddof=1)) / math.sqrt(len(x))
+    df = len(x) - 1
+    p_low = float(_st.t.sf((x.mean() + margin) / se, df))     # against mean <= -margin
+    p_high = float(_st.t.cdf((x.mean() - margin) / se, df))   # against mean >= +margin
+    return max(p_low, p_high)
+
+
+def paired_p_value(p: Paired) -> float:
+    """Two-sided paired t-test of mean(A - B) = 0; NaN with fewer than 2 pairs or zero spread."""
+    return t_p_value(p.pairs["diff"] if p.n else [])
+
+
+def _p(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.3g}"
+
+
+def decide(side: int, p_diff_adj: float, p_eq_adj: float, margin: str, alpha: float = ALPHA,
+           no_test: str = "fewer than 2 paired seeds or zero spread: no test") -> Verdict:
+    """VERDICT_RULE on one row, from its Holm-adjusted p-values.
+
+    side: +1 when the estimate (every measure of it) lies on the claimed side of zero, -1 on the other side,
+    0 when mixed or zero. margin: the equivalence margin in words (shown in the verdict)."""
+    if not (math.isfinite(p_diff_adj) or math.isfinite(p_eq_adj)):
+        return Verdict(INCONCLUSIVE, no_test, margin)
+    diff = math.isfinite(p_diff_adj) and p_diff_adj < alpha
+    eq = math.isfinite(p_eq_adj) and p_eq_adj < alpha
+    why = (f"Holm p_diff {_p(p_diff_adj)} {'<' if diff else '≥'} {alpha:g}; "
+           f"Holm p_eq {_p(p_eq_adj)} {'<' if eq else '≥'} {alpha:g} (margin ±{margin})")
+    if diff and side > 0:
+        return Verdict(BELOW_MARGIN if eq else SUPPORTED, why + "; claimed side", margin)
+    if diff and side < 0:
+        return Verdict(NOT_SUPPORTED, why + "; other side", margin)
+    if eq:
+        return Verdict(EQUIVALENT, why, margin)
+    return Verdict(INCONCLUSIVE, why + ("; measures on different sides" if diff else ""), margin)
+
+
+def side_of(direction: int, means) -> int:
+    """+1 when every mean difference is on the claimed side (direction +1: A higher), -1 when every one is on the
+    other side, 0 otherwise."""
+    signs = {int(np.sign(direction * m)) for m in means if math.isfinite(m)}
+    return signs.pop() if len(signs) == 1 and 0 not in signs else 0
 
 
 # ----------------------------------------------------------------------------- multiplicity (Holm)
-
-HOLM_RULE = (
-    "Multiplicity: the rows with a p-value (paired two-sided t-test over seeds, or of the log ratio for "
-    "compute multipliers) are Holm-corrected together (step-down, family-wise error 5%): a row is supported "
-    "or not supported on its direction only when its Holm-adjusted p is below 0.05; practical equality "
-    "(the whole 95% CI within ±2% of B) still reads not supported. Exact facts (counts, bytes) and "
-    "controlled speed measurements have no p-value and are judged on their own rule."
-)
-
 
 def holm(pvalues) -> list[float]:
     """Holm-adjusted p-values (step-down, made monotone, capped at 1); NaN stays NaN and is not counted."""
@@ -213,47 +282,30 @@ def holm(pvalues) -> list[float]:
     return out
 
 
-def paired_p_value(p: Paired) -> float:
-    """Two-sided paired t-test of mean(A - B) = 0; NaN with fewer than 2 pairs."""
-    d = p.pairs["diff"].to_numpy(float) if p.n else np.array([])
-    d = d[np.isfinite(d)]
-    if len(d) < 2:
-        return math.nan
-    sd = float(d.std(ddof=1))
-    if sd == 0:
-        return 0.0 if d.mean() != 0 else 1.0
-    return float(_st.ttest_1samp(d, 0.0).pvalue)
+# ----------------------------------------------------------------------------- exact facts
+
+EXACT_RULE = (
+    "Exact-fact rule (deterministic values: counts, bytes; no interval, no p): the relative gap g = (A − B) / |B| "
+    "is computed unrounded and compared with the claim's threshold t (shown in the row): **supported** when g is "
+    "beyond t on the claimed side, **not supported** when beyond t on the other side, **equivalent within ±t** "
+    "otherwise. \"Same parameters\": supported when |g| is within the matrix's match tolerance, else not "
+    "supported; **not matched** for a matrix without [match]."
+)
 
 
-def holm_verdict(mean_diff: float, low: float, high: float, direction: int, p_adjusted: float, n: int,
-                 margin: float = 0.0, alpha: float = 1 - LEVEL) -> str:
-    """Verdict of a directional claim after Holm: the direction counts only where the adjusted p < alpha."""
-    if n < 2 or not math.isfinite(p_adjusted):
-        return INCONCLUSIVE
-    if margin > 0 and math.isfinite(low) and -margin <= low and high <= margin:
-        return NOT_SUPPORTED                       # practically equal
-    if p_adjusted < alpha:
-        return SUPPORTED if direction * mean_diff > 0 else NOT_SUPPORTED
-    return INCONCLUSIVE
-
-
-def exact_verdict(a: float, b: float, direction: int, digits: int | None = None,
-                  tolerance: float | None = None) -> str:
-    """Deterministic values judged exactly. direction +1/-1: A higher/lower than B after rounding both to the
-    claim's own `digits` significant digits (None: unrounded). direction 0 (equality): |A - B| <= tolerance x |B|
-    (the matrix's match tolerance)."""
-    if not (math.isfinite(a) and math.isfinite(b)):
-        return INCONCLUSIVE
+def exact_verdict(a: float, b: float, direction: int, rel_threshold: float) -> Verdict:
+    """EXACT_RULE: A vs B unrounded; direction +1/-1 (A higher/lower, beyond rel_threshold), 0 (equality: |gap| <=
+    rel_threshold, the match tolerance)."""
+    if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+        return Verdict(INCONCLUSIVE, "a value is missing or B is 0: no relative gap")
+    gap = (a - b) / abs(b)
+    t = f"{100 * rel_threshold:g}%"
+    why = f"relative gap {100 * gap:+.2f}%, threshold ±{t}"
     if direction == 0:
-        if tolerance is None:
-            raise ValueError("exact_verdict: an equality claim needs the match tolerance")
-        return SUPPORTED if abs(a - b) <= tolerance * abs(b) else NOT_SUPPORTED
-    ra, rb = (round_sig(v, digits) for v in (a, b))
-    return SUPPORTED if direction * (ra - rb) > 0 else NOT_SUPPORTED
-
-
-def round_sig(x: float, digits: int | None) -> float:
-    """x to `digits` significant digits (None or 0: unchanged)."""
-    if not digits or x == 0 or not math.isfinite(x):
-        return x
-    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
+        ok = abs(gap) <= rel_threshold
+        return Verdict(SUPPORTED if ok else NOT_SUPPORTED, why + ("; within" if ok else "; outside"), t)
+    if direction * gap > rel_threshold:
+        return Verdict(SUPPORTED, why + "; beyond it on the claimed side", t)
+    if direction * gap < -rel_threshold:
+        return Verdict(NOT_SUPPORTED, why + "; beyond it on the other side", t)
+    return Verdict(EQUIVALENT, why + "; within it", t)

@@ -19,6 +19,8 @@ by = "total"                         # "total" | "active"
 [model]                              # ModelDims overrides for every variant; [model.kimi] for one variant
 [optim.adamw]                        # OptimizerConfig overrides per optimizer name
 lr = 1e-3
+[verdicts]                           # optional: how the report judges (docs/verdicts.md); not in trial keys
+target_loss = 2.5                    # compute to target reads this val loss (set before the runs)
 ```
 Validation uses pydantic (already a dependency of MLflow): typed fields, unknown keys rejected with a suggestion.
 Every error is one line, `<file>: <section.field>: problem`, or `--set <section.field>: problem` for an override.
@@ -109,6 +111,14 @@ class MatchSection(_Strict):
         return self
 
 
+class VerdictsSection(_Strict):
+    """How the report judges the claims, fixed before the runs (not in trial keys: changing it retrains nothing).
+    Unset fields take the report's defaults (reports/stats.py; reasons in docs/verdicts.md)."""
+    target_loss: Annotated[float, Field(gt=0)] | None = None   # val loss (nats) the compute-to-target claims read
+    loss_margin: Annotated[float, Field(gt=0)] | None = None   # equivalence margin for losses, nats (default 0.02)
+    ratio_margin: Annotated[float, Field(gt=0, lt=1)] | None = None   # for ratios, relative (default 0.10)
+
+
 class MatrixFile(BaseModel):
     # not strict as a whole: TrainConfig is a pydantic dataclass that a strict model accepts only as an instance;
     # its fields, the sections' and these are strict one by one
@@ -123,6 +133,7 @@ class MatrixFile(BaseModel):
     model: dict[str, Any] = {}
     optim: dict[str, dict[str, Any]] = {}
     ray: dict[str, Any] = {}  # --executor ray scheduling (validated by harness.executors.ray; not in trial keys)
+    verdicts: VerdictsSection = Field(default_factory=VerdictsSection)  # the report's rule settings (not in keys)
 
 
 @dataclasses.dataclass
@@ -196,7 +207,7 @@ class Matrix:
 # the model at each path of the file (list indices dropped), for the "did you mean" of an unknown field
 _SECTIONS: dict[tuple[str, ...], type] = {
     (): MatrixFile, ("data",): DataConfig, ("train",): TrainConfig, ("matrix",): MatrixSection,
-    ("matrix", "arms"): Arm, ("match",): MatchSection,
+    ("matrix", "arms"): Arm, ("match",): MatchSection, ("verdicts",): VerdictsSection,
 }
 
 

@@ -283,6 +283,10 @@ class TrainConfig:
     warmup_steps: NonNegInt | None = None  # None: warmup_frac of the step budget
     warmup_frac: Fraction = 0.05  # this project's choice: 5% of the budget, scale-free (nanoGPT: 2000 of 600k)
     min_lr_ratio: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.1  # cosine decays to lr * 0.1 (nanoGPT)
+    # "wsd": warmup, constant, then linear decay over the last cooldown_frac (compute-to-target reads the constant
+    # phase: docs/verdicts.md); "cosine" (nanoGPT's) stays the default so existing trials keep their keys
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    cooldown_frac: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.2
     grad_clip: Annotated[float, Strict(), Field(ge=0)] = 1.0  # 0 disables clipping; grad/norm is measured before
     eval_interval: PositiveInt = 50
     eval_tokens: PositiveInt = 65536  # the fixed validation set: the first eval_tokens tokens of the val split
@@ -311,6 +315,16 @@ class TrainConfig:
         if self.tokens is not None:
             return max(1, self.tokens // self.tokens_per_step(block_size, world_size))
         return None
+
+
+def _train_params(train: TrainConfig) -> dict[str, Any]:
+    """The [train] fields as params; a cosine schedule omits schedule/cooldown_frac (cooldown means nothing
+    there), so trials from before the schedule option keep their keys and their groups."""
+    out = dataclasses.asdict(train)
+    if out["schedule"] == "cosine":
+        out.pop("schedule")
+        out.pop("cooldown_frac")
+    return out
 
 
 @dataclass(frozen=True)
@@ -343,7 +357,7 @@ class TrialSpec:
                "data_seed": self.effective_data_seed}
         return schema.flatten_params(top, {
             "model": variant_params(self.variant, self.dims), "optim": dataclasses.asdict(self.optim),
-            "train": dataclasses.asdict(self.train), "data": self.data,
+            "train": _train_params(self.train), "data": self.data,
         })
 
     @property

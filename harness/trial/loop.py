@@ -76,10 +76,19 @@ class TrialResult:
     out_dir: Path | None = None
 
 
-def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
-    """Linear warmup over the first `warmup` fraction, then cosine from 1 to min_ratio (nanoGPT's shape)."""
+def lr_factor(progress: float, warmup: float, min_ratio: float, schedule: str = "cosine",
+              cooldown: float = 0.2) -> float:
+    """Linear warmup over the first `warmup` fraction, then cosine from 1 to min_ratio (nanoGPT's shape), or with
+    schedule="wsd" (warmup-stable-decay) 1 until the last `cooldown` fraction, then linear down to min_ratio: every
+    arm sits at the same constant learning rate through the stable phase, so losses read there compare across
+    arms and token counts (reports/compute.py reads compute to target there)."""
     if progress < warmup:
         return (progress + 1e-12) / warmup if warmup > 0 else 1.0
+    if schedule == "wsd":
+        start = 1.0 - cooldown
+        if progress <= start:
+            return 1.0
+        return 1.0 - (1.0 - min_ratio) * min(1.0, (progress - start) / max(cooldown, 1e-12))
     span = max(1e-12, 1.0 - warmup)
     decay = min(1.0, (progress - warmup) / span)
     return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * decay))
@@ -219,7 +228,7 @@ class Trainer:
         t = self.spec.train
         use_steps = t.warmup_steps is not None and self.total_steps
         warmup = t.warmup_steps / self.total_steps if use_steps else t.warmup_frac
-        factor = lr_factor(self.budget_progress(), warmup, t.min_lr_ratio)
+        factor = lr_factor(self.budget_progress(), warmup, t.min_lr_ratio, t.schedule, t.cooldown_frac)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         return factor

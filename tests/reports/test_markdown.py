@@ -1,6 +1,7 @@
 import dataclasses
 import math
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -81,9 +82,13 @@ def test_claims_table_verdicts(report):
     verdicts = {k: v["verdict"] for k, v in claims.items()}
     # speed claims come from the controlled speed runs (median, IQR, n), not from the trials' single shots
     assert verdicts["Kimi infers faster (decode tokens/s, batch 1)"] == "**supported**"
-    assert verdicts["Kimi has lower perplexity (val ppl; bits/byte beside it)"] == "**supported**"
+    # the fixture scales both arms' perplexity by the same factor per seed: the log ratio has zero spread over
+    # seeds, so there is no test (never p = 0)
+    assert verdicts["Kimi has lower perplexity (val ppl; bits/byte beside it)"] == "**inconclusive**"
+    assert "zero spread" in claims["Kimi has lower perplexity (val ppl; bits/byte beside it)"][
+        "why (the rule's branch)"]
     assert verdicts["Same total parameters (M)"] == "**not matched**"        # the fixture logs no [match]
-    assert "+1.8%" in claims["Same total parameters (M)"]["A vs B"]
+    assert "+1.83%" in claims["Same total parameters (M)"]["A vs B"]
     assert verdicts["Kimi is smaller on disk (checkpoint MB)"] == "**supported**"
     assert verdicts["Kimi trains faster (controlled train step, tokens/s)"] == "**not supported**"
     assert verdicts["Kimi infers faster at larger batch (decode tokens/s, largest batch)"] == "**inconclusive**"
@@ -197,3 +202,35 @@ def test_fmt_pm():
     assert fmt_pm(Estimate(3, 22.838, 0.29, 22.125, 23.551)) == "22.84 ± 0.71"
     assert fmt_pm(Estimate(1, 5.0, math.nan, math.nan, math.nan)) == "5.000 (n=1)"
     assert fmt_pm(Estimate(0, math.nan, math.nan, math.nan, math.nan)) == "n/a"
+
+
+def test_each_row_states_the_branch_of_the_printed_rule_that_decided_it(collected, tmp_path):
+    """The rule printed under the table is the rule applied: a row in the Holm family shows its adjusted p's in
+    'p → Holm p' and the same numbers, compared with 0.05, in its 'why' cell. (Kimi's perplexity gets a per-seed
+    wobble so that its log ratio has spread and a test.)"""
+    from reports.stats import VERDICT_RULE
+    runs = collected.runs.copy()
+    kimi = runs.arm.eq("kimi+muon")
+    runs.loc[kimi, "val/ppl_final"] *= 1 + 0.004 * runs.loc[kimi, "seed"].astype(float) ** 2
+    md = write_report(dataclasses.replace(collected, runs=runs), tmp_path, figures=False).read_text()
+    assert VERDICT_RULE in md and "Holm family of this table:" in md
+    tested = 0
+    for text, row in table_rows(md, "## Claims vs measured").items():
+        cell, why = row["p → Holm p"], row["why (the rule's branch)"]
+        if "→" not in cell or "exploratory" in cell:
+            continue
+        tested += 1
+        adj = cell.split("diff ")[1].split(" → ")[1].split(";")[0]
+        assert f"Holm p_diff {adj} " in why, (text, cell, why)
+        below = float(adj) < 0.05
+        assert (row["verdict"] in ("**supported**", "**not supported**") or "real, below" in row["verdict"]) == \
+            (below and "different sides" not in why), (text, row["verdict"], why)
+    assert tested >= 1
+
+
+def test_the_report_links_the_verdicts_page_when_written_in_the_repository(tmp_path):
+    from reports.markdown import _docs_link
+    root = Path(__file__).resolve().parents[2]
+    assert _docs_link(root / "reports" / "out" / "smoke") == "[How verdicts are decided](../../../docs/verdicts.md)"
+    assert (root / "docs" / "verdicts.md").is_file()
+    assert "`docs/verdicts.md`" in _docs_link(None)

@@ -277,3 +277,21 @@ def test_an_optimizer_table_named_with_a_control_character_is_one_line(tmp_path)
         load_matrix(path)
     assert str(e.value).endswith("optim.'\\r': unknown name '\\r'; (choices: adamw, muon, muonclip)")
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_verdicts_section_and_wsd_schedule(tmp_path):
+    """[verdicts] holds the report's settings (not in trial keys); train.schedule = "wsd" is in the key, and a
+    cosine schedule logs no schedule params, so trials from before the option keep their keys."""
+    plain = load_matrix(write(tmp_path, VALID)).expand(256)
+    judged = load_matrix(write(tmp_path, VALID + "[verdicts]\ntarget_loss = 2.5\nloss_margin = 0.01\n"))
+    assert judged.spec.verdicts.target_loss == 2.5 and judged.spec.verdicts.ratio_margin is None
+    assert [t.key("h") for t in judged.expand(256)] == [t.key("h") for t in plain]
+    assert "train.schedule" not in plain[0].flat_params()
+    wsd = load_matrix(write(tmp_path, VALID.replace("steps = 10", "steps = 10\nschedule = \"wsd\""))).expand(256)
+    assert wsd[0].flat_params()["train.schedule"] == "wsd" and wsd[0].flat_params()["train.cooldown_frac"] == 0.2
+    assert wsd[0].key("h") != plain[0].key("h")
+    with pytest.raises(UserError) as e:
+        load_matrix(write(tmp_path, VALID + "[verdicts]\ntarget_los = 2.5\n"))
+    assert "verdicts.target_los: unknown field" in str(e.value) and "target_loss" in str(e.value)
+    with pytest.raises(UserError, match="verdicts.ratio_margin"):
+        load_matrix(write(tmp_path, VALID + "[verdicts]\nratio_margin = 1.5\n"))

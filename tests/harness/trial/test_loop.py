@@ -61,6 +61,18 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_factor(1.0, 0.1, 0.1) == pytest.approx(0.1)
 
 
+def test_lr_schedule_wsd_by_hand():
+    """Warmup 10%, stable at 1 until 80%, then linear to 0.1 over the last 20%: at 90%, 1 - 0.9 * 0.5 = 0.55."""
+    wsd = dict(schedule="wsd", cooldown=0.2)
+    assert lr_factor(0.05, 0.1, 0.1, **wsd) == pytest.approx(0.5)
+    assert lr_factor(0.1, 0.1, 0.1, **wsd) == 1.0
+    assert lr_factor(0.5, 0.1, 0.1, **wsd) == 1.0 and lr_factor(0.8, 0.1, 0.1, **wsd) == 1.0
+    assert lr_factor(0.9, 0.1, 0.1, **wsd) == pytest.approx(0.55, abs=1e-12)
+    assert lr_factor(0.95, 0.1, 0.1, **wsd) == pytest.approx(1 - 0.9 * 0.75, abs=1e-12)
+    assert lr_factor(1.0, 0.1, 0.1, **wsd) == pytest.approx(0.1, abs=1e-12)
+    assert lr_factor(0.9, 0.1, 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 9)))   # default
+
+
 @pytest.mark.parametrize("variant,optimizer", [("kimi", "muonclip"), ("gpt", "adamw")])
 def test_resume_from_checkpoint_equals_uninterrupted(data, tmp_path, variant, optimizer):
     straight = run_trial(make_spec(variant, optimizer, steps=6), data, tmp_path / "a", resume=False)
