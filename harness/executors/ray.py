@@ -611,6 +611,8 @@ def _drive(ray, trials, data, tracker, experiment_id, parent, common_tags, out_r
         if existing is not None and existing.data.tags.get(schema.TAG_STATUS) in TERMINAL:
             console.print(f"[dim][{i}/{n}] {spec.name}: already {existing.data.tags[schema.TAG_STATUS]} "
                           f"(run {existing.info.run_id[:8]}), skipped[/]")
+            if parent:
+                tracker.join_matrix(existing.info.run_id, parent)  # listed in this invocation's MLflow view
             results[i] = None
             continue
         if not claims.claim(key):
