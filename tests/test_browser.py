@@ -46,8 +46,11 @@ def _fill_store(tmp_path: Path) -> tuple[str, Path, str]:
     """A tiny 4-trial matrix (gpt x adamw, muon x 2 seeds), then `kimi-bench report` on it; -> (store URI,
     report folder, the runs-page link `kimi-bench run` printed last)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # one warmup step and Muon's own learning rate: the arms train differently within 12 steps (at this size
+    # their curves still nearly overlap in the screenshot)
     matrix = write_matrix(tmp_path / "m.toml", EXPERIMENT, optimizers=("adamw", "muon"), seeds=(0, 1),
-                          train={"steps": 12, "eval_interval": 4})
+                          train={"steps": 12, "eval_interval": 4, "warmup_steps": 1},
+                          optim={"muon": {"muon_lr": 0.05}})
     matrix.write_text(f'description = "{DESCRIPTION}"\n' + matrix.read_text())
     cache = ["--cache-dir", str(tmp_path / "cache")]
     ran = run_cli(["run", "--matrix", str(matrix), "--tracking-uri", uri, "--out", str(tmp_path / "runs"),
