@@ -99,3 +99,25 @@ def test_an_invocation_view_lists_its_own_and_reused_runs_in_a_real_store(tmp_pa
                                                                                              reused.run_id}
     link = views.view_url("http://127.0.0.1:5000", exp, views.view_key(parent))
     assert views.browse_lines_for("e", uri)[-1] == f"runs: {link}"
+
+
+@pytest.mark.slow
+def test_the_view_round_trips_through_a_tracking_server(tmp_path):
+    """On `mlflow server` the view is the same experiment tag, written through the REST API; `status` finds it
+    with its standard-library REST reader and prints that server's link."""
+    from harness.tracking import Tracker
+    from tests.helpers import mlflow_server
+
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, artifacts=tmp_path / "art") as url:
+        tracker = Tracker(url)
+        exp = tracker.ensure_experiment("e")
+        parent = tracker.start_parent(exp, "e", "kimi-bench run", {})
+        trial = tracker.start_trial(exp, parent, "gpt+adamw tiny s0", {schema.TAG_ARM: "gpt+adamw"}, {},
+                                    system_metrics=False)
+        trial.end(schema.FINISHED)
+        tracker.end_parent(parent, schema.FINISHED)
+        assert views.browse_lines_for("e", url) == [f"runs: {views.view_url(url, exp, views.view_key(parent))}"]
+        state = json.loads(json.loads(tracker.client.get_experiment(exp).tags[
+            views.TAG_PREFIX + views.view_key(parent)])["state"])
+        found = tracker.client.search_runs([exp], filter_string=state["searchFilter"])
+        assert {r.info.run_id for r in found} == {parent, trial.run_id}
