@@ -423,16 +423,19 @@ def import_record(folder: str | Path, tracking_uri: str | None = None, progress=
 
 
 def _save_views(client, state: RecordState, exp_ids: dict[str, str], new_ids: dict[str, str]) -> None:
-    """The MLflow UI view of each imported matrix invocation (harness.views), as `run` writes it."""
-    from harness.views import freeze_view
+    """The MLflow UI view of each imported matrix invocation (harness.views): its own run, the runs it created
+    and the runs it was the last to reuse (the record keeps a run's latest kb.matrix_run only)."""
+    from harness.views import save_view
 
     for run in state.runs.values():
         new_id = new_ids.get(run.run_id)
         if run.tags.get(schema.KIND) != schema.KIND_MATRIX or new_id is None:
             continue
+        members = [new_ids[r.run_id] for r in state.runs.values() if r.run_id in new_ids and run.run_id in (
+            r.run_id, r.tags.get(schema.TAG_PARENT), r.tags.get(schema.TAG_MATRIX_RUN))]
         with contextlib.suppress(Exception):  # the view is a nicety; the import is done
             client.set_tag(new_id, schema.TAG_MATRIX_RUN, new_id)
-            freeze_view(client, exp_ids[run.experiment_id], new_id, f"{run.run_name} ({new_id[:8]})")
+            save_view(client, exp_ids[run.experiment_id], new_id, f"{run.run_name} ({new_id[:8]})", members)
 
 
 def _log_dataset(client, run_id: str, ds: dict) -> None:
