@@ -326,9 +326,11 @@ def status(
 ) -> None:
     """Each trial's state, last logged step and elapsed time: finished, running, killed, failed, diverged,
     oom, and with --matrix pending."""
-    from harness.status import status_table
+    from harness.status import browse_lines_for, planned_trials, status_table
 
     console.print(status_table(experiment, matrix, tracking_uri))
+    for line in browse_lines_for(experiment or planned_trials(matrix)[0], tracking_uri):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("import", context_settings=CONTEXT)

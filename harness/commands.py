@@ -152,7 +152,10 @@ def run(o: RunOptions, console: Console) -> int:
         console.print(f"report: {report_hint(spec.name, shown_uri)}", markup=False, highlight=False)
         console.print(f"status: {status_hint(o.matrix, shown_uri)}", markup=False, highlight=False)
         display = strip_credentials(resolve_tracking_uri(o.tracking_uri))
-        for line in browse_lines(display, outcome.experiment_id):
+        from harness.stores.views import view_key
+
+        key = view_key(outcome.parent_run_id) if outcome.parent_run_id and not display.startswith("record:") else None
+        for line in browse_lines(display, outcome.experiment_id, key):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
     return 130 if outcome.interrupted else 0
 

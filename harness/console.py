@@ -138,12 +138,12 @@ def status_hint(matrix: Path, tracking_uri: str | None) -> str:
     return f"kimi-bench status --matrix {shlex.quote(str(matrix))}{_tracking_arg(tracking_uri)}"
 
 
-def browse_lines(display_uri: str, experiment_id: str) -> list[str]:
+def browse_lines(display_uri: str, experiment_id: str, view_key: str | None = None) -> list[str]:
     """Where to look at the runs: a server's runs page URL, or the `mlflow ui` command for a local store.
-    The URL opens MLflow 3's training-runs view (see harness.stores.tracking.runs_page_url)."""
-    from harness.stores.tracking import runs_page_url
+    The URL opens MLflow 3's training-runs view, with `view_key` the invocation's saved view (harness.stores.views)."""
+    from harness.stores.views import view_url
 
     if display_uri.startswith(("http://", "https://")):
-        return [f"runs: {runs_page_url(display_uri, experiment_id)}"]
+        return [f"runs: {view_url(display_uri, experiment_id, view_key)}"]
     return [f"browse: mlflow ui --backend-store-uri {shlex.quote(display_uri)}",
-            f"runs: {runs_page_url('http://127.0.0.1:5000', experiment_id)}"]
+            f"runs: {view_url('http://127.0.0.1:5000', experiment_id, view_key)}"]

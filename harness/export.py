@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -206,31 +208,92 @@ def _kimi_bench_config(trained: TrainedModel) -> dict[str, Any]:
     return {"variant": trained.variant, "dims": dims, "data": trained.data, "format": "kimi-bench"}
 
 
-def _write_hf_tokenizer(tokenizer, out: Path) -> None:
-    """Our BPE is a `tokenizers` object (wrapped as a fast tokenizer); GPT-2's is tiktoken's (converted)."""
-    if tokenizer.kind == "bpe":
-        from transformers import PreTrainedTokenizerFast
+def _byte_tokenizer_object():
+    """UTF-8 bytes as ids 0..255 in `tokenizers` terms: ByteLevel maps byte b to one alphabet character, the
+    vocabulary maps that character back to b, and no merges leave one token per byte."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok).save_pretrained(out)
+    alphabet = bytes_to_unicode()  # byte -> the character ByteLevel writes for it
+    tok = HFTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()  # invalid UTF-8 -> U+FFFD, as ByteTokenizer.decode
+    return tok
+
+
+def _char_tokenizer_object(chars: str):
+    """One id per character of the train text, in kimi-bench's order, and the last id `<unk>` for any other
+    character (decoded as U+FFFD, as CharTokenizer does)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    unk = "<unk>"  # a vocabulary entry only: no merges, so the text "<unk>" stays five characters
+    vocab = {c: i for i, c in enumerate(chars)} | {unk: len(chars)}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))  # no merges: one token per character
+    tok.decoder = decoders.Sequence([decoders.Replace(unk, "\ufffd"), decoders.Fuse()])  # join, no spaces
+    return tok
+
+
+def _gpt2_tokenizer_object(enc):
+    """tiktoken's GPT-2 BPE converted by transformers (same ids; <|endoftext|> as GPT-2's special token)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = str(Path(tmp) / "gpt2.tiktoken")
+        # tiktoken's file format, one "base64(token) rank" line each (tiktoken's own writer needs blobfile)
+        Path(vocab_file).write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank
+                                            in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])))
+        return TikTokenConverter(vocab_file=vocab_file, pattern=enc._pat_str,
+                                 extra_special_tokens=enc._special_tokens).converted()
+
+
+def hf_tokenizer(tokenizer):
+    """kimi-bench's tokenizer as a transformers PreTrainedTokenizerFast with the same ids both ways."""
+    from transformers import PreTrainedTokenizerFast
+
+    if tokenizer.kind == "byte":
+        tok = _byte_tokenizer_object()
+    elif tokenizer.kind == "char":
+        tok = _char_tokenizer_object(tokenizer.chars)
+    elif tokenizer.kind == "bpe":
+        tok = tokenizer.tok
+    elif tokenizer.kind == "gpt2":
+        tok = _gpt2_tokenizer_object(tokenizer.enc)
     else:
-        from transformers.integrations.tiktoken import convert_tiktoken_to_fast
+        raise UserError(f"--format hf: the {tokenizer.kind} tokenizer has no text form (a bin: corpus without "
+                        "a tokenizer in its meta.json); the model is exported without one")
+    special = {"eos_token": "<|endoftext|>"} if tokenizer.kind == "gpt2" else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special)
 
-        convert_tiktoken_to_fast(tokenizer.enc, out)
+
+def _write_hf_tokenizer(tokenizer, out: Path) -> None:
+    hf_tokenizer(tokenizer).save_pretrained(out)
+
+
+def _trained_tokenizer(data: dict, cache_dir: str | None):
+    """The tokenizer the trial trained with: byte needs nothing; char and bpe come from the data cache (the
+    train text they were built from), gpt2 from tiktoken."""
+    from harness.data.tokenizers import ByteTokenizer
+
+    if data.get("tokenizer") == "byte":
+        return ByteTokenizer()
+    from harness.data.bar import prepare_data
+
+    return prepare_data(dict(data), cache_dir, None).tokenizer
 
 
 def _save_tokenizer(trained: TrainedModel, out: Path, cache_dir: str | None) -> str:
-    """Save the trial's tokenizer next to an hf export where transformers has one; returns what was done."""
+    """Save the trial's tokenizer next to an hf export (AutoTokenizer loads it); returns what was done."""
     data = trained.data or {}
     name = str(data.get("tokenizer", ""))
-    if name not in ("bpe", "gpt2"):
-        return f"no transformers tokenizer for the {name or 'unknown'} tokenizer (ids are its own; see {CONFIG_FILE})"
+    if not name:
+        return f"no tokenizer saved: the checkpoint does not name one (ids are its own; see {CONFIG_FILE})"
     try:
-        from harness.data.bar import prepare_data
-
-        _write_hf_tokenizer(prepare_data(dict(data), cache_dir, None).tokenizer, out)
+        _write_hf_tokenizer(_trained_tokenizer(data, cache_dir), out)
     except (UserError, OSError, ValueError, ImportError) as e:
         return f"tokenizer not saved ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-    return f"tokenizer saved ({name})"
+    return f"tokenizer saved ({name}; load with transformers.AutoTokenizer.from_pretrained)"
 
 
 def export(source: Path, fmt: str, out: Path, cache_dir: str | None = None) -> list[str]:

@@ -53,6 +53,7 @@ TAG_MATRIX_FILE = "kb.matrix_file"
 TAG_N_TRIALS = "kb.n_trials"
 # speed runs
 TAG_SPEED_PARENT = "kb.parent_run"  # the matrix run id
+TAG_MATRIX_RUN = "kb.matrix_run"  # the parent run (matrix) of the invocation that last ran or reused this run
 TAG_SPEED_OPTIMIZERS = "kb.optimizers"  # comma-separated optimizer names measured with this shape
 # Optuna study runs and their trials
 TAG_STUDY = "kb.study"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,3 +268,26 @@ def status_table(experiment: str | None, matrix: Path | None, tracking_uri: str 
         table.add_row(t.name, t.status, t.step, _fmt_elapsed(t.elapsed_s), f"{t.val_ppl:.3f}" if t.val_ppl else "",
                       t.run_id[:12], t.trial_key)
     return table
+
+
+def browse_lines_for(experiment: str, tracking_uri: str | None) -> list[str]:
+    """`kimi-bench status`'s pointer to the MLflow UI: the newest invocation's view of `experiment` (the
+    plain runs page for a store from before views); [] when the store cannot say (status has its table)."""
+    from harness.console import browse_lines
+    from harness.stores import views
+    from harness.stores.tracking import resolve_tracking_uri, strip_credentials
+
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        if uri.startswith("sqlite:///"):
+            found = views.sqlite_experiment(uri.removeprefix("sqlite:///"), experiment)
+        elif uri.startswith(("http://", "https://")) and "@" not in urllib.parse.urlsplit(uri).netloc:
+            found = views.rest_experiment(uri, experiment)
+        else:
+            return []
+    except Exception:  # an unreachable server or an unknown schema: status already said what it could
+        return []
+    if found is None:
+        return []
+    experiment_id, tags = found
+    return browse_lines(strip_credentials(uri), experiment_id, views.newest_view_key(tags))

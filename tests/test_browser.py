@@ -3,7 +3,8 @@ person finds in `mlflow ui`.
 
 Headless Debian Chromium driven by Python Playwright (`bash .ci/browser-deps` installs both; Playwright's
 own browser download is never used). Skips, with the reason, only when either is missing.
-Screenshots: tests/artifacts/mlflow-ui.png (gitignored) and the test's tmp folder.
+Screenshots: docs/img/mlflow-first-sight.png (README's "Browse the runs" shows it; this test rewrites it),
+tests/artifacts/mlflow-ui.png (gitignored) and the test's tmp folder.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = REPO / "tests" / "artifacts" / "mlflow-ui.png"
+FIRST_SIGHT = REPO / "docs" / "img" / "mlflow-first-sight.png"  # in the README: regenerated here, never by hand
 EXPERIMENT = "browser-check"
 DESCRIPTION = "browser check: gpt with adamw vs muon, tiny"
 UI_TIMEOUT_MS = 60_000  # the UI is a large React bundle; on 2 busy cores the first paint takes seconds
@@ -41,11 +43,14 @@ def _playwright():
 
 
 def _fill_store(tmp_path: Path) -> tuple[str, Path, str]:
-    """A tiny 2-trial matrix (gpt x adamw, muon), then `kimi-bench report` on it; -> (store URI, report
-    folder, the runs-page link `kimi-bench run` printed last)."""
+    """A tiny 4-trial matrix (gpt x adamw, muon x 2 seeds), then `kimi-bench report` on it; -> (store URI,
+    report folder, the runs-page link `kimi-bench run` printed last)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    matrix = write_matrix(tmp_path / "m.toml", EXPERIMENT, optimizers=("adamw", "muon"),
-                          train={"steps": 10, "eval_interval": 5})
+    # one warmup step and Muon's own learning rate: the arms train differently within 12 steps (at this size
+    # their curves still nearly overlap in the screenshot)
+    matrix = write_matrix(tmp_path / "m.toml", EXPERIMENT, optimizers=("adamw", "muon"), seeds=(0, 1),
+                          train={"steps": 12, "eval_interval": 4, "warmup_steps": 1},
+                          optim={"muon": {"muon_lr": 0.05}})
     matrix.write_text(f'description = "{DESCRIPTION}"\n' + matrix.read_text())
     cache = ["--cache-dir", str(tmp_path / "cache")]
     ran = run_cli(["run", "--matrix", str(matrix), "--tracking-uri", uri, "--out", str(tmp_path / "runs"),
@@ -84,6 +89,15 @@ def _close_assistant(page) -> None:
         close.first.click()
 
 
+def _plotted_lines(page, metric: str) -> list[str]:
+    """The drawn lines (plotly's `path.js-line` with at least two segments) of the chart titled `metric`."""
+    card = page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(
+        has=page.get_by_text(metric, exact=True))
+    card.first.locator("path.js-line").first.wait_for()
+    paths = card.first.locator("path.js-line").evaluate_all("els => els.map(e => e.getAttribute('d') || '')")
+    return [d for d in paths if d.count("L") >= 1]
+
+
 def test_mlflow_ui_shows_trials_metrics_and_report(tmp_path):
     chromium, sync_playwright = _chromium(), _playwright()
     uri, _, runs_link = _fill_store(tmp_path)
@@ -94,33 +108,48 @@ def test_mlflow_ui_shows_trials_metrics_and_report(tmp_path):
     exp = client.get_experiment_by_name(EXPERIMENT)
     trials = trial_runs(client, EXPERIMENT)
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`kb.kind` = 'matrix'")
-    assert len(trials) == 2 and len(parents) == 1
+    assert len(trials) == 4 and len(parents) == 1
     parent_id = parents[0].info.run_id
     # the matrix's children: its trials and the controlled speed measurement (one run per model shape)
     speed = client.search_runs([exp.experiment_id], filter_string="tags.`kb.kind` = 'speed'")
     assert len(speed) == 1, [r.info.run_name for r in speed]  # two optimizers, one architecture: one shape
-    children = {r.info.run_id for r in (*trials, *speed)}
     trial_names = sorted(r.info.run_name for r in trials)
+    arms = sorted({r.data.tags["kb.arm"] for r in trials})
 
     with mlflow_server(uri, tmp_path, command="ui") as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(UI_TIMEOUT_MS)
 
-            # 1. the link `kimi-bench run` printed opens the training-runs table (not the GenAI overview):
-            #    the matrix parent, expanded, shows one row per trial
+            # 1. first sight: the link `kimi-bench run` printed opens the training view's charts with, without a
+            #    click, every trial by name under its arm's group and the loss curves drawn (one line per arm)
             page.goto(f"{url}{runs_link}")
-            page.locator(f'[role=row][row-id="{parent_id}"]').first.wait_for()
-            _close_assistant(page)
-            _assert_training_view(page)
-            page.locator(f'[role=row][row-id="{parent_id}"] button').first.click()  # expand the children
             for name in trial_names:
                 page.get_by_role("link", name=name, exact=True).first.wait_for()
-            row_ids = set(page.locator("[role=row][row-id]").evaluate_all(
-                "els => els.map(e => e.getAttribute('row-id'))"))
-            assert row_ids == {parent_id, *children}, row_ids
-            _shot(page, tmp_path, "1-runs-table")
+            _close_assistant(page)
+            _assert_training_view(page)
+            for arm in arms:
+                page.get_by_text(f"Group: {arm}", exact=True).first.wait_for()
+            for metric in ("train/loss", "val/loss"):
+                lines = _plotted_lines(page, metric)
+                assert len(lines) >= len(arms), f"{metric}: {len(lines)} plotted line(s) for {len(arms)} arms"
+            page.wait_for_timeout(1500)  # the charts' last redraw after the data came in
+            FIRST_SIGHT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(FIRST_SIGHT))
+            shutil.copy(FIRST_SIGHT, tmp_path / "1-first-sight.png")
+
+            # the parent run (the report's home) and the speed run are one click away, in "Additional runs"
+            page.locator("[role=gridcell]", has_text="Additional runs").locator("[role=button]").first.click()
+            page.get_by_role("link", name=f"matrix {EXPERIMENT}", exact=True).first.wait_for()
+
+            # 1b. the same view as a table: the columns a reader compares first, one row per trial
+            page.goto(f"{url}{runs_link.replace('compareRunsMode=CHART', 'compareRunsMode=TABLE')}")
+            for column in ("val/loss_final", "val/bpb_final", "params/total", "params/active", "train/tokens_per_s"):
+                page.get_by_role("columnheader", name=column).first.wait_for()
+            for name in trial_names:
+                page.get_by_role("link", name=name, exact=True).first.wait_for()
+            _shot(page, tmp_path, "1b-runs-table")
 
             # 2. a trial run: the model-metrics tab has the val/loss chart (MLflow titles it "loss" in the
             #    "val" section; its legend reads "<run name> (val/loss)")

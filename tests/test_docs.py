@@ -105,7 +105,7 @@ def test_every_cited_file_exists(doc):
 def test_the_check_catches_a_missing_file(tmp_path):
     """The rules find a dead link, a dead path, a bare name nobody has, and a renamed test; and let the rest be."""
     doc = tmp_path / "README.md"
-    doc.write_text("See [x](nowhere.md), `harness/nothing.py`, `KINDS.md`, `harness/trial.py`, `gpt.py`,\n"
+    doc.write_text("See [x](nowhere.md), `harness/nothing.py`, `KINDS.md`, `harness/trial/loop.py`, `gpt.py`,\n"
                    "`tests/test_docs.py::test_gone`, `train/loss`, `reports/out/smoke/report.md`,\n"
                    "[ray](https://docs.ray.io), `runs/<experiment>/`.\n"
                    "```bash\nkimi-bench run --matrix experiments/missing.toml\n```\n")

@@ -132,7 +132,8 @@ def _check_parent_run_and_files(client, exp, trials, proc, tmp_path: Path) -> No
     assert " INFO mlflow" not in proc.stdout + proc.stderr, "MLflow's INFO lines interleave with the bars"
     lines = proc.stdout.strip().splitlines()
     assert "report: kimi-bench report --experiment e2e" in proc.stdout
-    assert lines[-1] == f"runs: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    assert lines[-1] == (f"runs: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType="
+                         f"machine_learning&compareRunsMode=CHART&viewStateShareKey=kb-{parent.info.run_id}")
 
 
 @pytest.mark.slow

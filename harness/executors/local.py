@@ -80,6 +80,8 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
         if existing is not None and existing.info.status == "RUNNING":
             # killed between its kb.status tag and its MLflow end status (TrialRun.end): finish the bookkeeping
             tracker.client.set_terminated(existing.info.run_id, MLFLOW_RUN_STATUS.get(status, "FINISHED"))
+        if existing is not None and parent:
+            tracker.join_matrix(existing.info.run_id, parent)  # listed in this invocation's MLflow view
         console.print(skipped_line(i, n, spec.name, existing.data.tags[schema.TAG_STATUS] if existing else "done",
                                    existing.info.run_id if existing else "?"))
         progress.skip(total or 1)

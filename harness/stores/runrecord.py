@@ -251,6 +251,9 @@ class RecordTracker:
     def end_parent(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, MLFLOW_RUN_STATUS.get(status, "FINISHED"))
 
+    def join_matrix(self, run_id: str, parent_id: str) -> None:
+        self.writer.append({"ev": "tags", "run_id": run_id, "tags": {schema.TAG_MATRIX_RUN: parent_id}})
+
     def find_trial(self, experiment_id: str, trial_key: str) -> RecordedRun | None:
         """The newest run with this trial key: finished ones first (a rerun skips them)."""
         runs = [r for r in load_state(self.folder).runs.values()
@@ -278,7 +281,8 @@ class RecordTracker:
             run_id = self._create_run(experiment_id, run_name, all_tags)
         self.writer.append({"ev": "params", "run_id": run_id,
                             "params": {k: param_value(v) for k, v in sorted(params.items())}})
-        self.writer.append({"ev": "tags", "run_id": run_id, "tags": {schema.TAG_STATUS: schema.RUNNING}}, sync=True)
+        tags = {schema.TAG_STATUS: schema.RUNNING} | ({schema.TAG_MATRIX_RUN: parent_id} if parent_id else {})
+        self.writer.append({"ev": "tags", "run_id": run_id, "tags": tags}, sync=True)
         return RecordTrialRun(self, run_id)
 
 
@@ -355,9 +359,9 @@ def import_record(folder: str | Path, tracking_uri: str | None = None, progress=
         for half in found:  # an interrupted import's: redo it whole
             client.delete_run(half.info.run_id)
         tags = dict(run.tags)
-        parent = tags.get(schema.TAG_PARENT)
-        if parent:
-            tags[schema.TAG_PARENT] = new_ids.get(parent, parent)
+        for ref in (schema.TAG_PARENT, schema.TAG_MATRIX_RUN):  # run ids of the record -> of the store
+            if tags.get(ref):
+                tags[ref] = new_ids.get(tags[ref], tags[ref])
         mlflow_run = client.create_run(exp_id, start_time=run.start_ms, run_name=run.run_name,
                                        tags={RECORD_TAG: run.run_id, IMPORT_TAG: "partial"})
         run_id = mlflow_run.info.run_id
@@ -384,7 +388,24 @@ def import_record(folder: str | Path, tracking_uri: str | None = None, progress=
         client.set_terminated(run_id, status, end_time=run.end_ms)
         client.set_tag(run_id, IMPORT_TAG, "complete")  # last: a run without it is redone by the next import
         (summary.redone if found else summary.added).append(run.run_name)
+    _save_views(client, state, exp_ids, new_ids)
     return summary
+
+
+def _save_views(client, state: RecordState, exp_ids: dict[str, str], new_ids: dict[str, str]) -> None:
+    """The MLflow UI view of each imported matrix invocation (harness.stores.views): its own run, the runs it created
+    and the runs it was the last to reuse (the record keeps a run's latest kb.matrix_run only)."""
+    from harness.stores.views import save_view
+
+    for run in state.runs.values():
+        new_id = new_ids.get(run.run_id)
+        if run.tags.get(schema.KIND) != schema.KIND_MATRIX or new_id is None:
+            continue
+        members = [new_ids[r.run_id] for r in state.runs.values() if r.run_id in new_ids and run.run_id in (
+            r.run_id, r.tags.get(schema.TAG_PARENT), r.tags.get(schema.TAG_MATRIX_RUN))]
+        with contextlib.suppress(Exception):  # the view is a nicety; the import is done
+            client.set_tag(new_id, schema.TAG_MATRIX_RUN, new_id)
+            save_view(client, exp_ids[run.experiment_id], new_id, f"{run.run_name} ({new_id[:8]})", members)
 
 
 def _log_dataset(client, run_id: str, ds: dict) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from harness import schema
 from harness.errors import UserError
 from harness.schema import MLFLOW_RUN_STATUS, TERMINAL, param_value, strip_credentials  # noqa: F401  (re-exported)
+from harness.stores import views
 from harness.stores.buffered import BufferedRun
 
 
@@ -62,8 +63,9 @@ TRAINING_VIEW_QUERY = "workflowType=machine_learning"
 
 
 def runs_page_url(server: str, experiment_id: str) -> str:
-    """The experiment's training-runs table in the MLflow UI at `server` (http://host:port)."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW_QUERY}"
+    """The experiment's training-runs table in the MLflow UI at `server` (http://host:port); with a saved
+    view, see harness.stores.views.view_url."""
+    return views.view_url(server, experiment_id)
 
 
 @contextlib.contextmanager
@@ -187,7 +189,11 @@ class Tracker:
         all_tags = {schema.KIND: schema.KIND_MATRIX, schema.TAG_COMMAND: command, **tags}
         if description:
             all_tags[schema.TAG_NOTE] = description  # the run page's "Description"
-        return self.client.create_run(experiment_id, run_name=f"matrix {name}", tags=all_tags).info.run_id
+        run_id = self.client.create_run(experiment_id, run_name=f"matrix {name}", tags=all_tags).info.run_id
+        self.client.set_tag(run_id, schema.TAG_MATRIX_RUN, run_id)  # the parent is in its own view
+        with contextlib.suppress(Exception):  # the view is a nicety (a store that refuses the tag still runs)
+            views.save_view(self.client, experiment_id, run_id, f"matrix {name} ({run_id[:8]})")
+        return run_id
 
     def log_matrix(self, run_id: str, matrix_text: str, params: dict[str, Any], trials: list[dict]) -> None:
         """The matrix as given (matrix.toml), its resolved trials (trials.json) and its settings as params."""
@@ -200,7 +206,14 @@ class Tracker:
         self.client.log_text(run_id, json.dumps(trials, indent=1, default=str), "trials.json")
 
     def end_parent(self, run_id: str, status: str) -> None:
+        run = self.client.get_run(run_id)
+        with contextlib.suppress(Exception):  # the view is a nicety; the run's end is not
+            views.freeze_view(self.client, run.info.experiment_id, run_id, f"{run.info.run_name} ({run_id[:8]})")
         self.client.set_terminated(run_id, MLFLOW_RUN_STATUS.get(status, "FINISHED"))
+
+    def join_matrix(self, run_id: str, parent_id: str) -> None:
+        """A run this invocation reuses (skipped as ended) is listed in its view too."""
+        self.client.set_tag(run_id, schema.TAG_MATRIX_RUN, parent_id)
 
     def find_trial(self, experiment_id: str, trial_key: str):
         """The newest run with this trial key: finished ones first (a rerun skips them)."""
@@ -233,7 +246,10 @@ class Tracker:
         param_list = [Param(k, param_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(param_list), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=param_list[i : i + 100])
-        self.client.log_batch(run_id, tags=[RunTag(schema.TAG_STATUS, schema.RUNNING)])
+        tags_now = [RunTag(schema.TAG_STATUS, schema.RUNNING)]
+        if parent_id:  # new or resumed: this invocation's run (harness.stores.views)
+            tags_now.append(RunTag(schema.TAG_MATRIX_RUN, parent_id))
+        self.client.log_batch(run_id, tags=tags_now)
         return TrialRun(self, run_id, system_metrics=system_metrics)
 
 

@@ -149,3 +149,101 @@ def test_export_command_from_a_run_id_and_from_a_checkpoint(tmp_path):
     assert res.exit_code == 0 and (tmp_path / "b" / "model.safetensors").is_file()
     res = runner.invoke(app, ["export", "--out", str(tmp_path / "c")])
     assert isinstance(res.exception, UserError) and "give exactly one" in str(res.exception)  # the CLI: one line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizers: every kimi-bench tokenizer goes out in a form AutoTokenizer loads, with the same ids both ways
+
+TEXT = "def sub(a, b):\n\treturn a - b  # üñí 日本語 <unk> \U0001f600\r\n"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # tiktoken gpt2's
+
+
+def _fake_gpt2(monkeypatch):
+    """tiktoken's gpt2 files are not on this offline machine: an Encoding with GPT-2's pattern, all bytes and
+    a few merges, and <|endoftext|> after them, stands in (the conversion code is the same)."""
+    import tiktoken
+
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in (b"de", b"def", b" a", b" b", b"re", b"ret", b"ur", b"urn"):
+        ranks.setdefault(merge, len(ranks))
+    fake = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake)
+
+
+def _tokenizer(kind: str, tmp_path, monkeypatch):
+    from harness.data import BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer
+
+    train = ["def add(a, b):\n    return a + b\n", "class Foo:\n    pass  # é\n", "import os, sys  # tools\n"] * 20
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer.fit(train)
+    if kind == "bpe":
+        return BPETokenizer.train(train, vocab_size=300)
+    _fake_gpt2(monkeypatch)
+    return GPT2Tokenizer()
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe", "gpt2"])
+def test_saved_tokenizer_loads_in_autotokenizer_with_our_ids(tmp_path, monkeypatch, kind):
+    from harness.export import _write_hf_tokenizer
+
+    ours = _tokenizer(kind, tmp_path, monkeypatch)
+    _write_hf_tokenizer(ours, tmp_path / "tok")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(theirs) == ours.vocab_size if kind != "gpt2" else len(theirs) == ours.enc.n_vocab
+    ids = ours.encode(TEXT)
+    assert theirs(TEXT)["input_ids"] == ids
+    assert theirs.decode(ids) == ours.decode(ids)
+    every_id = list(range(len(theirs)))  # each token alone and all in a row decode alike (U+FFFD included)
+    assert theirs.decode(every_id) == ours.decode(every_id)
+    if kind == "char":  # a character never seen in training: <unk>, shown as U+FFFD by both
+        assert theirs("Z€")["input_ids"] == ours.encode("Z€") == [ours.unk_id] * 2
+        assert theirs.decode(ours.encode("Z€")) == "\ufffd\ufffd"
+
+
+def _trained_like(tmp_path, variant: str, tokenizer: str):
+    """A random model of the vocabulary a real data preparation gives `tokenizer`, saved as a trial does."""
+    from tests.harness.data.common import folder
+
+    data = {"corpus": f"text:{folder(tmp_path)}", "tokenizer": tokenizer}
+    if tokenizer == "bpe":
+        data["vocab_size"] = 300
+    from harness.data.bar import prepare_data
+
+    prepared = prepare_data(dict(data), str(tmp_path / "cache"), None)
+    torch.manual_seed(0)
+    dims = resolve_dims("tiny", prepared.vocab_size, None)
+    model = build_model(variant, dims)
+    path = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "variant": variant, "dims": dataclasses.asdict(dims), "data": data},
+               path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("variant", "tokenizer"), [("gpt", "byte"), ("gpt", "char"), ("gpt", "bpe"),
+                                                    ("kimi", "char")])
+def test_hf_export_generates_what_kimi_bench_generate_does(tmp_path, variant, tokenizer):
+    """The first thing a user writes: AutoTokenizer + AutoModelForCausalLM.generate on the exported folder,
+    greedy, gives the tokens and the text of `kimi-bench generate --temperature 0` on the checkpoint."""
+    from rich.console import Console
+
+    from harness.measure.trained import sample_text
+
+    path = _trained_like(tmp_path, variant, tokenizer)
+    cache = str(tmp_path / "cache")
+    lines = export(path, "hf", tmp_path / "hf", cache_dir=cache)
+    assert lines[-1].startswith(f"tokenizer saved ({tokenizer}"), lines
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    prompt = "def alpha(beta):\n    return"
+    inputs = tok(prompt, return_tensors="pt")
+    assert inputs["input_ids"].shape[1] > 0  # the reported bug: an empty GPT2Tokenizer gave zero tokens
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    theirs = tok.decode(out[0])
+    ours = sample_text(path, prompt, 16, 0.0, None, 0, None, cache, "cpu", Console(quiet=True))
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 16
+    assert theirs == ours

@@ -106,6 +106,8 @@ def _drive(ray, trials, data, tracker, experiment_id, parent, common_tags, out_r
         existing = tracker.find_trial(experiment_id, key)
         if is_ended(existing):
             console.print(skipped_line(i, n, spec.name, existing.data.tags[schema.TAG_STATUS], existing.info.run_id))
+            if parent:
+                tracker.join_matrix(existing.info.run_id, parent)  # listed in this invocation's MLflow view
             results[i] = None
             continue
         if not claims.claim(key):

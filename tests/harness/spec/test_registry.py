@@ -1,4 +1,4 @@
-"""harness/registry.py: presets build the shapes and parameter counts a hand count gives; each default is written
+"""harness/spec/registry.py: presets build the shapes and parameter counts a hand count gives; each default is written
 once (ModelDims and the arch/ configs agree); user-typed fields fail in one line."""
 
 from __future__ import annotations

@@ -90,6 +90,18 @@ def test_import_replays_the_record_into_mlflow_once(recorded):
             assert got.data.tags["mlflow.parentRunId"] == runs[parent].info.run_id  # mapped to the new id
             names = {a.path for a in client.list_artifacts(got.info.run_id)}
             assert "config.json" in names and "loss_curve.png" in names
+    # each invocation's MLflow UI view (harness.stores.views): its speed runs (gpt, kimi: two shapes) and both trials,
+    # the rerun's the two it skipped
+    import json
+
+    from harness.stores.views import TAG_PREFIX, view_key
+
+    tags = client.get_experiment(exp.experiment_id).tags
+    for parent in (r for r in state.runs.values() if r.tags.get("kb.kind") == "matrix"):
+        new_parent = runs[parent.run_id].info.run_id
+        view = json.loads(json.loads(tags[TAG_PREFIX + view_key(new_parent)])["state"])["searchFilter"]
+        shown = client.search_runs([exp.experiment_id], filter_string=view)
+        assert sorted(r.data.tags.get("kb.kind") for r in shown) == ["matrix", "speed", "speed", "trial", "trial"], view
     second = import_record(record, uri)
     assert not second.added and len(second.skipped) == len(state.runs)
     assert len(client.search_runs([exp.experiment_id])) == len(state.runs)

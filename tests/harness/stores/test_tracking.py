@@ -1,4 +1,4 @@
-"""harness/tracking.py on a real sqlite store: experiments, buffered metric logging, resume and trial lookup."""
+"""harness/stores/tracking.py on a real sqlite store: experiments, buffered metric logging, resume and trial lookup."""
 
 from __future__ import annotations
 
