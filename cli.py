@@ -136,6 +136,11 @@ def _relaunch_with_torchrun(nproc: int) -> None:
             skip = a == "--nproc"
             continue
         args.append(a)
+    from harness.tracking import resolve_tracking_uri
+
+    # the ranks inherit the login through MLflow's variables: no password on their command lines
+    args = [a.partition("=")[0] + "=" + resolve_tracking_uri(a.partition("=")[2]) if a.startswith("--tracking-uri=")
+            else resolve_tracking_uri(a) if a.startswith(("http://", "https://")) else a for a in args]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "cli", *args]
     raise typer.Exit(subprocess.call(cmd))
@@ -311,11 +316,11 @@ def report(
                                            "newest matrix invocation")] = False,
 ) -> None:
     """Write report.md + figures from what MLflow holds (tables, intervals, claims vs measured)."""
-    from harness.tracking import resolve_tracking_uri
+    from harness.tracking import resolve_tracking_uri, strip_credentials
     from reports.publish import publish_report
 
     publish_report(experiment, resolve_tracking_uri(tracking_uri), out, log,
-                   " ".join(["kimi-bench", *sys.argv[1:]]), console, all_runs=all_runs)
+                   strip_credentials(" ".join(["kimi-bench", *sys.argv[1:]])), console, all_runs=all_runs)
 
 
 @app.command(context_settings=CONTEXT)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import schema
+from harness.credentials import move_tracking_credentials
 from harness.errors import UserError
 from harness.schema import MLFLOW_RUN_STATUS, TERMINAL, param_value, strip_credentials  # noqa: F401  (re-exported)
 
@@ -30,7 +31,9 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    """The store to use, as MLflow should see it: a server's user:password@ moves to MLflow's credential
+    variables in this process (harness/credentials.py), so no URI handed on or printed carries it."""
+    return move_tracking_credentials(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
 
 
 def git_commit() -> str:
@@ -118,8 +121,9 @@ def _create_sqlite_store(uri: str) -> None:
 
 
 def first_line(e: Exception) -> str:
-    """An exception as one short line (MLflow's errors can span pages)."""
-    text = str(e).strip()
+    """An exception as one short line (MLflow's errors can span pages), credentials stripped (an error can
+    quote the URI it failed on)."""
+    text = strip_credentials(str(e).strip())
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
@@ -158,6 +162,10 @@ class Tracker:
                 self.client.search_experiments(max_results=1)
         except Exception as e:
             first = first_line(e)
+            if any(code in first for code in ("401", "403")):  # the server answered: it is the login
+                raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: the tracking server refused the "
+                                f"login ({first}); check the user and password (user:password@ in the URI, or "
+                                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)") from None
             raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
                             f"({first}); start the server or fix the URI") from None
 

@@ -21,8 +21,9 @@ Decisions (docs/ray.md says the same for users):
   (released by the OS when the driver dies) for drivers that each started their own local cluster. A claimed
   trial is skipped by the other driver ("claimed by another driver").
 - Nobody else gets in. The local cluster binds 127.0.0.1 only (Ray's single-machine mode), dashboard off.
-  Tracking / storage URIs with credentials never travel as task arguments: tasks get the credential-free
-  form and read the real URI from their environment (MLFLOW_TRACKING_URI / KB_OPTUNA_STORAGE).
+  Tracking / storage URIs with credentials never travel as task arguments: a tracking server's login is in
+  MLflow's MLFLOW_TRACKING_USERNAME / _PASSWORD (harness/credentials.py, inherited by a local cluster); a
+  database URL's password is read by the task from its environment (MLFLOW_TRACKING_URI / KB_OPTUNA_STORAGE).
 - Shared stores. On a cluster that spans several machines, a sqlite or file store is refused (point at an
   MLflow server and an Optuna RDB), and the checkpoint folder must be visible from every node (checked).
 """
