@@ -117,6 +117,9 @@ def run(
     """Run a matrix of trials and log them to MLflow (finished trials are skipped on a rerun)."""
     from harness.commands import RunOptions
     from harness.commands import run as run_matrix_command
+    from harness.signals import terminate_like_ctrl_c
+
+    terminate_like_ctrl_c()  # schedulers stop jobs with SIGTERM: mark the trial killed, as Ctrl-C does
 
     if nproc > 1 and "LOCAL_RANK" not in os.environ and not dry_run and executor == "local":
         _relaunch_with_torchrun(nproc)  # --executor ray runs multi-process trials through Ray Train instead
@@ -185,8 +188,10 @@ def tune_command(
     import shlex
 
     from harness.commands import tune as tune_matrix
+    from harness.signals import terminate_like_ctrl_c
     from harness.tune import best_params_lines, summary_table
 
+    terminate_like_ctrl_c()
     outcome = tune_matrix(matrix, list(sets or []), console, executor=executor, ray_address=ray_address,
                           n_workers=n_workers, n_trials=n_trials, total_trials=total_trials, storage=storage,
                           study_prefix=study_prefix, tracking_uri=tracking_uri, cache_dir=cache_dir, out=out,
@@ -328,13 +333,14 @@ def status(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (the matrix name)")] = None,
     matrix: Annotated[Path | None, typer.Option("--matrix", "-m", help="matrix TOML file: also lists the "
                                                 "trials not started (pending)")] = None,
+    sets: SetOpt = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Each trial's state, last logged step and elapsed time: finished, running, killed, failed, diverged,
-    oom, and with --matrix pending."""
+    """Each trial's state, last logged step and elapsed time: finished, running, stale (its process is
+    gone), killed, failed, diverged, oom, and with --matrix pending (trials matched by trial key)."""
     from harness.status import status_table
 
-    console.print(status_table(experiment, matrix, tracking_uri))
+    console.print(status_table(experiment, matrix, tracking_uri, list(sets or [])))
 
 
 @app.command("import", context_settings=CONTEXT)

@@ -150,9 +150,14 @@ def _run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tra
 
             measure_matrix_speed(trials, data, device, tracker, experiment_id, parent, common_tags, console)
     except KeyboardInterrupt:
+        from harness.signals import interrupt_name
+
         outcome.interrupted = True
-        console.print("[yellow]interrupted[/]: the current trial is marked killed; finished trials are kept. "
-                      "Resume with the same command:")
+        done = len(outcome.results)
+        stopped = f"trial {trials[done].name} stopped and marked killed (its last checkpoint is kept)" \
+            if done < len(trials) else "the speed measurement stopped"
+        console.print(f"[yellow]interrupted ({interrupt_name()})[/]: {stopped}; {done} trial(s) before it are "
+                      "kept. Resume with the same command:")
         console.print(strip_credentials(_command_line()), markup=False, highlight=False)
     finally:
         if tracker and parent:

@@ -39,6 +39,12 @@ TAG_STATUS = "kb.status"  # one of STATUSES
 TAG_FINAL_STEP = "kb.final_step"
 TAG_ERROR = "kb.error"  # first line of the error, at most 500 characters
 TAG_RESUMED_FROM_STEP = "kb.resumed_from_step"
+# liveness of a RUNNING trial (harness/status.py shows one whose process is gone as `stale`)
+TAG_HOST = "kb.host"  # the machine of the process that logs the run (os.uname().nodename)
+TAG_PID = "kb.pid"  # that process's id on TAG_HOST
+TAG_HEARTBEAT = "kb.heartbeat"  # unix seconds, renewed with the metric batches at most every HEARTBEAT_S
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 600.0  # no heartbeat for this long (a long eval or checkpoint fits well within it): stale
 TAG_MODEL_PATH = "kb.model_path"  # absolute path of the finished trial's model.pt (kimi-bench export --run)
 TAG_CURVES = "kb.curves"  # set once the run's curves artifact (ARTIFACT_CURVES, harness/curves.py) is logged
 # environment, on every run of a matrix

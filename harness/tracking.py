@@ -127,6 +127,17 @@ def first_line(e: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+def store_error(uri: str, e: Exception) -> UserError:
+    """The one line for a store that did not answer as it should: a refused login is named as such."""
+    first = first_line(e)
+    if any(f"error code {code}" in first or f"HTTP {code}" in first for code in (401, 403)):
+        return UserError(f"--tracking-uri {strip_credentials(uri)}: the tracking server refused the login "
+                         f"({first}); check the user and password (user:password@ in the URI, or "
+                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+    return UserError(f"--tracking-uri {strip_credentials(uri)}: cannot reach the tracking store ({first}); "
+                     "start the server or fix the URI")
+
+
 def _mlflow():
     import mlflow  # heavy import: only when tracking is used
 
@@ -161,13 +172,7 @@ class Tracker:
             with _first_contact_http():
                 self.client.search_experiments(max_results=1)
         except Exception as e:
-            first = first_line(e)
-            if any(code in first for code in ("401", "403")):  # the server answered: it is the login
-                raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: the tracking server refused the "
-                                f"login ({first}); check the user and password (user:password@ in the URI, or "
-                                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)") from None
-            raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
-                            f"({first}); start the server or fix the URI") from None
+            raise store_error(self.uri, e) from None
 
     def ensure_experiment(self, name: str, description: str = "") -> str:
         """The experiment's id (created, or restored from deleted); its description is the matrix's."""
@@ -241,8 +246,16 @@ class Tracker:
         param_list = [Param(k, param_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(param_list), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=param_list[i : i + 100])
-        self.client.log_batch(run_id, tags=[RunTag(schema.TAG_STATUS, schema.RUNNING)])
+        self.client.log_batch(run_id, tags=[RunTag(schema.TAG_STATUS, schema.RUNNING), *liveness_tags()])
         return TrialRun(self, run_id, system_metrics=system_metrics)
+
+
+def liveness_tags() -> list:
+    """Who logs this run and that it is alive: host, pid and a heartbeat (read by `kimi-bench status`)."""
+    from mlflow.entities import RunTag
+
+    return [RunTag(schema.TAG_HOST, os.uname().nodename), RunTag(schema.TAG_PID, str(os.getpid())),
+            RunTag(schema.TAG_HEARTBEAT, str(int(time.time())))]
 
 
 @dataclass
@@ -259,6 +272,7 @@ class TrialRun:
     _buffer: list = field(default_factory=list)
     _pending: list = field(default_factory=list)  # async log_batch operations not yet confirmed
     _last_flush: float = field(default_factory=time.perf_counter)
+    _last_beat: float = field(default_factory=time.monotonic)
     _monitor: Any = None
 
     def __post_init__(self) -> None:
@@ -292,9 +306,14 @@ class TrialRun:
         """Send the buffer. wait=False hands it to MLflow's async logging queue (the training loop goes on);
         wait=True also waits for everything queued so far to be stored (before checkpoints and at the end)."""
         t0 = time.perf_counter()
+        beat = []
+        if self._buffer and time.monotonic() - self._last_beat > schema.HEARTBEAT_S:  # rides on a batch: no extra call
+            beat, self._last_beat = liveness_tags(), time.monotonic()
         while self._buffer:
             batch, self._buffer = self._buffer[:1000], self._buffer[1000:]  # MLflow's per-batch cap
-            self._pending.append(self.tracker.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+            self._pending.append(self.tracker.client.log_batch(self.run_id, metrics=batch, tags=beat,
+                                                               synchronous=False))
+            beat = []
         if wait:
             for op in self._pending:
                 op.wait()

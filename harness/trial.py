@@ -544,7 +544,9 @@ def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except KeyboardInterrupt:
-        result.status, result.error = schema.KILLED, "interrupted (Ctrl-C)"
+        from harness.signals import interrupt_name
+
+        result.status, result.error = schema.KILLED, f"interrupted ({interrupt_name()})"
         _finish_run(run, result, trainer)
         raise
     except Exception as e:  # isolate the failure: the matrix goes on with the next trial

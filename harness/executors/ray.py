@@ -578,8 +578,11 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
                 measure_matrix_speed(trials, data, device, tracker, experiment_id, parent, common_tags, console)
         except KeyboardInterrupt:
             outcome.interrupted = True
-            console.print(f"[yellow]interrupted[/]: running trials are cancelled and marked killed; finished "
-                          f"trials are kept. Resume with the same command: kimi-bench run --matrix {matrix.path}")
+            from harness.signals import interrupt_name
+
+            console.print(f"[yellow]interrupted ({interrupt_name()})[/]: running trials are cancelled and marked "
+                          "killed; finished trials are kept. Resume with the same command: "
+                          f"kimi-bench run --matrix {matrix.path}")
         finally:
             claims.close()
             tracker.end_parent(parent, schema.KILLED if outcome.interrupted else schema.FINISHED)
