@@ -25,7 +25,7 @@ from harness.matrix import Matrix
 from harness.record import open_tracker
 from harness.registry import TrialSpec
 from harness.schema import MLFLOW_RUN_STATUS, TERMINAL
-from harness.tracking import Tracker, git_commit, source_tags, strip_credentials
+from harness.tracking import Tracker, TrackingLost, git_commit, source_tags, strip_credentials
 from harness.trial import STATE_FILE, TrialResult, resolve_device, run_trial
 
 
@@ -137,6 +137,7 @@ def _run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tra
     outcome = MatrixOutcome(experiment_id, parent, [])
     steps = [t.train.total_steps(t.dims.block_size, dist_info.world_size) or 1 for t in trials]
     progress = MatrixProgress(console, len(trials), sum(steps), enabled=dist_info.is_main)
+    lost = False
     try:
         with progress:
             for i, spec in enumerate(trials, 1):
@@ -159,8 +160,11 @@ def _run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tra
         console.print(f"[yellow]interrupted ({interrupt_name()})[/]: {stopped}; {done} trial(s) before it are "
                       "kept. Resume with the same command:")
         console.print(strip_credentials(_command_line()), markup=False, highlight=False)
+    except UserError:  # the store went away mid-trial: it cannot take the parent's end status either
+        lost = True
+        raise
     finally:
-        if tracker and parent:
+        if tracker and parent and not lost:
             tracker.end_parent(parent, schema.KILLED if outcome.interrupted else schema.FINISHED)
     return outcome
 
@@ -200,6 +204,9 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
     out_dir = out_root / spec.experiment / trial_dir_name(spec, key)
     result = run_trial(spec, data, out_dir, run, dist_info, on_progress, peak_tflops=peak_tflops)
     progress.end_trial(total or 1)
+    if result.error and TrackingLost.PREFIX in result.error:  # every later call would fail the same way
+        raise UserError(f"{spec.name}: {result.error} at step {result.step}; the trial stopped and its last "
+                        "checkpoint is kept; run the same command again once the store answers (it resumes there)")
     if result.status in TERMINAL and not keep_state and dist_info.is_main:
         # a rerun never resumes an ended trial: its optimizer state (GBs at paper scale) is dead weight
         (out_dir / STATE_FILE).unlink(missing_ok=True)

@@ -127,6 +127,30 @@ def first_line(e: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+_DB_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores MLflow opens itself (sqlite aside)
+
+
+def _probe_database(uri: str) -> None:
+    """One connection attempt to a database store before MLflow's own (which retries for seconds and logs a
+    page per try): a wrong host, port, database name or login is one line, and nothing is created."""
+    if uri.split("://", 1)[0].split("+", 1)[0] not in _DB_SCHEMES:
+        return
+    import sqlalchemy
+
+    engine = None
+    try:
+        args = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+        with engine.connect():
+            pass
+    except Exception as e:
+        raise UserError(f"--tracking-uri {strip_credentials(uri)}: cannot connect to the database ({first_line(e)});"
+                        " check the host, port, database name and login") from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
 def store_error(uri: str, e: Exception) -> UserError:
     """The one line for a store that did not answer as it should: a refused login is named as such."""
     first = first_line(e)
@@ -154,6 +178,7 @@ class Tracker:
             parent = Path(self.uri.removeprefix("sqlite:///")).parent
             if not parent.is_dir():
                 raise UserError(f"--tracking-uri: folder {parent} does not exist; create it or pick another path")
+        _probe_database(self.uri)
         # no mlflow.set_tracking_uri: it also exports MLFLOW_TRACKING_URI, which child processes would inherit;
         # every call here goes through this client and its explicit URI
         with _store_lock(self.uri):  # the first process creates the store; the others wait, then open it
@@ -258,6 +283,17 @@ def liveness_tags() -> list:
             RunTag(schema.TAG_HEARTBEAT, str(int(time.time())))]
 
 
+class TrackingLost(Exception):
+    """The tracking store stopped answering mid-trial, past MLflow's own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    _BACKOFF_FACTOR, _TIMEOUT). The trial stops: nothing after its last confirmed flush is relied on, its last
+    checkpoint (taken only after a confirmed flush) is where the next `run` resumes it."""
+
+    PREFIX = "tracking store unreachable"
+
+    def __init__(self, what: str, e: Exception):
+        super().__init__(f"{self.PREFIX} ({what}: {first_line(e)})")
+
+
 @dataclass
 class TrialRun:
     """A child run with a metric buffer. `log` is cheap; `flush` sends one log_batch."""
@@ -315,20 +351,30 @@ class TrialRun:
                                                                synchronous=False))
             beat = []
         if wait:
-            for op in self._pending:
-                op.wait()
-            self._pending.clear()
+            pending, self._pending = self._pending, []
+            try:
+                for op in pending:
+                    op.wait()
+            except Exception as e:  # MLflow retried each request and gave up: the store is gone
+                self._buffer.clear()
+                raise TrackingLost("storing metrics", e) from None
         self._last_flush = time.perf_counter()
         self.log_seconds += self._last_flush - t0
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.tracker.client.log_batch(self.run_id, tags=[RunTag(k, strip_credentials(str(v)))
-                                                         for k, v in tags.items()])
+        try:
+            self.tracker.client.log_batch(self.run_id, tags=[RunTag(k, strip_credentials(str(v)))
+                                                             for k, v in tags.items()])
+        except Exception as e:
+            raise TrackingLost("setting tags", e) from None
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.tracker.client.log_artifact(self.run_id, str(path), artifact_path)
+        try:
+            self.tracker.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as e:
+            raise TrackingLost("uploading an artifact", e) from None
 
     def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
         """Record the corpus as an MLflow dataset input (name + digest), so runs show what they trained on."""
@@ -344,7 +390,8 @@ class TrialRun:
             pass
 
     def end(self, status: str) -> None:
-        """Flush, set kb.status and the MLflow run status; safe to call twice."""
+        """Flush, set kb.status and the MLflow run status; safe to call twice. Raises TrackingLost when the
+        store does not answer (the run stays RUNNING there and the next `run` resumes it)."""
         try:
             self.flush()
         finally:
@@ -353,4 +400,7 @@ class TrialRun:
                     self._monitor.finish()
                 self._monitor = None
             self.set_tags({schema.TAG_STATUS: status})
-            self.tracker.client.set_terminated(self.run_id, MLFLOW_RUN_STATUS.get(status, "FAILED"))
+            try:
+                self.tracker.client.set_terminated(self.run_id, MLFLOW_RUN_STATUS.get(status, "FAILED"))
+            except Exception as e:
+                raise TrackingLost("ending the run", e) from None

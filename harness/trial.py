@@ -49,7 +49,7 @@ from harness.metrics import (
 )
 from harness.registry import TrialSpec, build_model
 from harness.schema import TAG_MODEL_PATH
-from harness.tracking import TrialRun
+from harness.tracking import TrackingLost, TrialRun
 
 HISTORY_KEYS = (schema.TRAIN_LOSS, schema.TRAIN_ELAPSED, schema.VAL_LOSS)  # kept per step in TrainState
 STATE_FILE = "trial_state.pt"  # resume point: model, optimizer, step, RNG, histories
@@ -549,6 +549,8 @@ def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun 
         result.status, result.error = schema.KILLED, f"interrupted ({interrupt_name()})"
         _finish_run(run, result, trainer)
         raise
+    except TrackingLost as e:  # the store is gone: nothing more can be logged; the caller stops the matrix
+        result.status, result.error = schema.FAILED, str(e)
     except Exception as e:  # isolate the failure: the matrix goes on with the next trial
         result.status = schema.FAILED
         result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -573,4 +575,9 @@ def _finish_run(run: TrialRun | None, result: TrialResult, trainer: Trainer | No
         tags[schema.TAG_ERROR] = result.error[:schema.ERROR_CHARS]
     with contextlib.suppress(Exception):
         run.set_tags(tags)
-    run.end(result.status)
+    try:
+        run.end(result.status)
+    except TrackingLost as e:  # the run stays RUNNING in the store; the next `run` resumes it from its checkpoint
+        if result.status != schema.KILLED:
+            result.status = schema.FAILED
+        result.error = result.error if result.error and TrackingLost.PREFIX in result.error else str(e)

@@ -8,6 +8,8 @@ docs/ray.md ("Tested team setup") lists the commands this test runs.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,7 +40,15 @@ def _ok(proc) -> str:
     return proc.stdout
 
 
-def test_mlflow_and_optuna_on_postgresql_with_ray(tmp_path):
+@pytest.fixture()
+def ray_tmp():
+    """A short folder for Ray's sessions (its unix socket paths are capped at 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="kbray-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_mlflow_and_optuna_on_postgresql_with_ray(tmp_path, ray_tmp):
     import optuna
     from mlflow import MlflowClient
 
@@ -46,7 +56,7 @@ def test_mlflow_and_optuna_on_postgresql_with_ray(tmp_path):
 
     with postgres.postgres_server("mlflow", "optuna") as pg, \
             mlflow_server(pg.url("mlflow"), tmp_path, artifacts=tmp_path / "artifacts") as url:
-        env = child_env({"RAY_TMPDIR": str(tmp_path / "ray")})
+        env = child_env({"RAY_TMPDIR": str(ray_tmp)})
         common = ["--tracking-uri", url, "--cache-dir", str(tmp_path / "cache")]
         matrix = write_matrix(tmp_path / "team.toml", "team", optimizers=("adamw", "muon"), train=TRAIN)
 
