@@ -55,6 +55,7 @@ from rich.table import Table
 from harness import schema
 from harness.errors import UserError
 from harness.schema import MLFLOW_RUN_STATUS, TERMINAL
+from harness.store_limits import parallel_slots, sqlite_writers_warning
 from harness.tracking import strip_credentials
 
 INSTALL_HINT = "pip install -e '.[ray]'  (or: pip install 'ray[default]>=2.40')"
@@ -219,6 +220,13 @@ def check_shared_dir(folder: Path, hosts: dict[str, list[str]]) -> None:
         raise UserError(f"--out {folder}: not visible from {', '.join(blind)}; checkpoints must be on a folder "
                         "every node mounts at the same path (NFS, a cluster filesystem), or set [ray] "
                         "checkpoint_dir")
+
+
+def _warn_sqlite_writers(console: Console, uri: str, writers: int) -> None:
+    """Before anything trains: more trials at once than a sqlite store was measured to hold."""
+    line = sqlite_writers_warning(uri, writers)
+    if line:
+        console.print(line, style="yellow", markup=False, highlight=False)
 
 
 def secret_arg(kind: str, uri: str | None) -> tuple[str | None, dict[str, str]]:
@@ -552,6 +560,9 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
     try:
         hosts = cluster_hosts()
         check_shared_stores(hosts, tracking_uri=uri)
+        _warn_sqlite_writers(console, uri, min(len(trials), parallel_slots(
+            ray.cluster_resources(), trial_resources(bool(trials) and resolve_device(
+                trials[0].train.device).type == "cuda", opts))))
         out_root = Path(opts.checkpoint_dir) if opts.checkpoint_dir else Path(out_root)
         check_shared_dir(out_root, hosts)
         tracker = Tracker(uri)
@@ -810,6 +821,7 @@ def tune_ray(matrix, *, n_workers: int, opts: RayOptions, n_trials: int | None, 
     try:
         hosts = cluster_hosts()
         check_shared_stores(hosts, tracking_uri=uri, storage=url)
+        _warn_sqlite_writers(console, uri, n_workers)
         quotas = worker_quotas(n_trials, n_workers)
         cap = total_trials if total_trials is not None else n_trials
         from harness.trial import resolve_device
