@@ -2,7 +2,8 @@
 TrialRun.log / flush / end, exactly what a trial calls), against a local sqlite store and an MLflow server on
 PostgreSQL. Not a test: a measurement whose table is committed (tracking_load.md).
 
-    python reports/benchmarks/tracking_load.py --writers 4,16,64 --stores sqlite,server --out reports/benchmarks/tracking_load.md
+    python reports/benchmarks/tracking_load.py --writers 4,16,64 --stores sqlite,server \
+        --out reports/benchmarks/tracking_load.md
 
 Two patterns per writer, both with the trial loop's three step metrics (train/loss, grad/norm, train/lr):
 - cadence: one step every STEP_S seconds (a tiny CPU trial's pace), the buffer flushed as a trial flushes it
@@ -79,7 +80,8 @@ def writer(uri: str, experiment_id: str, index: int, steps: int, mode: str, queu
                 time.sleep(STEP_S)
         run.end("finished")
     except Exception as e:  # counted, never hidden: a lost writer is a finding
-        error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        text = str(e)
+        error = "database is locked" if "database is locked" in text else f"{type(e).__name__}: {text[:80]}"
     queue.put({"index": index, "run_id": run_id, "log_s": log_s, "flush_s": flush_s, "error": error,
                "retries": retries.count})
 
@@ -170,9 +172,11 @@ def main() -> None:
     ap.add_argument("--server-workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="append the table to this markdown file")
     args = ap.parse_args()
+    out = args.out.resolve() if args.out else None  # before the chdir below
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     work = Path(tempfile.mkdtemp(prefix="kbload-", dir="/tmp"))
     os.chmod(work, 0o755)
+    os.chdir(work)  # a sqlite store's artifacts go to ./mlruns
     rows = []
     try:
         for store in args.stores.split(","):
@@ -193,8 +197,8 @@ def main() -> None:
               f"server: `mlflow server --workers {args.server_workers}` on PostgreSQL 15")
     text = table(rows, header)
     print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
             f.write("\n" + text)
     print(f"median wall per case: {statistics.median(r['wall_s'] for r in rows):.0f} s")
 
