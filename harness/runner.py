@@ -29,6 +29,10 @@ from harness.tracking import Tracker, TrackingLost, git_commit, source_tags, str
 from harness.trial import STATE_FILE, TrialResult, resolve_device, run_trial
 
 
+class StoreLost(UserError):
+    """The tracking store stopped answering mid-trial (harness.tracking.TrackingLost): the matrix stops."""
+
+
 @dataclass
 class MatrixOutcome:
     experiment_id: str
@@ -160,7 +164,7 @@ def _run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tra
         console.print(f"[yellow]interrupted ({interrupt_name()})[/]: {stopped}; {done} trial(s) before it are "
                       "kept. Resume with the same command:")
         console.print(strip_credentials(_command_line()), markup=False, highlight=False)
-    except UserError:  # the store went away mid-trial: it cannot take the parent's end status either
+    except StoreLost:  # the store went away mid-trial: it cannot take the parent's end status either
         lost = True
         raise
     finally:
@@ -205,7 +209,7 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
     result = run_trial(spec, data, out_dir, run, dist_info, on_progress, peak_tflops=peak_tflops)
     progress.end_trial(total or 1)
     if result.error and TrackingLost.PREFIX in result.error:  # every later call would fail the same way
-        raise UserError(f"{spec.name}: {result.error} at step {result.step}; the trial stopped and its last "
+        raise StoreLost(f"{spec.name}: {result.error} at step {result.step}; the trial stopped and its last "
                         "checkpoint is kept; run the same command again once the store answers (it resumes there)")
     if result.status in TERMINAL and not keep_state and dist_info.is_main:
         # a rerun never resumes an ended trial: its optimizer state (GBs at paper scale) is dead weight
