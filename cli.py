@@ -118,6 +118,9 @@ def run(
     options = dict(locals())  # every option by name: RunOptions has one field per parameter of this command
     from harness.commands import RunOptions
     from harness.commands import run as run_matrix_command
+    from harness.signals import terminate_like_ctrl_c
+
+    terminate_like_ctrl_c()  # schedulers stop jobs with SIGTERM: mark the trial killed, as Ctrl-C does
 
     if nproc > 1 and "LOCAL_RANK" not in os.environ and not dry_run and executor == "local":
         _relaunch_with_torchrun(nproc)  # --executor ray runs multi-process trials through Ray Train instead
@@ -135,6 +138,11 @@ def _relaunch_with_torchrun(nproc: int) -> None:
             skip = a == "--nproc"
             continue
         args.append(a)
+    from harness.stores.tracking import resolve_tracking_uri
+
+    # the ranks inherit the login through MLflow's variables: no password on their command lines
+    args = [a.partition("=")[0] + "=" + resolve_tracking_uri(a.partition("=")[2]) if a.startswith("--tracking-uri=")
+            else resolve_tracking_uri(a) if a.startswith(("http://", "https://")) else a for a in args]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "cli", *args]
     raise typer.Exit(subprocess.call(cmd))
@@ -179,8 +187,10 @@ def tune_command(
     import shlex
 
     from harness.commands import tune as tune_matrix
+    from harness.signals import terminate_like_ctrl_c
     from harness.tune import best_params_lines, summary_table
 
+    terminate_like_ctrl_c()
     outcome = tune_matrix(matrix, list(sets or []), console, executor=executor, ray_address=ray_address,
                           n_workers=n_workers, n_trials=n_trials, total_trials=total_trials, storage=storage,
                           study_prefix=study_prefix, tracking_uri=tracking_uri, cache_dir=cache_dir, out=out,
@@ -310,11 +320,11 @@ def report(
                                            "newest matrix invocation")] = False,
 ) -> None:
     """Write report.md + figures from what MLflow holds (tables, intervals, claims vs measured)."""
-    from harness.stores.tracking import resolve_tracking_uri
+    from harness.stores.tracking import resolve_tracking_uri, strip_credentials
     from reports.publish import publish_report
 
     publish_report(experiment, resolve_tracking_uri(tracking_uri), out, log,
-                   " ".join(["kimi-bench", *sys.argv[1:]]), console, all_runs=all_runs)
+                   strip_credentials(" ".join(["kimi-bench", *sys.argv[1:]])), console, all_runs=all_runs)
 
 
 @app.command(context_settings=CONTEXT)
@@ -322,13 +332,14 @@ def status(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (the matrix name)")] = None,
     matrix: Annotated[Path | None, typer.Option("--matrix", "-m", help="matrix TOML file: also lists the "
                                                 "trials not started (pending)")] = None,
+    sets: SetOpt = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Each trial's state, last logged step and elapsed time: finished, running, killed, failed, diverged,
-    oom, and with --matrix pending."""
+    """Each trial's state, last logged step and elapsed time: finished, running, stale (its process is
+    gone), killed, failed, diverged, oom, and with --matrix pending (trials matched by trial key)."""
     from harness.status import browse_lines_for, planned_trials, status_table
 
-    console.print(status_table(experiment, matrix, tracking_uri))
+    console.print(status_table(experiment, matrix, tracking_uri, list(sets or [])))
     for line in browse_lines_for(experiment or planned_trials(matrix)[0], tracking_uri):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 

@@ -135,6 +135,7 @@ def run(o: RunOptions, console: Console) -> int:
     if ray_options is not None:
         ray_options = ray_options.from_matrix(spec.spec.ray, str(o.matrix), address=o.ray_address, nproc=o.nproc)
     check_out_dir(o.out)
+    check_tracking(o.tracking_uri)  # a wrong login, server or database: one line before any data or folder
     data = user_errors(lambda: prepare_data(spec.data_fields(), o.cache_dir, console))
     tuned = _load_tuned(spec, o) if o.tuned else None
     trials = spec.expand(data.vocab_size, tuned=tuned, **_train_overrides(o))

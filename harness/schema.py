@@ -39,6 +39,12 @@ TAG_STATUS = "kb.status"  # one of STATUSES
 TAG_FINAL_STEP = "kb.final_step"
 TAG_ERROR = "kb.error"  # first line of the error, at most 500 characters
 TAG_RESUMED_FROM_STEP = "kb.resumed_from_step"
+# liveness of a RUNNING trial (harness/status.py shows one whose process is gone as `stale`)
+TAG_HOST = "kb.host"  # the machine of the process that logs the run (os.uname().nodename)
+TAG_PID = "kb.pid"  # that process's id on TAG_HOST
+TAG_HEARTBEAT = "kb.heartbeat"  # unix seconds, renewed with the metric batches at most every HEARTBEAT_S
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 600.0  # no heartbeat for this long (a long eval or checkpoint fits well within it): stale
 TAG_MODEL_PATH = "kb.model_path"  # absolute path of the finished trial's model.pt (kimi-bench export --run)
 TAG_CURVES = "kb.curves"  # set once the run's curves artifact (ARTIFACT_CURVES, harness/stores/curves.py) is logged
 # environment, on every run of a matrix
@@ -282,6 +288,11 @@ REDACTED = "***"
 _SECRET_QUERY_KEY = re.compile(r"token|pass(word|wd)?|pwd|secret|key|auth|credential|signature|sig", re.I)
 _URI = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^\s\"'<>]*)")
 _QUERY_PAIR = re.compile(r"([^&;=#]+)=([^&;#]*)")
+# ODBC connect strings: `...;PWD=secret;...` or `Password={se;cret}`, raw or percent-encoded (`%3BPWD%3D...`);
+# the name starts the text or follows a non-word character or an encoded `;`
+_ODBC_PASSWORD = re.compile(
+    r"((?:(?<=%3[Bb])|(?<![A-Za-z0-9_]))(?:PWD|Password))(=|%3[Dd])"
+    r"(\{(?:[^}]|\}\})*\}|%7[Bb].*?%7[Dd]|[^;&\s\"'#]*?)(?=;|%3[Bb]|&|[\s\"'#]|$)", re.I)
 
 
 def strip_credentials(text: str) -> str:
@@ -290,13 +301,20 @@ def strip_credentials(text: str) -> str:
     - userinfo (`user:password@`, `token@`) is removed entirely: the user name alone can be a token (as in
       `https://<token>@host`), and which account logged in is not needed to read a run;
     - values of secret-looking query parameters (`token`, `password`, `key`, `secret`, `sig`, ...) become `***`;
-    - host, port, path and every other query parameter are kept.
+    - the same for `name=value` pairs in the fragment (OAuth's implicit flow: `#access_token=T&...`);
+    - host, port, path and every other query parameter are kept;
+    - anywhere in the text, ODBC-style `PWD=...` / `Password=...` pairs (`;`-separated, a value may be
+      `{braced}`), also percent-encoded as inside `odbc_connect=` (`%3BPWD%3DSECRET`), become `***`.
     `postgresql://u:pw@h:5432/db` -> `postgresql://h:5432/db`; `http://h:5000?token=x@y` ->
-    `http://h:5000?token=***`. Text without `://` (file paths, `journal:PATH`, names) is returned unchanged;
-    `sqlite:///path` has no authority and keeps its path. A password must percent-encode `/`, `?` and `#`
-    (RFC 3986), otherwise its tail is read as the path.
+    `http://h:5000?token=***`. Text without `://` (file paths, `journal:PATH`, names) keeps everything but
+    ODBC passwords; `sqlite:///path` has no authority and keeps its path. A password must percent-encode
+    `/`, `?` and `#` (RFC 3986), otherwise its tail is read as the path.
     """
-    return _URI.sub(_strip_one, text) if text else text
+    return _ODBC_PASSWORD.sub(_redact_odbc, _URI.sub(_strip_one, text)) if text else text
+
+
+def _redact_odbc(match: re.Match) -> str:
+    return match.group(1) + match.group(2) + REDACTED
 
 
 def _strip_one(match: re.Match) -> str:
@@ -308,13 +326,12 @@ def _strip_one(match: re.Match) -> str:
 
 
 def _redact_query(tail: str) -> str:
-    path, sep, query = tail.partition("?")
-    if not sep:
-        return tail
-    query, hash_sep, fragment = query.partition("#")
+    """Secret-looking `name=value` pairs of the query and of the fragment (`#access_token=...`)."""
+    before, hash_sep, fragment = tail.partition("#")
+    path, sep, query = before.partition("?")
 
     def redact(pair: re.Match) -> str:
         name = pair.group(1)
         return f"{name}={REDACTED}" if _SECRET_QUERY_KEY.search(name) else pair.group(0)
 
-    return path + "?" + _QUERY_PAIR.sub(redact, query) + hash_sep + fragment
+    return path + sep + _QUERY_PAIR.sub(redact, query) + hash_sep + _QUERY_PAIR.sub(redact, fragment)

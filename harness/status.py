@@ -1,15 +1,18 @@
 """`kimi-bench status`: every trial's state from MLflow, and with a matrix also the trials never started.
 
-It must answer in a few seconds, so it imports neither torch nor the matrix validator on its fast path (nor
-MLflow: a local sqlite store is read with sqlite3, a tracking server through its REST API with urllib): the
-planned trial names come from the TOML's [matrix] table directly (presets x arms x seeds, the order of
-harness.spec.matrix.Matrix.expand). A file the fast path cannot read goes through harness.spec.matrix.load_matrix for
-its one-line error.
+It must answer in a few seconds, so it never imports MLflow on its fast path (a local sqlite store is read
+with sqlite3, a tracking server through its REST API with urllib), and `--experiment` alone imports no torch.
+`--matrix FILE [--set ...]` answers for exactly that configuration: the file is resolved as `run` resolves it
+(harness.spec.matrix, which imports torch: about 2 s) and runs are matched by trial key, never by name (a run
+with another learning rate has the same name and is another trial).
+A RUNNING run whose process is gone is shown `stale`: on this machine its pid (kb.pid) is checked; elsewhere
+its heartbeat (kb.heartbeat, renewed with the metric batches) must be younger than STALE_AFTER_S.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -33,6 +36,26 @@ class TrialState:
     val_ppl: float | None
     run_id: str
     trial_key: str
+    note: str = ""  # why a running run is stale
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """A trial of the matrix: its name and the keys it has under each data hash found in the store."""
+
+    name: str
+    keys: frozenset[str]
+
+
+def planned_by_key(path: Path, sets: list[str], data_hashes: set[str]) -> tuple[str, list[PlannedTrial]]:
+    """(experiment, its trials) of the matrix file with its --set overrides, resolved like `run`; each trial's
+    keys are computed under every data hash the store's runs carry (the data is never read here)."""
+    from harness.plan import vocab_size_for
+    from harness.spec.matrix import load_matrix
+
+    spec = load_matrix(path, sets)
+    trials = spec.expand(vocab_size_for(spec.data_fields())[0])
+    return spec.name, [PlannedTrial(t.name, frozenset(t.key(h) for h in data_hashes)) for t in trials]
 
 
 def planned_trials(path: Path) -> tuple[str, list[str]]:
@@ -178,32 +201,67 @@ def _client_records(client, experiment_id: str) -> list[RunRecord]:
     return records
 
 
-def trial_states(records: list[RunRecord], planned: list[str] | None = None) -> list[TrialState]:
-    """One row per trial: the newest run of each trial name (an ended one first); planned names without a
-    run are `pending`. `records` are newest first."""
-    by_name: dict[str, RunRecord] = {}
+def _best(records: list[RunRecord], group) -> dict[str, RunRecord]:
+    """The newest run of each group (an ended one first); `records` are newest first."""
+    best: dict[str, RunRecord] = {}
     for r in records:
-        best = by_name.get(r.name)
-        if best is None or (r.tags.get(schema.TAG_STATUS) in ENDED and best.tags.get(schema.TAG_STATUS) not in ENDED):
-            by_name[r.name] = r
-    names = list(planned) if planned is not None else sorted(by_name)
-    names += [n for n in sorted(by_name) if n not in names] if planned is not None else []
-    out = []
-    for name in names:
-        r = by_name.get(name)
-        if r is None:
-            out.append(TrialState(name, "pending", "", None, None, "", ""))
-            continue
-        step = r.tags.get(schema.TAG_FINAL_STEP, "" if r.last_step is None else str(r.last_step))
-        elapsed = ((r.end_ms or time.time() * 1000) - r.start_ms) / 1000 if r.start_ms else None
-        out.append(TrialState(name, r.tags.get(schema.TAG_STATUS, "?"), step, elapsed,
-                              r.metrics.get(schema.VAL_PPL_FINAL), r.run_id, r.tags.get(schema.TAG_TRIAL_KEY, "")))
-    return out
+        g = group(r)
+        b = best.get(g)
+        if b is None or (r.tags.get(schema.TAG_STATUS) in ENDED and b.tags.get(schema.TAG_STATUS) not in ENDED):
+            best[g] = r
+    return best
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def stale_reason(tags: dict[str, str], now: float | None = None, host: str | None = None) -> str:
+    """Why a run tagged running is not running any more ("" when it may well be): its process is gone (same
+    machine), or its heartbeat is older than STALE_AFTER_S. Runs without liveness tags are not judged."""
+    now = time.time() if now is None else now
+    host = os.uname().nodename if host is None else host
+    pid, beat = tags.get(schema.TAG_PID, ""), tags.get(schema.TAG_HEARTBEAT, "")
+    if tags.get(schema.TAG_HOST) == host and pid.isdigit() and not _pid_alive(int(pid)):
+        return f"process {pid} on {host} is gone"
+    try:
+        age = now - float(beat)
+    except ValueError:
+        return ""
+    return f"no heartbeat for {_fmt_elapsed(age)}" if age > schema.STALE_AFTER_S else ""
+
+
+def _state(name: str, r: RunRecord | None) -> TrialState:
+    if r is None:
+        return TrialState(name, "pending", "", None, None, "", "")
+    status = r.tags.get(schema.TAG_STATUS, "?")
+    note = stale_reason(r.tags) if status == schema.RUNNING else ""
+    step = r.tags.get(schema.TAG_FINAL_STEP, "" if r.last_step is None else str(r.last_step))
+    elapsed = ((r.end_ms or time.time() * 1000) - r.start_ms) / 1000 if r.start_ms else None
+    return TrialState(name, "stale" if note else status, step, elapsed, r.metrics.get(schema.VAL_PPL_FINAL),
+                      r.run_id, r.tags.get(schema.TAG_TRIAL_KEY, ""), note)
+
+
+def trial_states(records: list[RunRecord], planned: list[PlannedTrial] | None = None) -> list[TrialState]:
+    """One row per trial. Without a matrix: the newest run of each trial key (an ended one first). With one:
+    a row per planned trial, its run the one whose trial key it has, else `pending`. `records` are newest
+    first."""
+    if planned is None:
+        by_key = _best(records, lambda r: r.tags.get(schema.TAG_TRIAL_KEY) or r.run_id)
+        return sorted((_state(r.name, r) for r in by_key.values()), key=lambda t: (t.name, t.trial_key))
+    by_key = _best(records, lambda r: r.tags.get(schema.TAG_TRIAL_KEY, ""))
+    return [_state(p.name, next((by_key[k] for k in sorted(p.keys) if k in by_key), None)) for p in planned]
 
 
 def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord] | None, list[str]]:
     """-> (the experiment's trial runs, or None when it does not exist; the names of all experiments)."""
-    from harness.stores.tracking import resolve_tracking_uri, strip_credentials
+    from harness.stores.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///"):
@@ -231,10 +289,9 @@ def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord]
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
     except Exception as e:
-        from harness.stores.tracking import first_line
+        from harness.stores.tracking import store_error
 
-        raise UserError(f"--tracking-uri {strip_credentials(uri)}: cannot reach the tracking store "
-                        f"({first_line(e)}); start the server or fix the URI") from None
+        raise store_error(uri, e) from None
     if exp is None:
         return None, [e.name for e in client.search_experiments()]
     return _client_records(client, exp.experiment_id), []
@@ -246,27 +303,41 @@ def _fmt_elapsed(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def status_table(experiment: str | None, matrix: Path | None, tracking_uri: str | None) -> Table:
-    """The status command: --experiment NAME (its runs) or --matrix FILE (every planned trial, pending too)."""
+def status_table(experiment: str | None, matrix: Path | None, tracking_uri: str | None,
+                 sets: list[str] | None = None) -> Table:
+    """The status command: --experiment NAME (its runs) or --matrix FILE [--set ...] (every trial of exactly
+    that configuration, pending too)."""
     if (experiment is None) == (matrix is None):
         raise UserError("--experiment / --matrix: give one of them (the matrix also lists trials not started)")
+    if sets and matrix is None:
+        raise UserError("--set: only with --matrix (it changes the matrix's trials); drop it or pass --matrix")
     planned = None
     if matrix is not None:
         if not matrix.is_file():
             raise UserError(f"--matrix: no file at {matrix}; pass a TOML file such as experiments/smoke.toml")
-        experiment, planned = planned_trials(matrix)
+        experiment, _ = planned_trials(matrix)  # the experiment's name without torch; a broken file's error
     records, existing = _records(experiment, tracking_uri)
-    if records is None and planned is None:
+    if records is None and matrix is None:
         raise UserError(f"--experiment: no experiment {experiment!r}; existing: {', '.join(existing) or 'none'}")
-    states = trial_states(records or [], planned)
+    records = records or []
+    if matrix is not None:
+        hashes = {r.tags[schema.TAG_DATA_HASH] for r in records if r.tags.get(schema.TAG_DATA_HASH)}
+        experiment, planned = planned_by_key(matrix, list(sets or []), hashes)
+    states = trial_states(records, planned)
     counts = {s: sum(t.status == s for t in states) for s in dict.fromkeys(t.status for t in states)}
     title = f"{experiment}: {len(states)} trials (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
+    if planned is not None:
+        mine = {t.run_id for t in states}
+        others = len({r.tags.get(schema.TAG_TRIAL_KEY) for r in records if r.run_id not in mine} - {None})
+        if others:
+            title += f"; {others} other trial(s) of this experiment have other settings (--set) and are not shown"
     table = Table(title=title, header_style="bold")
-    for col in ("trial", "status", "step", "elapsed", "val ppl", "run id", "trial key"):
+    notes = any(t.note for t in states)
+    for col in ("trial", "status", "step", "elapsed", "val ppl", "run id", "trial key", *(["note"] if notes else [])):
         table.add_column(col, justify="right" if col in ("step", "elapsed", "val ppl") else "left")
     for t in states:
         table.add_row(t.name, t.status, t.step, _fmt_elapsed(t.elapsed_s), f"{t.val_ppl:.3f}" if t.val_ppl else "",
-                      t.run_id[:12], t.trial_key)
+                      t.run_id[:12], t.trial_key, *([t.note] if notes else []))
     return table
 
 

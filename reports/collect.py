@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from harness import schema
 from harness.errors import UserError
 from harness.schema import strip_credentials
+from harness.stores.credentials import move_tracking_credentials
 from harness.stores.curves import CURVE_POINTS, is_eval_key, read_curves, thin
 from reports import names
 
@@ -198,7 +199,7 @@ def collect(tracking_uri: str | None, experiment: str) -> Collected:
     """Read the trial runs of `experiment`; raise UserError if the store or the experiment is missing."""
     import mlflow
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = move_tracking_credentials(tracking_uri or mlflow.get_tracking_uri())  # no password in any URI
     _check_sqlite_exists(uri)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)

@@ -395,8 +395,8 @@ def _repro_section(c: Collected, runs: pd.DataFrame, command: str | None) -> str
     m = mine if len(mine) else m
     lines = []
     if command:
-        lines.append(f"- Report command: `{command}`")
-    run_cmds = _uniq(m.command)
+        lines.append(f"- Report command: `{strip_credentials(command)}`")
+    run_cmds = [strip_credentials(x) for x in _uniq(m.command)]
     lines.append("- Run command(s): " + (", ".join(f"`{x}`" for x in run_cmds) if run_cmds
                                          else "not recorded (no `kb.command` tag on the matrix run)"))
 

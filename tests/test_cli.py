@@ -142,19 +142,28 @@ def test_trial_folder_name_is_readable_and_keyed(tmp_path):
 
 
 @pytest.mark.slow
-def test_status_lists_pending_trials_without_importing_torch(tmp_path):
-    """A matrix whose store holds one finished trial of three: status lists all three, two pending; the
-    command never imports torch (it must answer in seconds)."""
+def test_status_lists_pending_trials_by_trial_key(tmp_path):
+    """A matrix whose store holds one finished trial of three (its real trial key) and a run of the same name
+    with another learning rate: status lists all three, two pending, and is not fooled by the name; with
+    --experiment alone it never imports torch (it must answer in seconds)."""
     from mlflow import MlflowClient
+
+    from harness.spec.matrix import load_matrix
 
     db = tmp_path / "mlflow.db"
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.create_experiment("pend")
+    m = write_matrix(tmp_path / "m.toml", "pend", seeds=(0, 1, 2))
+    first = load_matrix(m).expand(256)[0]  # the byte tokenizer's vocabulary
     run = client.create_run(exp, run_name="gpt+adamw tiny s0", tags={
-        "kb.kind": "trial", "kb.status": "finished", "kb.final_step": "20", "kb.trial_key": "k" * 16})
+        "kb.kind": "trial", "kb.status": "finished", "kb.final_step": "20", "kb.trial_key": first.key("d0"),
+        "kb.data_hash": "d0"})
     client.log_metric(run.info.run_id, "val/ppl_final", 12.5, step=20)
     client.set_terminated(run.info.run_id, "FINISHED")
-    m = write_matrix(tmp_path / "m.toml", "pend", seeds=(0, 1, 2))
+    other = load_matrix(m, ["optim.adamw.lr=4.5e-3"]).expand(256)[1]  # same name "gpt+adamw tiny s1"
+    client.create_run(exp, run_name=other.name, tags={"kb.kind": "trial", "kb.status": "finished",
+                                                      "kb.final_step": "20", "kb.trial_key": other.key("d0"),
+                                                      "kb.data_hash": "d0"})
     code = ("import sys, cli\n"
             "try:\n    cli.app(sys.argv[1:], prog_name='kimi-bench')\nexcept SystemExit:\n    pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
@@ -168,8 +177,18 @@ def test_status_lists_pending_trials_without_importing_torch(tmp_path):
     assert "finished" in rows["gpt+adamw tiny s0"] and "20" in rows["gpt+adamw tiny s0"]
     assert "12.500" in rows["gpt+adamw tiny s0"]
     assert "pending" in rows["gpt+adamw tiny s1"] and "pending" in rows["gpt+adamw tiny s2"]
-    assert "1 finished, 2 pending" in proc.stdout
-    assert lines[-1] == "NO-TORCH", proc.stdout
+    assert "1 finished, 2 pending" in proc.stdout and "1 other trial(s)" in proc.stdout
+    with_set = subprocess.run([sys.executable, "-c", code, "status", "--matrix", str(m), "--set",
+                               "optim.adamw.lr=4.5e-3", "--tracking-uri", f"sqlite:///{db}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120,
+                              env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert "2 pending, 1 finished" in with_set.stdout, with_set.stdout + with_set.stderr
+    rows = {ln.split("│")[1].strip(): ln for ln in with_set.stdout.splitlines() if ln.startswith("│")}
+    assert "finished" in rows["gpt+adamw tiny s1"] and "pending" in rows["gpt+adamw tiny s0"]
+    plain = subprocess.run([sys.executable, "-c", code, "status", "--experiment", "pend", "--tracking-uri",
+                            f"sqlite:///{db}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert "2 trials (2 finished)" in plain.stdout and plain.stdout.splitlines()[-1] == "NO-TORCH", plain.stdout
 
 
 def test_trials_json_lists_each_trial_with_its_folder(tmp_path):

@@ -37,7 +37,8 @@ SKIP: list[tuple[str, str]] = [
                                                                          " TinyStories download"),
     (r"^echo /\.whl/|^python3 -m pip download|^git rev-parse", "prepares the GPU run (downloads wheels for the GPU"
                                                                " machine's Python)"),
-    (r"gpu-run\.sh --device cpu", "the GPU script's CPU rehearsal: tests/harness/measure/bench/test_gpu_run.py runs it"),
+    (r"gpu-run\.sh --device cpu",
+     "the GPU script's CPU rehearsal: tests/harness/measure/bench/test_gpu_run.py runs it"),
 ]
 # appended to every `kimi-bench run` / `tune` that trains: two steps, one seed, small evals and data
 TINY = ("--set train.steps=2 --set train.eval_interval=1 --set train.eval_tokens=1024 --set train.log_interval=1"

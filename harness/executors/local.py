@@ -16,6 +16,7 @@ from harness.console import MatrixProgress
 from harness.data import PreparedData
 from harness.executors.matrix_run import (
     MatrixOutcome,
+    StoreLost,
     command_line,
     skipped_line,
     start_matrix_run,
@@ -25,7 +26,7 @@ from harness.schema import MLFLOW_RUN_STATUS, TERMINAL
 from harness.spec.matrix import Matrix
 from harness.spec.registry import TrialSpec
 from harness.stores.runrecord import open_tracker
-from harness.stores.tracking import Tracker, strip_credentials
+from harness.stores.tracking import Tracker, TrackingLost, strip_credentials
 from harness.trial.dist import DistInfo, barrier, broadcast_object
 from harness.trial.loop import STATE_FILE, TrialResult, run_trial
 from harness.trial.runs import run_tags, start_trial_run, trial_dir_name
@@ -45,6 +46,7 @@ def run_matrix_local(matrix: Matrix, trials: list[TrialSpec], data: PreparedData
     outcome = MatrixOutcome(experiment_id, parent, [])
     steps = [t.train.total_steps(t.dims.block_size, dist_info.world_size) or 1 for t in trials]
     progress = MatrixProgress(console, len(trials), sum(steps), enabled=dist_info.is_main)
+    lost = False
     try:
         with progress:
             for i, spec in enumerate(trials, 1):
@@ -58,12 +60,20 @@ def run_matrix_local(matrix: Matrix, trials: list[TrialSpec], data: PreparedData
 
             measure_matrix_speed(trials, data, device, tracker, experiment_id, parent, common_tags, console)
     except KeyboardInterrupt:
+        from harness.signals import interrupt_name
+
         outcome.interrupted = True
-        console.print("[yellow]interrupted[/]: the current trial is marked killed; finished trials are kept. "
-                      "Resume with the same command:")
+        done = len(outcome.results)
+        stopped = f"trial {trials[done].name} stopped and marked killed (its last checkpoint is kept)" \
+            if done < len(trials) else "the speed measurement stopped"
+        console.print(f"[yellow]interrupted ({interrupt_name()})[/]: {stopped}; {done} trial(s) before it are "
+                      "kept. Resume with the same command:")
         console.print(strip_credentials(command_line()), markup=False, highlight=False)
+    except StoreLost:  # the store went away mid-trial: it cannot take the parent's end status either
+        lost = True
+        raise
     finally:
-        if tracker and parent:
+        if tracker and parent and not lost:
             tracker.end_parent(parent, schema.KILLED if outcome.interrupted else schema.FINISHED)
     return outcome
 
@@ -100,6 +110,9 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
     out_dir = out_root / spec.experiment / trial_dir_name(spec, key)
     result = run_trial(spec, data, out_dir, run, dist_info, on_progress, peak_tflops=peak_tflops)
     progress.end_trial(total or 1)
+    if result.error and TrackingLost.PREFIX in result.error:  # every later call would fail the same way
+        raise StoreLost(f"{spec.name}: {result.error} at step {result.step}; the trial stopped and its last "
+                        "checkpoint is kept; run the same command again once the store answers (it resumes there)")
     if result.status in TERMINAL and not keep_state and dist_info.is_main:
         # a rerun never resumes an ended trial: its optimizer state (GBs at paper scale) is dead weight
         (out_dir / STATE_FILE).unlink(missing_ok=True)

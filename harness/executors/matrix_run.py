@@ -19,6 +19,10 @@ from harness.trial.loop import TrialResult
 from harness.trial.runs import trial_dir_name
 
 
+class StoreLost(UserError):
+    """The tracking store stopped answering mid-trial (harness.stores.tracking.TrackingLost): the matrix stops."""
+
+
 @dataclass
 class MatrixOutcome:
     experiment_id: str

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from harness.errors import UserError
 from harness.schema import MLFLOW_RUN_STATUS, TERMINAL, param_value, strip_credentials  # noqa: F401  (re-exported)
 from harness.stores import views
 from harness.stores.buffered import BufferedRun
+from harness.stores.credentials import move_tracking_credentials
 
 
 def default_tracking_uri() -> str:
@@ -31,7 +33,9 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    """The store to use, as MLflow should see it: a server's user:password@ moves to MLflow's credential
+    variables in this process (harness/stores/credentials.py), so no URI handed on or printed carries it."""
+    return move_tracking_credentials(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
 
 
 def git_commit() -> str:
@@ -120,9 +124,45 @@ def _create_sqlite_store(uri: str) -> None:
 
 
 def first_line(e: Exception) -> str:
-    """An exception as one short line (MLflow's errors can span pages)."""
-    text = str(e).strip()
+    """An exception as one short line (MLflow's errors can span pages), credentials stripped (an error can
+    quote the URI it failed on)."""
+    text = strip_credentials(str(e).strip())
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+_DB_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores MLflow opens itself (sqlite aside)
+
+
+def _probe_database(uri: str) -> None:
+    """One connection attempt to a database store before MLflow's own (which retries for seconds and logs a
+    page per try): a wrong host, port, database name or login is one line, and nothing is created."""
+    if uri.split("://", 1)[0].split("+", 1)[0] not in _DB_SCHEMES:
+        return
+    import sqlalchemy
+
+    engine = None
+    try:
+        args = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+        with engine.connect():
+            pass
+    except Exception as e:
+        raise UserError(f"--tracking-uri {strip_credentials(uri)}: cannot connect to the database ({first_line(e)});"
+                        " check the host, port, database name and login") from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def store_error(uri: str, e: Exception) -> UserError:
+    """The one line for a store that did not answer as it should: a refused login is named as such."""
+    first = first_line(e)
+    if any(f"error code {code}" in first or f"HTTP {code}" in first for code in (401, 403)):
+        return UserError(f"--tracking-uri {strip_credentials(uri)}: the tracking server refused the login "
+                         f"({first}); check the user and password (user:password@ in the URI, or "
+                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+    return UserError(f"--tracking-uri {strip_credentials(uri)}: cannot reach the tracking store ({first}); "
+                     "start the server or fix the URI")
 
 
 def _mlflow():
@@ -141,6 +181,7 @@ class Tracker:
             parent = Path(self.uri.removeprefix("sqlite:///")).parent
             if not parent.is_dir():
                 raise UserError(f"--tracking-uri: folder {parent} does not exist; create it or pick another path")
+        _probe_database(self.uri)
         # no mlflow.set_tracking_uri: it also exports MLFLOW_TRACKING_URI, which child processes would inherit;
         # every call here goes through this client and its explicit URI
         with _store_lock(self.uri):  # the first process creates the store; the others wait, then open it
@@ -159,9 +200,7 @@ class Tracker:
             with _first_contact_http():
                 self.client.search_experiments(max_results=1)
         except Exception as e:
-            first = first_line(e)
-            raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
-                            f"({first}); start the server or fix the URI") from None
+            raise store_error(self.uri, e) from None
 
     def ensure_experiment(self, name: str, description: str = "") -> str:
         """The experiment's id (created, or restored from deleted); its description is the matrix's."""
@@ -246,11 +285,30 @@ class Tracker:
         param_list = [Param(k, param_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(param_list), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=param_list[i : i + 100])
-        tags_now = [RunTag(schema.TAG_STATUS, schema.RUNNING)]
+        tags_now = [RunTag(schema.TAG_STATUS, schema.RUNNING), *liveness_tags()]
         if parent_id:  # new or resumed: this invocation's run (harness.stores.views)
             tags_now.append(RunTag(schema.TAG_MATRIX_RUN, parent_id))
         self.client.log_batch(run_id, tags=tags_now)
         return TrialRun(self, run_id, system_metrics=system_metrics)
+
+
+def liveness_tags() -> list:
+    """Who logs this run and that it is alive: host, pid and a heartbeat (read by `kimi-bench status`)."""
+    from mlflow.entities import RunTag
+
+    return [RunTag(schema.TAG_HOST, os.uname().nodename), RunTag(schema.TAG_PID, str(os.getpid())),
+            RunTag(schema.TAG_HEARTBEAT, str(int(time.time())))]
+
+
+class TrackingLost(Exception):
+    """The tracking store stopped answering mid-trial, past MLflow's own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    _BACKOFF_FACTOR, _TIMEOUT). The trial stops: nothing after its last confirmed flush is relied on, its last
+    checkpoint (taken only after a confirmed flush) is where the next `run` resumes it."""
+
+    PREFIX = "tracking store unreachable"
+
+    def __init__(self, what: str, e: Exception):
+        super().__init__(f"{self.PREFIX} ({what}: {first_line(e)})")
 
 
 @dataclass
@@ -258,6 +316,7 @@ class TrialRun(BufferedRun):
     """A child run in MLflow: the buffer goes out with `log_batch` through MLflow's asynchronous logging."""
 
     _pending: list = field(default_factory=list)  # async log_batch operations not yet confirmed
+    _last_beat: float = field(default_factory=time.monotonic)
     _monitor: Any = None
 
     def __post_init__(self) -> None:
@@ -281,23 +340,37 @@ class TrialRun(BufferedRun):
 
     def _send(self, batch: list, wait: bool) -> None:
         """wait=False hands the batch to MLflow's async logging queue (the training loop goes on); wait=True also
-        waits for everything queued so far to be stored."""
+        waits for everything queued so far to be stored. The liveness tags ride on a batch: no extra call."""
+        beat = []
+        if batch and time.monotonic() - self._last_beat > schema.HEARTBEAT_S:
+            beat, self._last_beat = liveness_tags(), time.monotonic()
         while batch:
             chunk, batch = batch[:1000], batch[1000:]  # MLflow's per-batch cap
-            self._pending.append(self.tracker.client.log_batch(self.run_id, metrics=chunk, synchronous=False))
+            self._pending.append(self.tracker.client.log_batch(self.run_id, metrics=chunk, tags=beat,
+                                                               synchronous=False))
+            beat = []
         if wait:
-            for op in self._pending:
-                op.wait()
-            self._pending.clear()
+            pending, self._pending = self._pending, []
+            try:
+                for op in pending:
+                    op.wait()
+            except Exception as e:  # MLflow retried each request and gave up: the store is gone
+                raise TrackingLost("storing metrics", e) from None
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.tracker.client.log_batch(self.run_id, tags=[RunTag(k, strip_credentials(str(v)))
-                                                         for k, v in tags.items()])
+        try:
+            self.tracker.client.log_batch(self.run_id, tags=[RunTag(k, strip_credentials(str(v)))
+                                                             for k, v in tags.items()])
+        except Exception as e:
+            raise TrackingLost("setting tags", e) from None
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.tracker.client.log_artifact(self.run_id, str(path), artifact_path)
+        try:
+            self.tracker.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as e:
+            raise TrackingLost("uploading an artifact", e) from None
 
     def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
         """Record the corpus as an MLflow dataset input (name + digest), so runs show what they trained on."""
@@ -317,3 +390,13 @@ class TrialRun(BufferedRun):
             with contextlib.suppress(Exception):
                 self._monitor.finish()
             self._monitor = None
+
+    def end(self, status: str) -> None:
+        """BufferedRun.end; raises TrackingLost when the store does not answer (the run stays RUNNING there and
+        the next `run` resumes it)."""
+        try:
+            super().end(status)
+        except TrackingLost:
+            raise
+        except Exception as e:
+            raise TrackingLost("ending the run", e) from None

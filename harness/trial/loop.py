@@ -38,7 +38,7 @@ from harness.data import PreparedData, TokenBatches
 from harness.schema import TAG_MODEL_PATH
 from harness.spec.registry import TrialSpec, build_model, shape_key
 from harness.stores.curves import write_curves
-from harness.stores.tracking import TrialRun
+from harness.stores.tracking import TrackingLost, TrialRun
 from harness.trial.dist import DistInfo, all_reduce_
 from harness.trial.evaluation import LoadMeter, evaluate
 from harness.trial.metrics import (
@@ -448,9 +448,13 @@ def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except KeyboardInterrupt:
-        result.status, result.error = schema.KILLED, "interrupted (Ctrl-C)"
+        from harness.signals import interrupt_name
+
+        result.status, result.error = schema.KILLED, f"interrupted ({interrupt_name()})"
         _finish_run(run, result, trainer)
         raise
+    except TrackingLost as e:  # the store is gone: nothing more can be logged; the caller stops the matrix
+        result.status, result.error = schema.FAILED, str(e)
     except Exception as e:  # isolate the failure: the matrix goes on with the next trial
         result.status = schema.FAILED
         result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -475,4 +479,9 @@ def _finish_run(run: TrialRun | None, result: TrialResult, trainer: Trainer | No
         tags[schema.TAG_ERROR] = result.error[:schema.ERROR_CHARS]
     with contextlib.suppress(Exception):
         run.set_tags(tags)
-    run.end(result.status)
+    try:
+        run.end(result.status)
+    except TrackingLost as e:  # the run stays RUNNING in the store; the next `run` resumes it from its checkpoint
+        if result.status != schema.KILLED:
+            result.status = schema.FAILED
+        result.error = result.error if result.error and TrackingLost.PREFIX in result.error else str(e)

@@ -32,6 +32,19 @@ ROOT = Path(__file__).resolve().parents[2]
     ("postgresql://h:5432/db?user=u&password=pw&sslmode=require",
      "postgresql://h:5432/db?user=u&password=***&sslmode=require"),
     ("postgresql://u:pw@[::1]:5432/db", "postgresql://[::1]:5432/db"),
+    # a token in the fragment (OAuth's implicit flow); MLflow UI fragments have no pairs and stay
+    ("https://h/cb#access_token=T&token_type=bearer", "https://h/cb#access_token=***&token_type=***"),
+    ("https://h/cb?state=1#id_token=T", "https://h/cb?state=1#id_token=***"),
+    ("http://h:5000/#/experiments/1/runs/ab12", "http://h:5000/#/experiments/1/runs/ab12"),
+    # ODBC connect strings, percent-encoded inside odbc_connect and raw
+    ("mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BODBC%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3DSECRET%3BEncrypt%3Dyes",
+     "mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BODBC%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3D***%3BEncrypt%3Dyes"),
+    ("mssql+pyodbc:///?odbc_connect=SERVER%3Dh%3bPassword%3d%7Bse%3Bcret%7D", "mssql+pyodbc:///?odbc_connect="
+     "SERVER%3Dh%3bPassword%3d***"),
+    ("Driver={ODBC Driver 18};Server=h;Uid=u;Pwd=SECRET;Encrypt=yes",
+     "Driver={ODBC Driver 18};Server=h;Uid=u;Pwd=***;Encrypt=yes"),
+    ("Server=h;Password={a;b}}c};Database=d", "Server=h;Password=***;Database=d"),  # }} escapes a brace
+    ("Server=h;sslpassword_file=/x;UidPwd=1", "Server=h;sslpassword_file=/x;UidPwd=1"),  # not a password key
     # nothing to strip: unchanged
     ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
     ("sqlite:///rel/optuna.db?timeout=30", "sqlite:///rel/optuna.db?timeout=30"),
@@ -59,7 +72,9 @@ def test_strip_credentials_inside_text():
 @pytest.mark.parametrize("secret", ["hunter2", "ghp_abc123", "pw"])
 def test_no_secret_survives(secret):
     for uri in (f"http://user:{secret}@h:1/x", f"http://{secret}@h:1", f"http://h:1/?token={secret}",
-                f"postgresql://u:{secret}@h:5432/db", f"http://h:1?password={secret}@evil"):
+                f"postgresql://u:{secret}@h:5432/db", f"http://h:1?password={secret}@evil",
+                f"https://h:1/cb#access_token={secret}&x=1", f"mssql+pyodbc://h:1/?odbc_connect=PWD%3D{secret}",
+                f"Server=h:1;PWD={secret}"):
         out = strip_credentials(uri)
         assert secret not in out and "h:" in out, out
 

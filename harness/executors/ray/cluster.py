@@ -11,6 +11,7 @@ from typing import Any
 
 from harness.errors import UserError
 from harness.executors.ray.options import LOOPBACK_ENV, NAMESPACE, SECRET_ENV, RayOptions, import_ray
+from harness.stores.limits import sqlite_writers_warning
 from harness.stores.tracking import strip_credentials
 
 
@@ -155,3 +156,10 @@ def trial_resources(on_cuda: bool, opts: RayOptions) -> dict[str, float]:
     gpus = opts.num_gpus if opts.num_gpus is not None else (1.0 if on_cuda else 0.0)
     cpus = opts.num_cpus if opts.num_cpus is not None else 1.0
     return {"num_cpus": cpus, "num_gpus": gpus}
+
+
+def warn_sqlite_writers(console, uri: str, writers: int) -> None:
+    """Before anything trains: more trials at once than a sqlite store was measured to hold."""
+    line = sqlite_writers_warning(uri, writers)
+    if line:
+        console.print(line, style="yellow", markup=False, highlight=False)

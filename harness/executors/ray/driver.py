@@ -24,11 +24,13 @@ from harness.executors.ray.cluster import (
     secret_arg,
     slots,
     trial_resources,
+    warn_sqlite_writers,
 )
 from harness.executors.ray.options import RayOptions, import_ray
 from harness.executors.ray.progress_board import ProgressBoard, progress_view, running_table, snapshot
 from harness.executors.ray.task import TrialJob, train_trial
 from harness.schema import MLFLOW_RUN_STATUS
+from harness.stores.limits import parallel_slots
 from harness.stores.tracking import strip_credentials
 from harness.trial.loop import TrialResult
 from harness.trial.runs import is_ended, run_tags
@@ -61,6 +63,9 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
     try:
         hosts = cluster.cluster_hosts()  # through the module: tests stand in a cluster of several machines
         check_shared_stores(hosts, tracking_uri=uri)
+        cuda = bool(trials) and resolve_device(trials[0].train.device).type == "cuda"
+        warn_sqlite_writers(console, uri, min(len(trials), parallel_slots(ray.cluster_resources(),
+                                                                          trial_resources(cuda, opts))))
         out_root = Path(opts.checkpoint_dir) if opts.checkpoint_dir else Path(out_root)
         check_shared_dir(out_root, hosts)
         tracker = Tracker(uri)
@@ -82,8 +87,11 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
                 measure_matrix_speed(trials, data, device, tracker, experiment_id, parent, common_tags, console)
         except KeyboardInterrupt:
             outcome.interrupted = True
-            console.print(f"[yellow]interrupted[/]: running trials are cancelled and marked killed; finished "
-                          f"trials are kept. Resume with the same command: kimi-bench run --matrix {matrix.path}")
+            from harness.signals import interrupt_name
+
+            console.print(f"[yellow]interrupted ({interrupt_name()})[/]: running trials are cancelled and marked "
+                          "killed; finished trials are kept. Resume with the same command: "
+                          f"kimi-bench run --matrix {matrix.path}")
         finally:
             claims.close()
             tracker.end_parent(parent, schema.KILLED if outcome.interrupted else schema.FINISHED)

@@ -19,6 +19,7 @@ from harness.executors.ray.cluster import (
     resolve_secret,
     secret_arg,
     trial_resources,
+    warn_sqlite_writers,
     where,
 )
 from harness.executors.ray.options import RayOptions, import_ray
@@ -80,6 +81,7 @@ def tune_ray(matrix, *, n_workers: int, opts: RayOptions, n_trials: int | None, 
     try:
         hosts = cluster.cluster_hosts()
         check_shared_stores(hosts, tracking_uri=uri, storage=url)
+        warn_sqlite_writers(console, uri, n_workers)
         quotas = worker_quotas(n_trials, n_workers)
         cap = total_trials if total_trials is not None else n_trials
         from harness.trial.step import resolve_device

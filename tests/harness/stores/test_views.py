@@ -107,7 +107,6 @@ def test_the_view_round_trips_through_a_tracking_server(tmp_path):
     """On `mlflow server` the view is the same experiment tag, written through the REST API; `status` finds it
     with its standard-library REST reader and prints that server's link."""
     from harness.stores.tracking import Tracker
-
     from tests.helpers import mlflow_server
 
     with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, artifacts=tmp_path / "art") as url:

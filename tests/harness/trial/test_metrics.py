@@ -1,4 +1,5 @@
-"""harness/trial/metrics.py: perplexity, gradient-norm stability, loss spikes, peak FLOP/s and MFU, against hand counts."""
+"""harness/trial/metrics.py: perplexity, gradient-norm stability, loss spikes, peak FLOP/s and MFU, against hand
+counts."""
 
 from __future__ import annotations
 
