@@ -88,6 +88,7 @@ def decode_step(model: nn.Module, amp: torch.dtype | None, vocab_size: int, bloc
 
 
 def _check(label: str, what: str, fn: Callable[[], str], device: torch.device, failures: list[str]) -> bool:
+    """fn() under a stopwatch: one ok line (with fn's note), or a traceback, one FAILED line and a failure."""
     t0 = time.perf_counter()
     try:
         note = fn()
@@ -103,6 +104,33 @@ def _check(label: str, what: str, fn: Callable[[], str], device: torch.device, f
     return True
 
 
+def _check_arm(label: str, build: Callable[[], Arm], device: torch.device, failures: list[str],
+               dispatches: set[str]) -> None:
+    built: list[Arm] = []
+
+    def build_arm() -> str:
+        built.append(build())
+        return ""
+
+    def train() -> str:
+        loss = built[0].train_step().item()
+        if not math.isfinite(loss):
+            raise CheckFailed(f"non-finite loss {loss}")
+        d = _moe_dispatch(built[0].model)
+        dispatches.update([d] if d else [])
+        return f", loss {loss:.3f}" + (f", MoE dispatch {d}" if d else "")
+
+    def decode() -> str:
+        arm = built[0]
+        d = decode_step(arm.model, AMP, arm.vocab_size, arm.block_size, arm.decode_batch)
+        dispatches.update([d] if d else [])
+        return f", batch {arm.decode_batch}" + (f", MoE dispatch {d}" if d else "")
+
+    if _check(label, "build", build_arm, device, failures):
+        _check(label, "train step", train, device, failures)  # a failed step still leaves the decode to check
+        _check(label, "decode step", decode, device, failures)
+
+
 def run_preflight(arms: Sequence[tuple[str, Callable[[], Arm]]], device: torch.device) -> int:
     """Build each arm in turn, take one train step and one decode step; 0 when all passed, else 1."""
     t0 = time.perf_counter()
@@ -111,34 +139,8 @@ def run_preflight(arms: Sequence[tuple[str, Callable[[], Arm]]], device: torch.d
     failures: list[str] = []
     dispatches: set[str] = set()
     for label, build in arms:
-        free_memory(device)
-        arm: Arm | None = None
-
-        def build_arm() -> str:
-            nonlocal arm
-            arm = build()
-            return ""
-
-        if not _check(label, "build", build_arm, device, failures):
-            continue
-        assert arm is not None
-
-        def train() -> str:
-            loss = arm.train_step()
-            if not math.isfinite(loss.item()):
-                raise CheckFailed(f"non-finite loss {loss.item()}")
-            d = _moe_dispatch(arm.model)
-            dispatches.update([d] if d else [])
-            return f", loss {loss.item():.3f}" + (f", MoE dispatch {d}" if d else "")
-
-        def decode() -> str:
-            d = decode_step(arm.model, AMP, arm.vocab_size, arm.block_size, arm.decode_batch)
-            dispatches.update([d] if d else [])
-            return f", batch {arm.decode_batch}" + (f", MoE dispatch {d}" if d else "")
-
-        _check(label, "train step", train, device, failures)
-        _check(label, "decode step", decode, device, failures)
-        del arm
+        free_memory(device)  # the previous arm's model is gone with _check_arm's frame
+        _check_arm(label, build, device, failures, dispatches)
     free_memory(device)
     if dispatches:
         slow = " (the host-syncing loop: kimi's speed rows measure it, not grouped_mm)" if "loop" in dispatches else ""

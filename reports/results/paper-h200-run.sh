@@ -131,9 +131,10 @@ case "$MODE" in
 device)  # on the H200: python3 of the image, wheels from .carry, record under $OUT
   PY=python3 WORK=/tmp/kb CACHE=/tmp/kb/cache REC=/tmp/kb/record OUT=${OUT:-/tmp/kb-out}
   SEEDS=${SEEDS:-"0 1"} WINDOW_S=${WINDOW_S:-180} DEADLINE_S=${DEADLINE_S:-450}
-  mkdir -p "$WORK" "$OUT"
+  mkdir -p "$OUT"
   exec > >(tee -a "$OUT/run.log") 2>&1
   for carried in "$CARRY/wheels" "$CARRY/paper-data"; do gc_require_carry "$carried" "bash $0 --prepare" || exit 3; done
+  mkdir -p "$WORK"
   export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 KB_GIT_COMMIT=$(cat "$CARRY/COMMIT" 2>/dev/null || echo unknown)
   gc_install_wheels "$CARRY/wheels" /tmp/site
   { nvidia-smi; python3 -c "import torch, pydantic, numpy; print('torch', torch.__version__, 'pydantic',
