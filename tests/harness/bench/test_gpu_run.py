@@ -90,7 +90,7 @@ IMAGE_MODULES = {"torch", "typer", "click", "rich", "markdown_it", "mdurl", "pyg
 
 
 def test_bench_imports_only_what_the_gpu_image_has():
-    code = ("import sys, harness.bench.suite, harness.bench.common;"
+    code = ("import sys, harness.bench.suite, harness.bench.common, harness.bench.preflight;"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
