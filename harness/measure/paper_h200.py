@@ -2,6 +2,7 @@
 
     python harness/measure/paper_h200.py derive IN OUT [--seed S] [--rehearse]
     python harness/measure/paper_h200.py size --matrix FILE --window-s 180 [--device cuda] [--out size.json]
+    python harness/measure/paper_h200.py preflight --matrix FILE [--device cuda]
 
 `derive` writes IN with only seed S (the run script runs one seed at a time, so a run cut short keeps every
 arm of the first seed; the trial keys are those of the full matrix) and, with --rehearse, the tiny preset on
@@ -13,6 +14,10 @@ step count whose trials fit the window: steps = window / sum over trials of (sec
 per step), rounded down to the eval grid, capped at half an epoch of the train split. It is a script of the
 run (reports/results/paper-h200-run.sh), in the measurement package because it drives the trial loop, which
 reports/ never imports.
+
+`preflight` takes, per arm of the matrix, one train step of the trial loop's own Trainer and one cached decode
+step of its inference path, in bf16 (harness/measure/bench/preflight.py), before the sizing: exit 1 and one line
+naming every failed check, so a broken CUDA path costs seconds, not the run.
 """
 
 from __future__ import annotations
@@ -154,6 +159,41 @@ def size(matrix_path: Path, window_s: float, device: str | None, cache_dir: str 
             else "cpu"}
 
 
+def preflight(matrix_path: Path, device: str | None, cache_dir: str | None) -> int:
+    """One bf16 train step (the Trainer's own) and one decode step per arm of the matrix, on `device`."""
+    import torch
+    from rich.console import Console
+
+    from harness.data.bar import prepare_data
+    from harness.measure.bench.preflight import Arm, run_preflight
+    from harness.spec.matrix import load_matrix
+    from harness.trial.loop import Trainer
+
+    matrix = load_matrix(matrix_path)
+    data = prepare_data(matrix.data_fields(), cache_dir, Console(stderr=True))
+    specs = {}
+    for spec in matrix.expand(data.vocab_size, device=device):
+        specs.setdefault(spec.arm, spec)  # one trial per arm: the seeds differ only in their numbers
+    tmp = tempfile.TemporaryDirectory()
+
+    def build(spec) -> Arm:
+        trainer = Trainer(spec, data, Path(tmp.name) / spec.arm, None)
+        trainer.amp = torch.bfloat16  # the GPU run's autocast, also where the rehearsal trains in float32
+
+        def step() -> torch.Tensor:
+            trainer.set_lr()
+            loss, _ = trainer.train_step()
+            trainer.state.step += 1
+            return loss
+
+        return Arm(spec.arm, trainer.model, step, spec.dims.vocab_size, spec.dims.block_size,
+                   max(spec.train.infer_batch_sizes))
+
+    with tmp:
+        return run_preflight([(arm, lambda s=spec: build(s)) for arm, spec in specs.items()],
+                             torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
 def main(argv: list[str] | None = None) -> None:
     from harness.errors import UserError
 
@@ -179,10 +219,16 @@ def _main(argv: list[str] | None) -> None:
     s.add_argument("--device")
     s.add_argument("--cache-dir")
     s.add_argument("--out", type=Path)
+    p = sub.add_parser("preflight")
+    p.add_argument("--matrix", type=Path, required=True)
+    p.add_argument("--device")
+    p.add_argument("--cache-dir")
     args = parser.parse_args(argv)
     if args.cmd == "derive":
         derive(args.src, args.dest, args.seed, args.rehearse, args.corpus)
         return
+    if args.cmd == "preflight":
+        sys.exit(preflight(args.matrix, args.device, args.cache_dir))
     result = size(args.matrix, args.window_s, args.device, args.cache_dir)
     text = json.dumps(result, indent=2)
     if args.out:

@@ -3,10 +3,18 @@
 # order of value, each step appending its rows to ONE record ($OUT/record.md + .json) as it measures them, so
 # a run cut short keeps everything it finished. Every step runs under `timeout`, within an overall budget.
 #
-#   OUT=<dir> KIMI_BENCH_GIT_COMMIT=<sha> reports/benchmarks/gpu-run.sh          # the H200 run (~7.5 min)
+#   reports/benchmarks/gpu-run.sh --prepare                                      # HERE, once: .whl/ (wheels, COMMIT)
+#   OUT=<dir> reports/benchmarks/gpu-run.sh                                      # the H200 run (~7.5 min)
 #   OUT=$(mktemp -d) reports/benchmarks/gpu-run.sh --device cpu --preset tiny    # the CPU rehearsal (~2 min)
 #
+# First, ~20 s of preflight (harness/measure/bench/preflight.py): one bf16 train step and one decode step per arm the
+# steps time, on the run's device; the run stops with one line if any fails. It also prints the MoE dispatch
+# that ran (grouped_mm, or the host-syncing loop where torch lacks F.grouped_mm). reports/gpu-common.sh holds
+# what this script shares with reports/results/paper-h200-run.sh.
+#
 # Options:
+#   --prepare           here, not on the device: download the wheels the image lacks into .whl/ (ignored by
+#                       git; carried by the run) and write .whl/COMMIT, with the active venv's python (PYTHON)
 #   --device cuda|cpu   where to measure (default cuda)
 #   --preset real|tiny  real: gpt2-124m and paper, as the targets name them; tiny: every step at the tiny preset
 #                       with short timings (the code path only; eager only, since torch.compile takes minutes on
@@ -16,22 +24,34 @@
 #   --steps LIST        comma-separated subset of: tests,train-gpt2,train-kimi,moe,decode,muon-kimi,muon-gpt2,
 #                       optim,attention,proposals (default: all, in that order)
 #   --no-compile        leave out the compiled train steps
-# Environment: OUT (required), PYTHON (default python3), KIMI_BENCH_GIT_COMMIT (the commit measured; the device
-# machine has no git), SITE (where the carried wheels in .whl/ are installed; default /tmp/kimi-bench-site).
+#   --no-preflight      skip the preflight (a rerun of some steps right after a run whose preflight passed)
+# Environment: OUT (required), PYTHON (default python3), KIMI_BENCH_GIT_COMMIT (the commit measured; default
+# .whl/COMMIT, since the device machine has no git), SITE (where the carried wheels in .whl/ are installed;
+# default /tmp/kimi-bench-site).
 # Files left in $OUT (the device tool returns at most 8): run.log, test_cuda.log, record.md, record.json.
 
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
+GC_NAME=gpu-run.sh
+. reports/gpu-common.sh
 
-device=cuda preset=real budget=450 steps=all compile=1
+device=cuda preset=real budget=450 steps=all compile=1 preflight=1
 while [ $# -gt 0 ]; do
     case "$1" in
+        --prepare)
+            PY=$(gc_local_python pip) || exit 2
+            gc_ignore '/.whl/'
+            gc_prepare_wheels .whl || { gc_error "pip download into .whl/ failed (see above)"; exit 3; }
+            gc_tree_commit > .whl/COMMIT
+            echo "prepared .whl/ with $PY: $(cd .whl && ls | tr '\n' ' ')(commit $(cut -c1-12 .whl/COMMIT)); now the device run (reports/benchmarks/README.md)"
+            exit 0 ;;
         --device) device=$2; shift 2 ;;
         --preset) preset=$2; shift 2 ;;
         --budget) budget=$2; shift 2 ;;
         --steps) steps=$2; shift 2 ;;
         --no-compile) compile=0; shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        --no-preflight) preflight=0; shift ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "gpu-run.sh: error: unknown option $1; see --help" >&2; exit 2 ;;
     esac
 done
@@ -52,19 +72,18 @@ say() { echo "$@" | tee -a "$LOG"; }
 SITE=${SITE:-/tmp/kimi-bench-site}
 if compgen -G ".whl/*.whl" >/dev/null; then
     if "$PY" -c "import pydantic" 2>/dev/null; then
-        "$PY" -m pip install -q --dry-run --no-index --no-deps --only-binary=:all: --python-version 3.12 \
-            --implementation cp --platform manylinux2014_x86_64 --target "$SITE" .whl/*.whl >>"$LOG" 2>&1 \
-            || { say "gpu-run.sh: error: the wheels in .whl/ would not install on CPython 3.12 (see $LOG)"; exit 3; }
+        gc_check_wheels .whl "$SITE" "$LOG" 2>&1 | tee -a "$LOG"; [ "${PIPESTATUS[0]}" = 0 ] || exit 3
         say "wheels in .whl/ checked (pydantic is already here): $(cd .whl && ls | tr '\n' ' ')"
     else
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-            .whl/*.whl >>"$LOG" 2>&1 || { say "gpu-run.sh: error: installing .whl/*.whl failed (see $LOG)"; exit 3; }
-        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+        gc_install_wheels .whl "$SITE" >>"$LOG" 2>&1 || { say "gpu-run.sh: error: installing .whl/*.whl failed (see $LOG)"; exit 3; }
         say "installed from .whl/: $(cd .whl && ls | tr '\n' ' ')"
     fi
 fi
-"$PY" -c "import torch, typer, rich, numpy, pydantic, pytest, harness.measure.bench.suite" >>"$LOG" 2>&1 \
-    || { say "gpu-run.sh: error: a package the suite imports is missing (see $LOG); carry its wheel in .whl/"; exit 3; }
+if ! "$PY" -c "import torch, typer, rich, numpy, pydantic, pytest, harness.measure.bench.suite" >>"$LOG" 2>&1; then
+    if [ "$device" = cuda ] && ! compgen -G ".whl/*.whl" >/dev/null; then gc_require_carry .whl "bash $0 --prepare"; fi
+    say "gpu-run.sh: error: a package the suite imports is missing (see $LOG); carry its wheel in .whl/"; exit 3
+fi
+if [ -z "${KIMI_BENCH_GIT_COMMIT:-}" ] && [ -f .whl/COMMIT ]; then export KIMI_BENCH_GIT_COMMIT=$(cut -c1-12 .whl/COMMIT); fi
 
 # --- environment --------------------------------------------------------------------------------------------
 {
@@ -76,6 +95,7 @@ fi
 'available', torch.cuda.is_available(), 'grouped_mm', hasattr(F, 'grouped_mm'))"
 } 2>&1 | tee -a "$LOG"
 
+SUMMARY=()
 if [ "$preset" = tiny ]; then
     GPT2=tiny PAPER=tiny DECODE=1,2,4 compile=0
     TIMING=(--repeats 2 --warmup 1 --rounds 1 --min-run-time 0.01 --vocab-size 512 --micro-batch 2)
@@ -83,9 +103,19 @@ else
     GPT2=gpt2-124m PAPER=paper DECODE=1,32,128
     TIMING=(--repeats 30 --warmup 5 --rounds 5 --min-run-time 0.1)
 fi
+
+# --- preflight: one bf16 train step + one decode step per arm the steps time; stops the run when one fails ---
+if [ "$preflight" = 1 ]; then
+    PRE_OPTS=()
+    [ "$preset" != tiny ] || PRE_OPTS=(--vocab-size 512 --micro-batch 2 --decode-batch 4)
+    t0=$(date +%s)
+    gc_preflight 120 "$LOG" "$PY" -m harness.measure.bench.preflight --device "$device" "${PRE_OPTS[@]}" \
+        --arms "gpt@$GPT2:adamw,gpt@$GPT2:muon,kimi@$PAPER:adamw,kimi@$PAPER:muon,gpt@$PAPER:adamw,gpt-mla@$PAPER:adamw"
+    SUMMARY+=("preflight: ok, $(( $(date +%s) - t0 ))s; $(grep -m1 '^preflight: MoE dispatch' "$LOG" | sed 's/^preflight: //' || echo 'MoE dispatch: not seen')")
+fi
+
 MODES=(--eager --compile)
 [ "$compile" = 1 ] || MODES=(--eager --no-compile)
-SUMMARY=()
 
 # step NAME CAP MIN COMMAND...: run COMMAND under timeout min(CAP, budget left); skip it below MIN seconds left.
 # Output goes to run.log (and to $STEP_LOG too, where set).

@@ -5,21 +5,26 @@
 #   bash reports/results/paper-h200-run.sh              # ON THE H200 (device `run`, carry [".carry"])
 #   bash reports/results/paper-h200-run.sh --rehearse   # HERE, CPU: the whole path at the tiny preset, then
 #                                                       # import into a temp sqlite MLflow and `kimi-bench report`
+# Here, PY (default: the active venv's python, else .venv/bin/python) runs --prepare and --rehearse.
 # Env: SEEDS="0 1" (a rerun after a cut-short run: SEEDS=1 STEPS=<the first run's>), WINDOW_S (training seconds the sizing aims at),
 #      DEADLINE_S (no new seed starts when its predicted time would end past it), OUT.
 #
 # On the device everything lands in $OUT as it goes: run.log (the whole output), size.json (measured tokens/s
 # per arm and the budget), env.txt, and record.tgz (the portable record, re-packed every 20 s and after each
-# seed: $OUT brings back 8 files at most, 2 folders down, so the record folder travels packed).
+# seed: $OUT brings back 8 files at most, 2 folders down, so the record folder travels packed; a pack that
+# fails, say on a file appended while tar read it, is a warning and the next one retries).
+# Before the sizing, the preflight (harness/measure/bench/preflight.py): one bf16 train step and one decode step per
+# arm, ~20 s; the run stops with one line if any fails. reports/gpu-common.sh holds what gpu-run.sh shares.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+GC_NAME=paper-h200-run.sh
+. reports/gpu-common.sh
 MODE=${1:-device}
 START=$(date +%s)
 MATRIX=experiments/paper-h200.toml
 CARRY=.carry
 TRAIN_TOKENS=${TRAIN_TOKENS:-28000000}  # carried train tokens: 56 MB of uint16, inside the 64 MiB the working tree may take
 VAL_TOKENS=${VAL_TOKENS:-600000}      # eval_tokens (524,288) + margin
-WHEELS="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0"
 
 log() { echo "[paper-h200 $(( $(date +%s) - START ))s] $*"; }
 
@@ -53,10 +58,11 @@ print(f"bin: {dest}: {counts['train']:,} train + {counts['val']:,} val tokens of
 PYEOF
 }
 
-pack_record() {  # the record as one file in $OUT, replaced atomically
-  [ -d "$REC" ] || return 0
-  tar -czf "$OUT/record.tgz.tmp" -C "$(dirname "$REC")" "$(basename "$REC")" 2>/dev/null \
-    && mv "$OUT/record.tgz.tmp" "$OUT/record.tgz"
+pack_record() { gc_pack "$REC" "$OUT/record.tgz"; }  # the record as one file in $OUT (never fails the run)
+
+preflight() {  # preflight MATRIX DEVICE: one bf16 train step + one decode step per arm; ends the run on a failure
+  log "preflight on $2: one bf16 train step and one decode step per arm"
+  gc_preflight 120 /dev/null "$PY" harness/measure/paper_h200.py preflight --matrix "$1" --device "$2" --cache-dir "$CACHE"
 }
 
 run_matrix() {  # run_matrix MATRIX DEVICE: size the budget, then one seed at a time into the record
@@ -88,26 +94,22 @@ run_matrix() {  # run_matrix MATRIX DEVICE: size the budget, then one seed at a 
 
 case "$MODE" in
 --prepare)  # here: wheels for what the GPU image lacks, the data as a bin: folder, the commit
-  PY=${PY:-.venv/bin/python}
-  exclude=$(git rev-parse --git-path info/exclude)
-  grep -qx '/.carry/' "$exclude" 2>/dev/null || echo '/.carry/' >> "$exclude"
-  mkdir -p "$CARRY/wheels"
-  # shellcheck disable=SC2086
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$CARRY/wheels" $WHEELS
+  PY=$(gc_local_python pip harness.data numpy) || exit 2
+  log "preparing $CARRY with $PY"
+  gc_ignore '/.carry/'
+  gc_prepare_wheels "$CARRY/wheels"
   # python-site (harness/data): this machine's stdlib + installed packages' .py files, split by file; BPE at
   # the paper's vocabulary trained on the train split; 130M characters give ~30M train tokens (3.9 chars/token)
   make_bin "${CORPUS:-python-site}" bpe 50257 130000000 "${CACHE:-.kimi-cache}" "$CARRY/paper-data" \
     "$TRAIN_TOKENS" "$VAL_TOKENS"
-  git rev-parse HEAD > "$CARRY/COMMIT"
+  gc_tree_commit > "$CARRY/COMMIT"
   du -sh "$CARRY"
   du -sb --exclude=.git --exclude=.venv --exclude=.kimi-cache --exclude=runs --exclude=mlflow.db . | \
     awk '{ if ($1 > 64 * 1048576) { print "working tree + .carry over 64 MiB: carry less"; exit 1 } }'
   log "prepared $CARRY; now the device run (reports/results/README.md)"
   ;;
 --rehearse)  # here, CPU: the device path at the tiny preset, then import + report from MLflow
-  PY=${PY:-.venv/bin/python}
+  PY=$(gc_local_python harness torch) || exit 2
   WORK=$(mktemp -d /tmp/kb-rehearse.XXXXXX)
   OUT=${OUT:-$WORK/out} CACHE="$WORK/cache" REC="$WORK/record"
   SEEDS=${SEEDS:-"0 1"} WINDOW_S=${WINDOW_S:-5} DEADLINE_S=${DEADLINE_S:-900}
@@ -115,6 +117,7 @@ case "$MODE" in
   export OMP_NUM_THREADS=1 MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false PYTHONUNBUFFERED=1 KB_GIT_COMMIT=rehearsal
   make_bin python-stdlib byte - 400000 "$CACHE" "$WORK/bin" 300000 30000
   "$PY" harness/measure/paper_h200.py derive "$MATRIX" "$WORK/rehearse.toml" --rehearse --corpus "bin:$WORK/bin"
+  preflight "$WORK/rehearse.toml" cpu
   run_matrix "$WORK/rehearse.toml" cpu
   mkdir -p "$WORK/unpacked" && tar -xzf "$OUT/record.tgz" -C "$WORK/unpacked"
   log "import into a temp sqlite MLflow, twice (the second adds nothing), then report"
@@ -128,17 +131,24 @@ case "$MODE" in
 device)  # on the H200: python3 of the image, wheels from .carry, record under $OUT
   PY=python3 WORK=/tmp/kb CACHE=/tmp/kb/cache REC=/tmp/kb/record OUT=${OUT:-/tmp/kb-out}
   SEEDS=${SEEDS:-"0 1"} WINDOW_S=${WINDOW_S:-180} DEADLINE_S=${DEADLINE_S:-450}
-  mkdir -p "$WORK" "$OUT"
+  mkdir -p "$OUT"
   exec > >(tee -a "$OUT/run.log") 2>&1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$CARRY"/wheels/*.whl
-  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 KB_GIT_COMMIT=$(cat "$CARRY/COMMIT" 2>/dev/null || echo unknown)
+  for carried in "$CARRY/wheels" "$CARRY/paper-data"; do gc_require_carry "$carried" "bash $0 --prepare" || exit 3; done
+  mkdir -p "$WORK"
+  export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 KB_GIT_COMMIT=$(cat "$CARRY/COMMIT" 2>/dev/null || echo unknown)
+  gc_install_wheels "$CARRY/wheels" /tmp/site
   { nvidia-smi; python3 -c "import torch, pydantic, numpy; print('torch', torch.__version__, 'pydantic',
-pydantic.VERSION, 'numpy', numpy.__version__)"; } > "$OUT/env.txt" 2>&1 || true
+pydantic.VERSION, 'numpy', numpy.__version__, 'grouped_mm', hasattr(torch.nn.functional, 'grouped_mm'))"; } \
+    > "$OUT/env.txt" 2>&1 || true
+  log "$(tail -1 "$OUT/env.txt")"  # torch and F.grouped_mm in the first seconds (no grouped_mm: the MoE loops)
   # the trial path must import nothing the image lacks (mlflow above all)
   python3 -c "import sys, cli, harness.executors.local, harness.stores.runrecord, harness.trial.loop; assert 'mlflow' not in sys.modules; print('imports ok')"
-  ( while sleep 20; do pack_record; done ) &
+  preflight "$MATRIX" cuda
+  gc_pack_loop "$REC" "$OUT/record.tgz" 20 &
+  packer=$!
   run_matrix "$MATRIX" cuda
+  kill "$packer" 2>/dev/null || true  # the last pack is the foreground's, with nothing writing
+  wait "$packer" 2>/dev/null || true
   pack_record
   log "done: $OUT/record.tgz; here: tar -xzf record.tgz && kimi-bench import record && kimi-bench report --experiment paper-h200"
   ;;

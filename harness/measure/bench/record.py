@@ -235,8 +235,8 @@ def _kernel_tables(targets: list[dict]) -> list[str]:
 def render_markdown(results: dict[str, Any]) -> str:
     env, settings = results["env"], results["settings"]
     out = [f"# Benchmarks: {env['device']}, {env['date']}", "",
-           "Written by `harness/bench` (`kimi-bench bench`); see reports/benchmarks/README.md for how to run it "
-           "and what each target means.", "", "## Environment", ""]
+           "Written by `harness/measure/bench` (`kimi-bench bench`); see reports/benchmarks/README.md for how to "
+           "run it and what each target means.", "", "## Environment", ""]
     env_rows = [[k, str(v)] for k, v in env.items()]
     env_rows += [["datasheet peak (MFU denominator)", fmt(settings.get("peak_flops"), "{:.4g} FLOP/s")
                   if settings.get("peak_flops") else "n/a (no datasheet entry for this device; --peak-tflops)"],

@@ -198,6 +198,9 @@ def test_rehearsal_runs_the_device_path_on_cpu_then_imports_and_reports(tmp_path
                           env=child_env({"OUT": str(out), "PY": sys.executable}), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the preflight (a bf16 train + decode step per arm) ran before the sizing, the first timed work
+    assert proc.stdout.index("preflight ok: 4 arms") < proc.stdout.index("sizing the budget")
+    assert "preflight: MoE dispatch: grouped_mm" in proc.stdout
     size = json.loads((out / "size.json").read_text())
     assert size["steps"] >= 4 and size["steps"] % 4 == 0 and set(size["arms"]) == {
         "gpt+adamw", "gpt+muon", "kimi+adamw", "kimi+muon"}

@@ -28,6 +28,9 @@ def test_cpu_rehearsal_writes_one_record(tmp_path):
     summary = done.stdout[done.stdout.index("== summary"):]
     for name in STEPS:
         assert f"  {name}: ok" in summary, summary
+    # the preflight came first, before any timed step, and the summary says which MoE dispatch ran
+    assert "  preflight: ok" in summary and "MoE dispatch: grouped_mm" in summary, summary
+    assert done.stdout.index("preflight ok: 5 arms") < done.stdout.index("== tests")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["record.json", "record.md", "run.log",
                                                                           "test_cuda.log"]
     assert "skipped" in (tmp_path / "test_cuda.log").read_text()  # no GPU here: every CUDA test skips
@@ -38,6 +41,37 @@ def test_cpu_rehearsal_writes_one_record(tmp_path):
         assert raw[section] and all(r["status"] == "ok" or r["status"].startswith("not eligible")
                                     for r in raw[section]), section
     assert "| target | scope |" in summary  # the targets table closes the output the device tool returns
+
+
+def test_a_failed_preflight_stops_the_run_before_any_timed_step(tmp_path):
+    """PYTHON runs everything but the preflight, which fails as a broken CUDA path would: the run ends there."""
+    python = tmp_path / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+if [ "$2" = harness.measure.bench.preflight ]; then
+  echo "preflight FAILED on cpu after 0.1 s, 1 check(s): kimi@tiny:muon train step (RuntimeError: CUDA error)"; exit 1
+fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python), "KIMI_BENCH_GIT_COMMIT": "rehearsal"}
+    done = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--preset", "tiny"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 4, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu-run.sh: stopped: the preflight failed (rc=1") and "nothing timed has run" in last
+    assert "== tests" not in done.stdout and not (tmp_path / "out" / "record.json").exists()
+
+
+def test_prepare_says_so_when_no_python_environment_is_there(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PY", "PYTHON", "VIRTUAL_ENV")}
+    copy = tmp_path / "repo"
+    (copy / "reports" / "benchmarks").mkdir(parents=True)
+    for rel in ("reports/benchmarks/gpu-run.sh", "reports/gpu-common.sh"):
+        (copy / rel).write_text((REPO / rel).read_text())
+    done = subprocess.run(["bash", str(copy / "reports/benchmarks/gpu-run.sh"), "--prepare"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "no Python environment: none is active and .venv/bin/python is missing" in done.stderr
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
@@ -61,7 +95,7 @@ IMAGE_MODULES = {"torch", "typer", "click", "rich", "markdown_it", "mdurl", "pyg
 
 @pytest.mark.slow
 def test_bench_imports_only_what_the_gpu_image_has():
-    code = ("import sys, harness.measure.bench.suite, harness.measure.bench.kit;"
+    code = ("import sys, harness.measure.bench.suite, harness.measure.bench.kit, harness.measure.bench.preflight;"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
