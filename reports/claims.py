@@ -3,7 +3,8 @@
 - statistical claims (losses, gradient stability): paired over seeds, 95% CI, Holm-corrected across rows;
 - exact facts (parameter counts, checkpoint bytes, KV bytes per token, FLOPs per token): no interval, the verdict
   compares the values with the claim's own rounding; "same parameters" only for a matched matrix;
-- speed claims: the controlled speed runs (median, IQR, n), never trial-side single shots;
+- speed claims: the controlled speed runs, judged on the paired ratio A/B over interleaved rounds (95% interval;
+  reports/speed.py), never trial-side single shots;
 - compute to a target loss: the multiplier A/B with a CI over seeds (and, with 3+ sizes, read off fitted curves).
 Arms that computed the same thing (muonclip whose QK-Clip never fired) are folded into one row with a note.
 """
@@ -258,21 +259,17 @@ def _speed_metric(claim: Claim, ctx: Context, arm: str) -> str:
 
 
 def _speed_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
-    from reports.speed import fmt_measured, measured, row_for, speed_verdict
+    """reports/speed.py judges it: per-arm medians beside, the verdict from the paired ratio A/B."""
+    from reports.speed import row_for, speed_comparison
 
-    texts, ms = [], []
+    rows = []
     for arm in (a, b):
         variant = ctx.runs.loc[ctx.runs.arm.eq(arm), "variant"]
-        row = row_for(ctx.speed_rows, variant.iloc[0], None) if len(variant) else None
-        metric = _speed_metric(claim, ctx, arm)
-        m = measured(row, metric)
-        ms.append(m)
-        texts.append(f"{arm}: {fmt_measured(m, claim.scale)}")
-    if ms[0].n == 0 or ms[1].n == 0:
-        return Row(claim, label, a, b, *texts, "no controlled speed run (kb.kind=speed) for this shape",
-                   verdict=NOT_MEASURED)
-    diff = f"medians {_rel(ms[0].median, ms[1].median)} ({_speed_metric(claim, ctx, a).split('/')[-1]})"
-    return Row(claim, label, a, b, *texts, diff, verdict=speed_verdict(ms[0], ms[1], claim.direction))
+        rows.append(row_for(ctx.speed_rows, variant.iloc[0], None) if len(variant) else None)
+    c = speed_comparison(a, b, *rows, _speed_metric(claim, ctx, a), _speed_metric(claim, ctx, b), claim.direction,
+                         claim.scale)
+    return Row(claim, label, a, b, c.a_text, c.b_text, c.diff_text, verdict=c.verdict if c.measured
+               else NOT_MEASURED)
 
 
 def _compute_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:

@@ -14,7 +14,7 @@ from reports import claims as cl
 from reports.collect import collect
 from reports.compute import eval_curves, fitted_multiplier, reach, to_target
 from reports.markdown import write_report
-from reports.speed import Measured, speed_verdict
+from reports.speed import Measured
 from reports.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, holm
 from tests.reports.test_markdown import table_rows
 
@@ -135,17 +135,6 @@ def test_noisy_flag_on_synthetic_timings(iqr, noisy):
     assert NOISY_REL_IQR == 0.10
     m = Measured(100.0, iqr, 20)
     assert m.noisy() is noisy
-    fast = Measured(200.0, 1.0, 20)
-    assert speed_verdict(fast, m, +1) == (INCONCLUSIVE if noisy else SUPPORTED)
-
-
-def test_speed_verdict_rule():
-    a, b = Measured(45.0, 1.5, 20), Measured(30.0, 1.0, 20)
-    assert speed_verdict(a, b, +1) == SUPPORTED
-    assert speed_verdict(a, b, -1) == NOT_SUPPORTED
-    assert speed_verdict(Measured(30.3, 1.0, 20), b, +1) == NOT_SUPPORTED       # within 2%: practically equal
-    assert speed_verdict(Measured(32.0, 3.0, 20), b, +1) == INCONCLUSIVE        # bands overlap
-    assert speed_verdict(Measured(float("nan"), 0, 0), b, +1) == INCONCLUSIVE
 
 
 # ----------------------------------------------------------------------------- exact facts
