@@ -113,10 +113,12 @@ def block_size(seconds_per_call: float, sample_s: float) -> int:
 
 def time_rounds(fns: Mapping[str, Callable[[], object]], select: Callable[[RoundTimes], Collection[str]],
                 min_rounds: int = 8, max_rounds: int = 400, max_seconds: float = 30.0, sample_s: float = 0.01,
-                warmup: int = 2, on_round: Callable[[RoundTimes], None] | None = None) -> RoundTimes:
+                warmup: int = 2, on_round: Callable[[RoundTimes], None] | None = None,
+                numbers: Mapping[str, int] | None = None) -> RoundTimes:
     """Time `fns` in interleaved rounds until `select` names nothing more to time.
 
-    Warm-up: `warmup` untimed calls each (the last one, timed, sizes the callable's block: `block_size`).
+    Warm-up: `warmup` untimed calls each (the last one, timed, sizes the callable's block: `block_size`,
+    unless `numbers` fixes its calls per block).
     Each round times one block per callable, in the order of `fns`, reversed every other round (a drift within
     a round then favours neither end), with torch.utils.benchmark's synchronising clock under `timeit` (GC off
     while timing). The first `min_rounds` rounds time every callable; later rounds time only what
@@ -129,7 +131,7 @@ def time_rounds(fns: Mapping[str, Callable[[], object]], select: Callable[[Round
             fn()
         t0 = synchronized_clock()
         fn()
-        out.numbers[name] = block_size(synchronized_clock() - t0, sample_s)
+        out.numbers[name] = (numbers or {}).get(name) or block_size(synchronized_clock() - t0, sample_s)
     timers = {name: timeit.Timer(fn, timer=synchronized_clock) for name, fn in fns.items()}
     order = list(fns)
     for r in range(max_rounds):

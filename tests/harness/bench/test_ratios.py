@@ -79,3 +79,66 @@ def test_inverse_is_the_same_interval_from_the_other_side():
     inv = r.inverse()
     assert (inv.median, inv.low, inv.high, inv.n) == (0.5, 0.4, 0.625, 12)
     assert inv.half_width == pytest.approx(r.half_width)
+
+
+# ----------------------------------------------------------------------------- validation on real timings
+# The machinery harness.measure uses (one pinned CPU thread, time_rounds, stop when the pair's interval is
+# within ±3%), on the tiny preset's train step. Slow: up to a minute each on a loaded machine.
+
+def _tiny_step():
+    import dataclasses
+
+    import torch
+
+    from harness.measure import frozen_optimizer, train_step_fns
+    from harness.registry import build_model, resolve_dims, resolve_optimizer
+
+    dims = dataclasses.replace(resolve_dims("tiny", 256), block_size=64)
+    torch.manual_seed(0)
+    model = build_model("gpt", dims)
+    rows = torch.randint(0, 256, (8, dims.block_size + 1), generator=torch.Generator().manual_seed(0))
+    optimizer = frozen_optimizer(resolve_optimizer("adamw", {"lr": 1e-3}), model)
+    return train_step_fns(model, optimizer, rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), None, 1.0,
+                          False)["step"]
+
+
+def _paired(fns: dict, max_seconds: float = 90.0, numbers: dict | None = None) -> tuple[Ratio, int, float]:
+    import torch
+
+    from harness.bench.timing import time_rounds
+    from harness.measure import _pinned
+
+    pair = Pair("a", "b")
+    with _pinned(torch.device("cpu"), 1):
+        rounds = time_rounds(fns, lambda r: unsettled([pair], r.times), max_seconds=max_seconds, numbers=numbers)
+    r = ratio_of(pair, rounds.times)
+    print(f"A/B = {r.median:.4f} [{r.low:.4f}, {r.high:.4f}], ±{math.expm1(r.half_width):.2%}, {r.n} rounds, "
+          f"{rounds.seconds:.1f} s")
+    return r, r.n, rounds.seconds
+
+
+@pytest.mark.slow
+def test_a_a_interval_contains_one_within_three_percent():
+    """The same shape's train step timed as two arms: the ratio's interval reaches ±3% before the cap and
+    contains 1 (a bias of position in the round, or an interval too narrow for the rounds' noise, would not)."""
+    step = _tiny_step()
+    r, n, seconds = _paired({"a": step, "b": lambda: step()})
+    assert r.half_width <= TARGET_HALF_WIDTH, f"A/A not within ±3% after {n} rounds, {seconds:.0f} s"
+    assert r.low <= 1.0 <= r.high
+
+
+@pytest.mark.slow
+def test_a_b_recovers_a_known_factor_of_two():
+    """B runs A's train step twice per call (same work declared): A's rate is exactly twice B's, and the
+    paired interval, within ±3%, contains 2. Blocks of two A calls and one B call: both blocks are two
+    consecutive steps, so nothing but the known factor differs (a block's first call follows the clock and the
+    other arm, its second follows a step)."""
+    step = _tiny_step()
+
+    def twice():
+        step()
+        step()
+
+    r, n, seconds = _paired({"a": step, "b": twice}, numbers={"a": 2, "b": 1})
+    assert r.half_width <= TARGET_HALF_WIDTH, f"A/B not within ±3% after {n} rounds, {seconds:.0f} s"
+    assert r.low <= 2.0 <= r.high
