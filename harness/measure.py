@@ -2,8 +2,11 @@
 
 Inference speed is a property of an architecture and its dims, not of the optimizer that trained it, so it is
 measured once per distinct model shape (`shape_key`) of a matrix invocation, on a freshly built model, with all
-shapes in one process and timed in interleaved rounds (A, B, C, A, B, C, ...) by the one timer
-(`harness.bench.timing.time_interleaved`: torch.utils.benchmark, warm-up, CUDA-synchronised, median / IQR / n).
+shapes in one process and timed in interleaved rounds (A, B, C, C, B, A, ...) by `harness.bench.timing.time_rounds`
+(torch.utils.benchmark's synchronising clock, warm-up, median / IQR / n over rounds), on CPU on one pinned thread.
+Between shapes, the ratio of two callables' rates is taken within each round and summarised as a median with a
+95% interval (harness/bench/ratios.py); rounds go on until every such pair's interval is within ±3% or the
+time cap (MAX_SECONDS) is reached.
 Per shape: prefill tokens/s and time to first token (batch 1), cached decode tokens/s at each
 `train.infer_batch_sizes`, KV-cache bytes per token read off a real cache. Per shape x optimizer used with it:
 one training step on a fixed batch of `micro_batch_size` sequences (one micro-batch, whatever grad_accum),

@@ -223,3 +223,30 @@ def decode_batches(speed_rows: pd.DataFrame) -> list[int]:
             if tail.isdigit():
                 out.add(int(tail))
     return sorted(out)
+
+
+def _arm_label(variant, metric_tail: str) -> str:
+    """'kimi+muon' for a train-step metric ('muon/train_tokens_per_s'), else the variant (a shape's figure)."""
+    return f"{variant}+{metric_tail.split('/')[0]}" if "/" in metric_tail else str(variant)
+
+
+def ratio_table_rows(speed_rows: pd.DataFrame) -> list[list[str]]:
+    """[A, B, measure, A/B with interval and rounds] for every paired ratio the speed runs logged, each pair of
+    arms once (as logged on the first run that holds it)."""
+    prefix = names.SPEED_RATIO.split("{")[0]
+    variant_of = {r.get("shape"): r.get("variant") for r in speed_rows.to_dict("records")}
+    out, seen = [], set()
+    for r in speed_rows.to_dict("records"):
+        for key in sorted(k for k in r if isinstance(k, str) and k.startswith(prefix)
+                          and not k.endswith((names.LO_SUFFIX, names.HI_SUFFIX, names.N_SUFFIX))):
+            what, _, rest = key.removeprefix(prefix).partition("/vs/")
+            shape, _, other = rest.partition("/")
+            if (shape, r.get("shape"), other, what) in seen or pd.isna(r.get(key)):
+                continue
+            seen.add((r.get("shape"), shape, what, other))
+            ratio = paired_ratio(r, {"shape": shape}, names.SPEED_PREFIX + what, names.SPEED_PREFIX + other)
+            if ratio is None:
+                continue
+            out.append([_arm_label(r.get("variant"), what), _arm_label(variant_of.get(shape, shape), other),
+                        what.split("/")[-1], fmt_ratio(ratio)])
+    return out

@@ -123,6 +123,10 @@ def test_speed_section_shows_median_iqr_and_n(report_md):
     assert "| kimi | tiny | shape-kimi | cpu, 1 | 8000 (IQR 200.0, n=20) |" in section
     assert "200.0 (IQR 50.00, n=20) **noisy**" in section        # gpt decode b8: IQR 25% of the median
     assert "| gpt+adamw | tiny | 500.0 (IQR 10.00, n=15) |" in section
+    # the paired ratios, each pair once, as logged (gpt's run holds the train step's)
+    assert "| kimi | gpt | decode_tokens_per_s_b1 | ×1.500 [1.450, 1.550], 20 paired rounds |" in section
+    assert "| kimi | gpt | decode_tokens_per_s_b8 | ×1.050 [0.950, 1.150], 20 paired rounds |" in section
+    assert "| gpt+adamw | kimi+muon | train_tokens_per_s | ×1.200 [1.160, 1.250], 15 paired rounds |" in section
 
 
 @pytest.fixture(scope="module")
