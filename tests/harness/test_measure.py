@@ -238,3 +238,20 @@ def test_cpu_measurement_pins_one_thread_and_restores():
     assert torch.get_num_threads() == before_threads
     if before is not None:
         assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.parametrize("text, expected", [(None, 30.0), ("5", 5.0), ("0", 0.0), ("-1", 30.0), ("soon", 30.0)])
+def test_max_seconds_setting_from_the_environment(monkeypatch, text, expected):
+    from rich.console import Console
+
+    from harness.measure import MAX_SECONDS, max_seconds_setting
+
+    assert MAX_SECONDS == 30.0
+    if text is None:
+        monkeypatch.delenv("KB_SPEED_MAX_SECONDS", raising=False)
+    else:
+        monkeypatch.setenv("KB_SPEED_MAX_SECONDS", text)
+    console = Console(record=True, width=200)
+    assert max_seconds_setting(console) == expected
+    said = console.export_text()
+    assert ("KB_SPEED_MAX_SECONDS" in said) == (text in ("-1", "soon"))
