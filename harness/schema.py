@@ -61,6 +61,7 @@ TAG_N_TRIALS = "kb.n_trials"
 TAG_SPEED_PARENT = "kb.parent_run"  # the matrix run id
 TAG_MATRIX_RUN = "kb.matrix_run"  # the parent run (matrix) of the invocation that last ran or reused this run
 TAG_SPEED_OPTIMIZERS = "kb.optimizers"  # comma-separated optimizer names measured with this shape
+TAG_SPEED_CPUS = "kb.cpus"  # CPUs the measuring thread was pinned to ("0,1"), or "unpinned" (CUDA, or no OS support)
 # Optuna study runs and their trials
 TAG_STUDY = "kb.study"
 TAG_MATRIX = "kb.matrix"
@@ -104,7 +105,7 @@ TRIAL_TAG_COLUMNS = {
 SPEED_TAG_COLUMNS = {
     TAG_SHAPE: "shape", TAG_VARIANT: "variant", TAG_PRESET: "preset", TAG_DEVICE: "device",
     TAG_THREADS: "threads", TAG_SPEED_PARENT: "parent_run_id", TAG_SPEED_OPTIMIZERS: "optimizers",
-    TAG_GIT: "git_commit",
+    TAG_GIT: "git_commit", TAG_SPEED_CPUS: "cpus",
 }
 ERROR_CHARS = 500  # kb.error holds at most this many characters
 ARTIFACT_CURVES = "curves.json"  # a trial's thinned learning curves (harness/stores/curves.py), read by reports
@@ -220,7 +221,16 @@ SPEED_KV_BYTES = "speed/kv_bytes_per_token"  # exact: no _iqr / _n siblings
 SPEED_OPT = "speed/{optimizer}/{what}"
 SPEED_OPT_WHATS = ("step_s", "fwd_bwd_s", "optim_s", "train_tokens_per_s", "peak_bytes")
 IQR_SUFFIX = "_iqr"  # same unit; for a throughput: tokens / q1_time - tokens / q3_time
-N_SUFFIX = "_n"  # number of measurements
+N_SUFFIX = "_n"  # number of measurements (of a ratio: paired rounds)
+# paired ratios (harness/measure/bench/ratios.py): this run's rate `what` over shape `shape`'s rate `other`, computed in
+# each interleaved round; the value is the median over rounds, with _lo / _hi (95% interval) and _n siblings.
+# `what` and `other` are speed metrics without the "speed/" prefix ("decode_tokens_per_s_b1",
+# "muon/train_tokens_per_s"); `shape` is the other speed run's kb.shape.
+SPEED_RATIO = "speed/ratio/{what}/vs/{shape}/{other}"
+LO_SUFFIX = "_lo"
+HI_SUFFIX = "_hi"
+SPEED_ROUNDS = "speed/rounds"  # interleaved rounds timed in this invocation (all shapes together)
+SPEED_TIMING_S = "speed/timing_s"  # wall seconds of that timing (warm-up included, building excluded)
 
 
 def speed_decode(batch: int) -> str:
@@ -231,6 +241,12 @@ def speed_opt(optimizer: str, what: str) -> str:
     if what not in SPEED_OPT_WHATS:
         raise ValueError(f"speed metric: unknown {what!r}; choices: {', '.join(SPEED_OPT_WHATS)}")
     return SPEED_OPT.format(optimizer=optimizer, what=what)
+
+
+def speed_ratio(metric: str, shape: str, other_metric: str) -> str:
+    """The ratio key of this run's `metric` over shape `shape`'s `other_metric` (full speed metric names)."""
+    return SPEED_RATIO.format(what=metric.removeprefix(SPEED_PREFIX), shape=shape,
+                              other=other_metric.removeprefix(SPEED_PREFIX))
 
 
 def iqr_of(metric: str) -> str:

@@ -4,7 +4,8 @@
   claim, Holm-corrected across the table (stats.VERDICT_RULE); a claim measured two ways is one claim;
 - exact facts (parameter counts, checkpoint bytes, KV bytes per token, FLOPs per token): no interval, the unrounded
   relative gap against the claim's threshold (stats.EXACT_RULE); "same parameters" only for a matched matrix;
-- speed claims: the controlled speed runs (median, IQR, n), never trial-side single shots;
+- speed claims: the controlled speed runs, judged on the paired ratio A/B over interleaved rounds (95% interval;
+  reports/speed.py), never trial-side single shots;
 - compute to a target loss fixed before the runs: the multiplier A/B over seeds (tokens, FLOPs and seconds in
   one row: one claim), last crossing, censored seeds; a fitted multiplier over 4+ sizes is exploratory.
 Arms that computed the same thing (muonclip whose QK-Clip never fired) are folded into one row with a note.
@@ -326,21 +327,17 @@ def _speed_metric(claim: Claim, ctx: Context, arm: str) -> str:
 
 
 def _speed_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
-    from reports.speed import fmt_measured, measured, row_for, speed_verdict
+    """reports/speed.py judges it: per-arm medians beside, the verdict from the paired ratio A/B."""
+    from reports.speed import row_for, speed_comparison
 
-    texts, ms = [], []
+    rows = []
     for arm in (a, b):
         variant = ctx.runs.loc[ctx.runs.arm.eq(arm), "variant"]
-        row = row_for(ctx.speed_rows, variant.iloc[0], None) if len(variant) else None
-        metric = _speed_metric(claim, ctx, arm)
-        m = measured(row, metric)
-        ms.append(m)
-        texts.append(f"{arm}: {fmt_measured(m, claim.scale)}")
-    if ms[0].n == 0 or ms[1].n == 0:
-        return Row(claim, label, a, b, *texts, "no controlled speed run (kb.kind=speed) for this shape",
-                   verdict=NOT_MEASURED)
-    diff = f"medians {_rel(ms[0].median, ms[1].median)} ({_speed_metric(claim, ctx, a).split('/')[-1]})"
-    return Row(claim, label, a, b, *texts, diff, verdict=speed_verdict(ms[0], ms[1], claim.direction))
+        rows.append(row_for(ctx.speed_rows, variant.iloc[0], None) if len(variant) else None)
+    c = speed_comparison(a, b, *rows, _speed_metric(claim, ctx, a), _speed_metric(claim, ctx, b), claim.direction,
+                         claim.scale)
+    return Row(claim, label, a, b, c.a_text, c.b_text, c.diff_text, verdict=c.verdict if c.measured
+               else NOT_MEASURED)
 
 
 def _compute_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:

@@ -6,7 +6,7 @@
 #   gc_require_carry DIR HOW     on the device: one line when a carried folder did not travel
 #   gc_install_wheels DIR SITE   on the device: install the carried wheels, SITE onto PYTHONPATH
 #   gc_check_wheels DIR SITE LOG in a rehearsal: would the carried wheels install on CPython 3.12?
-#   gc_preflight LIMIT LOG CMD   the preflight (harness/measure/bench/preflight.py); ends the run when it fails
+#   gc_preflight LIMIT LOG CMD   the preflight (harness/measure/preflight.py); ends the run when it fails
 #   gc_pack SRC DEST             SRC packed into DEST atomically; a failed pack is a warning
 #   gc_pack_loop SRC DEST SECS   gc_pack every SECS seconds, for as long as the run lasts
 

@@ -156,7 +156,8 @@ def _speed_section(speed_rows: pd.DataFrame, runs: pd.DataFrame) -> str:
     rows = []
     for r in speed_rows.to_dict("records"):
         rows.append([r.get("variant"), r.get("preset"), r.get("shape") or "?",
-                     f"{r.get('device') or '?'}, {r.get('threads') or '?'}",
+                     f"{r.get('device') or '?'}, {r.get('threads') or '?'}"
+                     + (f" (CPU {r['cpus']})" if r.get("cpus") and r.get("cpus") != "unpinned" else ""),
                      fmt_measured(measured(r, names.SPEED_PREFILL), threshold=thr),
                      fmt_measured(measured(r, names.SPEED_TTFT), 1e-3, threshold=thr)]
                     + [fmt_measured(measured(r, names.speed_decode(b)), threshold=thr) for b in batches]
@@ -178,6 +179,12 @@ def _speed_section(speed_rows: pd.DataFrame, runs: pd.DataFrame) -> str:
                      "apart), and the peak memory of one step measured independently of run order:\n\n" + md_table(
                          ["arm", "preset", "step (ms)", "fwd+bwd (ms)", "optimizer (ms)", "train tok/s",
                           "peak memory (MB)"], step_rows))
+    from reports.speed import ratio_table_rows
+    ratio_rows = ratio_table_rows(speed_rows)
+    if ratio_rows:
+        parts.append("Paired ratios between shapes (A/B of the rates, taken within each interleaved round; median "
+                     "and 95% interval over the rounds; what the speed claims are judged on):\n\n"
+                     + md_table(["A", "B", "measure", "A/B"], ratio_rows))
     parts.append("Median (IQR = p25 to p75, n = measurements) of interleaved rounds in one process, all shapes "
                  "alike; measured once per model shape, so optimizers of one architecture share the inference "
                  f"figures. **noisy**: IQR above {thr:.0%} of the median. " + SPEED_RULE.format(noisy=thr))

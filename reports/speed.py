@@ -1,6 +1,8 @@
 """The speed and memory sections read ONLY the controlled speed runs (kb.kind=speed): one run per model shape per
-matrix invocation, timed in interleaved rounds, logged as median with `_iqr` and `_n` siblings. Training throughput
-seen during a trial (`train/tokens_per_s`) is shown apart, labelled "observed during training"."""
+matrix invocation, timed in interleaved rounds, logged as median with `_iqr` and `_n` siblings (the per-arm table)
+and, between shapes, as paired ratios A/B with a 95% interval over rounds (`speed/ratio/...`, with `_lo`, `_hi`,
+`_n`; harness/measure/bench/ratios.py), which the speed claims are judged on. Training throughput seen during a trial
+(`train/tokens_per_s`) is shown apart, labelled "observed during training"."""
 
 from __future__ import annotations
 
@@ -14,14 +16,19 @@ from harness.schema import NOISY_REL_IQR
 from reports import names
 from reports.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
-PRACTICAL = 0.02        # medians within 2% of each other: practically equal
+EQUAL_MARGIN = 0.03     # a ratio interval inside [0.97, 1.03]: the two arms are equally fast within ±3%
+EQUAL = "equal within ±3%"
+MIN_ROUNDS = 6          # the fewest rounds with a 95% order-statistic interval (harness/measure/bench/ratios.py)
 
 SPEED_RULE = (
-    "Speed rule: controlled measurements, median with IQR (p25-p75) and n measurements; no CI is drawn "
-    "(the measurements are not seeds). **supported**: A's interquartile band lies entirely on the claimed side of "
-    "B's and the medians differ by more than 2%; **not supported**: the bands are apart on the other side, or the "
-    "medians are within 2%; **inconclusive**: the bands overlap, or a measurement is noisy "
-    "(IQR above {noisy:.0%} of its median)."
+    "Speed rule: the arms are timed in the same interleaved rounds (one process, one pinned CPU thread on CPU); "
+    "in each round the ratio A/B of their rates, so what drifts between rounds (other processes, clock "
+    "frequency) cancels; the median ratio over n rounds with a distribution-free 95% interval for it "
+    "(order statistics of the log ratios). **supported**: the interval excludes 1 on the claimed side; "
+    "**not supported**: it excludes 1 on the other side; **equal within ±3%**: it lies inside [0.97, 1.03] "
+    "(checked first); **inconclusive**: otherwise, or fewer than 6 rounds, or no paired ratio logged (a speed "
+    "run from before paired rounds). Per-arm medians, IQRs and the **noisy** flag (IQR above {noisy:.0%} of the "
+    "median) are information on each arm; the verdict uses the ratio."
 )
 
 
@@ -76,22 +83,93 @@ def fmt_measured(m: Measured, scale: float = 1.0, threshold: float | None = None
     return text + (" **noisy**" if m.noisy(threshold) else "")
 
 
-def speed_verdict(a: Measured, b: Measured, direction: int, threshold: float | None = None) -> str:
-    """SPEED_RULE on two controlled measurements (direction +1: A higher, -1: A lower)."""
-    if a.n == 0 or b.n == 0 or not (math.isfinite(a.iqr) and math.isfinite(b.iqr)):
+@dataclass(frozen=True)
+class PairedRatio:
+    """A logged paired ratio A/B: median over n rounds and its 95% interval (NaN: none)."""
+    median: float
+    low: float
+    high: float
+    n: int
+
+    def inverse(self) -> PairedRatio:
+        return PairedRatio(1 / self.median, 1 / self.high, 1 / self.low, self.n)
+
+    @property
+    def has_interval(self) -> bool:
+        return self.n >= MIN_ROUNDS and 0 < self.low <= self.high < math.inf
+
+
+def _number(row, key: str) -> float:
+    v = row.get(key) if row is not None else None
+    return float(v) if v is not None and not pd.isna(v) else math.nan
+
+
+def paired_ratio(row_a, row_b, metric_a: str, metric_b: str) -> PairedRatio | None:
+    """A's `metric_a` over B's `metric_b` from the speed runs' ratio metrics: logged on A's run (A/B) or on B's
+    (B/A, inverted); None when neither holds it (an older speed run, or shapes measured apart)."""
+    if row_a is None or row_b is None:
+        return None
+    for row, other, this_m, other_m, invert in ((row_a, row_b, metric_a, metric_b, False),
+                                                (row_b, row_a, metric_b, metric_a, True)):
+        shape = other.get("shape")
+        if not shape:
+            continue
+        key = names.speed_ratio(this_m, str(shape), other_m)
+        med = _number(row, key)
+        if math.isfinite(med) and med > 0:
+            r = PairedRatio(med, _number(row, key + names.LO_SUFFIX), _number(row, key + names.HI_SUFFIX),
+                            int(_number(row, key + names.N_SUFFIX)) if math.isfinite(_number(
+                                row, key + names.N_SUFFIX)) else 0)
+            return r.inverse() if invert else r
+    return None
+
+
+def ratio_verdict(r: PairedRatio | None, direction: int, margin: float = EQUAL_MARGIN) -> str:
+    """SPEED_RULE on a paired ratio A/B (direction +1: A higher, -1: A lower)."""
+    if r is None or not r.has_interval:
         return INCONCLUSIVE
-    if a.noisy(threshold) or b.noisy(threshold):
-        return INCONCLUSIVE
-    rel = (a.median - b.median) / abs(b.median) if b.median else math.inf
-    if abs(rel) <= PRACTICAL:
-        return NOT_SUPPORTED
-    a_lo, a_hi = a.median - a.iqr / 2, a.median + a.iqr / 2
-    b_lo, b_hi = b.median - b.iqr / 2, b.median + b.iqr / 2
-    if direction * (a.median - b.median) > 0 and (a_lo > b_hi or a_hi < b_lo):
-        return SUPPORTED
-    if direction * (a.median - b.median) < 0 and (a_lo > b_hi or a_hi < b_lo):
-        return NOT_SUPPORTED
+    if 1 - margin <= r.low and r.high <= 1 + margin:
+        return EQUAL
+    if r.low > 1:
+        return SUPPORTED if direction > 0 else NOT_SUPPORTED
+    if r.high < 1:
+        return SUPPORTED if direction < 0 else NOT_SUPPORTED
     return INCONCLUSIVE
+
+
+def fmt_ratio(r: PairedRatio) -> str:
+    """'×1.532 [1.481, 1.584], 24 paired rounds' (no interval: '×1.532, 4 paired rounds (no interval)')."""
+    if not r.has_interval:
+        return f"×{r.median:.3f}, {r.n} paired rounds (no interval)"
+    return f"×{r.median:.3f} [{r.low:.3f}, {r.high:.3f}], {r.n} paired rounds"
+
+
+@dataclass(frozen=True)
+class SpeedComparison:
+    """One speed claim row's cells: each arm's controlled measurement, the paired ratio, the verdict."""
+    a_text: str
+    b_text: str
+    diff_text: str
+    verdict: str
+    measured: bool = True
+
+
+def speed_comparison(a: str, b: str, row_a, row_b, metric_a: str, metric_b: str, direction: int,
+                     scale: float = 1.0) -> SpeedComparison:
+    """A speed claim on arms a, b (their speed-run rows and metrics): per-arm medians with IQR and n beside,
+    the verdict from the paired ratio A/B."""
+    ma, mb = measured(row_a, metric_a), measured(row_b, metric_b)
+    a_text, b_text = f"{a}: {fmt_measured(ma, scale)}", f"{b}: {fmt_measured(mb, scale)}"
+    if ma.n == 0 or mb.n == 0:
+        return SpeedComparison(a_text, b_text, "no controlled speed run (kb.kind=speed) for this shape",
+                               INCONCLUSIVE, measured=False)
+    what = metric_a.removeprefix(names.SPEED_PREFIX) if metric_a == metric_b else \
+        f"{metric_a.removeprefix(names.SPEED_PREFIX)} / {metric_b.removeprefix(names.SPEED_PREFIX)}"
+    r = paired_ratio(row_a, row_b, metric_a, metric_b)
+    if r is None:
+        rel = f"{100 * (ma.median - mb.median) / abs(mb.median):+.1f}%" if mb.median else "n/a"
+        return SpeedComparison(a_text, b_text, f"medians {rel} ({what}); no paired ratio logged", INCONCLUSIVE)
+    return SpeedComparison(a_text, b_text, f"A/B {fmt_ratio(r)} ({what})", ratio_verdict(r, direction))
 
 
 def speed_rows_for(speed: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -130,3 +208,30 @@ def decode_batches(speed_rows: pd.DataFrame) -> list[int]:
             if tail.isdigit():
                 out.add(int(tail))
     return sorted(out)
+
+
+def _arm_label(variant, metric_tail: str) -> str:
+    """'kimi+muon' for a train-step metric ('muon/train_tokens_per_s'), else the variant (a shape's figure)."""
+    return f"{variant}+{metric_tail.split('/')[0]}" if "/" in metric_tail else str(variant)
+
+
+def ratio_table_rows(speed_rows: pd.DataFrame) -> list[list[str]]:
+    """[A, B, measure, A/B with interval and rounds] for every paired ratio the speed runs logged, each pair of
+    arms once (as logged on the first run that holds it)."""
+    prefix = names.SPEED_RATIO.split("{")[0]
+    variant_of = {r.get("shape"): r.get("variant") for r in speed_rows.to_dict("records")}
+    out, seen = [], set()
+    for r in speed_rows.to_dict("records"):
+        for key in sorted(k for k in r if isinstance(k, str) and k.startswith(prefix)
+                          and not k.endswith((names.LO_SUFFIX, names.HI_SUFFIX, names.N_SUFFIX))):
+            what, _, rest = key.removeprefix(prefix).partition("/vs/")
+            shape, _, other = rest.partition("/")
+            if (shape, r.get("shape"), other, what) in seen or pd.isna(r.get(key)):
+                continue
+            seen.add((r.get("shape"), shape, what, other))
+            ratio = paired_ratio(r, {"shape": shape}, names.SPEED_PREFIX + what, names.SPEED_PREFIX + other)
+            if ratio is None:
+                continue
+            out.append([_arm_label(r.get("variant"), what), _arm_label(variant_of.get(shape, shape), other),
+                        what.split("/")[-1], fmt_ratio(ratio)])
+    return out

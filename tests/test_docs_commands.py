@@ -35,8 +35,8 @@ SKIP: list[tuple[str, str]] = [
     (r"--ray-address auto", "a multi-machine Ray cluster"),
     (r"^kimi-bench run --matrix experiments/paper\.toml(?!.*--dry-run)", "the paper's scale: a GPU and the"
                                                                          " TinyStories download"),
-    (r"^echo /\.whl/|^python3 -m pip download|^git rev-parse", "prepares the GPU run (downloads wheels for the GPU"
-                                                               " machine's Python)"),
+    (r"(gpu-run|paper-h200-run)\.sh --prepare", "prepares the GPU run (downloads wheels for the GPU machine's"
+                                                  " Python)"),
     (r"gpu-run\.sh --device cpu",
      "the GPU script's CPU rehearsal: tests/harness/measure/bench/test_gpu_run.py runs it"),
 ]

@@ -16,7 +16,7 @@ run (reports/results/paper-h200-run.sh), in the measurement package because it d
 reports/ never imports.
 
 `preflight` takes, per arm of the matrix, one train step of the trial loop's own Trainer and one cached decode
-step of its inference path, in bf16 (harness/measure/bench/preflight.py), before the sizing: exit 1 and one line
+step of its inference path, in bf16 (harness/measure/preflight.py), before the sizing: exit 1 and one line
 naming every failed check, so a broken CUDA path costs seconds, not the run.
 """
 
@@ -165,7 +165,7 @@ def preflight(matrix_path: Path, device: str | None, cache_dir: str | None) -> i
     from rich.console import Console
 
     from harness.data.bar import prepare_data
-    from harness.measure.bench.preflight import Arm, run_preflight
+    from harness.measure.preflight import Arm, run_preflight
     from harness.spec.matrix import load_matrix
     from harness.trial.loop import Trainer
 

@@ -2,8 +2,12 @@
 
 Inference speed is a property of an architecture and its dims, not of the optimizer that trained it, so it is
 measured once per distinct model shape (`shape_key`) of a matrix invocation, on a freshly built model, with all
-shapes in one process and timed in interleaved rounds (A, B, C, A, B, C, ...) by the one timer
-(`harness.measure.bench.timing.time_interleaved`: torch.utils.benchmark, warm-up, CUDA-synchronised, median / IQR / n).
+shapes in one process and timed in interleaved rounds (A, B, C, C, B, A, ...) by
+`harness.measure.bench.timing.time_rounds` (torch.utils.benchmark's synchronising clock, warm-up, median / IQR /
+n over rounds), on CPU on one pinned thread.
+Between shapes, the ratio of two callables' rates is taken within each round and summarised as a median with a
+95% interval (harness/measure/bench/ratios.py); rounds go on until every such pair's interval is within ±3% or the
+time cap (MAX_SECONDS) is reached.
 Per shape: prefill tokens/s and time to first token (batch 1), cached decode tokens/s at each
 `train.infer_batch_sizes`, KV-cache bytes per token read off a real cache. Per shape x optimizer used with it:
 one training step on a fixed batch of `micro_batch_size` sequences (one micro-batch, whatever grad_accum),
@@ -26,8 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -36,14 +40,14 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from torch import nn
 
 from arch.moe import moe_modules
 from arch.muon import enable_max_logit_tracking
 from arch.optimizers import OptimizerConfig
 from harness import schema
-from harness.measure.bench.timing import Timing, time_interleaved
+from harness.measure.bench.ratios import TARGET_HALF_WIDTH, Pair, ratio_of, unsettled
+from harness.measure.bench.timing import RoundTimes, Timing, time_rounds
 from harness.measure.inference import (
     InferenceShape,
     inference_fns,
@@ -52,6 +56,8 @@ from harness.measure.inference import (
     serving_copy,
     timed_metrics,
 )
+from harness.measure.memory import live_bytes, peak_delta_bytes
+from harness.measure.speed_tables import ratio_table, speed_table
 from harness.spec.registry import ModelDims, TrainConfig, TrialSpec, build_model, shape_key, variant_params
 from harness.trial.step import autocast_dtype, forward_backward, train_step
 
@@ -89,22 +95,6 @@ def group_shapes(trials: list[TrialSpec]) -> list[ShapeGroup]:
                                                   spec.train, spec.seed))
         group.optims.setdefault(spec.optimizer, spec.optim)
     return list(groups.values())
-
-
-# ----------------------------------------------------------------------------- exact memory facts
-
-
-def live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, *tensors: torch.Tensor) -> int:
-    """Bytes of the distinct storages a training step starts with: parameters, buffers, grads, optimizer
-    state and the batch."""
-    seen: dict[int, int] = {}
-    everything = [*model.parameters(), *model.buffers(), *tensors,
-                  *(p.grad for p in model.parameters() if p.grad is not None),
-                  *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
-    for t in everything:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
 
 
 # ----------------------------------------------------------------------------- one training step
@@ -153,56 +143,6 @@ def frozen_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Opti
 # ----------------------------------------------------------------------------- peak memory of one step
 
 
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (kineto prints profiler_start/stop lines from C++ on every session)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-_PROFILER_WARM = [False]
-
-
-def _profile_memory_events(fn: Callable[[], object]) -> list[tuple[int, int]]:
-    """(time ns, bytes +alloc / -free) of every CPU allocator event during fn(), in time order."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr():
-        if not _PROFILER_WARM[0]:  # the first session of a process records a one-off allocation of its own
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
-                torch.zeros(1)
-            _PROFILER_WARM[0] = True
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    events = prof.profiler.kineto_results.events()  # the "[memory]" records FunctionEvent parsing reads
-    return sorted((e.start_ns(), e.nbytes()) for e in events
-                  if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
-
-
-def peak_delta_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak of the tensor bytes allocated (minus those freed) during fn(), over what was allocated before."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return max(0, torch.cuda.max_memory_allocated(device) - before)
-    live = peak = 0
-    for _, nbytes in _profile_memory_events(fn):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def step_peak_bytes(group: ShapeGroup, optimizer_name: str, x: torch.Tensor, y: torch.Tensor,
                     device: torch.device, amp: torch.dtype | None) -> int:
     """Peak tensor bytes of one steady-state training step of a freshly built (shape, optimizer): its live
@@ -235,6 +175,7 @@ class SpeedResult:
     threads: int
     device: torch.device
     settings: dict[str, float]
+    cpus: str = "unpinned"  # the CPUs the measurement was pinned to (kb.cpus)
 
 
 @dataclass
@@ -294,54 +235,185 @@ def _metrics(p: _Prepared, timings: dict[str, Timing]) -> dict[str, float]:
     return out
 
 
+# ----------------------------------------------------------------------------- paired ratios between shapes
+
+
+@dataclass(frozen=True)
+class Compared:
+    """A timed callable whose rate speed claims compare between shapes, and the metric it is logged as."""
+
+    name: str  # its key in the timed callables
+    shape: str
+    kind: str  # "prefill", "decode_b{B}", "step": only callables of one kind are compared
+    metric: str
+    work: float  # tokens one call processes
+
+
+def compared_callables(p: _Prepared) -> list[Compared]:
+    key = p.group.key
+    out = [Compared(f"{key}/prefill", key, "prefill", schema.SPEED_PREFILL, p.shape.prompt_len)]
+    out += [Compared(f"{key}/decode_b{b}", key, f"decode_b{b}", schema.speed_decode(b), b * p.shape.new_tokens)
+            for b in p.batch_sizes]
+    out += [Compared(f"{key}/{o}/step", key, "step", schema.speed_opt(o, "train_tokens_per_s"), p.tokens)
+            for o in p.group.optims]
+    return out
+
+
+def ratio_pairs(compared: list[Compared]) -> list[tuple[Compared, Compared]]:
+    """Every pair of callables of one kind from different shapes (a train step with any optimizer against any
+    other shape's with any optimizer): every pair a speed claim can compare (reports/claims.py pairs arms of
+    different variants), so the report finds its ratio whichever arms a matrix holds."""
+    return [(a, b) for i, a in enumerate(compared) for b in compared[i + 1:]
+            if a.kind == b.kind and a.shape != b.shape]
+
+
+def timing_order(names: list[str], compared: list[Compared]) -> list[str]:
+    """The compared callables first, grouped by kind so that the two sides of a pair are timed close together
+    in a round (steps by optimizer, then shape); then the rest (fwd+bwd and optimizer parts)."""
+    kinds = list(dict.fromkeys(c.kind for c in compared))
+    shapes = list(dict.fromkeys(c.shape for c in compared))
+    first = sorted(compared, key=lambda c: (kinds.index(c.kind), c.name.split("/", 1)[1], shapes.index(c.shape)))
+    head = [c.name for c in first]
+    return head + [n for n in names if n not in set(head)]
+
+
+def ratio_metrics(pairs: list[tuple[Compared, Compared]], rounds: RoundTimes) -> dict[str, dict[str, float]]:
+    """{shape: its ratio metrics}: A/B on A's run and B/A on B's run, each with _lo, _hi (when an interval
+    exists) and _n."""
+    out: dict[str, dict[str, float]] = {}
+    for a, b in pairs:
+        r = ratio_of(Pair(a.name, b.name, a.work, b.work), rounds.times)
+        for this, other, ratio in ((a, b, r), (b, a, r.inverse() if r.n else r)):
+            key = schema.speed_ratio(this.metric, other.shape, other.metric)
+            m = out.setdefault(this.shape, {})
+            m[key], m[schema.n_of(key)] = ratio.median, float(ratio.n)
+            if math.isfinite(ratio.half_width):
+                m[key + schema.LO_SUFFIX], m[key + schema.HI_SUFFIX] = ratio.low, ratio.high
+    return out
+
+
+def widest(pairs: list[tuple[Compared, Compared]], rounds: RoundTimes) -> float:
+    """The largest half-width (ln) over the pairs; inf while one has no interval."""
+    return max((ratio_of(Pair(a.name, b.name, a.work, b.work), rounds.times).half_width for a, b in pairs),
+               default=0.0)
+
+
+# ----------------------------------------------------------------------------- threads and CPU pinning
+
+
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def _pinned(device: torch.device, threads: int) -> Iterator[str]:
+    """Torch's intra-op threads set to `threads` for the measurement; on CPU the measuring thread (and the
+    threads it starts) also pinned, where the OS allows (os.sched_setaffinity), to the highest-numbered
+    `threads` CPUs it may use (Linux serves most interrupts on CPU 0), so it never migrates mid-round.
+    Yields the CPUs as text ("1", "0,1") or "unpinned"; restores both on exit."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(threads)
+    allowed = None
+    label = "unpinned"
+    if device.type == "cpu" and hasattr(os, "sched_setaffinity"):
+        try:
+            allowed = os.sched_getaffinity(0)
+            cpus = sorted(allowed)[-threads:]
+            os.sched_setaffinity(0, cpus)
+            label = ",".join(map(str, cpus))
+        except OSError:  # a container or OS that refuses: measured unpinned, and tagged so
+            allowed = None
     try:
-        yield
+        yield label
     finally:
+        if allowed is not None:
+            os.sched_setaffinity(0, allowed)
         torch.set_num_threads(before)
 
 
-def measure_speed(trials: list[TrialSpec], data, device: torch.device, rounds: int = 5,
-                  min_run_time: float = 0.1, warmup: int = 2, threads: int | None = None, memory: bool = True,
+# ----------------------------------------------------------------------------- the measurement
+
+CPU_THREADS = 1  # torch threads of a CPU speed measurement (kb.threads): one pinned core, the least shared
+MIN_ROUNDS = 8  # every callable is timed this often (the per-arm medians and IQRs); 6 give a first interval
+MAX_SECONDS = 30.0  # cap on the timing: on the smoke matrix (2 shapes x 3 optimizers) a round takes ~0.6 s
+SAMPLE_S = 0.01  # a timed block lasts at least this long (short callables are repeated within it)
+MAX_SECONDS_ENV = "KB_SPEED_MAX_SECONDS"  # overrides MAX_SECONDS for `kimi-bench run` (the test suite sets 2)
+
+
+def max_seconds_setting(console: Console | None = None) -> float:
+    """MAX_SECONDS, or $KB_SPEED_MAX_SECONDS when it holds a number >= 0 (else one line says so)."""
+    text = os.environ.get(MAX_SECONDS_ENV)
+    if text is None:
+        return MAX_SECONDS
+    try:
+        value = float(text)
+        if value >= 0 and math.isfinite(value):
+            return value
+    except ValueError:
+        pass
+    if console is not None:
+        console.print(f"[yellow]{MAX_SECONDS_ENV}={escape(text)}[/]: not a number of seconds >= 0; the speed "
+                      f"timing uses {MAX_SECONDS:g} s (set e.g. {MAX_SECONDS_ENV}=10)")
+    return MAX_SECONDS
+
+
+def measure_speed(trials: list[TrialSpec], data, device: torch.device, min_rounds: int = MIN_ROUNDS,
+                  max_seconds: float = MAX_SECONDS, target_half_width: float = TARGET_HALF_WIDTH,
+                  sample_s: float = SAMPLE_S, warmup: int = 2, threads: int | None = None, memory: bool = True,
                   console: Console | None = None) -> list[SpeedResult]:
-    """Speed and memory of every distinct model shape of `trials`, all in this process, interleaved.
+    """Speed and memory of every distinct model shape of `trials`, all in this process, in paired rounds.
 
     data: a PreparedData (the fixed batch and prompts are its first training tokens) or a vocabulary size
-    (seeded random tokens). threads: torch intra-op threads for the whole measurement (default: the current
-    setting), recorded with the results. rounds / min_run_time / warmup: time_interleaved's."""
+    (seeded random tokens). threads: torch intra-op threads for the whole measurement (default: CPU_THREADS on
+    CPU, pinned; on CUDA the current setting), recorded with the results. Timing (time_rounds): `min_rounds`
+    rounds of every callable, then rounds of the callables of every pair of shapes whose ratio's 95% interval
+    is wider than `target_half_width` (ln; harness/measure/bench/ratios.py), until none is or `max_seconds` pass."""
     groups = group_shapes(trials)
     if not groups:
         return []
     vocab = data if isinstance(data, int) else data.vocab_size
     source = None if isinstance(data, int) else data.train
-    n_threads = threads or torch.get_num_threads()
+    n_threads = threads or (CPU_THREADS if device.type == "cpu" else torch.get_num_threads())
     n_rows = max(max(g.train.micro_batch_size, *g.train.infer_batch_sizes) for g in groups)
     length = max(g.dims.block_size for g in groups) + 1
     rows = fixed_rows(source, vocab, n_rows, length, seed=groups[0].seed)
     console = console or Console(stderr=True, quiet=True)
     fns: dict[str, Callable[[], object]] = {}
-    with _threads(n_threads), Progress(TextColumn("[bold]speed[/] {task.description}"), BarColumn(),
-                                       MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                                       transient=True) as bar:
+    # auto_refresh off: rich's refresh thread would share the pinned core with the timing; refreshed per round
+    with _pinned(device, n_threads) as cpus, Progress(
+            TextColumn("[bold]speed[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console, transient=True, auto_refresh=False) as bar:
         task = bar.add_task("building shapes", total=len(groups))
         prepared = []
         for g in groups:
-            bar.update(task, description=f"building {g.label}")
+            bar.update(task, description=f"building {g.label}", refresh=True)
             prepared.append(_prepare(g, rows[:, : g.dims.block_size + 1], device, fns, memory))
             bar.advance(task)
-        bar.update(task, description=f"timing {len(fns)} callables x {rounds} interleaved rounds",
-                   completed=0, total=None)
-        timings = time_interleaved(fns, rounds=rounds, min_run_time=min_run_time, warmup=warmup,
-                                   num_threads=n_threads)
-    settings = {"rounds": rounds, "min_run_time": min_run_time, "warmup": warmup}
+        compared = [c for p in prepared for c in compared_callables(p)]
+        pairs = ratio_pairs(compared)
+        ordered = {name: fns[name] for name in timing_order(list(fns), compared)}
+
+        def settle(rounds: RoundTimes) -> list[str]:
+            return unsettled((Pair(a.name, b.name, a.work, b.work) for a, b in pairs), rounds.times,
+                             target_half_width)
+
+        def show(rounds: RoundTimes) -> None:
+            w = widest(pairs, rounds)
+            spread = f"widest ratio interval ±{math.expm1(w):.1%}" if math.isfinite(w) else "no interval yet"
+            bar.update(task, description=f"round {rounds.rounds}, {rounds.seconds:.0f} s: {spread} (target "
+                       f"±{math.expm1(target_half_width):.0%}, cap {max_seconds:.0f} s)", completed=0, total=None,
+                       refresh=True)
+
+        bar.update(task, description=f"warming up {len(fns)} callables", completed=0, total=None, refresh=True)
+        rounds = time_rounds(ordered, settle, min_rounds=min_rounds, max_seconds=max_seconds, sample_s=sample_s,
+                             warmup=warmup, on_round=show)
+    timings = {name: rounds.timing(name) for name in fns}
+    ratios = ratio_metrics(pairs, rounds)
+    common = {schema.SPEED_ROUNDS: float(rounds.rounds), schema.SPEED_TIMING_S: rounds.seconds}
+    settings = {"min_rounds": min_rounds, "max_seconds": max_seconds, "sample_s": sample_s, "warmup": warmup,
+                "half_width_target": round(math.expm1(target_half_width), 6)}
     results = []
     for p in prepared:
         s = {**settings, "micro_batch_size": p.group.train.micro_batch_size, "prompt_len": p.shape.prompt_len,
              "new_tokens": p.shape.new_tokens, "dtype": str(p.amp or "float32").removeprefix("torch.")}
-        results.append(SpeedResult(p.group, _metrics(p, timings), n_threads, device, s))
+        metrics = {**_metrics(p, timings), **ratios.get(p.group.key, {}), **common}
+        results.append(SpeedResult(p.group, metrics, n_threads, device, s, cpus))
     return results
 
 
@@ -352,6 +424,7 @@ def speed_tags(result: SpeedResult, parent_id: str | None, common_tags: dict[str
     g = result.group
     tags = {**common_tags, schema.TAG_SHAPE: g.key, schema.TAG_VARIANT: g.variant, schema.TAG_PRESET: g.preset,
             schema.TAG_THREADS: str(result.threads), schema.TAG_SPEED_OPTIMIZERS: ",".join(g.optims),
+            schema.TAG_SPEED_CPUS: result.cpus,
             schema.TAG_EXPERIMENT: g.experiment}
     tags.setdefault(schema.TAG_DEVICE, torch.cuda.get_device_name(result.device) if result.device.type == "cuda"
                     else "cpu")
@@ -376,21 +449,6 @@ def log_speed(tracker, experiment_id: str, parent_id: str | None, results: list[
     return run_ids
 
 
-def speed_table(results: list[SpeedResult]) -> Table:
-    """Medians +- IQR (n) of the speed runs, for the console."""
-    table = Table(title=f"controlled speed ({results[0].threads} torch threads, {results[0].device.type})"
-                  if results else "controlled speed", header_style="bold")
-    for col in ("shape", "measure", "median", "IQR", "n"):
-        table.add_column(col, justify="left" if col in ("shape", "measure") else "right")
-    for r in results:
-        for key in sorted(k for k in r.metrics if not k.endswith(("_iqr", "_n"))):
-            value = r.metrics[key]
-            iqr, n = r.metrics.get(f"{key}_iqr"), r.metrics.get(f"{key}_n")
-            table.add_row(escape(r.group.label), key.removeprefix(schema.SPEED_PREFIX), f"{value:,.6g}",
-                          "" if iqr is None else f"{iqr:,.3g}", "" if n is None else f"{n:.0f}")
-    return table
-
-
 def measure_matrix_speed(trials: list[TrialSpec], data, device: torch.device, tracker, experiment_id: str,
                          parent_id: str | None, common_tags: dict[str, str], console: Console) -> list[str]:
     """What `run_matrix` calls after its trials: measure every shape, log the speed runs, print the table.
@@ -403,7 +461,7 @@ def measure_matrix_speed(trials: list[TrialSpec], data, device: torch.device, tr
                       "speed and memory per model shape (its finished trials are skipped)")
         return []
     try:
-        results = measure_speed(trials, data, device, console=console)
+        results = measure_speed(trials, data, device, max_seconds=max_seconds_setting(console), console=console)
         run_ids = log_speed(tracker, experiment_id, parent_id, results, common_tags)
     except KeyboardInterrupt:
         raise
@@ -413,4 +471,5 @@ def measure_matrix_speed(trials: list[TrialSpec], data, device: torch.device, tr
         return []
     if results:
         console.print(speed_table(results))
+        console.print(ratio_table(results))
     return run_ids

@@ -7,7 +7,7 @@
 #   OUT=<dir> reports/benchmarks/gpu-run.sh                                      # the H200 run (~7.5 min)
 #   OUT=$(mktemp -d) reports/benchmarks/gpu-run.sh --device cpu --preset tiny    # the CPU rehearsal (~2 min)
 #
-# First, ~20 s of preflight (harness/measure/bench/preflight.py): one bf16 train step and one decode step per arm the
+# First, ~20 s of preflight (harness/measure/preflight.py): one bf16 train step and one decode step per arm the
 # steps time, on the run's device; the run stops with one line if any fails. It also prints the MoE dispatch
 # that ran (grouped_mm, or the host-syncing loop where torch lacks F.grouped_mm). reports/gpu-common.sh holds
 # what this script shares with reports/results/paper-h200-run.sh.
@@ -109,7 +109,7 @@ if [ "$preflight" = 1 ]; then
     PRE_OPTS=()
     [ "$preset" != tiny ] || PRE_OPTS=(--vocab-size 512 --micro-batch 2 --decode-batch 4)
     t0=$(date +%s)
-    gc_preflight 120 "$LOG" "$PY" -m harness.measure.bench.preflight --device "$device" "${PRE_OPTS[@]}" \
+    gc_preflight 120 "$LOG" "$PY" -m harness.measure.preflight --device "$device" "${PRE_OPTS[@]}" \
         --arms "gpt@$GPT2:adamw,gpt@$GPT2:muon,kimi@$PAPER:adamw,kimi@$PAPER:muon,gpt@$PAPER:adamw,gpt-mla@$PAPER:adamw"
     SUMMARY+=("preflight: ok, $(( $(date +%s) - t0 ))s; $(grep -m1 '^preflight: MoE dispatch' "$LOG" | sed 's/^preflight: //' || echo 'MoE dispatch: not seen')")
 fi

@@ -13,7 +13,7 @@
 # per arm and the budget), env.txt, and record.tgz (the portable record, re-packed every 20 s and after each
 # seed: $OUT brings back 8 files at most, 2 folders down, so the record folder travels packed; a pack that
 # fails, say on a file appended while tar read it, is a warning and the next one retries).
-# Before the sizing, the preflight (harness/measure/bench/preflight.py): one bf16 train step and one decode step per
+# Before the sizing, the preflight (harness/measure/preflight.py): one bf16 train step and one decode step per
 # arm, ~20 s; the run stops with one line if any fails. reports/gpu-common.sh holds what gpu-run.sh shares.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -69,6 +69,14 @@ SPEED = {
              "speed/muon/peak_bytes": (2.2e9, 1.0e7, 2)},
 }
 KV_BYTES = {"gpt": 36864.0, "kimi": 4608.0}
+# Paired ratios between the two shapes' speed runs (median, lo, hi, n rounds), on the run of the ratio's A:
+# kimi decodes 1.5x faster at batch 1 (interval above 1), batch 8 straddles 1; the train-step ratio is logged
+# on gpt's run only (gpt+adamw / kimi+muon = 1.2), so kimi/gpt is read inverted (0.833: not supported)
+RATIOS = {
+    "kimi": {"speed/ratio/decode_tokens_per_s_b1/vs/shape-gpt/decode_tokens_per_s_b1": (1.5, 1.45, 1.55, 20),
+             "speed/ratio/decode_tokens_per_s_b8/vs/shape-gpt/decode_tokens_per_s_b8": (1.05, 0.95, 1.15, 20)},
+    "gpt": {"speed/ratio/adamw/train_tokens_per_s/vs/shape-kimi/muon/train_tokens_per_s": (1.2, 1.16, 1.25, 15)},
+}
 
 
 @dataclass
@@ -184,6 +192,9 @@ def build_store(root: Path) -> Store:
         ms = [Metric("speed/kv_bytes_per_token", KV_BYTES[variant], T0, 0)]
         for k, (med, iqr, n) in metrics.items():
             ms += [Metric(k, med, T0, 0), Metric(k + "_iqr", iqr, T0, 0), Metric(k + "_n", float(n), T0, 0)]
+        for k, (med, lo, hi, n) in RATIOS[variant].items():
+            ms += [Metric(k, med, T0, 0), Metric(k + "_lo", lo, T0, 0), Metric(k + "_hi", hi, T0, 0),
+                   Metric(k + "_n", float(n), T0, 0)]
         client.log_batch(run.info.run_id, metrics=ms, params=[Param("model.n_layer", "4")])
         client.set_terminated(run.info.run_id, "FINISHED")
         st.runs[("speed", variant)] = run.info.run_id

@@ -97,6 +97,10 @@ def test_claims_table_verdicts(report):
     assert row["paper (Kimi vs GPT)"] == "45.2 vs 30.3"
     assert row["A measured"] == "kimi+muon: 45.00 (IQR 1.500, n=20)"
     assert row["B measured"] == "gpt+adamw: 30.00 (IQR 1.000, n=20)"
+    # the verdict comes from the paired ratio; the train step's is logged on gpt's run and read inverted
+    assert row["A vs B"] == "A/B ×1.500 [1.450, 1.550], 20 paired rounds (decode_tokens_per_s_b1)"
+    assert claims["Kimi trains faster (controlled train step, tokens/s)"]["A vs B"] == (
+        "A/B ×0.833 [0.800, 0.862], 15 paired rounds (muon/train_tokens_per_s / adamw/train_tokens_per_s)")
     assert "gpt+adamw: 200.0 (IQR 50.00, n=20) **noisy**" in \
         claims["Kimi infers faster at larger batch (decode tokens/s, largest batch)"]["B measured"]
     assert "not comparable" in claims["Kimi has lower perplexity (val ppl; bits/byte beside it)"][

@@ -5,17 +5,22 @@ repeats a statement in blocks until a minimum run time is reached. Several calla
 interleaved rounds (A, B, C, A, B, C, ...) so that a slow phase of a shared machine hits every arm alike.
 `time_phases` times the phases of one multi-phase call (a train step's fwd+bwd | clip | step | rest) with
 CUDA events on the stream, where a host-clock block around the whole call cannot see inside it.
+`time_rounds` times callables in adaptive interleaved rounds, one block per callable per round, for paired
+per-round ratios (harness.measure.bench.ratios): rounds go on while a caller's rule still names callables to time.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+import timeit
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils import benchmark
+from torch.utils.benchmark.utils.timer import timer as synchronized_clock  # the clock benchmark.Timer uses
 
 from harness.schema import NOISY_REL_IQR
 from harness.trial.step import synchronize
@@ -82,6 +87,71 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], rounds: int = 5, m
         for name, timer in timers.items():
             times[name].extend(_measurement_times(timer.blocked_autorange(min_run_time=min_run_time)))
     return {name: Timing.of(ts) for name, ts in times.items()}
+
+
+@dataclass
+class RoundTimes:
+    """Per-call seconds of each callable in each round (None: that round did not time it), and the wall
+    seconds the whole timing took (warm-up included)."""
+
+    times: dict[str, list[float | None]]
+    seconds: float = 0.0
+    numbers: dict[str, int] = field(default_factory=dict)  # calls per timed block
+
+    @property
+    def rounds(self) -> int:
+        return len(next(iter(self.times.values()), []))
+
+    def timing(self, name: str) -> Timing:
+        """Median and IQR over the rounds that timed `name`."""
+        return Timing.of([t for t in self.times[name] if t is not None])
+
+
+def block_size(seconds_per_call: float, sample_s: float) -> int:
+    """Calls per timed block: enough for the block to last `sample_s` (clock overhead negligible), at least 1."""
+    return max(1, math.ceil(sample_s / max(seconds_per_call, 1e-9)))
+
+
+def time_rounds(fns: Mapping[str, Callable[[], object]], select: Callable[[RoundTimes], Collection[str]],
+                min_rounds: int = 8, max_rounds: int = 400, max_seconds: float = 30.0, sample_s: float = 0.01,
+                warmup: int = 2, on_round: Callable[[RoundTimes], None] | None = None,
+                numbers: Mapping[str, int] | None = None) -> RoundTimes:
+    """Time `fns` in interleaved rounds until `select` names nothing more to time.
+
+    Warm-up: `warmup` untimed calls each (the last one, timed, sizes the callable's block: `block_size`,
+    unless `numbers` fixes its calls per block).
+    Each round times one block per callable, in the order of `fns`, reversed every other round (a drift within
+    a round then favours neither end), with torch.utils.benchmark's synchronising clock under `timeit` (GC off
+    while timing). The first `min_rounds` rounds time every callable; later rounds time only what
+    `select(times so far)` returns, and the timing stops when it returns nothing, after `max_rounds`, or at the
+    first round boundary past `max_seconds` (warm-up included). Torch's thread count is the caller's."""
+    start = time.perf_counter()
+    out = RoundTimes({name: [] for name in fns})
+    for name, fn in fns.items():
+        for _ in range(max(warmup - 1, 0)):
+            fn()
+        t0 = synchronized_clock()
+        fn()
+        out.numbers[name] = (numbers or {}).get(name) or block_size(synchronized_clock() - t0, sample_s)
+    timers = {name: timeit.Timer(fn, timer=synchronized_clock) for name, fn in fns.items()}
+    order = list(fns)
+    for r in range(max_rounds):
+        if r >= min_rounds:
+            if time.perf_counter() - start >= max_seconds:
+                break
+            wanted = set(select(out))
+            if not wanted:
+                break
+        else:
+            wanted = set(order)
+        for name in order if r % 2 == 0 else order[::-1]:
+            n = out.numbers[name]
+            out.times[name].append(timers[name].timeit(n) / n if name in wanted else None)
+        out.seconds = time.perf_counter() - start
+        if on_round is not None:
+            on_round(out)
+    out.seconds = time.perf_counter() - start
+    return out
 
 
 class _Marks:

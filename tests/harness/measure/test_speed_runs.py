@@ -133,7 +133,7 @@ def test_cpu_peak_memory_is_independent_of_order_and_of_what_ran_before():
 def test_matrix_measures_each_shape_once_and_cpu_peak_does_not_depend_on_order():
     """measure_speed on the matrix (gpt, kimi) x (adamw, muon) and on the same trials in the opposite order."""
     trials = [make_spec(v, o) for v in ("gpt", "kimi") for o in ("adamw", "muon")]
-    kwargs = {"rounds": 1, "min_run_time": 0.005, "warmup": 1}
+    kwargs = {"min_rounds": 2, "max_seconds": 0.0, "sample_s": 0.0, "warmup": 1}
     forward = measure_speed(trials, VOCAB, torch.device("cpu"), **kwargs)
     backward = measure_speed(trials[::-1], VOCAB, torch.device("cpu"), **kwargs)
     assert [r.group.variant for r in forward] == ["gpt", "kimi"]
@@ -156,7 +156,22 @@ def test_matrix_measures_each_shape_once_and_cpu_peak_does_not_depend_on_order()
         tokens = trials[0].train.micro_batch_size * trials[0].dims.block_size
         assert m["speed/adamw/train_tokens_per_s"] == pytest.approx(tokens / m["speed/adamw/step_s"])
         assert m["speed/prefill_tokens_per_s"] == pytest.approx(r.settings["prompt_len"] / m["speed/ttft_s"])
-        assert r.threads == torch.get_num_threads()
+        assert r.threads == 1 and m["speed/rounds"] == 2 and m["speed/timing_s"] > 0   # CPU: one thread
+        # ratios against the other shape, n = 2 rounds (no interval yet): one per kind, steps of any optimizer
+        other = next(o.group.key for o in forward if o is not r)
+        ratios = {k for k in m if k.startswith("speed/ratio/") and not k.endswith(("_n", "_lo", "_hi"))}
+        kinds = ["prefill_tokens_per_s"] + [f"decode_tokens_per_s_b{b}" for b in BATCH_SIZES]
+        expected_ratios = {f"speed/ratio/{k}/vs/{other}/{k}" for k in kinds}
+        expected_ratios |= {f"speed/ratio/{a}/train_tokens_per_s/vs/{other}/{b}/train_tokens_per_s"
+                            for a in ("adamw", "muon") for b in ("adamw", "muon")}
+        assert ratios == expected_ratios
+        for k in ratios:
+            assert m[k] > 0 and m[k + "_n"] == 2 and k + "_lo" not in m
+    # A/B on A's run is 1 / (B/A) on B's: the same rounds
+    g, k = forward[0], forward[1]
+    key = f"speed/ratio/decode_tokens_per_s_b1/vs/{k.group.key}/decode_tokens_per_s_b1"
+    back = f"speed/ratio/decode_tokens_per_s_b1/vs/{g.group.key}/decode_tokens_per_s_b1"
+    assert g.metrics[key] == pytest.approx(1 / k.metrics[back])
 
 
 def test_throughput_spread_maps_the_iqr_through_tokens_over_time():
@@ -202,7 +217,7 @@ def test_speed_runs_are_children_of_the_matrix_run(tmp_path):
     from harness.stores.tracking import Tracker
 
     trials = [make_spec("gpt", "adamw"), make_spec("gpt", "muon")]
-    results = measure_speed(trials, VOCAB, torch.device("cpu"), rounds=1, min_run_time=0.005, warmup=1,
+    results = measure_speed(trials, VOCAB, torch.device("cpu"), min_rounds=1, max_seconds=0.0, warmup=1,
                             memory=False)
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = tracker.ensure_experiment("m")
@@ -212,8 +227,42 @@ def test_speed_runs_are_children_of_the_matrix_run(tmp_path):
     tags, metrics = run.data.tags, run.data.metrics
     assert tags["kb.kind"] == "speed" and tags["mlflow.parentRunId"] == parent and tags["kb.parent_run"] == parent
     assert tags["kb.shape"] == shape_key("gpt", trials[0].dims) and tags["kb.optimizers"] == "adamw,muon"
-    assert tags["kb.threads"] == str(torch.get_num_threads()) and tags["kb.status"] == "finished"
+    assert tags["kb.threads"] == "1" and tags["kb.status"] == "finished"
+    assert tags["kb.cpus"] == results[0].cpus
     assert tags["kb.variant"] == "gpt" and tags["kb.preset"] == "tiny" and tags["kb.device"] == "cpu"
     assert run.data.params["model.dim"] == str(trials[0].dims.dim)
     assert metrics == results[0].metrics
     assert run.info.status == "FINISHED"
+
+
+def test_cpu_measurement_pins_one_thread_and_restores():
+    import os
+
+    from harness.measure.speed_runs import _pinned
+
+    before_threads = torch.get_num_threads()
+    before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    with _pinned(torch.device("cpu"), 1) as cpus:
+        assert torch.get_num_threads() == 1
+        if before is not None:
+            assert cpus == str(max(before)) and os.sched_getaffinity(0) == {max(before)}
+    assert torch.get_num_threads() == before_threads
+    if before is not None:
+        assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.parametrize("text, expected", [(None, 30.0), ("5", 5.0), ("0", 0.0), ("-1", 30.0), ("soon", 30.0)])
+def test_max_seconds_setting_from_the_environment(monkeypatch, text, expected):
+    from rich.console import Console
+
+    from harness.measure.speed_runs import MAX_SECONDS, max_seconds_setting
+
+    assert MAX_SECONDS == 30.0
+    if text is None:
+        monkeypatch.delenv("KB_SPEED_MAX_SECONDS", raising=False)
+    else:
+        monkeypatch.setenv("KB_SPEED_MAX_SECONDS", text)
+    console = Console(record=True, width=200)
+    assert max_seconds_setting(console) == expected
+    said = console.export_text()
+    assert ("KB_SPEED_MAX_SECONDS" in said) == (text in ("-1", "soon"))

@@ -47,7 +47,7 @@ def test_a_failed_preflight_stops_the_run_before_any_timed_step(tmp_path):
     """PYTHON runs everything but the preflight, which fails as a broken CUDA path would: the run ends there."""
     python = tmp_path / "python"
     python.write_text(f"""#!/usr/bin/env bash
-if [ "$2" = harness.measure.bench.preflight ]; then
+if [ "$2" = harness.measure.preflight ]; then
   echo "preflight FAILED on cpu after 0.1 s, 1 check(s): kimi@tiny:muon train step (RuntimeError: CUDA error)"; exit 1
 fi
 exec {sys.executable} "$@"
@@ -95,7 +95,7 @@ IMAGE_MODULES = {"torch", "typer", "click", "rich", "markdown_it", "mdurl", "pyg
 
 @pytest.mark.slow
 def test_bench_imports_only_what_the_gpu_image_has():
-    code = ("import sys, harness.measure.bench.suite, harness.measure.bench.kit, harness.measure.bench.preflight;"
+    code = ("import sys, harness.measure.bench.suite, harness.measure.bench.kit, harness.measure.preflight;"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr

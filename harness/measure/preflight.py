@@ -2,7 +2,7 @@
 per arm on the device the run uses, so a broken path (bf16 autocast, fused AdamW, Muon's Newton-Schulz, the MoE
 dispatch, the bf16 decode cache) stops the run in seconds instead of failing after minutes of timed work.
 
-    python -m harness.measure.bench.preflight --device cuda \
+    python -m harness.measure.preflight --device cuda \
         --arms gpt@gpt2-124m:adamw,kimi@paper:muon,gpt-mla@paper:adamw
 
 It also says which MoE dispatch ran: torch builds without `F.grouped_mm` (the H200 image's 2.11 may be one)

@@ -1,4 +1,4 @@
-"""harness/measure/bench/preflight.py: one bf16 train step and one decode step per arm, every failure named in the last
+"""harness/measure/preflight.py: one bf16 train step and one decode step per arm, every failure named in the last
 line, the MoE dispatch that ran reported (grouped_mm, or the loop where torch lacks F.grouped_mm)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import UserError
-from harness.measure.bench import preflight
-from harness.measure.bench.preflight import Arm, bench_arm, parse_arms, run_preflight
+from harness.measure import preflight
+from harness.measure.preflight import Arm, bench_arm, parse_arms, run_preflight
 
 CPU = torch.device("cpu")
 
