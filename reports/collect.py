@@ -164,14 +164,14 @@ class Collected:
         out: dict[str, tuple[pd.DataFrame, dict | None]] = {}
         with tempfile.TemporaryDirectory(prefix="kb-optuna-") as tmp, _no_progress_bar():
             for run in sorted(runs, key=lambda r: r.info.start_time):  # newest study of an arm wins
-                names = {Path(f.path).name for f in self.client.list_artifacts(run.info.run_id)}
-                if "trials.csv" not in names:
+                logged = {Path(f.path).name for f in self.client.list_artifacts(run.info.run_id)}
+                if "trials.csv" not in logged:
                     continue
                 folder = Path(tmp) / run.info.run_id
                 folder.mkdir()
                 trials = pd.read_csv(self.client.download_artifacts(run.info.run_id, "trials.csv", str(folder)))
                 importances = None
-                if "importances.json" in names:
+                if "importances.json" in logged:
                     raw = json.loads(Path(self.client.download_artifacts(
                         run.info.run_id, "importances.json", str(folder))).read_text())
                     importances = raw.get("importances") if isinstance(raw, dict) else None
