@@ -57,6 +57,7 @@ from harness.registry import (
     resolve_dims,
     resolve_optimizer,
 )
+from harness.tune_section import TuneSection, check_tune
 
 
 class _Strict(BaseModel):
@@ -123,6 +124,7 @@ class MatrixFile(BaseModel):
     model: dict[str, Any] = {}
     optim: dict[str, dict[str, Any]] = {}
     ray: dict[str, Any] = {}  # --executor ray scheduling (validated by harness.executors.ray; not in trial keys)
+    tune: TuneSection | None = None  # tuning declared with the matrix: harness/tune_section.py
 
 
 @dataclasses.dataclass
@@ -196,7 +198,7 @@ class Matrix:
 # the model at each path of the file (list indices dropped), for the "did you mean" of an unknown field
 _SECTIONS: dict[tuple[str, ...], type] = {
     (): MatrixFile, ("data",): DataConfig, ("train",): TrainConfig, ("matrix",): MatrixSection,
-    ("matrix", "arms"): Arm, ("match",): MatchSection,
+    ("matrix", "arms"): Arm, ("match",): MatchSection, ("tune",): TuneSection,
 }
 
 
@@ -251,6 +253,9 @@ def _check_names(spec: MatrixFile) -> None:
         resolve_optimizer(name, table)  # validates the field names
     if spec.match and spec.match.reference is not None:
         check_choice("match.reference", spec.match.reference, VARIANTS)
+    if spec.tune is not None:
+        check_tune(spec.tune, list(zip(variants, optimizers, strict=True)) if m.arms
+                   else list(itertools.product(variants, optimizers)))
 
 
 def parse_set(text: str) -> tuple[list[str], Any]:

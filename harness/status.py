@@ -72,7 +72,7 @@ def _last_step(key_steps) -> int | None:
     return max((step for key, step in key_steps if key in PROGRESS_KEYS), default=None)
 
 
-def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
+def _sqlite_records(db: Path, experiment: str, kind: str = schema.KIND_TRIAL) -> list[RunRecord] | None:
     """Trial runs read straight from a local MLflow sqlite store (read-only; MLflow's import alone takes
     seconds). None: no such experiment. Raises sqlite3.Error on a schema this reader does not know."""
     import sqlite3
@@ -85,7 +85,7 @@ def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
         runs = con.execute(
             "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
             "AND t.key = ? AND t.value = ? WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
-            "ORDER BY r.start_time DESC", (schema.KIND, schema.KIND_TRIAL, row[0])).fetchall()
+            "ORDER BY r.start_time DESC", (schema.KIND, kind, row[0])).fetchall()
         records = []
         for run_id, name, start, end in runs:
             tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
@@ -100,7 +100,8 @@ class _RestUnsupported(Exception):
     """The stdlib REST reader does not handle this server or answer: ask MLflow's client instead."""
 
 
-def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0) -> list[RunRecord] | None:
+def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0, kind: str = schema.KIND_TRIAL
+                  ) -> list[RunRecord] | None:
     """Trial runs read from a tracking server through MLflow's documented REST API (/api/2.0/mlflow), with the
     standard library: importing MLflow alone takes ~3 s. The search answer holds each run's latest metrics with
     their steps, so no request per run follows. None: no such experiment. Raises _RestUnsupported on anything
@@ -145,7 +146,7 @@ def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0) -> list[Ru
     records, token_ = [], None
     while True:
         body = {"experiment_ids": [exp["experiment_id"]], "max_results": 1000,
-                "filter": f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'", "order_by": ["attributes.start_time DESC"]}
+                "filter": f"tags.`{schema.KIND}` = '{kind}'", "order_by": ["attributes.start_time DESC"]}
         if token_:
             body["page_token"] = token_
         page = call("runs/search", body)
@@ -163,8 +164,8 @@ def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0) -> list[Ru
             return records
 
 
-def _client_records(client, experiment_id: str) -> list[RunRecord]:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'",
+def _client_records(client, experiment_id: str, kind: str = schema.KIND_TRIAL) -> list[RunRecord]:
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{kind}'",
                               max_results=10000, order_by=["attributes.start_time DESC"])
     records = []
     for r in runs:
@@ -200,7 +201,8 @@ def trial_states(records: list[RunRecord], planned: list[str] | None = None) -> 
     return out
 
 
-def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord] | None, list[str]]:
+def _records(experiment: str, tracking_uri: str | None, kind: str = schema.KIND_TRIAL
+             ) -> tuple[list[RunRecord] | None, list[str]]:
     """-> (the experiment's trial runs, or None when it does not exist; the names of all experiments)."""
     from harness.tracking import resolve_tracking_uri, strip_credentials
 
@@ -212,14 +214,14 @@ def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord]
         import sqlite3
 
         try:
-            records = _sqlite_records(db, experiment)
+            records = _sqlite_records(db, experiment, kind)
             if records is not None:
                 return records, []
         except sqlite3.Error:
             pass  # an unknown schema: ask MLflow itself
     if uri.startswith(("http://", "https://")):
         try:
-            records = _rest_records(uri, experiment)
+            records = _rest_records(uri, experiment, kind=kind)
             if records is not None:
                 return records, []
         except _RestUnsupported:
@@ -236,7 +238,7 @@ def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord]
                         f"({first_line(e)}); start the server or fix the URI") from None
     if exp is None:
         return None, [e.name for e in client.search_experiments()]
-    return _client_records(client, exp.experiment_id), []
+    return _client_records(client, exp.experiment_id, kind), []
 
 
 def _fmt_elapsed(seconds: float | None) -> str:
@@ -266,4 +268,8 @@ def status_table(experiment: str | None, matrix: Path | None, tracking_uri: str 
     for t in states:
         table.add_row(t.name, t.status, t.step, _fmt_elapsed(t.elapsed_s), f"{t.val_ppl:.3f}" if t.val_ppl else "",
                       t.run_id[:12], t.trial_key)
+    if records is not None:  # the experiment's Optuna studies (kimi-bench tune, or a matrix's [tune] section)
+        from harness.tune_status import tuning_caption
+
+        table.caption = tuning_caption(_records(experiment, tracking_uri, schema.KIND_TUNE_TRIAL)[0] or [], matrix)
     return table

@@ -73,6 +73,15 @@ def search_space(variant: str, optimizer: str) -> tuple[Dim, ...]:
     return SEARCH_SPACES[FAMILY[optimizer]] + (MOE_SPACE if variant in MOE_VARIANTS else ())
 
 
+def arm_search_space(matrix: Matrix, variant: str, optimizer: str) -> tuple[Dim, ...]:
+    """search_space with the matrix's [tune.ranges."<arm>"] overrides applied (checked by harness.tune_section)."""
+    from harness.tune_section import range_overrides
+
+    ranges = range_overrides(matrix.spec.tune, f"{variant}+{optimizer}")
+    return tuple(dataclasses.replace(d, low=ranges[d.name][0], high=ranges[d.name][1]) if d.name in ranges else d
+                 for d in search_space(variant, optimizer))
+
+
 def split_params(space: tuple[Dim, ...], params: dict[str, Any], beta1: float) -> dict[str, dict[str, Any]]:
     """Optuna params -> {"optim": OptimizerConfig overrides, "train": TrainConfig fields, "model": dims}."""
     out: dict[str, dict[str, Any]] = {"optim": {}, "train": {}, "model": {}}

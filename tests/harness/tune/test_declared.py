@@ -1,0 +1,79 @@
+"""`kimi-bench run --matrix` with a [tune] section: equal-budget studies first, then every evaluation seed at
+each arm's best; resumable; an arm whose every trial fails is stopped alone (harness/tune/declared.py)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from rich.console import Console
+
+import harness.measure
+import harness.trial
+from harness import schema
+from harness.commands import RunOptions, run
+from harness.status import status_table
+from tests.harness.tune.common import runs_of, write_matrix
+
+TUNE = """
+[tune]
+trials = 2
+[tune.ranges."kimi+muon"]
+muon_lr = [3e-3, 3e-2]
+"""
+
+
+def _run(env, tmp_path, matrix, monkeypatch) -> int:
+    monkeypatch.setattr(harness.measure, "measure_matrix_speed", lambda *a, **k: [])  # not under test here
+    opts = RunOptions(matrix, tracking_uri=env["uri"], out=tmp_path / "runs", cache_dir=env["cache"],
+                      study_storage=f"sqlite:///{tmp_path}/optuna.db")
+    return run(opts, Console(width=200, record=True))
+
+
+def _two_seeds(path):
+    path.write_text(path.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    return path
+
+
+@pytest.mark.slow
+def test_run_tunes_each_arm_then_evaluates_held_out_seeds_and_resumes(env, tmp_path, monkeypatch):
+    matrix = _two_seeds(write_matrix(env, tmp_path, "declared", extra=TUNE))
+    assert _run(env, tmp_path, matrix, monkeypatch) == 0
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    for arm in ("gpt+adamw", "kimi+muon"):
+        study = optuna.load_study(study_name=f"declared/{arm}", storage=storage)
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+        assert study.user_attrs[schema.TAG_SEED] == 1000  # held out from the evaluation seeds 0, 1
+    muon = optuna.load_study(study_name="declared/kimi+muon", storage=storage)
+    assert all(3e-3 <= t.params["muon_lr"] <= 3e-2 for t in muon.trials)  # the arm's range override
+    trials = runs_of(env, "declared", schema.KIND_TRIAL)
+    assert sorted((r.data.tags[schema.TAG_ARM], r.data.tags[schema.TAG_SEED]) for r in trials) == [
+        ("gpt+adamw", "0"), ("gpt+adamw", "1"), ("kimi+muon", "0"), ("kimi+muon", "1")]
+    assert all(r.data.tags[schema.TAG_TUNED_FROM].startswith("optuna:") for r in trials)
+    caption = status_table(None, matrix, env["uri"]).caption
+    assert "study 1/2 declared/gpt+adamw: 2/2 trials (2 complete)" in caption
+    # a kill left a trial RUNNING: the rerun fails it, and neither trains anything twice nor adds trials
+    optuna.load_study(study_name="declared/gpt+adamw", storage=storage).ask()
+    n_tune = len(runs_of(env, "declared", schema.KIND_TUNE_TRIAL))
+    assert _run(env, tmp_path, matrix, monkeypatch) == 0
+    assert len(runs_of(env, "declared", schema.KIND_TUNE_TRIAL)) == n_tune == 4
+    assert len(runs_of(env, "declared", schema.KIND_TRIAL)) == 4
+    states = [t.state.name for t in optuna.load_study(study_name="declared/gpt+adamw", storage=storage).trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+@pytest.mark.slow
+def test_an_arm_whose_every_trial_fails_stops_alone(env, tmp_path, monkeypatch):
+    real = harness.trial.run_trial
+
+    def kimi_crashes(spec, data, out_dir, run, **kw):
+        if spec.variant == "kimi":
+            return harness.trial.TrialResult(schema.FAILED, spec.key(data.data_hash), error="RuntimeError: boom")
+        return real(spec, data, out_dir, run, **kw)
+
+    monkeypatch.setattr(harness.trial, "run_trial", kimi_crashes)
+    matrix = write_matrix(env, tmp_path, "declared-fail", extra=TUNE)
+    assert _run(env, tmp_path, matrix, monkeypatch) == 1
+    trials = runs_of(env, "declared-fail", schema.KIND_TRIAL)
+    assert [r.data.tags[schema.TAG_ARM] for r in trials] == ["gpt+adamw"]  # the other arm went on
+    kimi = optuna.load_study(study_name="declared-fail/kimi+muon", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state.name for t in kimi.trials] == ["FAIL"] * 3
