@@ -166,6 +166,7 @@ class Row:
     verdict: str = INCONCLUSIVE
     decide: Callable[[float], str] | None = None   # verdict from the Holm-adjusted p
     p_adj: float = math.nan
+    tuning: str = ""                 # the pair's tuning status (reports/fairness.py); "" on exact / speed rows
 
 
 @dataclass

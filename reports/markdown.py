@@ -307,6 +307,7 @@ def _match_of(c: Collected, runs: pd.DataFrame) -> tuple[str, float] | None:
 
 
 def _claims_section(rows, folded: dict[str, str], match) -> str:
+    from reports.fairness import RULE
     from reports.speed import SPEED_RULE, noisy_threshold
     from reports.stats import HOLM_RULE, VERDICT_RULE
 
@@ -315,9 +316,10 @@ def _claims_section(rows, folded: dict[str, str], match) -> str:
     for r in sorted(rows, key=lambda r: r.verdict == NOT_MEASURED):
         text = r.claim.text + (f" [{r.label}]" if r.label else "")
         p = "n/a" if not math.isfinite(r.p) else f"{r.p:.3g} → {r.p_adj:.3g}"
-        table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, p, f"**{r.verdict}**"
+        table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, p, r.tuning, f"**{r.verdict}**"
                       if r.verdict not in (NOT_MEASURED,) else r.verdict])
-    header = ["claim", "paper (Kimi vs GPT)", "A measured", "B measured", "A vs B", "p → Holm p", "verdict"]
+    header = ["claim", "paper (Kimi vs GPT)", "A measured", "B measured", "A vs B", "p → Holm p", "tuning",
+              "verdict"]
     notes = [
         "A = Kimi (kimi+muon, else kimi+muonclip) and B = GPT (gpt+adamw) for the paper's table pair; optimizer "
         "claims compare optimizers within each variant. The paper's perplexities were measured with GPT-2 BPE "
@@ -331,6 +333,7 @@ def _claims_section(rows, folded: dict[str, str], match) -> str:
         "A/B < 1 means A needs less; geometric mean over seeds with a 95% t-interval of the log ratio.",
         VERDICT_RULE.split(" A claim of equality")[0] + " (Statistical rows.)",
         HOLM_RULE,
+        RULE,
         SPEED_RULE.format(noisy=noisy_threshold()) if any(r.claim.kind == "speed" for r in rows) else "",
     ]
     if folded:
@@ -544,6 +547,7 @@ def _target_of(c: Collected, runs: pd.DataFrame) -> float | None:
 def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, fig_dir: Path, figures: bool,
            optuna, heading: str) -> list[str]:
     from reports import claims as cl
+    from reports import fairness
     from reports.compute import eval_curves
     from reports.speed import speed_rows_for
 
@@ -561,9 +565,16 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
         rows += cl.claim_rows(ctx, label)
     cl.apply_holm(rows)
     rows += cl.fitted_rows(fin, curves, folded)
-    sections = [_scope_banner(runs, match), f"{heading}Claims vs measured", _claims_section(rows, folded, match)]
+    tuning = fairness.arm_tuning(c, runs)
+    fairness.annotate(rows, tuning)  # every quality/compute row's tuning status; provisional where unfair
+    sections = [_scope_banner(runs, match) + "\n" + fairness.banner(tuning, runs), f"{heading}Claims vs measured",
+                _claims_section(rows, folded, match)]
     if figures:
         sections.append(_first_figure(runs, hist, fig_dir, out_dir))
+    sections += [f"{heading}Tuning budget", fairness.budget_section(tuning, runs)]
+    if figures:
+        sections += [f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})"
+                     for cap, p in fairness.tuning_figures(tuning, fig_dir)]
 
     def compute_pairs(r: pd.DataFrame) -> list[tuple[str, str]]:
         """The pairs the compute claims use, folded arms left out."""

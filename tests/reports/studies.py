@@ -19,22 +19,37 @@ TOKENS_PER_TRIAL = 20_480.0
 FLOPS_PER_TOKEN = {"gpt": 4.4e8, "kimi": 2.4e8}
 
 
-def objective_for(best_lr: float):
-    """val loss = 3 + (log10 lr - log10 best_lr)^2: the best trial is the one closest to best_lr."""
+def centre(d) -> float:
+    return math.sqrt(d.low * d.high)
+
+
+def objective_for(space, best: dict[str, float]):
+    """val loss = 3 + sum over the lr dims of (log10 value - log10 target)^2, target = best[dim] or the range's
+    geometric centre: the trial enqueued at the targets is the best one."""
+    lrs = [d for d in space if d.log and d.name.endswith("lr")]
+
     def objective(trial: optuna.Trial) -> float:
-        params = {d.name: d.suggest(trial) for d in trial.study.user_attrs["space"]}
-        return 3.0 + (math.log10(params["lr"]) - math.log10(best_lr)) ** 2
+        params = {d.name: d.suggest(trial) for d in space}
+        return 3.0 + sum((math.log10(params[d.name]) - math.log10(best.get(d.name, centre(d)))) ** 2 for d in lrs)
     return objective
 
 
-def add_study(uri: str, experiment_id: str, root: Path, arm: str, n_trials: int, best_lr: float = 1e-3,
+def tuned_from(arm: str, number: int = 0) -> str:
+    """The kb.tuned_from tag of a trial trained at the best of add_study's study for `arm`."""
+    return f"optuna:sqlite:///optuna.db#exp/{arm}/trial{number} value=3"
+
+
+def add_study(uri: str, experiment_id: str, root: Path, arm: str, n_trials: int, best: dict | None = None,
               n_fail: int = 0, seed: int = 99, start: int = 1_750_010_000_000) -> str:
-    """One study run for `arm` with n_trials COMPLETE trials (+ n_fail FAIL ones); -> the study run id."""
+    """One study run for `arm` with n_trials COMPLETE trials (+ n_fail FAIL ones), the first enqueued at the
+    best lr values (`best`, else each lr range's centre); -> the study run id."""
     variant, optimizer = arm.split("+")
     space = search_space(variant, optimizer)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0))
-    study.set_user_attr("space", space)
-    study.optimize(objective_for(best_lr), n_trials=n_trials)
+    best = best or {}
+    lrs = [d for d in space if d.log and d.name.endswith("lr")]
+    study.enqueue_trial({d.name: best.get(d.name, centre(d)) for d in lrs})
+    study.optimize(objective_for(space, best), n_trials=n_trials)
     for _ in range(n_fail):
         t = study.ask()
         for d in space:
@@ -72,3 +87,15 @@ def add_study(uri: str, experiment_id: str, root: Path, arm: str, n_trials: int,
         client.set_terminated(child.info.run_id, "FINISHED" if done else "FAILED")
     client.set_terminated(rid, "FINISHED")
     return rid
+
+
+def retag(st, tuned: set[str]) -> None:
+    """Give the store's trials of the `tuned` arms a kb.tuned_from of add_study's study; drop it elsewhere."""
+    client = MlflowClient(st.uri)
+    for key, rid in st.runs.items():
+        if key[0] == "speed":
+            continue
+        if key[0] in tuned:
+            client.set_tag(rid, schema.TAG_TUNED_FROM, tuned_from(key[0]))
+        elif schema.TAG_TUNED_FROM in client.get_run(rid).data.tags:
+            client.delete_tag(rid, schema.TAG_TUNED_FROM)
