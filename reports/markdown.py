@@ -547,7 +547,7 @@ def _target_of(c: Collected, runs: pd.DataFrame) -> float | None:
 def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, fig_dir: Path, figures: bool,
            optuna, heading: str) -> list[str]:
     from reports import claims as cl
-    from reports import fairness
+    from reports import factorial, fairness
     from reports.compute import eval_curves
     from reports.speed import speed_rows_for
 
@@ -571,6 +571,9 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
                 _claims_section(rows, folded, match)]
     if figures:
         sections.append(_first_figure(runs, hist, fig_dir, out_dir))
+    decomposition = factorial.section(fin, curves, target)  # a variants x optimizers 2x2: which change did it
+    if decomposition:
+        sections += [f"{heading}Which change made the difference", decomposition]
     sections += [f"{heading}Tuning budget", fairness.budget_section(tuning, runs)]
     if figures:
         sections += [f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})"
