@@ -77,3 +77,42 @@ def test_an_arm_whose_every_trial_fails_stops_alone(env, tmp_path, monkeypatch):
     assert [r.data.tags[schema.TAG_ARM] for r in trials] == ["gpt+adamw"]  # the other arm went on
     kimi = optuna.load_study(study_name="declared-fail/kimi+muon", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state.name for t in kimi.trials] == ["FAIL"] * 3
+
+
+ARMS_4 = ('[{ variant = "gpt", optimizer = "adamw" }, { variant = "gpt", optimizer = "muon" }, '
+          '{ variant = "kimi", optimizer = "adamw" }, { variant = "kimi", optimizer = "muon" }]')
+
+
+@pytest.mark.slow
+def test_tiny_factorial_matrix_with_tune_end_to_end_report(env, tmp_path, monkeypatch):
+    """run --matrix with [tune] on gpt/kimi x adamw/muon, then the report: the budget table, a tuning status on
+    every quality and compute claims row (none on exact and speed rows), both tuning figures, the decomposition."""
+    from reports.collect import collect
+    from reports.markdown import write_report
+    from tests.reports.test_markdown import table_rows
+
+    matrix = _two_seeds(write_matrix(env, tmp_path, "declared-e2e", arms=ARMS_4, extra="[tune]\ntrials = 2\n"))
+    assert _run(env, tmp_path, matrix, monkeypatch) == 0
+    md = write_report(collect(env["uri"], "declared-e2e"), tmp_path / "report").read_text()
+    assert "held out from the evaluation seeds, with an equal budget of 2 trials each." in md
+    budget = table_rows(md, "## Tuning budget")
+    assert sorted(budget) == ["gpt+adamw", "gpt+muon", "kimi+adamw", "kimi+muon"]
+    assert {r["budget (trials with a result)"] for r in budget.values()} == {"2"}
+    assert {r["tuned at seed"] for r in budget.values()} == {"1000"}
+    block = md.split("## Claims vs measured", 1)[1].split("\n\n", 2)[1].splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in block]
+    from reports.claims import CLAIMS
+    kinds = {c.text: c.kind for c in CLAIMS}
+    measured = [c for c in cells if c[-1] != "not measured"]
+    assert measured
+    for c in measured:
+        kind = kinds[c[0].split(" [")[0]]
+        assert (c[-2] != "") == (kind in ("stat", "compute")), c  # the tuning column
+        if kind in ("stat", "compute"):
+            assert c[-2] == "both tuned, equal budgets (2 trials each)" or "optimum at the edge" in c[-2], c
+    for name in ("tuning_best_so_far.png", "tuning_lr_gpt_adamw.png", "tuning_lr_kimi_muon.png"):
+        assert f"(figures/{name})" in md and (tmp_path / "report" / "figures" / name).is_file(), name
+    section = md.split("## Which change made the difference", 1)[1]
+    decomposition = table_rows(section, section.split("\n\n")[1])  # the table under its "Arms ...:" line
+    assert "interaction (architecture effect at muon - at adamw)" in decomposition
+    assert decomposition["optimizer muon vs adamw, at gpt"]["seeds"] == "2"
