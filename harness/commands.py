@@ -134,7 +134,9 @@ def run(o: RunOptions, console: Console) -> int:
     tuned = _load_tuned(spec, o) if o.tuned else None
     declared = None
     if spec.spec.tune is not None and not o.tuned:  # [tune]: every arm's study first (harness/tune/declared.py)
-        from harness.tune.declared import run_declared
+        from harness.tune.declared import check_single_process, run_declared
+
+        check_single_process(o.matrix)
 
         declared = run_declared(spec, console, storage=o.study_storage, study_prefix=o.study_prefix,
                                 tracking_uri=o.tracking_uri, cache_dir=o.cache_dir, out=o.out,

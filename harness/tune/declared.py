@@ -117,6 +117,17 @@ class DeclaredProgress(RichTuneProgress):
         self.bar.update(self.step_task, description=f"  trial {j}/{self.trials} {e.arm} (#{e.trial})")
 
 
+def check_single_process(matrix_path: Path) -> None:
+    """The studies run in one process: under torchrun (--nproc) every rank would tune the same studies."""
+    import os
+
+    from harness.errors import UserError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--nproc: [tune] runs its studies in one process; tune first with `kimi-bench tune "
+                        f"--matrix {matrix_path} --total-trials N`, then `kimi-bench run --tuned --nproc ...`")
+
+
 def run_declared(matrix: Matrix, console: Console, *, storage: str | None = None, study_prefix: str | None = None,
                  tracking_uri: str | None = None, cache_dir: str | None = None, out: Path = Path("runs"),
                  train_overrides: dict | None = None) -> DeclaredTuning:

@@ -116,3 +116,20 @@ def test_tiny_factorial_matrix_with_tune_end_to_end_report(env, tmp_path, monkey
     decomposition = table_rows(section, section.split("\n\n")[1])  # the table under its "Arms ...:" line
     assert "interaction (architecture effect at muon - at adamw)" in decomposition
     assert decomposition["optimizer muon vs adamw, at gpt"]["seeds"] == "2"
+
+
+def test_progress_shows_study_k_of_n_trial_j_of_m_and_the_total():
+    import io
+
+    from harness.tune.declared import DeclaredProgress
+    from harness.tune.progress import TuneEvent
+
+    progress = DeclaredProgress(Console(file=io.StringIO()), ["gpt+adamw", "kimi+muon"], trials=3)
+    with progress:
+        for arm, done in (("gpt+adamw", 1), ("kimi+muon", 0)):
+            progress(TuneEvent("arm", 0, arm, total=3, info={"done": done, "best": None}))
+        progress(TuneEvent("trial_start", 0, "kimi+muon", trial=4, total=100))
+        shown = {t.description: (t.completed, t.total) for t in progress.bar.tasks if t.visible}
+    assert shown["study 1/2 gpt+adamw"] == (1, 3) and shown["study 2/2 kimi+muon"] == (0, 3)
+    assert shown["tuning, all studies"] == (1, 6)  # the ETA column reads this task's rate
+    assert shown["  trial 1/3 kimi+muon (#4)"] == (0, 100)
