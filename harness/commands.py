@@ -103,7 +103,7 @@ def dry_run(o: RunOptions, console: Console) -> None:
     if spec.spec.tune is not None and not o.tuned:  # [tune]: the studies run first (harness/tune/declared.py)
         from harness.tune.declared import tuning_plan
 
-        tuning_plan(spec, trials, costs, console, o.device, o.peak_tflops, o.nproc)
+        tuning_plan(spec, trials, costs, console)
 
 
 def _load_tuned(spec, o: RunOptions) -> dict:

@@ -148,6 +148,8 @@ def run_declared(matrix: Matrix, console: Console, *, storage: str | None = None
             DeclaredProgress(console, arms, t.trials) as progress:
         outcome = run_worker(config, on_event=progress)
     declared = DeclaredTuning(interrupted=outcome.interrupted)
+    if outcome.interrupted:  # the trial in flight is failed; the same command goes on from the studies' state
+        return declared
     for arm, study in outcome.studies.items():
         best = study.best()
         if best is None:
@@ -166,29 +168,23 @@ def run_declared(matrix: Matrix, console: Console, *, storage: str | None = None
 # --dry-run
 
 
-def tuning_plan(matrix: Matrix, trials: Sequence[TrialSpec], eval_costs: Sequence, console: Console,
-                device: str | None = None, peak_tflops: float | None = None, nproc: int = 1
+def tuning_plan(matrix: Matrix, trials: Sequence[TrialSpec], eval_costs: Sequence, console: Console
                 ) -> tuple[float, float]:
     """Print the tuning cost (every arm: [tune].trials trials at the tuning seed, full budget: an upper bound,
     pruned trials stop early) apart from the evaluation cost; -> (tuning seconds, evaluation seconds)."""
-    import dataclasses
-
-    from harness.plan import _duration, _si, device_rate, trial_cost
+    from harness.plan import _duration, _si
 
     t = matrix.spec.tune
     assert t is not None
-    rate = device_rate(device or (trials[0].train.device if trials else None), peak_tflops, nproc)
-    seed = tuning_seed(t, matrix.spec.matrix.seeds)
-    first: dict[str, TrialSpec] = {}
-    for spec in trials:
-        first.setdefault(spec.arm, dataclasses.replace(spec, seed=seed))
+    first: dict[str, object] = {}  # arm -> the cost of its first trial: a study trial costs the same (seed aside)
+    for spec, cost in zip(trials, eval_costs, strict=True):
+        first.setdefault(spec.arm, cost)
     table = Table(title=f"tuning: one study per arm, {t.trials} trials each (pruner {t.pruner})",
                   header_style="bold")
-    for col in ("study", "trials", "tokens", "train FLOPs", f"time ({rate.device}, at most)"):
+    for col in ("study", "trials", "tokens", "train FLOPs", "time (at most)"):
         table.add_column(col, justify="left" if col == "study" else "right")
     tune_s = tune_tokens = tune_flops = 0.0
-    for arm, spec in first.items():
-        c = trial_cost(spec, rate, nproc)
+    for arm, c in first.items():
         s, tok, fl = (c.seconds or 0) * t.trials, (c.tokens or 0) * t.trials, (c.train_flops or 0) * t.trials
         tune_s, tune_tokens, tune_flops = tune_s + s, tune_tokens + tok, tune_flops + fl
         table.add_row(arm, str(t.trials), f"{tok:,.0f}", _si(fl, "FLOP"), _duration(s))
@@ -200,5 +196,5 @@ def tuning_plan(matrix: Matrix, trials: Sequence[TrialSpec], eval_costs: Sequenc
     console.print(f"tuning: {len(first)} studies x {t.trials} trials, {tune_tokens:,.0f} tokens, "
                   f"{_si(tune_flops, 'FLOP')}, about {_duration(tune_s)} (at most; pruned trials stop early); "
                   f"evaluation: {len(trials)} trials, about {_duration(eval_s)}; together about "
-                  f"{_duration(tune_s + eval_s)} (estimate: {rate.how})", markup=False, highlight=False)
+                  f"{_duration(tune_s + eval_s)} (the rate of the estimate above)", markup=False, highlight=False)
     return tune_s, eval_s
