@@ -106,14 +106,19 @@ def dry_run(o: RunOptions, console: Console) -> None:
     tuned = _load_tuned(spec, o) if o.tuned else None
     trials = spec.expand(vocab[0], tuned=tuned, **_train_overrides(o))
     check_tracking(o.tracking_uri)
-    show_plan(trials, f"{spec.name}: {len(trials)} trials (dry run, nothing trained)", console, vocab,
-              o.device, o.peak_tflops, o.nproc)
+    costs = show_plan(trials, f"{spec.name}: {len(trials)} trials (dry run, nothing trained)", console, vocab,
+                      o.device, o.peak_tflops, o.nproc)
+    if spec.spec.tune is not None and not o.tuned:  # [tune]: the studies run first (harness/tune/declared.py)
+        from harness.tune.declared import tuning_plan
+
+        tuning_plan(spec, trials, costs, console)
 
 
 def _load_tuned(spec, o: RunOptions) -> dict:
     from harness.tune import best_params_for_arms
 
-    return best_params_for_arms(spec, o.study_storage, o.study_prefix)
+    storage = o.study_storage or (spec.spec.tune.storage if spec.spec.tune is not None else None)
+    return best_params_for_arms(spec, storage, o.study_prefix)
 
 
 def run(o: RunOptions, console: Console) -> int:
@@ -138,7 +143,24 @@ def run(o: RunOptions, console: Console) -> int:
     check_tracking(o.tracking_uri)  # a wrong login, server or database: one line before any data or folder
     data = user_errors(lambda: prepare_data(spec.data_fields(), o.cache_dir, console))
     tuned = _load_tuned(spec, o) if o.tuned else None
+    declared = None
+    if spec.spec.tune is not None and not o.tuned:  # [tune]: every arm's study first (harness/tune/declared.py)
+        from harness.tune.declared import check_single_process, run_declared
+
+        check_single_process(o.matrix)
+
+        declared = run_declared(spec, console, storage=o.study_storage, study_prefix=o.study_prefix,
+                                tracking_uri=o.tracking_uri, cache_dir=o.cache_dir, out=o.out,
+                                train_overrides=_train_overrides(o))
+        if declared.interrupted:
+            return 130
+        tuned = declared.tuned
     trials = spec.expand(data.vocab_size, tuned=tuned, **_train_overrides(o))
+    if declared is not None:
+        trials = declared.keep(trials)
+        if not trials:
+            raise UserError(f"tune: no arm of {spec.name} finished a tuning trial ({', '.join(declared.failed)}); "
+                            "see the messages above and the trials' error.txt")
     check_trials(trials)
     dist_info = init_distributed()
     try:
@@ -158,7 +180,7 @@ def run(o: RunOptions, console: Console) -> int:
         key = view_key(outcome.parent_run_id) if outcome.parent_run_id and not display.startswith("record:") else None
         for line in browse_lines(display, outcome.experiment_id, key):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
-    return 130 if outcome.interrupted else 0
+    return 130 if outcome.interrupted else 1 if declared is not None and declared.failed else 0
 
 
 def params(matrix: Path | None, sets: list[str], preset: str | None, vocab_size: int, cache_dir: str | None,

@@ -270,7 +270,9 @@ SEED_PARAMS = ("seed", "train.seed")
 DATA_SEED_PARAM = "data_seed"
 # params that name the arm rather than the budget: they may differ between arms of one comparison
 ARM_PARAM_PREFIXES = ("model.", "optim.")
-ARM_PARAMS = ("variant", "optimizer", "preset")
+# the warmup is tuned per arm (harness.tune.spaces: warmup_frac, warmup_steps unset): part of the arm's recipe,
+# not of the budget every arm shares, so tuned arms stay in one group (reports/groups.py)
+ARM_PARAMS = ("variant", "optimizer", "preset", "train.warmup_frac", "train.warmup_steps")
 # the [match] section of a matrix, as params of the matrix (parent) run or of the trials, when logged
 MATCH_BY, MATCH_REFERENCE, MATCH_TOLERANCE = "match.by", "match.reference", "match.tolerance"
 

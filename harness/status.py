@@ -12,6 +12,7 @@ its heartbeat (kb.heartbeat, renewed with the metric batches) must be younger th
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 import urllib.parse
@@ -96,7 +97,7 @@ def _last_step(key_steps) -> int | None:
     return max((step for key, step in key_steps if key in PROGRESS_KEYS), default=None)
 
 
-def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
+def _sqlite_records(db: Path, experiment: str, kind: str = schema.KIND_TRIAL) -> list[RunRecord] | None:
     """Trial runs read straight from a local MLflow sqlite store (read-only; MLflow's import alone takes
     seconds). None: no such experiment. Raises sqlite3.Error on a schema this reader does not know."""
     import sqlite3
@@ -109,7 +110,7 @@ def _sqlite_records(db: Path, experiment: str) -> list[RunRecord] | None:
         runs = con.execute(
             "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
             "AND t.key = ? AND t.value = ? WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
-            "ORDER BY r.start_time DESC", (schema.KIND, schema.KIND_TRIAL, row[0])).fetchall()
+            "ORDER BY r.start_time DESC", (schema.KIND, kind, row[0])).fetchall()
         records = []
         for run_id, name, start, end in runs:
             tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
@@ -124,7 +125,8 @@ class _RestUnsupported(Exception):
     """The stdlib REST reader does not handle this server or answer: ask MLflow's client instead."""
 
 
-def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0) -> list[RunRecord] | None:
+def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0, kind: str = schema.KIND_TRIAL
+                  ) -> list[RunRecord] | None:
     """Trial runs read from a tracking server through MLflow's documented REST API (/api/2.0/mlflow), with the
     standard library: importing MLflow alone takes ~3 s. The search answer holds each run's latest metrics with
     their steps, so no request per run follows. None: no such experiment. Raises _RestUnsupported on anything
@@ -169,7 +171,7 @@ def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0) -> list[Ru
     records, token_ = [], None
     while True:
         body = {"experiment_ids": [exp["experiment_id"]], "max_results": 1000,
-                "filter": f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'", "order_by": ["attributes.start_time DESC"]}
+                "filter": f"tags.`{schema.KIND}` = '{kind}'", "order_by": ["attributes.start_time DESC"]}
         if token_:
             body["page_token"] = token_
         page = call("runs/search", body)
@@ -187,8 +189,8 @@ def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0) -> list[Ru
             return records
 
 
-def _client_records(client, experiment_id: str) -> list[RunRecord]:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'",
+def _client_records(client, experiment_id: str, kind: str = schema.KIND_TRIAL) -> list[RunRecord]:
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{kind}'",
                               max_results=10000, order_by=["attributes.start_time DESC"])
     records = []
     for r in runs:
@@ -259,7 +261,8 @@ def trial_states(records: list[RunRecord], planned: list[PlannedTrial] | None = 
     return [_state(p.name, next((by_key[k] for k in sorted(p.keys) if k in by_key), None)) for p in planned]
 
 
-def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord] | None, list[str]]:
+def _records(experiment: str, tracking_uri: str | None, kind: str = schema.KIND_TRIAL
+             ) -> tuple[list[RunRecord] | None, list[str]]:
     """-> (the experiment's trial runs, or None when it does not exist; the names of all experiments)."""
     from harness.stores.tracking import resolve_tracking_uri
 
@@ -271,14 +274,14 @@ def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord]
         import sqlite3
 
         try:
-            records = _sqlite_records(db, experiment)
+            records = _sqlite_records(db, experiment, kind)
             if records is not None:
                 return records, []
         except sqlite3.Error:
             pass  # an unknown schema: ask MLflow itself
     if uri.startswith(("http://", "https://")):
         try:
-            records = _rest_records(uri, experiment)
+            records = _rest_records(uri, experiment, kind=kind)
             if records is not None:
                 return records, []
         except _RestUnsupported:
@@ -294,7 +297,7 @@ def _records(experiment: str, tracking_uri: str | None) -> tuple[list[RunRecord]
         raise store_error(uri, e) from None
     if exp is None:
         return None, [e.name for e in client.search_experiments()]
-    return _client_records(client, exp.experiment_id), []
+    return _client_records(client, exp.experiment_id, kind), []
 
 
 def _fmt_elapsed(seconds: float | None) -> str:
@@ -338,6 +341,8 @@ def status_table(experiment: str | None, matrix: Path | None, tracking_uri: str 
     for t in states:
         table.add_row(t.name, t.status, t.step, _fmt_elapsed(t.elapsed_s), f"{t.val_ppl:.3f}" if t.val_ppl else "",
                       t.run_id[:12], t.trial_key, *([t.note] if notes else []))
+    if records is not None:  # the experiment's Optuna studies (kimi-bench tune, or a matrix's [tune] section)
+        table.caption = tuning_caption(_records(experiment, tracking_uri, schema.KIND_TUNE_TRIAL)[0] or [], matrix)
     return table
 
 
@@ -362,3 +367,49 @@ def browse_lines_for(experiment: str, tracking_uri: str | None) -> list[str]:
         return []
     experiment_id, tags = found
     return browse_lines(strip_credentials(uri), experiment_id, views.newest_view_key(tags))
+
+
+# ----------------------------------------------------------------------------- the tuning lines
+# Per study: trials done of the budget, by state, and the best value; read from the experiment's tune-trial runs
+# (kb.kind=tune-trial, one per Optuna trial, harness/tune/objective.py), so status opens no Optuna storage. The
+# budget comes from the matrix's [tune].trials.
+
+
+def _budget(matrix: Path | None) -> int | None:
+    if matrix is None:
+        return None
+    try:
+        trials = tomllib.loads(matrix.read_text(encoding="utf-8")).get("tune", {}).get("trials")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        return None
+    return trials if isinstance(trials, int) else None
+
+
+def _optuna_state(tags: dict[str, str]) -> str:
+    """COMPLETE | PRUNED | FAIL from the trial's Optuna state tag; RUNNING while it trains (or was killed)."""
+    state = tags.get(schema.TAG_OPTUNA_STATE)
+    if state:
+        return state
+    status = tags.get(schema.TAG_STATUS, schema.RUNNING)
+    return "RUNNING" if status == schema.RUNNING else "FAIL"
+
+
+def tuning_caption(records, matrix: Path | None = None) -> str | None:
+    """'tuning: study 1/2 gpt+adamw 3/8 trials (3 complete, 1 running), best 2.6612; ...' or None."""
+    by_study: dict[str, list] = {}
+    for r in records:
+        by_study.setdefault(r.tags.get(schema.TAG_STUDY, "?"), []).append(r)
+    if not by_study:
+        return None
+    budget = _budget(matrix)
+    parts = []
+    for k, (study, runs) in enumerate(sorted(by_study.items()), 1):
+        states = [_optuna_state(r.tags) for r in runs]
+        counts = {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING") if s in states}
+        done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+        values = [float(r.tags[schema.TAG_OPTUNA_VALUE]) for r in runs if r.tags.get(schema.TAG_OPTUNA_VALUE)]
+        finite = [v for v in values if math.isfinite(v)]
+        shown = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+        parts.append(f"study {k}/{len(by_study)} {study}: {done}" + (f"/{budget}" if budget else "")
+                     + f" trials ({shown})" + (f", best {min(finite):.4f}" if finite else ""))
+    return "tuning: " + "; ".join(parts)

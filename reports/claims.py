@@ -188,6 +188,7 @@ class Row:
     p_eq_adj: float = math.nan
     why: str = ""                    # the branch of the rule that decided the row, with its numbers
     exploratory: bool = False        # outside the Holm family: no verdict word from the rule
+    tuning: str = ""                 # the pair's tuning status (reports/fairness.py); "" on exact / speed rows
 
 
 def row_verdict(row: Row) -> Verdict:

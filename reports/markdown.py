@@ -12,14 +12,14 @@ Deterministic: the same runs give a byte-identical report.md (no wall-clock time
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from harness.mdformat import fmt, fmt_ci, fmt_exact, fmt_pm, md_table
 from reports import names
-from reports.collect import Collected, strip_credentials
+from reports.claims_table import claims_section
+from reports.collect import Collected, strip_credentials, verdict_settings
 from reports.figure_section import first_figure, other_figures
 from reports.groups import finished_runs, row_keys
 from reports.stats import estimate
@@ -30,7 +30,6 @@ ROUNDING_NOTE = (
     "so no interval. Exact facts (counts, bytes) are the same for every seed and shown without an interval. "
     "Units: params in millions (M), bytes in MB (10^6). Full precision: `summary.csv`, per trial `trials.csv`."
 )
-NOT_MEASURED = "not measured"
 
 # (metric, column header, divide by)
 TABLES: dict[str, list[tuple[str, str, float]]] = {
@@ -241,72 +240,6 @@ def _match_of(c: Collected, runs: pd.DataFrame) -> tuple[str, float] | None:
     return cands[0] if cands else None
 
 
-VERDICTS_DOC = "docs/verdicts.md"
-
-
-def _docs_link(out_dir: Path | None) -> str:
-    """A link to docs/verdicts.md relative to the report when the report is written inside the repository, else
-    the repository path."""
-    doc = Path(__file__).resolve().parent.parent / VERDICTS_DOC
-    if out_dir is not None and doc.is_file():
-        try:
-            rel = Path(os.path.relpath(doc, Path(out_dir).resolve()))
-            if not rel.as_posix().startswith("../" * 6):
-                return f"[How verdicts are decided]({rel.as_posix()})"
-        except ValueError:      # another drive (Windows)
-            pass
-    return f"How verdicts are decided: `{VERDICTS_DOC}` in the kimi-bench repository"
-
-
-def _p_cell(r) -> str:
-    """'diff p → Holm p; eq p → Holm p' for rows in the Holm family; the raw p of an exploratory row."""
-    if getattr(r, "exploratory", False):
-        return f"{r.p:.3g} (exploratory, not in the Holm family)" if math.isfinite(r.p) else "n/a"
-    parts = []
-    if math.isfinite(r.p):
-        parts.append(f"diff {r.p:.3g} → {r.p_adj:.3g}")
-    p_eq = getattr(r, "p_eq", math.nan)
-    if math.isfinite(p_eq):
-        parts.append(f"eq {p_eq:.3g} → {r.p_eq_adj:.3g}")
-    return "; ".join(parts) or "n/a"
-
-
-def _claims_section(rows, folded: dict[str, str], match, family_size: int = 0, out_dir: Path | None = None) -> str:
-    from reports.speed import SPEED_RULE, noisy_threshold
-    from reports.stats import EXACT_RULE, VERDICT_RULE
-
-    table = []
-    # what was measured first (a scaling matrix without a Muon-vs-AdamW pair has a dozen "not measured" rows)
-    for r in sorted(rows, key=lambda r: r.verdict == NOT_MEASURED):
-        text = r.claim.text + (f" [{r.label}]" if r.label else "")
-        verdict = f"**{r.verdict}**" if r.verdict not in (NOT_MEASURED,) else r.verdict
-        why = getattr(r, "why", "") or ("the speed rule below" if r.claim.kind == "speed" and r.a else "n/a")
-        table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, _p_cell(r), verdict, why])
-    header = ["claim", "paper (Kimi vs GPT)", "A measured", "B measured", "A vs B", "p → Holm p", "verdict",
-              "why (the rule's branch)"]
-    notes = [
-        _docs_link(out_dir) + ": the rules below, their margins and thresholds and the reasons for their defaults.",
-        "A = Kimi (kimi+muon, else kimi+muonclip) and B = GPT (gpt+adamw) for the paper's table pair; optimizer "
-        "claims compare optimizers within each variant. The paper's perplexities were measured with GPT-2 BPE "
-        "tokens on other data: compare bits per byte between tokenizers, never perplexities.",
-        VERDICT_RULE + f" Holm family of this table: {family_size} p-value(s) (a difference and an equivalence "
-        "test per tested row; exploratory rows are not in it).",
-        "Compute to target: the tokens, FLOPs and seconds each arm needs to reach the target val loss (the LAST "
-        "crossing: the curve stays at or below it from there; interpolated between evals); one claim per pair, "
-        "tested on its named axis, the other axes beside it. A seed whose curve ends above the target is "
-        "censored: it enters at the compute it had (a lower bound) and cannot count in its own arm's favour. "
-        "Tested only with a target set before the runs ([verdicts] target_loss) on a WSD schedule, reading the "
-        "stable-phase evals; otherwise exploratory. A/B < 1 means A needs less; geometric mean over seeds.",
-        EXACT_RULE + ("" if match else " (no [match] section is recorded on these runs)"),
-        SPEED_RULE.format(noisy=noisy_threshold()) if any(r.claim.kind == "speed" for r in rows) else "",
-    ]
-    if folded:
-        notes.insert(0, "Identical arms folded: " + "; ".join(
-            f"`{a}` equals `{b}` at every eval of every seed both ran (QK-Clip never fired), so its rows are "
-            f"`{b}`'s" for a, b in sorted(folded.items())) + ".")
-    return md_table(header, table) + "\n\n" + "\n\n".join(n for n in notes if n)
-
-
 def _compute_section(curves: pd.DataFrame, runs: pd.DataFrame, pairs, target) -> str:
     from reports.compute import AXES, schedule_of, stable_evals, to_target
 
@@ -431,36 +364,10 @@ def _repro_section(c: Collected, runs: pd.DataFrame, command: str | None) -> str
 
 # ----------------------------------------------------------------------------- one block, the report
 
-VERDICT_SETTINGS = ("verdicts.target_loss", "verdicts.loss_margin", "verdicts.ratio_margin")
-
-
-def _setting(c: Collected, runs: pd.DataFrame, key: str) -> float | None:
-    """A [verdicts] setting of the matrix invocation that ran these trials (its parent run's param), else None."""
-    m = c.matrix_runs
-    if len(m) and key in m:
-        mine = m[m.run_id.isin(set(runs.parent_run_id.dropna()))] if "parent_run_id" in runs else m
-        vals = pd.to_numeric(mine[key], errors="coerce").dropna()     # "None": the field was not set
-        if len(vals):
-            return float(vals.iloc[-1])
-    return None
-
-
-def _verdict_settings(c: Collected, runs: pd.DataFrame):
-    """(target loss fixed before the runs or None, Margins) from the matrix's [verdicts] section."""
-    from reports.stats import Margins
-
-    target = _setting(c, runs, "verdicts.target_loss")
-    legacy = "param.report.target_loss"          # an older spelling, on the trial runs
-    if target is None and legacy in runs and runs[legacy].notna().any():
-        target = float(runs[legacy].dropna().iloc[0])
-    loss, ratio = (_setting(c, runs, k) for k in VERDICT_SETTINGS[1:])
-    d = Margins()
-    return target, Margins(loss if loss is not None else d.loss_nats, ratio if ratio is not None else d.ratio)
-
-
 def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, fig_dir: Path, figures: bool,
            optuna, heading: str) -> list[str]:
     from reports import claims as cl
+    from reports import factorial, fairness
     from reports.compute import eval_curves
     from reports.speed import speed_rows_for
 
@@ -469,7 +376,7 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
     folded = cl.identical_arms(curves)
     match = _match_of(c, runs)
     speed_rows = speed_rows_for(c.speed, runs)
-    target, margins = _verdict_settings(c, runs)
+    target, margins = verdict_settings(c, runs)
     rows = []
     for label, pr in _presets(fin):
         ctx = cl.Context(pr, curves[curves.run_id.isin(pr.run_id)],
@@ -478,10 +385,19 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
         rows += cl.claim_rows(ctx, label)
     family_size = cl.apply_holm(rows)
     rows += cl.fitted_rows(fin, curves, folded, target)
-    sections = [_scope_banner(runs, match), f"{heading}Claims vs measured",
-                _claims_section(rows, folded, match, family_size, out_dir)]
+    tuning = fairness.arm_tuning(c, runs)
+    fairness.annotate(rows, tuning)  # every quality/compute row's tuning status; provisional where unfair
+    sections = [_scope_banner(runs, match) + "\n" + fairness.banner(tuning, runs), f"{heading}Claims vs measured",
+                claims_section(rows, folded, match, family_size, out_dir)]
     if figures:
         sections.append(first_figure(runs, hist, fig_dir, out_dir))
+    decomposition = factorial.section(fin, curves, target)  # a variants x optimizers 2x2: which change did it
+    if decomposition:
+        sections += [f"{heading}Which change made the difference", decomposition]
+    sections += [f"{heading}Tuning budget", fairness.budget_section(tuning, runs)]
+    if figures:
+        sections += [f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})"
+                     for cap, p in fairness.tuning_figures(tuning, fig_dir)]
 
     def compute_pairs(r: pd.DataFrame) -> list[tuple[str, str]]:
         """The pairs the compute claims use, folded arms left out."""

@@ -59,6 +59,7 @@ from harness.spec.registry import (
     resolve_dims,
     resolve_optimizer,
 )
+from harness.spec.tune_section import TuneSection, check_tune
 
 
 class _Strict(BaseModel):
@@ -134,6 +135,7 @@ class MatrixFile(BaseModel):
     optim: dict[str, dict[str, Any]] = {}
     ray: dict[str, Any] = {}  # --executor ray scheduling (validated by harness.executors.ray; not in trial keys)
     verdicts: VerdictsSection = Field(default_factory=VerdictsSection)  # the report's rule settings (not in keys)
+    tune: TuneSection | None = None  # tuning declared with the matrix: harness/spec/tune_section.py
 
 
 @dataclasses.dataclass
@@ -207,7 +209,7 @@ class Matrix:
 # the model at each path of the file (list indices dropped), for the "did you mean" of an unknown field
 _SECTIONS: dict[tuple[str, ...], type] = {
     (): MatrixFile, ("data",): DataConfig, ("train",): TrainConfig, ("matrix",): MatrixSection,
-    ("matrix", "arms"): Arm, ("match",): MatchSection, ("verdicts",): VerdictsSection,
+    ("matrix", "arms"): Arm, ("match",): MatchSection, ("verdicts",): VerdictsSection, ("tune",): TuneSection,
 }
 
 
@@ -262,6 +264,9 @@ def _check_names(spec: MatrixFile) -> None:
         resolve_optimizer(name, table)  # validates the field names
     if spec.match and spec.match.reference is not None:
         check_choice("match.reference", spec.match.reference, VARIANTS)
+    if spec.tune is not None:
+        check_tune(spec.tune, list(zip(variants, optimizers, strict=True)) if m.arms
+                   else list(itertools.product(variants, optimizers)))
 
 
 def parse_set(text: str) -> tuple[list[str], Any]:

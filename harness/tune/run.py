@@ -34,7 +34,7 @@ from harness.stores.tracking import Tracker, strip_credentials
 from harness.tune.objective import Objective
 from harness.tune.progress import OnEvent, RichTuneProgress, TuneEvent, ignore_events
 from harness.tune.sampler import PRUNERS, make_pruner
-from harness.tune.spaces import search_space, space_attr, study_name
+from harness.tune.spaces import arm_search_space, space_attr, study_name
 from harness.tune.storage import DEFAULT_HEARTBEAT_S, StudyStorage, fail_stale_trials, open_storage
 from harness.tune.study import ArmStudy, StudyRuns, TrialFailed, open_study
 
@@ -57,7 +57,8 @@ class TuneConfig:
     pruner: str | optuna.pruners.BasePruner = "median"
     arms: list[str] | None = None  # e.g. ["gpt+adamw,kimi+muon"]; default every arm
     timeout: float | None = None  # seconds; no new trial starts after it
-    seed: int | None = None  # tune at this seed instead of the matrix's first
+    seed: int | None = None  # tune at this seed instead of the matrix's first ([tune] seed when it has one)
+    train_overrides: dict = dataclasses.field(default_factory=dict)  # run's --device / --steps (declared tuning)
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
     system_metrics: bool = True
     keep_checkpoints: bool = False
@@ -107,7 +108,7 @@ def run_worker(config: TuneConfig, worker_id: int = 0, on_event: OnEvent | None 
     selected = _parse_arms(matrix, config.arms)
     st = open_storage(config.storage, config.tracking_uri, config.heartbeat_s)
     data = _prepare_data(matrix, config.cache_dir, emit, worker_id)
-    bases = _base_specs(matrix, data.vocab_size, selected, config.seed)
+    bases = _base_specs(matrix, data.vocab_size, selected, _seed_of(config, matrix), config.train_overrides)
 
     tracker = Tracker(config.tracking_uri)
     experiment_id = tracker.ensure_experiment(matrix.name)
@@ -182,11 +183,20 @@ def _parse_arms(matrix: Matrix, arms: list[str] | None) -> list[tuple[str, str]]
     return [names[a] for a in dict.fromkeys(wanted)]
 
 
-def _base_specs(matrix: Matrix, vocab_size: int, arms: list[tuple[str, str]], seed: int | None
-                ) -> dict[str, TrialSpec]:
+def _seed_of(config: TuneConfig, matrix: Matrix) -> int | None:
+    """--seed, else the [tune] section's tuning seed (held out from the evaluation seeds), else None."""
+    from harness.spec.tune_section import tuning_seed
+
+    if config.seed is not None or matrix.spec.tune is None:
+        return config.seed
+    return tuning_seed(matrix.spec.tune, matrix.spec.matrix.seeds)
+
+
+def _base_specs(matrix: Matrix, vocab_size: int, arms: list[tuple[str, str]], seed: int | None,
+                train_overrides: dict | None = None) -> dict[str, TrialSpec]:
     """Each arm's spec at the first preset, first seed (or --seed) and first data seed."""
     specs: dict[str, TrialSpec] = {}
-    for spec in matrix.expand(vocab_size):
+    for spec in matrix.expand(vocab_size, **(train_overrides or {})):
         if (spec.variant, spec.optimizer) in arms and spec.arm not in specs:
             specs[spec.arm] = spec if seed is None else dataclasses.replace(spec, seed=seed)
     return specs
@@ -198,7 +208,7 @@ def _open_studies(config: TuneConfig, matrix: Matrix, bases: dict[str, TrialSpec
     prefix = config.study_prefix or matrix.name
     for arm, base in bases.items():
         name = study_name(prefix, arm)
-        space = search_space(base.variant, base.optimizer)
+        space = arm_search_space(matrix, base.variant, base.optimizer)
         pruner_obj, pruner_desc = make_pruner(config.pruner, config.target, base)
         study = open_study(st, name, base, space, pruner_obj, pruner_desc, config.sampler_seed, config.target,
                            matrix, note)

@@ -8,69 +8,28 @@ variants add the router's bias step.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
-import optuna
-
-from harness.errors import UserError
 from harness.spec.matrix import Matrix
 from harness.spec.registry import TrialSpec, resolve_optimizer
 
-MOE_VARIANTS = ("gpt-moe", "kimi")
-
-
-@dataclass(frozen=True)
-class Dim:
-    """One searched hyperparameter: where it goes (optim / train / model field) and its range."""
-
-    name: str
-    target: str  # "optim" | "train" | "model"
-    low: float = 0.0
-    high: float = 0.0
-    log: bool = False
-    choices: tuple[str, ...] = ()
-    why: str = ""
-
-    def suggest(self, trial: optuna.Trial) -> Any:
-        if self.choices:
-            return trial.suggest_categorical(self.name, list(self.choices))
-        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
-
-    def describe(self) -> dict[str, Any]:
-        if self.choices:
-            return {"name": self.name, "target": self.target, "choices": list(self.choices)}
-        return {"name": self.name, "target": self.target, "low": self.low, "high": self.high, "log": self.log}
-
-
-# Ranges: around the defaults in registry.OPTIMIZER_DEFAULTS / arch.optimizers, wide enough to hold the tiny
-# and the paper presets' optima. Muon's muon_lr spans both scalings: "original" wants ~0.02 (Keller Jordan),
-# "match_rms_adamw" an AdamW-like lr (Moonlight), so one log range 1e-3..1e-1 covers both.
-_LR = Dim("lr", "optim", 1e-4, 1e-2, log=True, why="AdamW lr (Muon arms: the AdamW groups' lr)")
-_WD = Dim("weight_decay", "optim", 0.0, 0.3,
-          why="decoupled weight decay of the AdamW groups (Muon's own stays at its default, 0)")
-_WARMUP = Dim("warmup_frac", "train", 0.0, 0.2, why="linear warmup share of the budget (warmup_steps unset)")
-SEARCH_SPACES: dict[str, tuple[Dim, ...]] = {
-    "adamw": (_LR, _WD, _WARMUP, Dim("beta2", "optim", 0.9, 0.999, why="AdamW beta2 (beta1 kept)")),
-    "muon": (
-        Dim("muon_lr", "optim", 1e-3, 1e-1, log=True, why="Muon lr (hidden matrices)"),
-        _LR, _WD, _WARMUP,
-        Dim("momentum", "optim", 0.85, 0.99, why="Muon momentum (Nesterov)"),
-        Dim("muon_scaling", "optim", choices=("original", "match_rms_adamw"), why="Muon update scale rule"),
-    ),
-}
-MOE_SPACE: tuple[Dim, ...] = (
-    Dim("bias_update_speed", "model", 1e-4, 1e-2, log=True, why="router bias step gamma (K2/V3: 1e-3)"),
+# the data of the spaces lives in the spec layer (a matrix's [tune] section is checked against it)
+from harness.spec.search_spaces import (  # noqa: E402, F401  (re-exported)
+    FAMILY,
+    MOE_SPACE,
+    MOE_VARIANTS,
+    SEARCH_SPACES,
+    Dim,
+    search_space,
 )
-FAMILY = {"adamw": "adamw", "muon": "muon", "muonclip": "muon"}  # optimizer -> search space
+from harness.spec.tune_section import range_overrides
 
 
-def search_space(variant: str, optimizer: str) -> tuple[Dim, ...]:
-    """The searched dims of one arm: its optimizer family's space, plus the router's for MoE variants."""
-    if optimizer not in FAMILY:
-        raise UserError(f"optimizer {optimizer!r}: no search space; add it to harness.tune.spaces.FAMILY "
-                        f"(families: {', '.join(SEARCH_SPACES)})")
-    return SEARCH_SPACES[FAMILY[optimizer]] + (MOE_SPACE if variant in MOE_VARIANTS else ())
+def arm_search_space(matrix: Matrix, variant: str, optimizer: str) -> tuple[Dim, ...]:
+    """search_space with the matrix's [tune.ranges."<arm>"] overrides applied (checked by harness.spec.tune_section)."""
+    ranges = range_overrides(matrix.spec.tune, f"{variant}+{optimizer}")
+    return tuple(dataclasses.replace(d, low=ranges[d.name][0], high=ranges[d.name][1]) if d.name in ranges else d
+                 for d in search_space(variant, optimizer))
 
 
 def split_params(space: tuple[Dim, ...], params: dict[str, Any], beta1: float) -> dict[str, dict[str, Any]]:

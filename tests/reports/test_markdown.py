@@ -87,6 +87,8 @@ def test_claims_table_verdicts(report):
     assert verdicts["Kimi has lower perplexity (val ppl; bits/byte beside it)"] == "**inconclusive**"
     assert "zero spread" in claims["Kimi has lower perplexity (val ppl; bits/byte beside it)"][
         "why (the rule's branch)"]
+    assert claims["Kimi has lower perplexity (val ppl; bits/byte beside it)"]["tuning"] == "one tuned (kimi+muon)"
+    assert claims["Kimi is smaller on disk (checkpoint MB)"]["tuning"] == ""  # exact facts say nothing of tuning
     assert verdicts["Same total parameters (M)"] == "**not matched**"        # the fixture logs no [match]
     assert "+1.83%" in claims["Same total parameters (M)"]["A vs B"]
     assert verdicts["Kimi is smaller on disk (checkpoint MB)"] == "**supported**"
@@ -227,13 +229,14 @@ def test_each_row_states_the_branch_of_the_printed_rule_that_decided_it(collecte
         adj = cell.split("diff ")[1].split(" → ")[1].split(";")[0]
         assert f"Holm p_diff {adj} " in why, (text, cell, why)
         below = float(adj) < 0.05
-        assert (row["verdict"] in ("**supported**", "**not supported**") or "real, below" in row["verdict"]) == \
+        verdict = re.sub(r", [^,]*: provisional\*\*$", "**", row["verdict"])  # the tuning marker (fairness)
+        assert (verdict in ("**supported**", "**not supported**") or "real, below" in verdict) == \
             (below and "different sides" not in why), (text, row["verdict"], why)
     assert tested >= 1
 
 
 def test_the_report_links_the_verdicts_page_when_written_in_the_repository(tmp_path):
-    from reports.markdown import _docs_link
+    from reports.claims_table import _docs_link
     root = Path(__file__).resolve().parents[2]
     assert _docs_link(root / "reports" / "out" / "smoke") == "[How verdicts are decided](../../../docs/verdicts.md)"
     assert (root / "docs" / "verdicts.md").is_file()

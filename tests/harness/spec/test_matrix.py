@@ -198,7 +198,7 @@ def test_train_table_is_the_trial_config(tmp_path):
     ('corpus = "python-stdlib"', 'corpsu = "python-stdlib"', "data.corpsu: unknown field; did you mean 'corpus'?"),
     ("seeds = [0, 1]", "seeds = [0, 1]\n[match]\nreference = 'kimi'\nbyy = 'total'",
      "match.byy: unknown field; did you mean 'by'?"),
-    ('name = "t"', 'nmae = "t"', "nmae: unknown field; did you mean 'name'?"),
+    ('name = "t"', 'nmae = "t"', "nmae: unknown field; did you mean 'name'"),
     ("seeds = [0, 1]", "seeds = [0, 1]\n[optim.adamw]\nlrr = 1e-3",
      "optim.adamw.lrr: unknown optimizer field; did you mean 'lr'?"),
     ("seeds = [0, 1]", "seeds = [0, 1]\n[optim.muon]\nmuon_scaling = 'match_rms'",
