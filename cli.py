@@ -63,32 +63,59 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-app = App(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-          rich_markup_mode=None, context_settings=CONTEXT)
-data_app = typer.Typer(help="Prepare and inspect corpora.", no_args_is_help=True, rich_markup_mode=None,
-                       context_settings=CONTEXT)
+app = App(
+    help=__doc__,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
+)
+data_app = typer.Typer(
+    help="Prepare and inspect corpora.", no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT
+)
 app.add_typer(data_app, name="data")
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Show the version and exit.")] = False) -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
     """kimi-bench: Kimi-K2-style MLA + MoE (Muon) vs nanoGPT (AdamW) at matched parameter budgets."""
 
 
-TrackingUri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: "
-                                                 "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")]
+TrackingUri = Annotated[
+    str | None, typer.Option("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+]
 CacheDir = Annotated[str | None, typer.Option("--cache-dir", help="token cache (default ./.kimi-cache)")]
 MatrixOpt = Annotated[Path, typer.Option("--matrix", "-m", help="matrix TOML file")]
-SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", metavar="SECTION.KEY=VALUE", help="override a matrix field, e.g. --set train.steps=5 "
-    "--set optim.adamw.lr=3e-4 (repeatable; validated like the file; part of the trial key)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        help="override a matrix field, e.g. --set train.steps=5 "
+        "--set optim.adamw.lr=3e-4 (repeatable; validated like the file; part of the trial key)",
+    ),
+]
 
-ExecutorOpt = Annotated[str, typer.Option("--executor", help="local (this process, the default) | ray (every "
-                                          "trial a Ray task; pip install -e '.[ray]')")]
-RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help="--executor ray: auto | HOST:PORT of a "
-                                                   "running cluster (default: $RAY_ADDRESS, else a local "
-                                                   "cluster on 127.0.0.1)")]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor", help="local (this process, the default) | ray (every trial a Ray task; pip install -e '.[ray]')"
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="--executor ray: auto | HOST:PORT of a "
+        "running cluster (default: $RAY_ADDRESS, else a local "
+        "cluster on 127.0.0.1)",
+    ),
+]
 
 
 @app.command(context_settings=CONTEXT)
@@ -100,17 +127,27 @@ def run(
     cache_dir: CacheDir = None,
     tuned: Annotated[bool, typer.Option("--tuned", help="use each arm's best params from its study")] = False,
     study_storage: Annotated[str | None, typer.Option(help="Optuna storage for --tuned")] = None,
-    study_prefix: Annotated[str | None, typer.Option(help="study name prefix for --tuned (default: the "
-                                                             "matrix name)")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and size everything and print steps, "
-                                          "tokens, FLOPs, bytes and time per trial; offline, trains nothing")
-                       ] = False,
+    study_prefix: Annotated[
+        str | None, typer.Option(help="study name prefix for --tuned (default: the matrix name)")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="validate and size everything and print steps, "
+            "tokens, FLOPs, bytes and time per trial; offline, trains nothing",
+        ),
+    ] = False,
     device: Annotated[str | None, typer.Option(help="override train.device (cpu, cuda, cuda:1)")] = None,
     steps: Annotated[int | None, typer.Option(help="override the step budget")] = None,
     nproc: Annotated[int, typer.Option(help="processes (GPUs) per trial, via torchrun")] = 1,
     peak_tflops: Annotated[float | None, typer.Option(help="device peak for MFU (default: table)")] = None,
-    keep_state: Annotated[bool, typer.Option("--keep-state", help="keep trial_state.pt (optimizer state) "
-                                             "after a trial ended; by default it is deleted")] = False,
+    keep_state: Annotated[
+        bool,
+        typer.Option(
+            "--keep-state", help="keep trial_state.pt (optimizer state) after a trial ended; by default it is deleted"
+        ),
+    ] = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
 ) -> None:
@@ -141,10 +178,24 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     from harness.stores.tracking import resolve_tracking_uri
 
     # the ranks inherit the login through MLflow's variables: no password on their command lines
-    args = [a.partition("=")[0] + "=" + resolve_tracking_uri(a.partition("=")[2]) if a.startswith("--tracking-uri=")
-            else resolve_tracking_uri(a) if a.startswith(("http://", "https://")) else a for a in args]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "cli", *args]
+    args = [
+        a.partition("=")[0] + "=" + resolve_tracking_uri(a.partition("=")[2])
+        if a.startswith("--tracking-uri=")
+        else resolve_tracking_uri(a)
+        if a.startswith(("http://", "https://"))
+        else a
+        for a in args
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "cli",
+        *args,
+    ]
     raise typer.Exit(subprocess.call(cmd))
 
 
@@ -152,36 +203,53 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 def tune_command(
     matrix: MatrixOpt,
     sets: SetOpt = None,
-    n_trials: Annotated[int | None, typer.Option(
-        "--n-trials", help="trials this worker adds to each arm's study (default 20 "
-                           "unless --total-trials is given)")] = None,
-    total_trials: Annotated[int | None, typer.Option(
-        "--total-trials", help="stop once each study holds this many complete + pruned (+ running) trials, "
-                               "over all workers")] = None,
-    storage: Annotated[str | None, typer.Option(
-        help="Optuna storage: sqlite file (default ./optuna.db), SQLAlchemy URL, or journal:PATH")] = None,
-    study_prefix: Annotated[str | None, typer.Option(
-        help="study names are PREFIX/<variant>+<optimizer> (default: the matrix name)")] = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option(
+            "--n-trials", help="trials this worker adds to each arm's study (default 20 unless --total-trials is given)"
+        ),
+    ] = None,
+    total_trials: Annotated[
+        int | None,
+        typer.Option(
+            "--total-trials",
+            help="stop once each study holds this many complete + pruned (+ running) trials, over all workers",
+        ),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage: sqlite file (default ./optuna.db), SQLAlchemy URL, or journal:PATH"),
+    ] = None,
+    study_prefix: Annotated[
+        str | None, typer.Option(help="study names are PREFIX/<variant>+<optimizer> (default: the matrix name)")
+    ] = None,
     tracking_uri: TrackingUri = None,
     cache_dir: CacheDir = None,
-    out: Annotated[Path, typer.Option(help="per-trial files (checkpoints are deleted after each trial)")
-                   ] = Path("runs"),
-    sampler_seed: Annotated[int, typer.Option(help="TPE seed (re-seeded per trial with the trial number)")
-                            ] = 0,
-    pruner: Annotated[str, typer.Option(help="median | hyperband | none (prunes on eval val loss)")
-                      ] = "median",
-    arms: Annotated[list[str] | None, typer.Option(
-        "--arms", help="only these arms, e.g. --arms gpt+adamw,kimi+muon (repeatable)")] = None,
+    out: Annotated[Path, typer.Option(help="per-trial files (checkpoints are deleted after each trial)")] = Path(
+        "runs"
+    ),
+    sampler_seed: Annotated[int, typer.Option(help="TPE seed (re-seeded per trial with the trial number)")] = 0,
+    pruner: Annotated[str, typer.Option(help="median | hyperband | none (prunes on eval val loss)")] = "median",
+    arms: Annotated[
+        list[str] | None, typer.Option("--arms", help="only these arms, e.g. --arms gpt+adamw,kimi+muon (repeatable)")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="seconds; no new trial starts after it")] = None,
-    seed: Annotated[int | None, typer.Option(
-        help="tune at this seed instead of the matrix's first (e.g. one the matrix does not run)")] = None,
-    heartbeat: Annotated[int, typer.Option(
-        help="seconds between worker heartbeats; a RUNNING trial silent for 2x this is failed")
-                         ] = 60,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="tune at this seed instead of the matrix's first (e.g. one the matrix does not run)"),
+    ] = None,
+    heartbeat: Annotated[
+        int, typer.Option(help="seconds between worker heartbeats; a RUNNING trial silent for 2x this is failed")
+    ] = 60,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
-    n_workers: Annotated[int, typer.Option("--n-workers", help="--executor ray: Optuna workers run as Ray "
-                                           "tasks at once; together they add --n-trials per arm")] = 1,
+    n_workers: Annotated[
+        int,
+        typer.Option(
+            "--n-workers",
+            help="--executor ray: Optuna workers run as Ray tasks at once; together they add --n-trials per arm",
+        ),
+    ] = 1,
 ) -> None:
     """Tune each arm with its own Optuna study: equal trials, same kind of search space, shared storage."""
     import shlex
@@ -191,19 +259,38 @@ def tune_command(
     from harness.tune import best_params_lines, summary_table
 
     terminate_like_ctrl_c()
-    outcome = tune_matrix(matrix, list(sets or []), console, executor=executor, ray_address=ray_address,
-                          n_workers=n_workers, n_trials=n_trials, total_trials=total_trials, storage=storage,
-                          study_prefix=study_prefix, tracking_uri=tracking_uri, cache_dir=cache_dir, out=out,
-                          sampler_seed=sampler_seed, pruner=pruner, arms=arms, timeout=timeout, seed=seed,
-                          heartbeat_s=heartbeat)
+    outcome = tune_matrix(
+        matrix,
+        list(sets or []),
+        console,
+        executor=executor,
+        ray_address=ray_address,
+        n_workers=n_workers,
+        n_trials=n_trials,
+        total_trials=total_trials,
+        storage=storage,
+        study_prefix=study_prefix,
+        tracking_uri=tracking_uri,
+        cache_dir=cache_dir,
+        out=out,
+        sampler_seed=sampler_seed,
+        pruner=pruner,
+        arms=arms,
+        timeout=timeout,
+        seed=seed,
+        heartbeat_s=heartbeat,
+    )
     console.print(summary_table(outcome))
     for line in best_params_lines(outcome):
         console.print(line, markup=False, highlight=False)
     storage_arg = f" --study-storage {shlex.quote(outcome.storage)}" if storage else ""
     tracking_arg = f" --tracking-uri {shlex.quote(tracking_uri)}" if tracking_uri else ""
     sets_arg = "".join(f" --set {shlex.quote(s)}" for s in sets or [])
-    console.print(f"next: kimi-bench run --matrix {matrix}{sets_arg} --tuned{storage_arg}{tracking_arg}",
-                  markup=False, highlight=False)
+    console.print(
+        f"next: kimi-bench run --matrix {matrix}{sets_arg} --tuned{storage_arg}{tracking_arg}",
+        markup=False,
+        highlight=False,
+    )
     if outcome.interrupted:
         raise typer.Exit(130)
 
@@ -215,8 +302,9 @@ def params(
     preset: Annotated[str | None, typer.Option(help="a size preset (all variants)")] = None,
     vocab_size: Annotated[int, typer.Option(help="vocabulary when the preset has none")] = 256,
     cache_dir: CacheDir = None,
-    device: Annotated[str | None, typer.Option(help="device of the time estimate (default: the matrix's "
-                                               "train.device)")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="device of the time estimate (default: the matrix's train.device)")
+    ] = None,
 ) -> None:
     """Parameter counts, FLOPs and KV bytes per token of every arm; with a matrix also each trial's steps,
     tokens, training FLOPs, checkpoint and optimizer bytes and estimated time (offline)."""
@@ -233,8 +321,7 @@ def list_cmd() -> None:
     console.print(registry_table())
 
 
-DataCorpus = Annotated[str, typer.Option(help="python-stdlib | text:PATH | tinyshakespeare | tinystories | "
-                                              "bin:DIR")]
+DataCorpus = Annotated[str, typer.Option(help="python-stdlib | text:PATH | tinyshakespeare | tinystories | bin:DIR")]
 DataTokenizer = Annotated[str, typer.Option(help="byte | char | bpe | gpt2")]
 DataVocab = Annotated[int | None, typer.Option(help="BPE vocabulary")]
 DataMaxChars = Annotated[int | None, typer.Option(help="cap the corpus")]
@@ -242,8 +329,14 @@ DataMatrix = Annotated[Path | None, typer.Option("--matrix", "-m", help="take th
 
 
 @data_app.command("prepare", context_settings=CONTEXT)
-def data_prepare(corpus: DataCorpus = "python-stdlib", tokenizer: DataTokenizer = "byte", vocab_size: DataVocab = None,
-                 max_chars: DataMaxChars = None, matrix: DataMatrix = None, cache_dir: CacheDir = None) -> None:
+def data_prepare(
+    corpus: DataCorpus = "python-stdlib",
+    tokenizer: DataTokenizer = "byte",
+    vocab_size: DataVocab = None,
+    max_chars: DataMaxChars = None,
+    matrix: DataMatrix = None,
+    cache_dir: CacheDir = None,
+) -> None:
     """Tokenize a corpus into the token cache (idempotent: the same inputs give the same hash)."""
     from harness.commands import data_info
 
@@ -252,9 +345,14 @@ def data_prepare(corpus: DataCorpus = "python-stdlib", tokenizer: DataTokenizer 
 
 
 @data_app.command("info", context_settings=CONTEXT)
-def data_info_cmd(corpus: DataCorpus = "python-stdlib", tokenizer: DataTokenizer = "byte",
-                  vocab_size: DataVocab = None, max_chars: DataMaxChars = None, matrix: DataMatrix = None,
-                  cache_dir: CacheDir = None) -> None:
+def data_info_cmd(
+    corpus: DataCorpus = "python-stdlib",
+    tokenizer: DataTokenizer = "byte",
+    vocab_size: DataVocab = None,
+    max_chars: DataMaxChars = None,
+    matrix: DataMatrix = None,
+    cache_dir: CacheDir = None,
+) -> None:
     """Show a prepared corpus: hash, token counts, vocabulary, cache path (prepares it when missing)."""
     data_prepare(corpus, tokenizer, vocab_size, max_chars, matrix, cache_dir)
 
@@ -277,19 +375,22 @@ def generate(
     """Sample text from a trained checkpoint with the KV cache."""
     from harness.measure.trained import sample_text
 
-    text = sample_text(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, tokenizer, cache_dir, device,
-                       console)
+    text = sample_text(
+        checkpoint, prompt, max_new_tokens, temperature, top_k, seed, tokenizer, cache_dir, device, console
+    )
     console.print(text, markup=False, highlight=False)
 
 
-@app.command("bench", add_help_option=False,
-             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    "bench", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
 def bench(ctx: typer.Context) -> None:
     """GPU speed suite: train tokens/s and MFU, MoE vs dense, MLA vs MHA decode, Muon share (bench --help)."""
     from harness.measure.bench.suite import bench_command  # torch-heavy: imported only for this command
 
-    suite = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                        context_settings=CONTEXT)
+    suite = typer.Typer(
+        add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, context_settings=CONTEXT
+    )
     suite.command()(bench_command)
     typer.main.get_command(suite).main(args=ctx.args, prog_name="kimi-bench bench", standalone_mode=True)
 
@@ -313,25 +414,44 @@ def report(
     experiment: Annotated[str, typer.Option(help="MLflow experiment (the matrix name)")],
     tracking_uri: TrackingUri = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default reports/out/<experiment>)")] = None,
-    log: Annotated[bool, typer.Option("--log/--no-log", help="also attach report.md, summary.csv and "
-                                      "figures/ to the newest matrix run in MLflow")] = True,
-    all_runs: Annotated[bool, typer.Option("--all-runs", help="show every group of runs (configurations that "
-                                           "differ in more than the seed), each as its own block; default: the "
-                                           "newest matrix invocation")] = False,
+    log: Annotated[
+        bool,
+        typer.Option(
+            "--log/--no-log", help="also attach report.md, summary.csv and figures/ to the newest matrix run in MLflow"
+        ),
+    ] = True,
+    all_runs: Annotated[
+        bool,
+        typer.Option(
+            "--all-runs",
+            help="show every group of runs (configurations that "
+            "differ in more than the seed), each as its own block; default: the "
+            "newest matrix invocation",
+        ),
+    ] = False,
 ) -> None:
     """Write report.md + figures from what MLflow holds (tables, intervals, claims vs measured)."""
     from harness.stores.tracking import resolve_tracking_uri, strip_credentials
     from reports.publish import publish_report
 
-    publish_report(experiment, resolve_tracking_uri(tracking_uri), out, log,
-                   strip_credentials(" ".join(["kimi-bench", *sys.argv[1:]])), console, all_runs=all_runs)
+    publish_report(
+        experiment,
+        resolve_tracking_uri(tracking_uri),
+        out,
+        log,
+        strip_credentials(" ".join(["kimi-bench", *sys.argv[1:]])),
+        console,
+        all_runs=all_runs,
+    )
 
 
 @app.command(context_settings=CONTEXT)
 def status(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (the matrix name)")] = None,
-    matrix: Annotated[Path | None, typer.Option("--matrix", "-m", help="matrix TOML file: also lists the "
-                                                "trials not started (pending)")] = None,
+    matrix: Annotated[
+        Path | None,
+        typer.Option("--matrix", "-m", help="matrix TOML file: also lists the trials not started (pending)"),
+    ] = None,
     sets: SetOpt = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -353,10 +473,13 @@ def import_command(
     from harness.stores.runrecord import import_record
 
     with console.status("importing the record") as spinner:
-        summary = import_record(record, tracking_uri,
-                                progress=lambda i, n, name: spinner.update(f"importing run {i}/{n}: {name}"))
-    console.print(f"imported {len(summary.added)} runs, skipped {len(summary.skipped)} already imported, "
-                  f"redid {len(summary.redone)} half-imported; next: kimi-bench report --experiment NAME")
+        summary = import_record(
+            record, tracking_uri, progress=lambda i, n, name: spinner.update(f"importing run {i}/{n}: {name}")
+        )
+    console.print(
+        f"imported {len(summary.added)} runs, skipped {len(summary.skipped)} already imported, "
+        f"redid {len(summary.redone)} half-imported; next: kimi-bench report --experiment NAME"
+    )
 
 
 @app.command(context_settings=CONTEXT)
@@ -364,8 +487,14 @@ def export(
     out: Annotated[Path, typer.Option(help="folder to write")],
     run_id: Annotated[str | None, typer.Option("--run", help="a finished trial's MLflow run id")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="model.pt or a nanoGPT ckpt.pt")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="safetensors (every variant) or hf (transformers: "
-                                     "gpt -> GPT2LMHeadModel, kimi -> DeepseekV3ForCausalLM)")] = "hf",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors (every variant) or hf (transformers: "
+            "gpt -> GPT2LMHeadModel, kimi -> DeepseekV3ForCausalLM)",
+        ),
+    ] = "hf",
     tracking_uri: TrackingUri = None,
     cache_dir: CacheDir = None,
 ) -> None:

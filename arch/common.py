@@ -128,8 +128,16 @@ class Cache:
 class KVCache:
     """Standard per-layer MHA cache: k, v preallocated as [B, H, max_len, D]."""
 
-    def __init__(self, batch_size: int, n_heads: int, max_len: int, head_dim: int, device=None,
-                 dtype: torch.dtype = torch.float32, v_head_dim: int | None = None):
+    def __init__(
+        self,
+        batch_size: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        v_head_dim: int | None = None,
+    ):
         self.max_len = max_len
         self.k = torch.zeros(batch_size, n_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(batch_size, n_heads, max_len, v_head_dim or head_dim, device=device, dtype=dtype)
@@ -168,8 +176,11 @@ def default_of(cls: type, name: str):
 _RESIDUAL_PROJ_SUFFIXES = (
     "c_proj.weight",  # gpt: attention and MLP output projections
     "attn.wo.weight",  # gpt-mla, kimi: MLA output projection
-    "mlp.experts.w2", "mlp.shared.w2.weight",  # gpt-moe: routed and shared experts' down projections
-    "ffn.w2.weight", "ffn.experts.w2", "ffn.shared.w2.weight",  # kimi: dense SwiGLU, routed, shared
+    "mlp.experts.w2",
+    "mlp.shared.w2.weight",  # gpt-moe: routed and shared experts' down projections
+    "ffn.w2.weight",
+    "ffn.experts.w2",
+    "ffn.shared.w2.weight",  # kimi: dense SwiGLU, routed, shared
 )
 
 
@@ -184,8 +195,6 @@ def _init_all_weights(model: nn.Module, n_layer: int, skip: set[int] | frozenset
             p.normal_(0.0, std_proj)
         elif p.dim() >= 2 and id(p) not in skip:
             p.normal_(0.0, 0.02)
-
-
 
 
 @torch.no_grad()
@@ -204,8 +213,9 @@ def init_normal_(module: nn.Module, std: float = 0.02) -> nn.Module:
 # ----------------------------------------------------------------------------- forward tail
 
 
-def logits_and_loss(x: torch.Tensor, final_norm: nn.Module, lm_head: nn.Module,
-                    targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def logits_and_loss(
+    x: torch.Tensor, final_norm: nn.Module, lm_head: nn.Module, targets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The end of every model's forward: final norm, LM head over all positions (the model protocol, unlike
     nanoGPT's last-position shortcut at inference), and the mean token cross-entropy (targets -1 ignored)."""
     logits = lm_head(final_norm(x))
@@ -232,9 +242,15 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
 
 
 @torch.no_grad()
-def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Append max_new_tokens sampled tokens to idx [B, T]; returns [B, T + max_new_tokens].
 
     use_cache=True: prefill the prompt through `model.make_cache`, then feed one token per step.

@@ -60,8 +60,9 @@ def _routed_inactive_fraction(model: nn.Module) -> dict[int, tuple[int, int]]:
     for moe in moe_modules(model):
         for p in moe.experts.parameters():
             if p.size(0) != moe.n_experts:
-                raise ValueError(f"counting: expected stacked expert weights [E={moe.n_experts}, ...], "
-                                 f"got {tuple(p.shape)}")
+                raise ValueError(
+                    f"counting: expected stacked expert weights [E={moe.n_experts}, ...], got {tuple(p.shape)}"
+                )
             out[id(p)] = (moe.n_experts - moe.topk, moe.n_experts)
     return out
 
@@ -91,8 +92,13 @@ def matmul_params_active(model: nn.Module) -> int:
     """Active parameters that are matmul weights (see the module docstring): >= 2-D parameters held by
     some module other than an nn.Embedding, routed experts at k/E."""
     routed = _routed_inactive_fraction(model)
-    used_by_matmul = {id(p) for m in model.modules() if not isinstance(m, nn.Embedding)
-                      for p in m.parameters(recurse=False) if p.dim() >= 2}
+    used_by_matmul = {
+        id(p)
+        for m in model.modules()
+        if not isinstance(m, nn.Embedding)
+        for p in m.parameters(recurse=False)
+        if p.dim() >= 2
+    }
     return sum(_active_numel(p, routed) for p in model.parameters() if id(p) in used_by_matmul)
 
 
@@ -104,8 +110,9 @@ def _attention_layers(model: nn.Module) -> list[tuple[int, int, int, int]]:
             layers.append((m.n_head, m.head_dim, m.head_dim, 2 * m.n_head * m.head_dim))
         elif isinstance(m, MLA):
             c = m.config
-            layers.append((c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim,
-                           c.kv_lora_rank + c.qk_rope_head_dim))
+            layers.append(
+                (c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank + c.qk_rope_head_dim)
+            )
     return layers
 
 
@@ -139,4 +146,3 @@ def summarize(model: nn.Module, seq_len: int, dtype_bytes: int = 2) -> dict[str,
         "train/attention_flops_per_token": attention_flops_per_token(model, seq_len),
         "infer/kv_bytes_per_token": kv_cache_bytes_per_token(model, dtype_bytes),
     }
-

@@ -107,8 +107,9 @@ class CausalSelfAttention(nn.Module):
             if pos == 0:  # prefill into an empty cache: plain causal attention (flash-eligible)
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=_offset_causal_mask(T, pos, x.device),
-                                                   dropout_p=dropout_p)
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=_offset_causal_mask(T, pos, x.device), dropout_p=dropout_p
+                )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -193,13 +194,15 @@ class GPT(nn.Module):
         assert config.block_size is not None
         self.config = config
         # module registration order is nanoGPT's, so the same seed gives the same construction-time RNG use
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
@@ -213,8 +216,7 @@ class GPT(nn.Module):
         Parameters outside nn.Linear/nn.Embedding (stacked MoE experts, a parameter-only router) get
         N(0, 0.02) too; norm gains stay 1."""
         self.apply(self._init_weights)
-        linear_or_embedding = {id(m.weight) for m in self.modules()
-                               if isinstance(m, (nn.Linear, nn.Embedding))}
+        linear_or_embedding = {id(m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))}
         _init_all_weights(self, self.config.n_layer, skip=linear_or_embedding)
 
     @staticmethod
@@ -267,8 +269,9 @@ class GPT(nn.Module):
         if max_len > self.config.block_size:
             raise ValueError(f"max_len: {max_len} exceeds block_size {self.config.block_size}")
         w = self.lm_head.weight
-        return Cache(pos=0, layers=[b.attn.make_cache(batch_size, max_len, w.device, w.dtype)
-                                    for b in self.transformer.h])
+        return Cache(
+            pos=0, layers=[b.attn.make_cache(batch_size, max_len, w.device, w.dtype) for b in self.transformer.h]
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -323,11 +326,14 @@ def _load_exact(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> N
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-              for k in set(sd) & set(own) if sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(sd) & set(own) if sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
-        raise ValueError(f"{source}: does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatches {sorted(shapes)[:5]}")
+        raise ValueError(
+            f"{source}: does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatches {sorted(shapes)[:5]}"
+        )
     model.load_state_dict(sd, strict=True)
 
 
@@ -345,7 +351,7 @@ def load_nanogpt_checkpoint(path, map_location="cpu") -> GPT:
         raise ValueError(f"{path}: model_args has keys GPTConfig does not know: {unknown}")
     model = GPT(GPTConfig(**ckpt["model_args"]))
     prefix = "_orig_mod."
-    sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in ckpt["model"].items()}
+    sd = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in ckpt["model"].items()}
     # nanoGPT on torch < 2.0 registers its causal mask as a buffer named `attn.bias`: not a weight
     sd = {k: v for k, v in sd.items() if not k.endswith(".attn.bias")}
     if model.config.tie_embeddings and "lm_head.weight" not in sd and "transformer.wte.weight" in sd:

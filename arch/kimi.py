@@ -58,8 +58,7 @@ class KimiConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if not 0 <= self.n_dense_layers <= self.n_layer:
-            raise ValueError(f"n_dense_layers: must be in [0, n_layer={self.n_layer}], "
-                             f"got {self.n_dense_layers}")
+            raise ValueError(f"n_dense_layers: must be in [0, n_layer={self.n_layer}], got {self.n_dense_layers}")
         if self.n_dense_layers > 0 and self.inter_dim <= 0:
             raise ValueError(f"inter_dim: dense layers need inter_dim > 0, got {self.inter_dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -69,18 +68,32 @@ class KimiConfig:
             self.moe_config()  # validates the MoE fields
 
     def mla_config(self) -> MLAConfig:
-        return MLAConfig(dim=self.dim, n_heads=self.n_heads, q_lora_rank=self.q_lora_rank,
-                         kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
-                         qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
-                         max_seq_len=self.block_size, rope_theta=self.rope_theta, dropout=self.dropout)
+        return MLAConfig(
+            dim=self.dim,
+            n_heads=self.n_heads,
+            q_lora_rank=self.q_lora_rank,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            max_seq_len=self.block_size,
+            rope_theta=self.rope_theta,
+            dropout=self.dropout,
+        )
 
     def moe_config(self) -> MoEConfig:
-        return MoEConfig(dim=self.dim, n_routed_experts=self.n_routed_experts,
-                         n_activated_experts=self.n_activated_experts, moe_inter_dim=self.moe_inter_dim,
-                         n_shared_experts=self.n_shared_experts, shared_inter_dim=self.shared_inter_dim,
-                         score_func=self.score_func,
-                         route_scale=self.route_scale, bias_update_speed=self.bias_update_speed,
-                         aux_loss_alpha=self.aux_loss_alpha)
+        return MoEConfig(
+            dim=self.dim,
+            n_routed_experts=self.n_routed_experts,
+            n_activated_experts=self.n_activated_experts,
+            moe_inter_dim=self.moe_inter_dim,
+            n_shared_experts=self.n_shared_experts,
+            shared_inter_dim=self.shared_inter_dim,
+            score_func=self.score_func,
+            route_scale=self.route_scale,
+            bias_update_speed=self.bias_update_speed,
+            aux_loss_alpha=self.aux_loss_alpha,
+        )
 
 
 # The nanoKimi paper's model (amanmurari/nanokimi config.py): 6 layers, 384 dims, 4 heads, q_lora 192,
@@ -95,11 +108,25 @@ class KimiConfig:
 #   - MLA has an RMSNorm on the query latent (q_norm, 192 gains) that nanoKimi lacks: +192.
 # Embedding (19,298,688), head (19,298,688), routed experts, router and the other norms match exactly.
 NANOKIMI_PAPER = KimiConfig(
-    vocab_size=50257, block_size=1024, n_layer=6, dim=384, n_heads=4,
-    q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=96, qk_rope_head_dim=32, v_head_dim=96,
-    inter_dim=1536, n_dense_layers=0,  # nanoKimi has no dense layers (inter_dim unused)
-    n_routed_experts=8, n_activated_experts=2, moe_inter_dim=512, n_shared_experts=1, shared_inter_dim=768,
-    tie_embeddings=False, dropout=0.1,
+    vocab_size=50257,
+    block_size=1024,
+    n_layer=6,
+    dim=384,
+    n_heads=4,
+    q_lora_rank=192,
+    kv_lora_rank=128,
+    qk_nope_head_dim=96,
+    qk_rope_head_dim=32,
+    v_head_dim=96,
+    inter_dim=1536,
+    n_dense_layers=0,  # nanoKimi has no dense layers (inter_dim unused)
+    n_routed_experts=8,
+    n_activated_experts=2,
+    moe_inter_dim=512,
+    n_shared_experts=1,
+    shared_inter_dim=768,
+    tie_embeddings=False,
+    dropout=0.1,
 )
 NANOKIMI_PAPER_REPORTED_PARAMS = 75_351_936
 
@@ -174,5 +201,6 @@ class Kimi(nn.Module):
         if max_len > self.config.block_size:
             raise ValueError(f"max_len: {max_len} exceeds block_size {self.config.block_size}")
         w = self.head.weight
-        return Cache(pos=0, layers=[layer.attn.make_cache(batch_size, max_len, w.device, w.dtype)
-                                    for layer in self.layers])
+        return Cache(
+            pos=0, layers=[layer.attn.make_cache(batch_size, max_len, w.device, w.dtype) for layer in self.layers]
+        )

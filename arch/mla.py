@@ -58,8 +58,7 @@ class MLAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
-def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pad_v: bool = False,
-                   **kwargs) -> torch.Tensor:
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pad_v: bool = False, **kwargs) -> torch.Tensor:
     """F.scaled_dot_product_attention; with pad_v, v is zero-padded to q's head dim and the output cut back.
 
     Exact: the padded value columns only produce output columns that are dropped, and the attention weights
@@ -81,14 +80,20 @@ def use_sdpa_pad_v(model: nn.Module, on: bool = True) -> int:
 class MLACache:
     """Per-layer latent cache: normalized c_kv [B, max_len, kv_lora_rank] and roped k_rope [B, max_len, r]."""
 
-    def __init__(self, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int, device=None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.max_len = max_len
         self.c_kv = torch.zeros(batch_size, max_len, kv_lora_rank, device=device, dtype=dtype)
         self.k_rope = torch.zeros(batch_size, max_len, rope_dim, device=device, dtype=dtype)
 
-    def update(self, c_new: torch.Tensor, kr_new: torch.Tensor,
-               pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, c_new: torch.Tensor, kr_new: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write [B, T, *] at positions pos..pos+T-1; return views over 0..pos+T-1."""
         T, B = c_new.size(1), c_new.size(0)
         if pos + T > self.max_len:
@@ -111,7 +116,11 @@ class MLA(nn.Module):
         c = config
         self.n_heads = c.n_heads
         self.nope, self.rope_dim, self.v_dim, self.rank = (
-            c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank)
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        )
         self.qk_head_dim = c.qk_head_dim
         self.softmax_scale = 1.0 / math.sqrt(c.qk_head_dim)
         if c.q_lora_rank == 0:
@@ -170,8 +179,14 @@ class MLA(nn.Module):
             if layer_cache is None and self.track_max_logit:
                 self.max_logit = self._max_logit(q, k)
             y = attention_sdpa(
-                q, k, v, pad_v=self.config.sdpa_pad_v, is_causal=T > 1, scale=self.softmax_scale,
-                dropout_p=self.config.dropout if self.training else 0.0)
+                q,
+                k,
+                v,
+                pad_v=self.config.sdpa_pad_v,
+                is_causal=T > 1,
+                scale=self.softmax_scale,
+                dropout_p=self.config.dropout if self.training else 0.0,
+            )
         else:
             c_all, kr_all = layer_cache.update(c_kv, k_rope, pos)
             y = self._absorbed_attention(q_nope, q_rope, c_all, kr_all, pos)
@@ -187,8 +202,9 @@ class MLA(nn.Module):
         # heads folded into the query rows: [B, H*T, c] x [B, c, L] reads the latent cache once, where
         # broadcasting it as [B, 1, L, c] makes matmul copy it once per head
         B, H = q_nope.size(0), q_nope.size(1)
-        scores = (q_lat.reshape(B, H * T, -1) @ c_all.transpose(1, 2)
-                  + q_rope.reshape(B, H * T, -1) @ kr_all.transpose(1, 2)).view(B, H, T, L) * self.softmax_scale
+        scores = (
+            q_lat.reshape(B, H * T, -1) @ c_all.transpose(1, 2) + q_rope.reshape(B, H * T, -1) @ kr_all.transpose(1, 2)
+        ).view(B, H, T, L) * self.softmax_scale
         if T > 1:  # query t sits at absolute position pos + t and sees keys 0..pos+t
             allowed = torch.ones(T, L, dtype=torch.bool, device=scores.device).tril(diagonal=pos)
             scores = scores.masked_fill(~allowed, float("-inf"))
@@ -228,11 +244,11 @@ class MLA(nn.Module):
         wkv = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         wkv[:, : self.nope].mul_(g.sqrt()[:, None, None])
 
-    def make_cache(self, batch_size: int, max_len: int, device=None,
-                   dtype: torch.dtype | None = None) -> MLACache:
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> MLACache:
         w = self.wkv_a.weight
-        return MLACache(batch_size, max_len, self.rank, self.rope_dim, device=device or w.device,
-                        dtype=dtype or w.dtype)
+        return MLACache(
+            batch_size, max_len, self.rank, self.rope_dim, device=device or w.device, dtype=dtype or w.dtype
+        )
 
     def kv_cache_values_per_token(self) -> int:
         return self.rank + self.rope_dim

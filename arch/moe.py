@@ -46,8 +46,10 @@ class MoEConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"MoEConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.n_activated_experts > self.n_routed_experts:
-            raise ValueError(f"MoEConfig.n_activated_experts ({self.n_activated_experts}) must be <= "
-                             f"n_routed_experts ({self.n_routed_experts})")
+            raise ValueError(
+                f"MoEConfig.n_activated_experts ({self.n_activated_experts}) must be <= "
+                f"n_routed_experts ({self.n_routed_experts})"
+            )
         if self.n_shared_experts < 0:
             raise ValueError(f"MoEConfig.n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.shared_inter_dim is not None and (self.shared_inter_dim <= 0 or self.n_shared_experts == 0):
@@ -68,7 +70,10 @@ class Gate(nn.Module):
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.topk, self.score_func, self.route_scale = (
-            config.n_activated_experts, config.score_func, config.route_scale)
+            config.n_activated_experts,
+            config.score_func,
+            config.route_scale,
+        )
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
         self.register_buffer("bias", torch.zeros(config.n_routed_experts))
 
@@ -132,8 +137,9 @@ class Experts(nn.Module):
             padded = (counts + align - 1) // align * align
             start = counts.cumsum(0) - counts  # first sorted slot of each expert
             start_padded = padded.cumsum(0) - padded
-            slot_expert = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
-                                                  output_size=x.size(0))
+            slot_expert = torch.repeat_interleave(
+                torch.arange(counts.numel(), device=x.device), counts, output_size=x.size(0)
+            )
             dest = torch.arange(x.size(0), device=x.device) - start[slot_expert] + start_padded[slot_expert]
             rows = x.size(0) + counts.numel() * (align - 1)
             x = x.new_zeros(rows, x.size(1)).index_copy(0, dest, x)
@@ -173,8 +179,7 @@ def load_stats(load: torch.Tensor) -> dict[str, float]:
     mean = f.mean()
     if mean == 0:
         return {"load_cv": 0.0, "max_load": 0.0, "dropped": 0.0}
-    return {"load_cv": (f.std(unbiased=False) / mean).item(), "max_load": (f.max() / mean).item(),
-            "dropped": 0.0}
+    return {"load_cv": (f.std(unbiased=False) / mean).item(), "max_load": (f.max() / mean).item(), "dropped": 0.0}
 
 
 class MoE(nn.Module):
@@ -186,8 +191,7 @@ class MoE(nn.Module):
         self.experts = Experts(config.n_routed_experts, config.dim, config.moe_inter_dim)
         self.shared = SwiGLU(config.dim, config.shared_width) if config.n_shared_experts > 0 else None
         # int64: exact token counts, and never cast by model.to(bf16); the trainer all-reduces it under DDP.
-        self.register_buffer("load_accum", torch.zeros(config.n_routed_experts, dtype=torch.long),
-                             persistent=False)
+        self.register_buffer("load_accum", torch.zeros(config.n_routed_experts, dtype=torch.long), persistent=False)
         self.last_load = torch.zeros(config.n_routed_experts)
         self.aux_loss = torch.zeros(())
         self.last_dispatch: str | None = None  # which path the last forward took (for tests and benchmarks)
@@ -198,8 +202,10 @@ class MoE(nn.Module):
         d = self.config.dispatch
         supported = grouped_mm_supported(x, self.config.dim, self.config.moe_inter_dim)
         if d == "grouped_mm" and not supported:
-            raise ValueError(f"MoE dispatch 'grouped_mm' is not supported for {x.dtype} on {x.device.type} "
-                             f"with dim={self.config.dim}, inter={self.config.moe_inter_dim}; use 'auto'")
+            raise ValueError(
+                f"MoE dispatch 'grouped_mm' is not supported for {x.dtype} on {x.device.type} "
+                f"with dim={self.config.dim}, inter={self.config.moe_inter_dim}; use 'auto'"
+            )
         if d == "auto":
             return "grouped_mm" if supported else "loop"
         return d
@@ -215,7 +221,8 @@ class MoE(nn.Module):
         token_of_slot = order // self.topk
         # scatter_add, not bincount: CUDA bincount reads max/min back to the host (a sync per layer)
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, slot_expert, torch.ones_like(slot_expert))
+            0, slot_expert, torch.ones_like(slot_expert)
+        )
         xs = flat[token_of_slot]
         self.last_dispatch = self._dispatch(x)
         if self.last_dispatch == "grouped_mm":

@@ -153,12 +153,25 @@ class Muon(torch.optim.Optimizer):
         batched_ns: bool = False,
     ):
         self._muon_defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-            ns_eps=ns_eps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, split=1,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_eps=ns_eps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=ns_dtype,
+            split=1,
         )
         self._adamw_defaults = dict(
-            lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay,
-            fused=fused, foreach=None, amsgrad=False, maximize=False,
+            lr=adamw_lr,
+            betas=tuple(adamw_betas),
+            eps=adamw_eps,
+            weight_decay=adamw_weight_decay,
+            fused=fused,
+            foreach=None,
+            amsgrad=False,
+            maximize=False,
         )
         self.qk_clip_model = qk_clip_model
         self.qk_clip_tau = qk_clip_tau
@@ -177,16 +190,20 @@ class Muon(torch.optim.Optimizer):
         if group["use_muon"]:
             for p in params:
                 if p.ndim not in (2, 3):
-                    raise ValueError(f"Muon group: parameter of shape {tuple(p.shape)} is not 2-D or 3-D; "
-                                     "put it in a use_muon=False (AdamW) group")
+                    raise ValueError(
+                        f"Muon group: parameter of shape {tuple(p.shape)} is not 2-D or 3-D; "
+                        "put it in a use_muon=False (AdamW) group"
+                    )
                 if group["split"] != 1 and (p.ndim != 2 or p.size(0) % group["split"]):
-                    raise ValueError(f"Muon group: split={group['split']} needs 2-D parameters whose rows "
-                                     f"divide evenly, got shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"Muon group: split={group['split']} needs 2-D parameters whose rows "
+                        f"divide evenly, got shape {tuple(p.shape)}"
+                    )
             if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
-                raise ValueError(f"adjust_lr_fn: unknown {group['adjust_lr_fn']!r}; "
-                                 f"use one of {', '.join(ADJUST_LR_FNS)}")
-            if group["ns_dtype"] is not None and not isinstance(getattr(torch, group["ns_dtype"], None),
-                                                                torch.dtype):
+                raise ValueError(
+                    f"adjust_lr_fn: unknown {group['adjust_lr_fn']!r}; use one of {', '.join(ADJUST_LR_FNS)}"
+                )
+            if group["ns_dtype"] is not None and not isinstance(getattr(torch, group["ns_dtype"], None), torch.dtype):
                 raise ValueError(f"ns_dtype: {group['ns_dtype']!r} is not a torch dtype name")
         super().add_param_group(group)
 
@@ -304,8 +321,11 @@ class Muon(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 # Same layout as torch.optim.AdamW: `step` is a CPU scalar unless fused.
-                state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if fused
-                                 else torch.tensor(0.0, dtype=_scalar_dtype()))
+                state["step"] = (
+                    torch.zeros((), dtype=torch.float32, device=p.device)
+                    if fused
+                    else torch.tensor(0.0, dtype=_scalar_dtype())
+                )
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif fused and state["step"].device != p.device:  # e.g. loaded from a CPU checkpoint
@@ -315,10 +335,21 @@ class Muon(torch.optim.Optimizer):
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
         _functional_adamw(
-            params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps,
-            foreach=None if fused else group["foreach"], fused=True if fused else None,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False,
+            params,
+            [p.grad for p in params],
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=None if fused else group["foreach"],
+            fused=True if fused else None,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
         )
 
 

@@ -198,8 +198,9 @@ def assign_params(model: nn.Module, cfg: OptimizerConfig) -> dict[str, list[tupl
 
 def describe_param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[tuple[str, str, tuple[int, ...]]]:
     """[(param name, group, shape)] in model order, for printing."""
-    return [(n, _arm_group(classify(n, p, cfg.muon_split_qkv), cfg), tuple(p.shape))
-            for n, p in _named_trainable(model)]
+    return [
+        (n, _arm_group(classify(n, p, cfg.muon_split_qkv), cfg), tuple(p.shape)) for n, p in _named_trainable(model)
+    ]
 
 
 def _adamw_groups(groups, cfg: OptimizerConfig) -> list[dict]:
@@ -216,21 +217,32 @@ def _fused(model: nn.Module, cfg: OptimizerConfig) -> bool:
 def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """nanoGPT's configure_optimizers: torch.optim.AdamW, decay on >= 2-D weights only."""
     groups = assign_params(model, cfg)
-    return torch.optim.AdamW(_adamw_groups(groups, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             fused=_fused(model, cfg) or None)
+    return torch.optim.AdamW(
+        _adamw_groups(groups, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=_fused(model, cfg) or None
+    )
 
 
 def build_muon(model: nn.Module, cfg: OptimizerConfig) -> Muon:
     """One Muon optimizer: Muon groups for hidden matrices, AdamW groups for the rest."""
     groups = assign_params(model, cfg)
-    muon_groups = [dict(params=[p for _, p in groups[g]], use_muon=True, split=split, name=g)
-                   for g, split in (("muon", 1), ("muon_qkv", 3)) if groups[g]]
+    muon_groups = [
+        dict(params=[p for _, p in groups[g]], use_muon=True, split=split, name=g)
+        for g, split in (("muon", 1), ("muon_qkv", 3))
+        if groups[g]
+    ]
     adamw_groups = [dict(g, use_muon=False) for g in _adamw_groups(groups, cfg)]
     return Muon(
         muon_groups + adamw_groups,
-        lr=cfg.resolved_muon_lr, weight_decay=cfg.resolved_muon_weight_decay, momentum=cfg.momentum,
-        nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.muon_scaling,
-        adamw_lr=cfg.lr, adamw_betas=cfg.betas, adamw_eps=cfg.eps, fused=_fused(model, cfg),
+        lr=cfg.resolved_muon_lr,
+        weight_decay=cfg.resolved_muon_weight_decay,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        ns_steps=cfg.ns_steps,
+        adjust_lr_fn=cfg.muon_scaling,
+        adamw_lr=cfg.lr,
+        adamw_betas=cfg.betas,
+        adamw_eps=cfg.eps,
+        fused=_fused(model, cfg),
     )
 
 
@@ -241,8 +253,10 @@ def build_muonclip(model: nn.Module, cfg: OptimizerConfig) -> Muon:
     """
     opt = build_muon(model, cfg)
     if enable_max_logit_tracking(model, True) == 0:
-        raise ValueError("optim.name: 'muonclip' needs attention modules with track_max_logit/qk_clip_; "
-                         "this model has none, use 'muon'")
+        raise ValueError(
+            "optim.name: 'muonclip' needs attention modules with track_max_logit/qk_clip_; "
+            "this model has none, use 'muon'"
+        )
     opt.qk_clip_model = model
     opt.qk_clip_tau = cfg.qk_clip_tau
     return opt

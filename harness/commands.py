@@ -46,8 +46,7 @@ def user_errors(fn):
     try:
         return fn()
     except PermissionError as e:
-        raise UserError(f"--cache-dir / --out: {e.filename}: permission denied; choose a writable folder"
-                        ) from None
+        raise UserError(f"--cache-dir / --out: {e.filename}: permission denied; choose a writable folder") from None
 
 
 def check_out_dir(out: Path) -> None:
@@ -56,8 +55,7 @@ def check_out_dir(out: Path) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"--out: cannot create {str(out)!r} ({probe} is not a writable folder); "
-                        "choose another --out")
+        raise UserError(f"--out: cannot create {str(out)!r} ({probe} is not a writable folder); choose another --out")
 
 
 def check_tracking(uri: str | None) -> None:
@@ -106,8 +104,15 @@ def dry_run(o: RunOptions, console: Console) -> None:
     tuned = _load_tuned(spec, o) if o.tuned else None
     trials = spec.expand(vocab[0], tuned=tuned, **_train_overrides(o))
     check_tracking(o.tracking_uri)
-    costs = show_plan(trials, f"{spec.name}: {len(trials)} trials (dry run, nothing trained)", console, vocab,
-                      o.device, o.peak_tflops, o.nproc)
+    costs = show_plan(
+        trials,
+        f"{spec.name}: {len(trials)} trials (dry run, nothing trained)",
+        console,
+        vocab,
+        o.device,
+        o.peak_tflops,
+        o.nproc,
+    )
     if spec.spec.tune is not None and not o.tuned:  # [tune]: the studies run first (harness/tune/declared.py)
         from harness.tune.declared import tuning_plan
 
@@ -149,9 +154,16 @@ def run(o: RunOptions, console: Console) -> int:
 
         check_single_process(o.matrix)
 
-        declared = run_declared(spec, console, storage=o.study_storage, study_prefix=o.study_prefix,
-                                tracking_uri=o.tracking_uri, cache_dir=o.cache_dir, out=o.out,
-                                train_overrides=_train_overrides(o))
+        declared = run_declared(
+            spec,
+            console,
+            storage=o.study_storage,
+            study_prefix=o.study_prefix,
+            tracking_uri=o.tracking_uri,
+            cache_dir=o.cache_dir,
+            out=o.out,
+            train_overrides=_train_overrides(o),
+        )
         if declared.interrupted:
             return 130
         tuned = declared.tuned
@@ -159,14 +171,27 @@ def run(o: RunOptions, console: Console) -> int:
     if declared is not None:
         trials = declared.keep(trials)
         if not trials:
-            raise UserError(f"tune: no arm of {spec.name} finished a tuning trial ({', '.join(declared.failed)}); "
-                            "see the messages above and the trials' error.txt")
+            raise UserError(
+                f"tune: no arm of {spec.name} finished a tuning trial ({', '.join(declared.failed)}); "
+                "see the messages above and the trials' error.txt"
+            )
     check_trials(trials)
     dist_info = init_distributed()
     try:
-        outcome = run_matrix(spec, trials, data, o.tracking_uri, o.out, console, dist_info, o.peak_tflops,
-                             keep_state=o.keep_state, executor=o.executor, ray_options=ray_options,
-                             cache_dir=o.cache_dir)
+        outcome = run_matrix(
+            spec,
+            trials,
+            data,
+            o.tracking_uri,
+            o.out,
+            console,
+            dist_info,
+            o.peak_tflops,
+            keep_state=o.keep_state,
+            executor=o.executor,
+            ray_options=ray_options,
+            cache_dir=o.cache_dir,
+        )
     finally:
         shutdown()
     if dist_info.is_main:
@@ -183,8 +208,15 @@ def run(o: RunOptions, console: Console) -> int:
     return 130 if outcome.interrupted else 1 if declared is not None and declared.failed else 0
 
 
-def params(matrix: Path | None, sets: list[str], preset: str | None, vocab_size: int, cache_dir: str | None,
-           device: str | None, console: Console) -> None:
+def params(
+    matrix: Path | None,
+    sets: list[str],
+    preset: str | None,
+    vocab_size: int,
+    cache_dir: str | None,
+    device: str | None,
+    console: Console,
+) -> None:
     """`kimi-bench params`: counts, FLOPs and KV bytes per arm, and per trial the cost of a matrix (offline)."""
     from harness.plan import params_table, show_plan, vocab_size_for
     from harness.spec.registry import (
@@ -211,9 +243,19 @@ def params(matrix: Path | None, sets: list[str], preset: str | None, vocab_size:
     from harness.spec.registry import PRESETS, check_choice
 
     check_choice("--preset", preset, PRESETS)
-    trials = [TrialSpec("params", v, "adamw", preset, 0, resolve_dims(preset, vocab_size),
-                        resolve_optimizer("adamw", OPTIMIZER_DEFAULTS["adamw"]), TrainConfig(steps=1))
-              for v in VARIANTS]
+    trials = [
+        TrialSpec(
+            "params",
+            v,
+            "adamw",
+            preset,
+            0,
+            resolve_dims(preset, vocab_size),
+            resolve_optimizer("adamw", OPTIMIZER_DEFAULTS["adamw"]),
+            TrainConfig(steps=1),
+        )
+        for v in VARIANTS
+    ]
     console.print(params_table(trials, title=f"preset {preset}"))
 
 
@@ -228,9 +270,12 @@ def registry_table() -> Table:
     table.add_row("variants", ", ".join(VARIANTS))
     table.add_row("optimizers", ", ".join(OPTIMIZERS))
     for name, dims in PRESETS.items():
-        table.add_row(f"preset {name}", f"n_layer={dims.n_layer} dim={dims.dim} n_heads={dims.n_heads} "
-                      f"block={dims.block_size} experts={dims.n_routed_experts}x{dims.moe_inter_dim} "
-                      f"top{dims.n_activated_experts} vocab={dims.vocab_size or 'tokenizer'}")
+        table.add_row(
+            f"preset {name}",
+            f"n_layer={dims.n_layer} dim={dims.dim} n_heads={dims.n_heads} "
+            f"block={dims.block_size} experts={dims.n_routed_experts}x{dims.moe_inter_dim} "
+            f"top{dims.n_activated_experts} vocab={dims.vocab_size or 'tokenizer'}",
+        )
     return table
 
 
@@ -263,8 +308,16 @@ def ray_options_for(executor: str, ray_address: str | None, nproc: int = 1):
     return RayOptions(address=ray_address, nproc=nproc)
 
 
-def tune(matrix: Path, sets: list[str], console: Console, *, executor: str = "local",
-         ray_address: str | None = None, n_workers: int = 1, **tune_kwargs):
+def tune(
+    matrix: Path,
+    sets: list[str],
+    console: Console,
+    *,
+    executor: str = "local",
+    ray_address: str | None = None,
+    n_workers: int = 1,
+    **tune_kwargs,
+):
     """`kimi-bench tune`: one study per arm, in this process or as N Optuna workers on Ray; -> TuneOutcome."""
     from harness.spec.matrix import load_matrix
 

@@ -38,9 +38,17 @@ class MatrixProgress:
 
     def __init__(self, console: Console, n_trials: int, total_steps: int, enabled: bool = True):
         self.console, self.n_trials, self.enabled = console, n_trials, enabled
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                            TimeRemainingColumn(), console=console, disable=not enabled)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
         self.matrix: TaskID = self.bar.add_task("[bold]matrix[/]", total=max(1, total_steps), info="")
         self.trial: TaskID | None = None
         self.done_trials = 0
@@ -145,5 +153,7 @@ def browse_lines(display_uri: str, experiment_id: str, view_key: str | None = No
 
     if display_uri.startswith(("http://", "https://")):
         return [f"runs: {view_url(display_uri, experiment_id, view_key)}"]
-    return [f"browse: mlflow ui --backend-store-uri {shlex.quote(display_uri)}",
-            f"runs: {view_url('http://127.0.0.1:5000', experiment_id, view_key)}"]
+    return [
+        f"browse: mlflow ui --backend-store-uri {shlex.quote(display_uri)}",
+        f"runs: {view_url('http://127.0.0.1:5000', experiment_id, view_key)}",
+    ]

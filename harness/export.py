@@ -42,8 +42,9 @@ def checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
     try:
         run = tracker.client.get_run(run_id)
     except Exception:
-        raise UserError(f"--run: no MLflow run {run_id!r} in this store; copy a run id from `mlflow ui` or "
-                        "`kimi-bench status`") from None
+        raise UserError(
+            f"--run: no MLflow run {run_id!r} in this store; copy a run id from `mlflow ui` or `kimi-bench status`"
+        ) from None
     path = run.data.tags.get(TAG_MODEL_PATH)
     if not path:
         raise UserError(f"--run: run {run_id} has no saved model (not a finished trial); pass --checkpoint")
@@ -64,11 +65,21 @@ def _gpt2_config(model) -> Any:
 
     c = model.config
     if c.attn != "mha" or c.mlp != "dense":
-        raise UserError(f"--format hf: a GPT with {c.attn} attention and a {c.mlp} MLP has no transformers class; "
-                        "use --format safetensors")
+        raise UserError(
+            f"--format hf: a GPT with {c.attn} attention and a {c.mlp} MLP has no transformers class; "
+            "use --format safetensors"
+        )
     return GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        activation_function="gelu",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         tie_word_embeddings=c.tie_embeddings,
         # GPT2Config's defaults name GPT-2's <|endoftext|> (50256), an id only a GPT-2-sized vocabulary has
         bos_token_id=GPT2_EOT if c.vocab_size > GPT2_EOT else None,
@@ -82,8 +93,14 @@ def _gpt2_state_dict(model) -> dict[str, torch.Tensor]:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    widths = {"ln_1": c.n_embd, "ln_2": c.n_embd, "attn.c_attn": 3 * c.n_embd, "attn.c_proj": c.n_embd,
-              "mlp.c_fc": 4 * c.n_embd, "mlp.c_proj": c.n_embd}
+    widths = {
+        "ln_1": c.n_embd,
+        "ln_2": c.n_embd,
+        "attn.c_attn": 3 * c.n_embd,
+        "attn.c_proj": c.n_embd,
+        "mlp.c_fc": 4 * c.n_embd,
+        "mlp.c_proj": c.n_embd,
+    }
     for key, value in sd.items():
         out[key] = value.t().contiguous() if key.endswith(conv1d) else value.clone()
     for i in range(c.n_layer):
@@ -110,20 +127,41 @@ def _deepseek_v3_config(model) -> Any:
 
     c = model.config
     if c.n_dense_layers < c.n_layer and c.score_func != "sigmoid":
-        raise UserError(f"--format hf: DeepSeek-V3 routes with sigmoid scores; this model uses {c.score_func!r}; "
-                        "use --format safetensors")
+        raise UserError(
+            f"--format hf: DeepSeek-V3 routes with sigmoid scores; this model uses {c.score_func!r}; "
+            "use --format safetensors"
+        )
     moe = c.moe_config() if c.n_dense_layers < c.n_layer else None
     return DeepseekV3Config(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.inter_dim,
-        moe_intermediate_size=c.moe_inter_dim, num_hidden_layers=c.n_layer, num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_heads, n_shared_experts=_shared_experts(moe) if moe else 0,
-        n_routed_experts=c.n_routed_experts, routed_scaling_factor=c.route_scale, kv_lora_rank=c.kv_lora_rank,
-        q_lora_rank=c.q_lora_rank or None, qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
-        qk_nope_head_dim=c.qk_nope_head_dim, n_group=1, topk_group=1, num_experts_per_tok=c.n_activated_experts,
-        first_k_dense_replace=c.n_dense_layers, norm_topk_prob=True, hidden_act="silu",
-        max_position_embeddings=c.block_size, rms_norm_eps=1e-6, tie_word_embeddings=c.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, rope_interleave=False,
-        attention_bias=False, attention_dropout=0.0, num_mtp_layers=0,
+        vocab_size=c.vocab_size,
+        hidden_size=c.dim,
+        intermediate_size=c.inter_dim,
+        moe_intermediate_size=c.moe_inter_dim,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_heads,
+        n_shared_experts=_shared_experts(moe) if moe else 0,
+        n_routed_experts=c.n_routed_experts,
+        routed_scaling_factor=c.route_scale,
+        kv_lora_rank=c.kv_lora_rank,
+        q_lora_rank=c.q_lora_rank or None,
+        qk_rope_head_dim=c.qk_rope_head_dim,
+        v_head_dim=c.v_head_dim,
+        qk_nope_head_dim=c.qk_nope_head_dim,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=c.n_activated_experts,
+        first_k_dense_replace=c.n_dense_layers,
+        norm_topk_prob=True,
+        hidden_act="silu",
+        max_position_embeddings=c.block_size,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=c.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        rope_interleave=False,
+        attention_bias=False,
+        attention_dropout=0.0,
+        num_mtp_layers=0,
     )
 
 
@@ -132,8 +170,11 @@ def _padded_swiglu(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, width: 
     extra = width - w1.size(0)
     if extra == 0:
         return w1, w3, w2
-    return (torch.cat([w1, w1.new_zeros(extra, w1.size(1))]), torch.cat([w3, w3.new_zeros(extra, w3.size(1))]),
-            torch.cat([w2, w2.new_zeros(w2.size(0), extra)], dim=1))
+    return (
+        torch.cat([w1, w1.new_zeros(extra, w1.size(1))]),
+        torch.cat([w3, w3.new_zeros(extra, w3.size(1))]),
+        torch.cat([w2, w2.new_zeros(w2.size(0), extra)], dim=1),
+    )
 
 
 def _deepseek_v3_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
@@ -142,8 +183,16 @@ def _deepseek_v3_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     if not c.tie_embeddings:
         out["lm_head.weight"] = sd["head.weight"]
-    attn = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
-            "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
+    attn = {
+        "wq": "q_proj",
+        "wq_a": "q_a_proj",
+        "q_norm": "q_a_layernorm",
+        "wq_b": "q_b_proj",
+        "wkv_a": "kv_a_proj_with_mqa",
+        "kv_norm": "kv_a_layernorm",
+        "wkv_b": "kv_b_proj",
+        "wo": "o_proj",
+    }
     for i in range(c.n_layer):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         out[hf + "input_layernorm.weight"] = sd[ours + "attn_norm.weight"]
@@ -162,8 +211,9 @@ def _deepseek_v3_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
         out[hf + "mlp.experts.down_proj"] = w2  # [E, H, I]
         shared_width = hf_config.n_shared_experts * hf_config.moe_intermediate_size
         if ours + "ffn.shared.w1.weight" in sd:
-            w1, w3, w2 = _padded_swiglu(*(sd[ours + f"ffn.shared.{w}.weight"] for w in ("w1", "w3", "w2")),
-                                        shared_width)
+            w1, w3, w2 = _padded_swiglu(
+                *(sd[ours + f"ffn.shared.{w}.weight"] for w in ("w1", "w3", "w2")), shared_width
+            )
         else:
             w1, w3, w2 = (torch.zeros(0, c.dim), torch.zeros(0, c.dim), torch.zeros(c.dim, 0))
         for w, b in ((w1, "gate_proj"), (w3, "up_proj"), (w2, "down_proj")):
@@ -184,8 +234,10 @@ def to_transformers(trained: TrainedModel) -> nn.Module:
     except ImportError:
         raise UserError("--format hf: needs the transformers package; pip install -e '.[hf]'") from None
     if trained.variant not in HF_EXPORTERS:
-        raise UserError(f"--format hf: variant {trained.variant!r} has no transformers class "
-                        f"({', '.join(HF_EXPORTERS)} have); use --format safetensors")
+        raise UserError(
+            f"--format hf: variant {trained.variant!r} has no transformers class "
+            f"({', '.join(HF_EXPORTERS)} have); use --format safetensors"
+        )
     make_config, make_state = HF_EXPORTERS[trained.variant]
     model = trained.model.float().eval()
     config = make_config(model)
@@ -242,10 +294,15 @@ def _gpt2_tokenizer_object(enc):
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file = str(Path(tmp) / "gpt2.tiktoken")
         # tiktoken's file format, one "base64(token) rank" line each (tiktoken's own writer needs blobfile)
-        Path(vocab_file).write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank
-                                            in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])))
-        return TikTokenConverter(vocab_file=vocab_file, pattern=enc._pat_str,
-                                 extra_special_tokens=enc._special_tokens).converted()
+        Path(vocab_file).write_text(
+            "".join(
+                f"{base64.b64encode(token).decode()} {rank}\n"
+                for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
+            )
+        )
+        return TikTokenConverter(
+            vocab_file=vocab_file, pattern=enc._pat_str, extra_special_tokens=enc._special_tokens
+        ).converted()
 
 
 def hf_tokenizer(tokenizer):
@@ -261,8 +318,10 @@ def hf_tokenizer(tokenizer):
     elif tokenizer.kind == "gpt2":
         tok = _gpt2_tokenizer_object(tokenizer.enc)
     else:
-        raise UserError(f"--format hf: the {tokenizer.kind} tokenizer has no text form (a bin: corpus without "
-                        "a tokenizer in its meta.json); the model is exported without one")
+        raise UserError(
+            f"--format hf: the {tokenizer.kind} tokenizer has no text form (a bin: corpus without "
+            "a tokenizer in its meta.json); the model is exported without one"
+        )
     special = {"eos_token": "<|endoftext|>"} if tokenizer.kind == "gpt2" else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special)
 

@@ -42,7 +42,7 @@ def fmt(x: float | None, scale: float = 1.0, places: int | None = None) -> str:
     if missing(x):
         return "n/a"
     x = float(x) / scale
-    if math.isinf(x) or abs(x) >= BIG:   # MLflow stores inf as the largest double
+    if math.isinf(x) or abs(x) >= BIG:  # MLflow stores inf as the largest double
         return "inf" if x > 0 else "-inf"
     d = decimals(x) if places is None else places
     return f"{x:.3e}" if d is None else f"{x:.{d}f}"
@@ -55,7 +55,7 @@ def fmt_pm(e: Any, scale: float = 1.0) -> str:
         return "n/a"
     if e.n == 1 or math.isnan(e.low):
         return f"{fmt(e.mean, scale)} (n=1)"
-    d = decimals(e.mean / scale) if e.mean != 0 else None   # mean 0: the half-width's own 4 digits
+    d = decimals(e.mean / scale) if e.mean != 0 else None  # mean 0: the half-width's own 4 digits
     return f"{fmt(e.mean, scale)} ± {fmt(e.high - e.mean, scale, d)}"
 
 

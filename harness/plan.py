@@ -90,8 +90,16 @@ def trial_cost(spec: TrialSpec, rate: DeviceRate, world_size: int = 1) -> TrialC
     tokens = steps * spec.train.tokens_per_step(spec.dims.block_size, world_size) if steps else None
     flops = float(fpt) * tokens if tokens else None
     seconds = flops / rate.flops_per_s if flops else spec.train.seconds
-    return TrialCost(spec.name, steps, tokens, fpt, flops, checkpoint_bytes(model),
-                     optimizer_state_bytes(model, spec.optimizer), seconds)
+    return TrialCost(
+        spec.name,
+        steps,
+        tokens,
+        fpt,
+        flops,
+        checkpoint_bytes(model),
+        optimizer_state_bytes(model, spec.optimizer),
+        seconds,
+    )
 
 
 def measured_cpu_flops(seconds: float = 0.3, n: int = 512) -> float:
@@ -115,16 +123,24 @@ def device_rate(device: str | None, peak_tflops: float | None = None, gpus_per_t
     if cuda:
         from harness.trial.metrics import PEAK_BF16_FLOPS, device_peak_flops
 
-        name = torch.cuda.get_device_name(torch.device(want if want != "auto" else "cuda")) \
-            if torch.cuda.is_available() else "H100"
+        name = (
+            torch.cuda.get_device_name(torch.device(want if want != "auto" else "cuda"))
+            if torch.cuda.is_available()
+            else "H100"
+        )
         peak = device_peak_flops(torch.device("cuda"), peak_tflops) if torch.cuda.is_available() else None
         peak = peak or (peak_tflops * 1e12 if peak_tflops else PEAK_BF16_FLOPS["H100"])
-        return DeviceRate(name, peak * CUDA_MFU * gpus_per_trial,
-                          f"{peak / 1e12:.0f} TFLOP/s bf16 peak ({name}) x {CUDA_MFU:.0%} MFU"
-                          f"{f' x {gpus_per_trial} GPUs' if gpus_per_trial > 1 else ''}", gpus_per_trial)
+        return DeviceRate(
+            name,
+            peak * CUDA_MFU * gpus_per_trial,
+            f"{peak / 1e12:.0f} TFLOP/s bf16 peak ({name}) x {CUDA_MFU:.0%} MFU"
+            f"{f' x {gpus_per_trial} GPUs' if gpus_per_trial > 1 else ''}",
+            gpus_per_trial,
+        )
     measured = measured_cpu_flops()
-    return DeviceRate("cpu", measured * CPU_MFU,
-                      f"measured fp32 matmul {measured / 1e9:.1f} GFLOP/s x {CPU_MFU:.0%} assumed MFU")
+    return DeviceRate(
+        "cpu", measured * CPU_MFU, f"measured fp32 matmul {measured / 1e9:.1f} GFLOP/s x {CPU_MFU:.0%} assumed MFU"
+    )
 
 
 def _si(x: float | None, unit: str = "") -> str:
@@ -154,9 +170,15 @@ def cost_table(costs: Sequence[TrialCost], rate: DeviceRate, title: str) -> Tabl
     for col in columns:
         table.add_column(col, justify="left" if col == "trial" else "right")
     for c in costs:
-        row = [c.name, f"{c.steps:,}" if c.steps else "(seconds budget)", f"{c.tokens:,}" if c.tokens else "-",
-               _si(c.train_flops, "FLOP"), _si(c.checkpoint_bytes, "B"), _si(c.optimizer_bytes, "B"),
-               _duration(c.seconds)]
+        row = [
+            c.name,
+            f"{c.steps:,}" if c.steps else "(seconds budget)",
+            f"{c.tokens:,}" if c.tokens else "-",
+            _si(c.train_flops, "FLOP"),
+            _si(c.checkpoint_bytes, "B"),
+            _si(c.optimizer_bytes, "B"),
+            _duration(c.seconds),
+        ]
         if rate.gpus_per_trial:
             row.append(f"{c.seconds * rate.gpus_per_trial / 3600:,.2f}" if c.seconds else "-")
         table.add_row(*row)
@@ -168,8 +190,10 @@ def totals_line(costs: Sequence[TrialCost], rate: DeviceRate) -> str:
     seconds = sum(c.seconds or 0 for c in costs)
     tokens = sum(c.tokens or 0 for c in costs)
     gpu = f", {seconds * rate.gpus_per_trial / 3600:,.1f} GPU-hours" if rate.gpus_per_trial else ""
-    return (f"total: {len(costs)} trials, {tokens:,} tokens, {_si(flops, 'FLOP')}, about {_duration(seconds)} "
-            f"one after another{gpu} (estimate: {rate.how})")
+    return (
+        f"total: {len(costs)} trials, {tokens:,} tokens, {_si(flops, 'FLOP')}, about {_duration(seconds)} "
+        f"one after another{gpu} (estimate: {rate.how})"
+    )
 
 
 def params_table(trials: Sequence[TrialSpec], title: str) -> Table:
@@ -181,8 +205,17 @@ def params_table(trials: Sequence[TrialSpec], title: str) -> Table:
     from harness.spec.registry import build_model
 
     table = Table(title=title, header_style="bold")
-    for col in ("arm", "preset", "seeds", "total params", "active params", "embedding", "GFLOP/token",
-                "KV B/token", "shape"):
+    for col in (
+        "arm",
+        "preset",
+        "seeds",
+        "total params",
+        "active params",
+        "embedding",
+        "GFLOP/token",
+        "KV B/token",
+        "shape",
+    ):
         table.add_column(col, justify="left" if col in ("arm", "preset", "shape") else "right")
     seeds: dict[tuple[str, str], list[int]] = {}
     for t in trials:
@@ -195,15 +228,29 @@ def params_table(trials: Sequence[TrialSpec], title: str) -> Table:
         with torch.device("meta"):
             model = build_model(t.variant, t.dims)
         c = count_params(model)
-        table.add_row(t.arm, t.preset, ",".join(map(str, seeds[(t.arm, t.preset)])), f"{c.total:,}",
-                      f"{c.active:,}", f"{c.embedding:,}", f"{flops_per_token(model, t.dims.block_size) / 1e9:.4f}",
-                      f"{kv_cache_bytes_per_token(model, 2):,}",
-                      describe_shape(t.variant, t.dims))
+        table.add_row(
+            t.arm,
+            t.preset,
+            ",".join(map(str, seeds[(t.arm, t.preset)])),
+            f"{c.total:,}",
+            f"{c.active:,}",
+            f"{c.embedding:,}",
+            f"{flops_per_token(model, t.dims.block_size) / 1e9:.4f}",
+            f"{kv_cache_bytes_per_token(model, 2):,}",
+            describe_shape(t.variant, t.dims),
+        )
     return table
 
 
-def show_plan(trials: Sequence[TrialSpec], title: str, console: Console, vocab: tuple[int, bool],
-              device: str | None = None, peak_tflops: float | None = None, nproc: int = 1) -> list[TrialCost]:
+def show_plan(
+    trials: Sequence[TrialSpec],
+    title: str,
+    console: Console,
+    vocab: tuple[int, bool],
+    device: str | None = None,
+    peak_tflops: float | None = None,
+    nproc: int = 1,
+) -> list[TrialCost]:
     """Print the parameter table, the per-trial cost table and the totals; -> the costs."""
     if not trials:
         raise UserError("matrix: expands to no trials; list at least one arm, preset and seed")
@@ -213,7 +260,10 @@ def show_plan(trials: Sequence[TrialSpec], title: str, console: Console, vocab: 
     console.print(cost_table(costs, rate, "per trial: budget, compute, bytes, estimated time"))
     vocab_size, exact = vocab
     if not exact:
-        console.print(f"vocabulary: {vocab_size} is an estimate (the corpus is not on this machine to count its "
-                      "characters); the real counts follow once the data is prepared", markup=False)
+        console.print(
+            f"vocabulary: {vocab_size} is an estimate (the corpus is not on this machine to count its "
+            "characters); the real counts follow once the data is prepared",
+            markup=False,
+        )
     console.print(totals_line(costs, rate), markup=False, highlight=False)
     return costs

@@ -95,17 +95,34 @@ TAGS = tuple(v for k, v in dict(globals()).items() if k.startswith("TAG_") and v
 
 # tag -> column of the reports' trial frame (reports.collect)
 TRIAL_TAG_COLUMNS = {
-    TAG_TRIAL_KEY: "trial_key", TAG_ARM: "arm", TAG_VARIANT: "variant", TAG_OPTIMIZER: "optimizer",
-    TAG_PRESET: "preset", TAG_SEED: "seed", TAG_STATUS: "status", TAG_GIT: "git_commit",
-    TAG_DEVICE: "device", TAG_TORCH: "torch_version", TAG_DATA_HASH: "data_hash",
-    TAG_TUNED_FROM: "tuned_from", TAG_PARENT: "parent_run_id", TAG_SHAPE: "shape",
-    TAG_CURVES: "curves_artifact", TAG_THREADS: "threads",
+    TAG_TRIAL_KEY: "trial_key",
+    TAG_ARM: "arm",
+    TAG_VARIANT: "variant",
+    TAG_OPTIMIZER: "optimizer",
+    TAG_PRESET: "preset",
+    TAG_SEED: "seed",
+    TAG_STATUS: "status",
+    TAG_GIT: "git_commit",
+    TAG_DEVICE: "device",
+    TAG_TORCH: "torch_version",
+    TAG_DATA_HASH: "data_hash",
+    TAG_TUNED_FROM: "tuned_from",
+    TAG_PARENT: "parent_run_id",
+    TAG_SHAPE: "shape",
+    TAG_CURVES: "curves_artifact",
+    TAG_THREADS: "threads",
 }
 # tag -> column of the reports' speed frame
 SPEED_TAG_COLUMNS = {
-    TAG_SHAPE: "shape", TAG_VARIANT: "variant", TAG_PRESET: "preset", TAG_DEVICE: "device",
-    TAG_THREADS: "threads", TAG_SPEED_PARENT: "parent_run_id", TAG_SPEED_OPTIMIZERS: "optimizers",
-    TAG_GIT: "git_commit", TAG_SPEED_CPUS: "cpus",
+    TAG_SHAPE: "shape",
+    TAG_VARIANT: "variant",
+    TAG_PRESET: "preset",
+    TAG_DEVICE: "device",
+    TAG_THREADS: "threads",
+    TAG_SPEED_PARENT: "parent_run_id",
+    TAG_SPEED_OPTIMIZERS: "optimizers",
+    TAG_GIT: "git_commit",
+    TAG_SPEED_CPUS: "cpus",
 }
 ERROR_CHARS = 500  # kb.error holds at most this many characters
 ARTIFACT_CURVES = "curves.json"  # a trial's thinned learning curves (harness/stores/curves.py), read by reports
@@ -124,11 +141,22 @@ STATUSES = (FINISHED, RUNNING, DIVERGED, OOM, KILLED, FAILED, PRUNED)
 # are resumed into the same run.
 TERMINAL = frozenset({FINISHED, DIVERGED, OOM, PRUNED})
 # kb.status -> MLflow's run status
-MLFLOW_RUN_STATUS = {FINISHED: "FINISHED", DIVERGED: "FAILED", OOM: "FAILED", FAILED: "FAILED",
-                     PRUNED: "FINISHED", KILLED: "KILLED"}
+MLFLOW_RUN_STATUS = {
+    FINISHED: "FINISHED",
+    DIVERGED: "FAILED",
+    OOM: "FAILED",
+    FAILED: "FAILED",
+    PRUNED: "FINISHED",
+    KILLED: "KILLED",
+}
 # MLflow's run status -> kb.status, for a run that died before it was tagged
-STATUS_FROM_MLFLOW = {"FINISHED": FINISHED, "FAILED": FAILED, "KILLED": KILLED, "RUNNING": RUNNING,
-                      "SCHEDULED": RUNNING}
+STATUS_FROM_MLFLOW = {
+    "FINISHED": FINISHED,
+    "FAILED": FAILED,
+    "KILLED": KILLED,
+    "RUNNING": RUNNING,
+    "SCHEDULED": RUNNING,
+}
 
 # ----------------------------------------------------------------------------- step metrics of a trial
 TRAIN_LOSS = "train/loss"
@@ -144,8 +172,21 @@ VAL_BPB = "val/bpb"  # bits per byte: mean NLL * n_tokens / n_bytes / ln 2
 MOE_LOAD_CV = "moe/load_cv"  # coefficient of variation of the tokens per expert, averaged over MoE layers
 MOE_MAX_LOAD = "moe/max_load"  # max over layers of (busiest expert's tokens / mean tokens per expert)
 ATTN_MAX_LOGIT = "attn/max_logit"  # the largest pre-softmax attention score (what QK-Clip caps)
-STEP_METRICS = (TRAIN_LOSS, TRAIN_LR, TRAIN_LR_FACTOR, TRAIN_TOKENS, TRAIN_ELAPSED, TRAIN_TOKENS_PER_S, GRAD_NORM,
-                VAL_LOSS, VAL_PPL, VAL_BPB, MOE_LOAD_CV, MOE_MAX_LOAD, ATTN_MAX_LOGIT)
+STEP_METRICS = (
+    TRAIN_LOSS,
+    TRAIN_LR,
+    TRAIN_LR_FACTOR,
+    TRAIN_TOKENS,
+    TRAIN_ELAPSED,
+    TRAIN_TOKENS_PER_S,
+    GRAD_NORM,
+    VAL_LOSS,
+    VAL_PPL,
+    VAL_BPB,
+    MOE_LOAD_CV,
+    MOE_MAX_LOAD,
+    ATTN_MAX_LOGIT,
+)
 
 # ----------------------------------------------------------------------------- final metrics of a trial
 PARAMS_TOTAL = "params/total"
@@ -179,10 +220,30 @@ INFER_TTFT = "infer/ttft_s"
 INFER_KV_BYTES = "infer/kv_bytes_per_token"
 LEGACY_INFER_METRICS = (INFER_PREFILL, INFER_DECODE, "infer/decode_tokens_per_s_b8", INFER_TTFT, INFER_KV_BYTES)
 FINAL_METRICS = (
-    PARAMS_TOTAL, PARAMS_ACTIVE, PARAMS_EMBEDDING, CKPT_BYTES, MEM_PEAK, MEM_PARAM, MEM_GRAD, MEM_OPTIM,
-    FLOPS_PER_TOKEN, TRAIN_TOKENS_PER_S, TRAIN_MFU, GRAD_NORM_MEDIAN, GRAD_NORM_P99_OVER_MEDIAN, GRAD_NORM_CV,
-    GRAD_NORM_SPIKES, TRAIN_LOSS_SPIKES, VAL_LOSS_FINAL, VAL_PPL_FINAL, VAL_BPB, MOE_LOAD_CV, MOE_MAX_LOAD,
-    MOE_DROPPED, ATTN_MAX_LOGIT, TRAIN_DIVERGED_STEP,
+    PARAMS_TOTAL,
+    PARAMS_ACTIVE,
+    PARAMS_EMBEDDING,
+    CKPT_BYTES,
+    MEM_PEAK,
+    MEM_PARAM,
+    MEM_GRAD,
+    MEM_OPTIM,
+    FLOPS_PER_TOKEN,
+    TRAIN_TOKENS_PER_S,
+    TRAIN_MFU,
+    GRAD_NORM_MEDIAN,
+    GRAD_NORM_P99_OVER_MEDIAN,
+    GRAD_NORM_CV,
+    GRAD_NORM_SPIKES,
+    TRAIN_LOSS_SPIKES,
+    VAL_LOSS_FINAL,
+    VAL_PPL_FINAL,
+    VAL_BPB,
+    MOE_LOAD_CV,
+    MOE_MAX_LOAD,
+    MOE_DROPPED,
+    ATTN_MAX_LOGIT,
+    TRAIN_DIVERGED_STEP,
 )
 
 
@@ -194,11 +255,37 @@ def infer_decode(batch: int) -> str:
 # final metrics as columns of the reports' trial frame, in table order: FINAL_METRICS plus the training totals
 # and the legacy inference figures that older stores hold
 REPORTED_FINAL_METRICS = (
-    PARAMS_TOTAL, PARAMS_ACTIVE, PARAMS_EMBEDDING, CKPT_BYTES, MEM_PEAK, MEM_PARAM, MEM_GRAD, MEM_OPTIM,
-    FLOPS_PER_TOKEN, TRAIN_TOKENS_PER_S, TRAIN_TOKENS, TRAIN_SECONDS, TRAIN_MFU,
-    INFER_PREFILL, INFER_DECODE, infer_decode(8), INFER_TTFT, INFER_KV_BYTES,
-    GRAD_NORM_MEDIAN, GRAD_NORM_P99_OVER_MEDIAN, GRAD_NORM_CV, GRAD_NORM_SPIKES, TRAIN_LOSS_SPIKES,
-    VAL_LOSS_FINAL, VAL_PPL_FINAL, VAL_BPB, MOE_LOAD_CV, MOE_MAX_LOAD, MOE_DROPPED, ATTN_MAX_LOGIT, TRAIN_DIVERGED_STEP,
+    PARAMS_TOTAL,
+    PARAMS_ACTIVE,
+    PARAMS_EMBEDDING,
+    CKPT_BYTES,
+    MEM_PEAK,
+    MEM_PARAM,
+    MEM_GRAD,
+    MEM_OPTIM,
+    FLOPS_PER_TOKEN,
+    TRAIN_TOKENS_PER_S,
+    TRAIN_TOKENS,
+    TRAIN_SECONDS,
+    TRAIN_MFU,
+    INFER_PREFILL,
+    INFER_DECODE,
+    infer_decode(8),
+    INFER_TTFT,
+    INFER_KV_BYTES,
+    GRAD_NORM_MEDIAN,
+    GRAD_NORM_P99_OVER_MEDIAN,
+    GRAD_NORM_CV,
+    GRAD_NORM_SPIKES,
+    TRAIN_LOSS_SPIKES,
+    VAL_LOSS_FINAL,
+    VAL_PPL_FINAL,
+    VAL_BPB,
+    MOE_LOAD_CV,
+    MOE_MAX_LOAD,
+    MOE_DROPPED,
+    ATTN_MAX_LOGIT,
+    TRAIN_DIVERGED_STEP,
 )
 
 
@@ -245,8 +332,9 @@ def speed_opt(optimizer: str, what: str) -> str:
 
 def speed_ratio(metric: str, shape: str, other_metric: str) -> str:
     """The ratio key of this run's `metric` over shape `shape`'s `other_metric` (full speed metric names)."""
-    return SPEED_RATIO.format(what=metric.removeprefix(SPEED_PREFIX), shape=shape,
-                              other=other_metric.removeprefix(SPEED_PREFIX))
+    return SPEED_RATIO.format(
+        what=metric.removeprefix(SPEED_PREFIX), shape=shape, other=other_metric.removeprefix(SPEED_PREFIX)
+    )
 
 
 def iqr_of(metric: str) -> str:
@@ -294,8 +382,9 @@ def param_value(value: Any) -> str:
 def trial_key(params: Mapping[str, Any], data_hash: str, code_version: str, experiment: str) -> str:
     """16 hex of sha256 over the params (cosmetic ones dropped), the data hash, code version and experiment."""
     spec = {k: v for k, v in params.items() if k not in COSMETIC_PARAMS}
-    blob = json.dumps({"spec": spec, "data": data_hash, "code": code_version, "exp": experiment},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {"spec": spec, "data": data_hash, "code": code_version, "exp": experiment}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -310,7 +399,9 @@ _QUERY_PAIR = re.compile(r"([^&;=#]+)=([^&;#]*)")
 # the name starts the text or follows a non-word character or an encoded `;`
 _ODBC_PASSWORD = re.compile(
     r"((?:(?<=%3[Bb])|(?<![A-Za-z0-9_]))(?:PWD|Password))(=|%3[Dd])"
-    r"(\{(?:[^}]|\}\})*\}|%7[Bb].*?%7[Dd]|[^;&\s\"'#]*?)(?=;|%3[Bb]|&|[\s\"'#]|$)", re.I)
+    r"(\{(?:[^}]|\}\})*\}|%7[Bb].*?%7[Dd]|[^;&\s\"'#]*?)(?=;|%3[Bb]|&|[\s\"'#]|$)",
+    re.I,
+)
 
 
 def strip_credentials(text: str) -> str:

@@ -65,9 +65,14 @@ def planned_trials(path: Path) -> tuple[str, list[str]]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
         m = raw["matrix"]
         arms = [(a["variant"], a["optimizer"]) for a in m.get("arms", [])] or list(
-            itertools.product(m["variants"], m["optimizers"]))
-        names = [f"{v}+{o} {p} s{s}" for p in m.get("presets", ["tiny"]) for (v, o), s in
-                 itertools.product(arms, m.get("seeds", [0])) for _ in (m.get("data_seeds") or [None])]
+            itertools.product(m["variants"], m["optimizers"])
+        )
+        names = [
+            f"{v}+{o} {p} s{s}"
+            for p in m.get("presets", ["tiny"])
+            for (v, o), s in itertools.product(arms, m.get("seeds", [0]))
+            for _ in (m.get("data_seeds") or [None])
+        ]
         return str(raw["name"]), list(dict.fromkeys(names))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
         from harness.spec.matrix import load_matrix
@@ -103,21 +108,32 @@ def _sqlite_records(db: Path, experiment: str, kind: str = schema.KIND_TRIAL) ->
     import sqlite3
 
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
-                          (experiment,)).fetchone()
+        row = con.execute(
+            "SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'", (experiment,)
+        ).fetchone()
         if row is None:
             return None
         runs = con.execute(
             "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
             "AND t.key = ? AND t.value = ? WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
-            "ORDER BY r.start_time DESC", (schema.KIND, kind, row[0])).fetchall()
+            "ORDER BY r.start_time DESC",
+            (schema.KIND, kind, row[0]),
+        ).fetchall()
         records = []
         for run_id, name, start, end in runs:
             tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
-            latest = con.execute("SELECT key, value, step FROM latest_metrics WHERE run_uuid = ?",
-                                 (run_id,)).fetchall()
-            records.append(RunRecord(name, run_id, start, end, tags, {k: v for k, v, _ in latest},
-                                     _last_step((key, step) for key, _, step in latest)))
+            latest = con.execute("SELECT key, value, step FROM latest_metrics WHERE run_uuid = ?", (run_id,)).fetchall()
+            records.append(
+                RunRecord(
+                    name,
+                    run_id,
+                    start,
+                    end,
+                    tags,
+                    {k: v for k, v, _ in latest},
+                    _last_step((key, step) for key, _, step in latest),
+                )
+            )
     return records
 
 
@@ -125,8 +141,9 @@ class _RestUnsupported(Exception):
     """The stdlib REST reader does not handle this server or answer: ask MLflow's client instead."""
 
 
-def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0, kind: str = schema.KIND_TRIAL
-                  ) -> list[RunRecord] | None:
+def _rest_records(
+    uri: str, experiment: str, timeout_s: float = 10.0, kind: str = schema.KIND_TRIAL
+) -> list[RunRecord] | None:
     """Trial runs read from a tracking server through MLflow's documented REST API (/api/2.0/mlflow), with the
     standard library: importing MLflow alone takes ~3 s. The search answer holds each run's latest metrics with
     their steps, so no request per run follows. None: no such experiment. Raises _RestUnsupported on anything
@@ -170,8 +187,12 @@ def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0, kind: str 
         return None
     records, token_ = [], None
     while True:
-        body = {"experiment_ids": [exp["experiment_id"]], "max_results": 1000,
-                "filter": f"tags.`{schema.KIND}` = '{kind}'", "order_by": ["attributes.start_time DESC"]}
+        body = {
+            "experiment_ids": [exp["experiment_id"]],
+            "max_results": 1000,
+            "filter": f"tags.`{schema.KIND}` = '{kind}'",
+            "order_by": ["attributes.start_time DESC"],
+        }
         if token_:
             body["page_token"] = token_
         page = call("runs/search", body)
@@ -180,26 +201,41 @@ def _rest_records(uri: str, experiment: str, timeout_s: float = 10.0, kind: str 
             tags = {t["key"]: t.get("value", "") for t in data.get("tags", [])}
             metrics = data.get("metrics", [])
             start, end = info.get("start_time"), info.get("end_time")
-            records.append(RunRecord(info.get("run_name", tags.get(schema.TAG_RUN_NAME, "")), info["run_id"],
-                                     int(start) if start else None, int(end) if end else None, tags,
-                                     {m["key"]: float(m["value"]) for m in metrics},
-                                     _last_step((m["key"], int(m.get("step", 0))) for m in metrics)))
+            records.append(
+                RunRecord(
+                    info.get("run_name", tags.get(schema.TAG_RUN_NAME, "")),
+                    info["run_id"],
+                    int(start) if start else None,
+                    int(end) if end else None,
+                    tags,
+                    {m["key"]: float(m["value"]) for m in metrics},
+                    _last_step((m["key"], int(m.get("step", 0))) for m in metrics),
+                )
+            )
         token_ = page.get("next_page_token")
         if not token_:
             return records
 
 
 def _client_records(client, experiment_id: str, kind: str = schema.KIND_TRIAL) -> list[RunRecord]:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{kind}'",
-                              max_results=10000, order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{schema.KIND}` = '{kind}'",
+        max_results=10000,
+        order_by=["attributes.start_time DESC"],
+    )
     records = []
     for r in runs:
         last = None
         if schema.TAG_FINAL_STEP not in r.data.tags:  # still running or killed: ask for its last logged step
-            last = _last_step((key, m.step) for key in PROGRESS_KEYS
-                              for m in client.get_metric_history(r.info.run_id, key))
-        records.append(RunRecord(r.info.run_name, r.info.run_id, r.info.start_time, r.info.end_time,
-                                 r.data.tags, r.data.metrics, last))
+            last = _last_step(
+                (key, m.step) for key in PROGRESS_KEYS for m in client.get_metric_history(r.info.run_id, key)
+            )
+        records.append(
+            RunRecord(
+                r.info.run_name, r.info.run_id, r.info.start_time, r.info.end_time, r.data.tags, r.data.metrics, last
+            )
+        )
     return records
 
 
@@ -246,8 +282,16 @@ def _state(name: str, r: RunRecord | None) -> TrialState:
     note = stale_reason(r.tags) if status == schema.RUNNING else ""
     step = r.tags.get(schema.TAG_FINAL_STEP, "" if r.last_step is None else str(r.last_step))
     elapsed = ((r.end_ms or time.time() * 1000) - r.start_ms) / 1000 if r.start_ms else None
-    return TrialState(name, "stale" if note else status, step, elapsed, r.metrics.get(schema.VAL_PPL_FINAL),
-                      r.run_id, r.tags.get(schema.TAG_TRIAL_KEY, ""), note)
+    return TrialState(
+        name,
+        "stale" if note else status,
+        step,
+        elapsed,
+        r.metrics.get(schema.VAL_PPL_FINAL),
+        r.run_id,
+        r.tags.get(schema.TAG_TRIAL_KEY, ""),
+        note,
+    )
 
 
 def trial_states(records: list[RunRecord], planned: list[PlannedTrial] | None = None) -> list[TrialState]:
@@ -261,8 +305,9 @@ def trial_states(records: list[RunRecord], planned: list[PlannedTrial] | None = 
     return [_state(p.name, next((by_key[k] for k in sorted(p.keys) if k in by_key), None)) for p in planned]
 
 
-def _records(experiment: str, tracking_uri: str | None, kind: str = schema.KIND_TRIAL
-             ) -> tuple[list[RunRecord] | None, list[str]]:
+def _records(
+    experiment: str, tracking_uri: str | None, kind: str = schema.KIND_TRIAL
+) -> tuple[list[RunRecord] | None, list[str]]:
     """-> (the experiment's trial runs, or None when it does not exist; the names of all experiments)."""
     from harness.stores.tracking import resolve_tracking_uri
 
@@ -306,8 +351,9 @@ def _fmt_elapsed(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def status_table(experiment: str | None, matrix: Path | None, tracking_uri: str | None,
-                 sets: list[str] | None = None) -> Table:
+def status_table(
+    experiment: str | None, matrix: Path | None, tracking_uri: str | None, sets: list[str] | None = None
+) -> Table:
     """The status command: --experiment NAME (its runs) or --matrix FILE [--set ...] (every trial of exactly
     that configuration, pending too)."""
     if (experiment is None) == (matrix is None):
@@ -339,8 +385,16 @@ def status_table(experiment: str | None, matrix: Path | None, tracking_uri: str 
     for col in ("trial", "status", "step", "elapsed", "val ppl", "run id", "trial key", *(["note"] if notes else [])):
         table.add_column(col, justify="right" if col in ("step", "elapsed", "val ppl") else "left")
     for t in states:
-        table.add_row(t.name, t.status, t.step, _fmt_elapsed(t.elapsed_s), f"{t.val_ppl:.3f}" if t.val_ppl else "",
-                      t.run_id[:12], t.trial_key, *([t.note] if notes else []))
+        table.add_row(
+            t.name,
+            t.status,
+            t.step,
+            _fmt_elapsed(t.elapsed_s),
+            f"{t.val_ppl:.3f}" if t.val_ppl else "",
+            t.run_id[:12],
+            t.trial_key,
+            *([t.note] if notes else []),
+        )
     if records is not None:  # the experiment's Optuna studies (kimi-bench tune, or a matrix's [tune] section)
         table.caption = tuning_caption(_records(experiment, tracking_uri, schema.KIND_TUNE_TRIAL)[0] or [], matrix)
     return table
@@ -410,6 +464,10 @@ def tuning_caption(records, matrix: Path | None = None) -> str | None:
         values = [float(r.tags[schema.TAG_OPTUNA_VALUE]) for r in runs if r.tags.get(schema.TAG_OPTUNA_VALUE)]
         finite = [v for v in values if math.isfinite(v)]
         shown = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
-        parts.append(f"study {k}/{len(by_study)} {study}: {done}" + (f"/{budget}" if budget else "")
-                     + f" trials ({shown})" + (f", best {min(finite):.4f}" if finite else ""))
+        parts.append(
+            f"study {k}/{len(by_study)} {study}: {done}"
+            + (f"/{budget}" if budget else "")
+            + f" trials ({shown})"
+            + (f", best {min(finite):.4f}" if finite else "")
+        )
     return "tuning: " + "; ".join(parts)

@@ -50,6 +50,7 @@ OTHER_TOKENIZER = " (GPT-2 BPE tokens on other data: not comparable)"
 
 # ----------------------------------------------------------------------------- pairs of arms
 
+
 def arm_of(runs: pd.DataFrame, variant: str, optimizer: str) -> str | None:
     arms = runs.loc[runs.variant.eq(variant) & runs.optimizer.eq(optimizer), "arm"].dropna().unique()
     return sorted(arms)[0] if len(arms) else None
@@ -98,53 +99,154 @@ OPT_NEEDS = "one variant trained with both muon (or muonclip) and adamw"
 @dataclass(frozen=True)
 class Claim:
     text: str
-    paper: str                      # the paper's numbers "Kimi vs GPT", or "(in words)"
-    kind: str                       # "stat" | "exact" | "speed" | "compute"
-    metric: str                     # stat/exact: a trial metric; speed: a speed metric (may hold {optimizer});
-    direction: int                  # compute: the axis (tokens, flops, seconds). +1: A higher, -1: lower, 0: equal
+    paper: str  # the paper's numbers "Kimi vs GPT", or "(in words)"
+    kind: str  # "stat" | "exact" | "speed" | "compute"
+    metric: str  # stat/exact: a trial metric; speed: a speed metric (may hold {optimizer});
+    direction: int  # compute: the axis (tokens, flops, seconds). +1: A higher, -1: lower, 0: equal
     scale: float
     pairs: Callable[[pd.DataFrame], list[tuple[str | None, str | None]]]
     needs: str
-    fallback: tuple[str, ...] = field(default_factory=tuple)   # exact: older metric names to read instead
-    also: tuple[str, ...] = ()      # stat: the claim's other measures (one claim, each must agree)
-    test: str = "diff"              # stat: "diff" (A - B in the metric's units) or "log" (log A - log B: a ratio)
-    margin: str = "loss"            # stat: "loss" (Margins.loss_nats, in nats) or "ratio" (Margins.ratio, relative)
-    threshold: float = EXACT_THRESHOLD   # exact: relative gap that counts as a difference (equality: match tol.)
+    fallback: tuple[str, ...] = field(default_factory=tuple)  # exact: older metric names to read instead
+    also: tuple[str, ...] = ()  # stat: the claim's other measures (one claim, each must agree)
+    test: str = "diff"  # stat: "diff" (A - B in the metric's units) or "log" (log A - log B: a ratio)
+    margin: str = "loss"  # stat: "loss" (Margins.loss_nats, in nats) or "ratio" (Margins.ratio, relative)
+    threshold: float = EXACT_THRESHOLD  # exact: relative gap that counts as a difference (equality: match tol.)
 
 
 CLAIMS: list[Claim] = [
-    Claim("Kimi infers faster (decode tokens/s, batch 1)", "45.2 vs 30.3", "speed", names.speed_decode(1), +1,
-          1.0, _headline, HEADLINE_NEEDS),
+    Claim(
+        "Kimi infers faster (decode tokens/s, batch 1)",
+        "45.2 vs 30.3",
+        "speed",
+        names.speed_decode(1),
+        +1,
+        1.0,
+        _headline,
+        HEADLINE_NEEDS,
+    ),
     # log ppl = the val loss in nats: the ratio of perplexities is tested, with the loss margin
-    Claim("Kimi has lower perplexity (val ppl; bits/byte beside it)", "18.1 vs 22.8" + OTHER_TOKENIZER, "stat",
-          names.VAL_PPL_FINAL, -1, 1.0, _headline, HEADLINE_NEEDS, test="log", margin="loss"),
-    Claim("Same total parameters (M)", "75 vs 74", "exact", names.PARAMS_TOTAL, 0, 1e6, _headline,
-          HEADLINE_NEEDS),
-    Claim("Kimi is smaller on disk (checkpoint MB)", "580 vs 620 (0.58 vs 0.62 GB)", "exact", names.CKPT_BYTES,
-          -1, 1e6, _headline, HEADLINE_NEEDS),
-    Claim("Kimi activates fewer parameters per token (M)", IN_WORDS, "exact", names.PARAMS_ACTIVE, -1, 1e6,
-          _headline, HEADLINE_NEEDS),
-    Claim("Kimi needs fewer FLOPs per token (MFLOP)", IN_WORDS, "exact", names.FLOPS_PER_TOKEN, -1, 1e6,
-          _headline, HEADLINE_NEEDS),
-    Claim("Kimi caches fewer KV bytes per token", IN_WORDS, "exact", names.SPEED_KV_BYTES, -1, 1.0, _headline,
-          HEADLINE_NEEDS, fallback=(names.INFER_KV_BYTES,)),
-    Claim("Muon reaches lower loss than AdamW (val loss)", IN_WORDS, "stat", names.VAL_LOSS_FINAL, -1, 1.0,
-          _muon_vs_adamw, OPT_NEEDS),
-    Claim("Muon converges faster (tokens to the target val loss, A/B; FLOPs, seconds beside)", IN_WORDS,
-          "compute", "tokens", -1, 1.0, _muon_vs_adamw, OPT_NEEDS),
-    Claim("Muon gives more stable gradients (grad-norm CV and p99/median, A/B)", IN_WORDS, "stat",
-          names.GRAD_NORM_CV, -1, 1.0, _muon_vs_adamw, OPT_NEEDS, also=(names.GRAD_NORM_P99_OVER_MEDIAN,),
-          test="log", margin="ratio"),
-    Claim("Kimi infers faster at larger batch (decode tokens/s, largest batch)", IN_WORDS, "speed",
-          "decode:max", +1, 1.0, _headline, HEADLINE_NEEDS),
-    Claim("Kimi trains faster (controlled train step, tokens/s)", IN_WORDS, "speed",
-          names.speed_opt("{optimizer}", "train_tokens_per_s"), +1, 1.0, _headline_and_same_opt, HEADLINE_NEEDS),
-    Claim("Kimi is more compute-efficient (FLOPs to the target val loss, A/B; tokens, seconds beside)", IN_WORDS,
-          "compute", "flops", -1, 1.0, _headline_and_same_opt, HEADLINE_NEEDS),
+    Claim(
+        "Kimi has lower perplexity (val ppl; bits/byte beside it)",
+        "18.1 vs 22.8" + OTHER_TOKENIZER,
+        "stat",
+        names.VAL_PPL_FINAL,
+        -1,
+        1.0,
+        _headline,
+        HEADLINE_NEEDS,
+        test="log",
+        margin="loss",
+    ),
+    Claim("Same total parameters (M)", "75 vs 74", "exact", names.PARAMS_TOTAL, 0, 1e6, _headline, HEADLINE_NEEDS),
+    Claim(
+        "Kimi is smaller on disk (checkpoint MB)",
+        "580 vs 620 (0.58 vs 0.62 GB)",
+        "exact",
+        names.CKPT_BYTES,
+        -1,
+        1e6,
+        _headline,
+        HEADLINE_NEEDS,
+    ),
+    Claim(
+        "Kimi activates fewer parameters per token (M)",
+        IN_WORDS,
+        "exact",
+        names.PARAMS_ACTIVE,
+        -1,
+        1e6,
+        _headline,
+        HEADLINE_NEEDS,
+    ),
+    Claim(
+        "Kimi needs fewer FLOPs per token (MFLOP)",
+        IN_WORDS,
+        "exact",
+        names.FLOPS_PER_TOKEN,
+        -1,
+        1e6,
+        _headline,
+        HEADLINE_NEEDS,
+    ),
+    Claim(
+        "Kimi caches fewer KV bytes per token",
+        IN_WORDS,
+        "exact",
+        names.SPEED_KV_BYTES,
+        -1,
+        1.0,
+        _headline,
+        HEADLINE_NEEDS,
+        fallback=(names.INFER_KV_BYTES,),
+    ),
+    Claim(
+        "Muon reaches lower loss than AdamW (val loss)",
+        IN_WORDS,
+        "stat",
+        names.VAL_LOSS_FINAL,
+        -1,
+        1.0,
+        _muon_vs_adamw,
+        OPT_NEEDS,
+    ),
+    Claim(
+        "Muon converges faster (tokens to the target val loss, A/B; FLOPs, seconds beside)",
+        IN_WORDS,
+        "compute",
+        "tokens",
+        -1,
+        1.0,
+        _muon_vs_adamw,
+        OPT_NEEDS,
+    ),
+    Claim(
+        "Muon gives more stable gradients (grad-norm CV and p99/median, A/B)",
+        IN_WORDS,
+        "stat",
+        names.GRAD_NORM_CV,
+        -1,
+        1.0,
+        _muon_vs_adamw,
+        OPT_NEEDS,
+        also=(names.GRAD_NORM_P99_OVER_MEDIAN,),
+        test="log",
+        margin="ratio",
+    ),
+    Claim(
+        "Kimi infers faster at larger batch (decode tokens/s, largest batch)",
+        IN_WORDS,
+        "speed",
+        "decode:max",
+        +1,
+        1.0,
+        _headline,
+        HEADLINE_NEEDS,
+    ),
+    Claim(
+        "Kimi trains faster (controlled train step, tokens/s)",
+        IN_WORDS,
+        "speed",
+        names.speed_opt("{optimizer}", "train_tokens_per_s"),
+        +1,
+        1.0,
+        _headline_and_same_opt,
+        HEADLINE_NEEDS,
+    ),
+    Claim(
+        "Kimi is more compute-efficient (FLOPs to the target val loss, A/B; tokens, seconds beside)",
+        IN_WORDS,
+        "compute",
+        "flops",
+        -1,
+        1.0,
+        _headline_and_same_opt,
+        HEADLINE_NEEDS,
+    ),
 ]
 
 
 # ----------------------------------------------------------------------------- folding identical arms
+
 
 def identical_arms(curves: pd.DataFrame) -> dict[str, str]:
     """{folded arm: the arm it equals}: a muonclip arm whose val-loss curve equals its variant's muon arm at every
@@ -163,13 +265,13 @@ def identical_arms(curves: pd.DataFrame) -> dict[str, str]:
             continue
         a, b = a[a.seed.isin(shared)], b[b.seed.isin(shared)]
         m = a.merge(b, on=["seed", "step"], suffixes=("_a", "_b"))
-        if len(m) and len(m) == len(a) == len(b) and \
-                np.allclose(m.loss_a, m.loss_b, rtol=1e-12, atol=0):
+        if len(m) and len(m) == len(a) == len(b) and np.allclose(m.loss_a, m.loss_b, rtol=1e-12, atol=0):
             out[arm] = twin
     return out
 
 
 # ----------------------------------------------------------------------------- rows
+
 
 @dataclass
 class Row:
@@ -180,15 +282,15 @@ class Row:
     a_text: str
     b_text: str
     diff_text: str
-    p: float = math.nan              # raw p of the difference test (stat / compute rows); NaN: no p-value
-    verdict: str = INCONCLUSIVE      # the verdict as shown (Verdict.text)
-    decide: Callable[..., Verdict | str] | None = None   # (p_adj[, p_eq_adj]) -> verdict, after Holm
+    p: float = math.nan  # raw p of the difference test (stat / compute rows); NaN: no p-value
+    verdict: str = INCONCLUSIVE  # the verdict as shown (Verdict.text)
+    decide: Callable[..., Verdict | str] | None = None  # (p_adj[, p_eq_adj]) -> verdict, after Holm
     p_adj: float = math.nan
-    p_eq: float = math.nan           # raw p of the equivalence test (TOST); NaN: none
+    p_eq: float = math.nan  # raw p of the equivalence test (TOST); NaN: none
     p_eq_adj: float = math.nan
-    why: str = ""                    # the branch of the rule that decided the row, with its numbers
-    exploratory: bool = False        # outside the Holm family: no verdict word from the rule
-    tuning: str = ""                 # the pair's tuning status (reports/fairness.py); "" on exact / speed rows
+    why: str = ""  # the branch of the rule that decided the row, with its numbers
+    exploratory: bool = False  # outside the Holm family: no verdict word from the rule
+    tuning: str = ""  # the pair's tuning status (reports/fairness.py); "" on exact / speed rows
 
 
 def row_verdict(row: Row) -> Verdict:
@@ -204,12 +306,13 @@ def set_verdict(row: Row, v: Verdict | str) -> None:
 @dataclass
 class Context:
     """What the claims need from one block of runs."""
-    runs: pd.DataFrame                 # finished trials of the block (one preset)
-    curves: pd.DataFrame               # compute.eval_curves of those runs
-    speed_rows: pd.DataFrame           # speed.speed_rows_for(...)
-    match: tuple[str, float] | None    # (by, tolerance) of a matched matrix, else None
+
+    runs: pd.DataFrame  # finished trials of the block (one preset)
+    curves: pd.DataFrame  # compute.eval_curves of those runs
+    speed_rows: pd.DataFrame  # speed.speed_rows_for(...)
+    match: tuple[str, float] | None  # (by, tolerance) of a matched matrix, else None
     folded: dict[str, str]
-    target: float | None = None        # target val loss fixed before the runs (matrix [verdicts] target_loss)
+    target: float | None = None  # target val loss fixed before the runs (matrix [verdicts] target_loss)
     margins: Margins = field(default_factory=Margins)
 
 
@@ -217,8 +320,9 @@ def _rel(a: float, b: float) -> str:
     return f"{100 * (a - b) / abs(b):+.1f}%" if b and math.isfinite(a) and math.isfinite(b) else "n/a"
 
 
-def exact_value(runs: pd.DataFrame, arm: str, metric: str, fallback: tuple[str, ...] = (),
-                speed_rows: pd.DataFrame | None = None) -> tuple[float, bool]:
+def exact_value(
+    runs: pd.DataFrame, arm: str, metric: str, fallback: tuple[str, ...] = (), speed_rows: pd.DataFrame | None = None
+) -> tuple[float, bool]:
     """The arm's value of a deterministic metric and whether all its seeds agree (they should)."""
     for m in (metric, *fallback):
         vals = runs.loc[runs.arm.eq(arm), m].dropna() if m in runs else pd.Series(dtype=float)
@@ -245,8 +349,17 @@ def _exact_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
     diff = f"exact: {fmt(va - vb, claim.scale)} ({gap}, unrounded){note}"
     if claim.direction == 0:
         if ctx.match is None:
-            return Row(claim, label, a, b, a_text, b_text, f"{diff}; the matrix is not matched", verdict=NOT_MATCHED,
-                       why="no [match] section: equality is not judged")
+            return Row(
+                claim,
+                label,
+                a,
+                b,
+                a_text,
+                b_text,
+                f"{diff}; the matrix is not matched",
+                verdict=NOT_MATCHED,
+                why="no [match] section: equality is not judged",
+            )
         by, tol = ctx.match
         row = Row(claim, label, a, b, a_text, b_text, f"{diff}; matched on {by} params within ±{tol:.0%}")
         set_verdict(row, exact_verdict(va, vb, 0, tol))
@@ -294,20 +407,33 @@ def _stat_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
         p_diff.append(t_p_value(d))
         p_eq.append(tost_p_value(d, margin))
         n.append(p.n)
-        if log:   # the tested quantity: the geometric-mean ratio A/B and its interval
+        if log:  # the tested quantity: the geometric-mean ratio A/B and its interval
             ratio = [math.exp(x) for x in (p.diff.mean, p.diff.low, p.diff.high)]
             ci = f"[{fmt(ratio[1])}, {fmt(ratio[2])}]" if p.n > 1 else "(n=1, no CI)"
-            diffs.append(f"{(_short(m) + ' ') if claim.also else ''}×{fmt(ratio[0])} {ci} "
-                         f"({100 * (ratio[0] - 1):+.1f}%)")
+            diffs.append(
+                f"{(_short(m) + ' ') if claim.also else ''}×{fmt(ratio[0])} {ci} ({100 * (ratio[0] - 1):+.1f}%)"
+            )
         else:
             rel = f"{100 * p.diff.mean / abs(p.b_mean):+.1f}%" if p.b_mean else "n/a"
             diffs.append(f"{fmt_ci(p.diff, claim.scale, sign=True)} ({rel})")
     if not diffs or len(diffs) < len(measures):
-        return Row(claim, label, a, b, *texts, "no paired seeds" if not diffs else "a measure has no paired seeds",
-                   verdict=INCONCLUSIVE, why="no paired seeds: no test")
+        return Row(
+            claim,
+            label,
+            a,
+            b,
+            *texts,
+            "no paired seeds" if not diffs else "a measure has no paired seeds",
+            verdict=INCONCLUSIVE,
+            why="no paired seeds: no test",
+        )
     what = "A/B" if log else "A − B"
-    diff = (f"{what} " + "; ".join(diffs) + f", unadjusted 95% CI, {min(n)} paired; margin ±{margin_text}"
-            + (" (on log ppl)" if log and claim.margin == "loss" else ""))
+    diff = (
+        f"{what} "
+        + "; ".join(diffs)
+        + f", unadjusted 95% CI, {min(n)} paired; margin ±{margin_text}"
+        + (" (on log ppl)" if log and claim.margin == "loss" else "")
+    )
     # one claim, several measures: intersection-union, the claim's p is the largest of its measures'
     p_all = max(p_diff) if all(math.isfinite(x) for x in p_diff) else math.nan
     eq_all = max(p_eq) if all(math.isfinite(x) for x in p_eq) else math.nan
@@ -315,12 +441,14 @@ def _stat_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
 
     def decide_row(p_adj: float, p_eq_adj: float) -> Verdict:
         return decide(side, p_adj, p_eq_adj, margin_text)
+
     return Row(claim, label, a, b, *texts, diff, p=p_all, p_eq=eq_all, decide=decide_row)
 
 
 def _speed_metric(claim: Claim, ctx: Context, arm: str) -> str:
     if claim.metric == "decode:max":
         from reports.speed import decode_batches
+
         batches = [x for x in decode_batches(ctx.speed_rows) if x > 1] if len(ctx.speed_rows) else []
         return names.speed_decode(max(batches)) if batches else names.speed_decode(8)
     optimizer = ctx.runs.loc[ctx.runs.arm.eq(arm), "optimizer"]
@@ -335,10 +463,10 @@ def _speed_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
     for arm in (a, b):
         variant = ctx.runs.loc[ctx.runs.arm.eq(arm), "variant"]
         rows.append(row_for(ctx.speed_rows, variant.iloc[0], None) if len(variant) else None)
-    c = speed_comparison(a, b, *rows, _speed_metric(claim, ctx, a), _speed_metric(claim, ctx, b), claim.direction,
-                         claim.scale)
-    return Row(claim, label, a, b, c.a_text, c.b_text, c.diff_text, verdict=c.verdict if c.measured
-               else NOT_MEASURED)
+    c = speed_comparison(
+        a, b, *rows, _speed_metric(claim, ctx, a), _speed_metric(claim, ctx, b), claim.direction, claim.scale
+    )
+    return Row(claim, label, a, b, c.a_text, c.b_text, c.diff_text, verdict=c.verdict if c.measured else NOT_MEASURED)
 
 
 def _compute_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
@@ -353,30 +481,66 @@ def _compute_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
     unit = AXES[claim.metric]
     a_text = f"{a}: {fmt(med.get('a', math.nan))} {unit}"
     b_text = f"{b}: {fmt(med.get('b', math.nan))} {unit}"
-    where = ("target val loss " + fmt(target) + (" (set before the runs)" if fixed else
-             " (the worse arm's final loss, chosen after the runs)")
-             + ("; stable-phase evals of a WSD schedule" if wsd else "; cosine schedule"))
+    where = (
+        "target val loss "
+        + fmt(target)
+        + (" (set before the runs)" if fixed else " (the worse arm's final loss, chosen after the runs)")
+        + ("; stable-phase evals of a WSD schedule" if wsd else "; cosine schedule")
+    )
     if t.n == 0:
-        return Row(claim, label, a, b, a_text, b_text, f"{where}: no seed with a ratio", verdict=INCONCLUSIVE,
-                   why="no seed on which at least one arm reaches the target")
+        return Row(
+            claim,
+            label,
+            a,
+            b,
+            a_text,
+            b_text,
+            f"{where}: no seed with a ratio",
+            verdict=INCONCLUSIVE,
+            why="no seed on which at least one arm reaches the target",
+        )
     beside = []
     for axis in AXES:
         if axis != claim.metric:
             o = to_target(curves, a, b, axis, target)
             beside.append(f"{AXES[axis]} ×{fmt_ci(o.multiplier)}")
-    cens = [f"{arm} never reaches it on seed(s) {', '.join(map(str, s))} (counted at the compute it had)"
-            for arm, s in ((a, t.censored("a")), (b, t.censored("b"))) if s]
+    cens = [
+        f"{arm} never reaches it on seed(s) {', '.join(map(str, s))} (counted at the compute it had)"
+        for arm, s in ((a, t.censored("a")), (b, t.censored("b")))
+        if s
+    ]
     if t.both_censored:
         cens.append(f"{t.both_censored} seed(s) where neither reaches it (no ratio)")
-    diff = (f"{unit} ×{fmt_ci(t.multiplier)} (unadjusted 95% CI) over {t.n} seed(s); "
-            + "; ".join(beside) + " (same seeds: the same evidence, not tested apart); " + where
-            + "".join(f"; {c}" for c in cens) + f"; margin ±{100 * ctx.margins.ratio:g}%")
-    reasons = ([] if fixed else ["no target_loss set before the runs ([verdicts] target_loss)"]) + \
-        ([] if wsd else ["cosine schedule: an arm read mid-run is at a higher learning rate than one read at its "
-                         "end (schedule and speed confounded; use train.schedule = \"wsd\")"])
+    diff = (
+        f"{unit} ×{fmt_ci(t.multiplier)} (unadjusted 95% CI) over {t.n} seed(s); "
+        + "; ".join(beside)
+        + " (same seeds: the same evidence, not tested apart); "
+        + where
+        + "".join(f"; {c}" for c in cens)
+        + f"; margin ±{100 * ctx.margins.ratio:g}%"
+    )
+    reasons = ([] if fixed else ["no target_loss set before the runs ([verdicts] target_loss)"]) + (
+        []
+        if wsd
+        else [
+            "cosine schedule: an arm read mid-run is at a higher learning rate than one read at its "
+            'end (schedule and speed confounded; use train.schedule = "wsd")'
+        ]
+    )
     if reasons:
-        return Row(claim, label, a, b, a_text, b_text, diff, p=t.p_value, verdict=EXPLORATORY,
-                   why="outside the Holm family: " + "; ".join(reasons), exploratory=True)
+        return Row(
+            claim,
+            label,
+            a,
+            b,
+            a_text,
+            b_text,
+            diff,
+            p=t.p_value,
+            verdict=EXPLORATORY,
+            why="outside the Holm family: " + "; ".join(reasons),
+            exploratory=True,
+        )
     margin_text = f"{100 * ctx.margins.ratio:g}%"
     # a censored seed enters at its bound: it can only count against its arm
     favoured, other = ("a", "b") if claim.direction < 0 else ("b", "a")
@@ -389,9 +553,14 @@ def _compute_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
             blocked = "a" if t.censored("a") else "b" if t.censored("b") else None
         if blocked and t.censored(blocked):
             arm = a if blocked == "a" else b
-            return Verdict(INCONCLUSIVE, v.rule + f"; but {arm} is censored (it needs at least the compute it had, "
-                           "a bound that cannot count in its favour)", v.margin)
+            return Verdict(
+                INCONCLUSIVE,
+                v.rule + f"; but {arm} is censored (it needs at least the compute it had, "
+                "a bound that cannot count in its favour)",
+                v.margin,
+            )
         return v
+
     return Row(claim, label, a, b, a_text, b_text, diff, p=t.p_value, p_eq=t.p_eq, decide=decide_row)
 
 
@@ -403,8 +572,16 @@ def claim_rows(ctx: Context, label: str = "") -> list[Row]:
     for claim in CLAIMS:
         pairs = [(a, b) for a, b in claim.pairs(ctx.runs) if a and b and a not in ctx.folded and b not in ctx.folded]
         if not pairs:
-            row = Row(claim, label, "", "", NOT_MEASURED, NOT_MEASURED, f"{NOT_MEASURED} (needs {claim.needs})",
-                      verdict=NOT_MEASURED)
+            row = Row(
+                claim,
+                label,
+                "",
+                "",
+                NOT_MEASURED,
+                NOT_MEASURED,
+                f"{NOT_MEASURED} (needs {claim.needs})",
+                verdict=NOT_MEASURED,
+            )
             rows.append(row)
             continue
         for a, b in pairs:
@@ -438,8 +615,9 @@ def apply_holm(rows: list[Row]) -> int:
     return len(fam)
 
 
-def fitted_rows(runs: pd.DataFrame, curves: pd.DataFrame, folded: dict[str, str],
-                target: float | None = None) -> list[Row]:
+def fitted_rows(
+    runs: pd.DataFrame, curves: pd.DataFrame, folded: dict[str, str], target: float | None = None
+) -> list[Row]:
     """With three or more sizes: the FLOPs multiplier read off fitted loss-vs-compute curves (each run's last eval),
     cluster bootstrap over shared seed ids. Exploratory rows (no p-value, outside the Holm family); fewer than
     MIN_SIZES sizes: not read (a 3-parameter curve through 3 sizes has no residual degrees of freedom)."""
@@ -458,15 +636,29 @@ def fitted_rows(runs: pd.DataFrame, curves: pd.DataFrame, folded: dict[str, str]
             sizes = min(points.loc[points.arm.eq(arm), "size"].nunique() for arm in (a, b))
             head = (claim, f"fit over {sizes} sizes", a, b, f"{a}: L = a C^-b + c", f"{b}: L = a C^-b + c")
             if sizes < MIN_SIZES:
-                rows.append(Row(*head, f"not read: {sizes} sizes (needs {MIN_SIZES}: L = a C^-b + c has 3 "
-                                "parameters, so 3 sizes leave no residual degree of freedom)", verdict=EXPLORATORY,
-                                why="fewer than 4 sizes", exploratory=True))
+                rows.append(
+                    Row(
+                        *head,
+                        f"not read: {sizes} sizes (needs {MIN_SIZES}: L = a C^-b + c has 3 "
+                        "parameters, so 3 sizes leave no residual degree of freedom)",
+                        verdict=EXPLORATORY,
+                        why="fewer than 4 sizes",
+                        exploratory=True,
+                    )
+                )
                 continue
             f = fitted_multiplier(points, a, b, target)
             if not math.isfinite(f.multiplier):
                 continue
-            rows.append(Row(*head, fitted_text(f), verdict=EXPLORATORY, why="no p-value: outside the Holm family",
-                            exploratory=True))
+            rows.append(
+                Row(
+                    *head,
+                    fitted_text(f),
+                    verdict=EXPLORATORY,
+                    why="no p-value: outside the Holm family",
+                    exploratory=True,
+                )
+            )
     return rows
 
 
@@ -478,12 +670,17 @@ def fitted_text(f) -> str:
     if f.n_unreached:
         notes.append(f"{f.n_unreached} of {f.n_resamples} resamples: a refitted curve never reaches the target")
     if f.n_extrapolated:
-        notes.append(f"{f.n_extrapolated} of {f.n_resamples} resamples extrapolate (a refit reaches the target "
-                     "outside its measured compute range)")
+        notes.append(
+            f"{f.n_extrapolated} of {f.n_resamples} resamples extrapolate (a refit reaches the target "
+            "outside its measured compute range)"
+        )
     if f.extrapolated:
         notes.append(f"the point fit extrapolates: {f.extrapolated} reaches the target outside its measured range")
     reading = "no reading"
     if has_ci and not f.n_extrapolated and not f.extrapolated and f.low > 0 and f.high < math.inf:
         reading = "interval below 1" if f.high < 1 else "interval above 1" if f.low > 1 else "interval spans 1"
-    return (f"FLOPs ×{fmt(f.multiplier)} {ci} at val loss {fmt(f.target)}; " + "; ".join(notes)
-            + f"; exploratory reading: {reading}")
+    return (
+        f"FLOPs ×{fmt(f.multiplier)} {ci} at val loss {fmt(f.target)}; "
+        + "; ".join(notes)
+        + f"; exploratory reading: {reading}"
+    )

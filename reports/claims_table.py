@@ -25,7 +25,7 @@ def _docs_link(out_dir: Path | None) -> str:
             rel = Path(os.path.relpath(doc, Path(out_dir).resolve()))
             if not rel.as_posix().startswith("../" * 6):
                 return f"[How verdicts are decided]({rel.as_posix()})"
-        except ValueError:      # another drive (Windows)
+        except ValueError:  # another drive (Windows)
             pass
     return f"How verdicts are decided: `{VERDICTS_DOC}` in the kimi-bench repository"
 
@@ -55,8 +55,17 @@ def claims_section(rows, folded: dict[str, str], match, family_size: int = 0, ou
         verdict = f"**{r.verdict}**" if r.verdict not in (NOT_MEASURED,) else r.verdict
         why = getattr(r, "why", "") or ("the speed rule below" if r.claim.kind == "speed" and r.a else "n/a")
         table.append([text, r.claim.paper, r.a_text, r.b_text, r.diff_text, _p_cell(r), r.tuning, verdict, why])
-    header = ["claim", "paper (Kimi vs GPT)", "A measured", "B measured", "A vs B", "p → Holm p", "tuning", "verdict",
-              "why (the rule's branch)"]
+    header = [
+        "claim",
+        "paper (Kimi vs GPT)",
+        "A measured",
+        "B measured",
+        "A vs B",
+        "p → Holm p",
+        "tuning",
+        "verdict",
+        "why (the rule's branch)",
+    ]
     notes = [
         _docs_link(out_dir) + ": the rules below, their margins and thresholds and the reasons for their defaults.",
         "A = Kimi (kimi+muon, else kimi+muonclip) and B = GPT (gpt+adamw) for the paper's table pair; optimizer "
@@ -75,7 +84,14 @@ def claims_section(rows, folded: dict[str, str], match, family_size: int = 0, ou
         SPEED_RULE.format(noisy=noisy_threshold()) if any(r.claim.kind == "speed" for r in rows) else "",
     ]
     if folded:
-        notes.insert(0, "Identical arms folded: " + "; ".join(
-            f"`{a}` equals `{b}` at every eval of every seed both ran (QK-Clip never fired), so its rows are "
-            f"`{b}`'s" for a, b in sorted(folded.items())) + ".")
+        notes.insert(
+            0,
+            "Identical arms folded: "
+            + "; ".join(
+                f"`{a}` equals `{b}` at every eval of every seed both ran (QK-Clip never fired), so its rows are "
+                f"`{b}`'s"
+                for a, b in sorted(folded.items())
+            )
+            + ".",
+        )
     return md_table(header, table) + "\n\n" + "\n\n".join(n for n in notes if n)

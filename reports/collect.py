@@ -45,9 +45,21 @@ SPEED_TAGS = schema.SPEED_TAG_COLUMNS
 # Curves: step-dense keys are read downsampled to about CURVE_POINTS points per run (first and last kept);
 # keys logged at evals (val/*) are read at every eval up to the server's cap of 2500 points per run.
 EVAL_POINTS = 2500
-_REST_RUNS = 100       # MLflow server: at most 100 run ids per get-history-bulk-interval request
-ID_COLUMNS = ["run_id", "experiment_id", "arm", "variant", "optimizer", "preset", "seed", "status",
-              "trial_key", "start_time", "end_time", "artifact_uri"]
+_REST_RUNS = 100  # MLflow server: at most 100 run ids per get-history-bulk-interval request
+ID_COLUMNS = [
+    "run_id",
+    "experiment_id",
+    "arm",
+    "variant",
+    "optimizer",
+    "preset",
+    "seed",
+    "status",
+    "trial_key",
+    "start_time",
+    "end_time",
+    "artifact_uri",
+]
 HISTORY_COLUMNS = ["run_id", "arm", "seed", "key", "step", "value", "timestamp"]
 # MLflow run status, used when a run has no kb.status tag (e.g. the process died before tagging)
 _MLFLOW_STATUS = schema.STATUS_FROM_MLFLOW
@@ -57,14 +69,15 @@ _PAGE = 1000
 @dataclass
 class Collected:
     """Everything a report needs from one experiment. `runs` is sorted by (arm, seed, run_id)."""
-    tracking_uri: str                 # as given or resolved (may hold credentials: print strip_credentials)
+
+    tracking_uri: str  # as given or resolved (may hold credentials: print strip_credentials)
     experiment: str
     experiment_id: str
-    runs: pd.DataFrame                # one row per trial after de-duplication
-    dropped: pd.DataFrame             # runs superseded by another run with the same trial key
-    matrix_runs: pd.DataFrame         # parent runs (kb.kind=matrix): run_id, start_time, command, git_commit, match.*
+    runs: pd.DataFrame  # one row per trial after de-duplication
+    dropped: pd.DataFrame  # runs superseded by another run with the same trial key
+    matrix_runs: pd.DataFrame  # parent runs (kb.kind=matrix): run_id, start_time, command, git_commit, match.*
     client: MlflowClient = field(repr=False)
-    speed: pd.DataFrame = field(default_factory=pd.DataFrame)   # controlled speed runs (kb.kind=speed)
+    speed: pd.DataFrame = field(default_factory=pd.DataFrame)  # controlled speed runs (kb.kind=speed)
 
     @property
     def n_dropped(self) -> int:
@@ -86,8 +99,9 @@ class Collected:
         h = h.merge(meta, on="run_id", how="left")[HISTORY_COLUMNS]
         return h.sort_values(["key", "run_id", "step", "timestamp"], kind="stable").reset_index(drop=True)
 
-    def curves(self, keys: str | list[str], run_ids: list[str] | None = None,
-               points: int = CURVE_POINTS) -> pd.DataFrame:
+    def curves(
+        self, keys: str | list[str], run_ids: list[str] | None = None, points: int = CURVE_POINTS
+    ) -> pd.DataFrame:
         """Like `history`, but downsampled: step-dense keys at about `points` points per run (first and last kept),
         eval keys (val/*) at every eval, the eval steps exact in every key. A run tagged `kb.curves` is read from its
         curves artifact (one small download, harness/stores/curves.py); any other run, or a key the artifact lacks,
@@ -98,10 +112,14 @@ class Collected:
         stored = self._stored_curves(ids, points)
         frames = []
         eval_steps: list[int] = []
-        for key in sorted(keys, key=lambda k: not is_eval_key(k)):   # evals first: their steps stay exact
+        for key in sorted(keys, key=lambda k: not is_eval_key(k)):  # evals first: their steps stay exact
             n = EVAL_POINTS if is_eval_key(key) else points
-            rows = [(rid, s, v, None) for rid, cur in stored.items() if key in cur
-                    for s, v in (cur[key] if len(cur[key]) <= n else thin(cur[key], n, eval_steps))]
+            rows = [
+                (rid, s, v, None)
+                for rid, cur in stored.items()
+                if key in cur
+                for s, v in (cur[key] if len(cur[key]) <= n else thin(cur[key], n, eval_steps))
+            ]
             rest = [rid for rid in ids if key not in stored.get(rid, {})]
             rows += _interval_history(self.client, key, rest, n, eval_steps)
             if is_eval_key(key):
@@ -109,8 +127,11 @@ class Collected:
             df = pd.DataFrame(rows, columns=["run_id", "step", "value", "timestamp"])
             df.insert(1, "key", key)
             frames.append(df.astype({"step": "int64", "value": "float64", "timestamp": "Int64"}))
-        h = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HISTORY_COLUMNS[:1] + [
-            "key", "step", "value", "timestamp"])
+        h = (
+            pd.concat(frames, ignore_index=True)
+            if frames
+            else pd.DataFrame(columns=HISTORY_COLUMNS[:1] + ["key", "step", "value", "timestamp"])
+        )
         meta = self.runs[["run_id", "arm", "seed"]]
         h = h.merge(meta, on="run_id", how="left")[HISTORY_COLUMNS]
         return h.sort_values(["key", "run_id", "step", "timestamp"], kind="stable").reset_index(drop=True)
@@ -122,8 +143,9 @@ class Collected:
         got = self._read_artifacts(tagged, lambda row: row.curves_artifact, read_curves)
         return {rid: cur for rid, (n, cur) in got.items() if n >= points}
 
-    def _read_artifacts(self, runs: pd.DataFrame, artifact: Callable[[Any], str],
-                        read: Callable[[Path], Any]) -> dict[str, Any]:
+    def _read_artifacts(
+        self, runs: pd.DataFrame, artifact: Callable[[Any], str], read: Callable[[Path], Any]
+    ) -> dict[str, Any]:
         """run_id -> read(local copy of the run's `artifact(row)`), for the runs that have it; the downloads run in
         parallel, straight from each run's artifact URI (no request per run to the tracking server first)."""
         if runs.empty:
@@ -134,14 +156,20 @@ class Collected:
             dst = Path(tmp) / row.run_id
             dst.mkdir()
             try:
-                path = download_artifacts(artifact_uri=f"{row.artifact_uri.rstrip('/')}/{artifact(row)}",
-                                          dst_path=str(dst), tracking_uri=self.tracking_uri)
+                path = download_artifacts(
+                    artifact_uri=f"{row.artifact_uri.rstrip('/')}/{artifact(row)}",
+                    dst_path=str(dst),
+                    tracking_uri=self.tracking_uri,
+                )
                 return row.run_id, read(Path(path))
             except Exception:  # not there (or unreadable): the caller goes without it
                 return row.run_id, None
 
-        with tempfile.TemporaryDirectory(prefix="kb-artifacts-") as tmp, _no_progress_bar(), \
-                ThreadPoolExecutor(max_workers=8) as pool:
+        with (
+            tempfile.TemporaryDirectory(prefix="kb-artifacts-") as tmp,
+            _no_progress_bar(),
+            ThreadPoolExecutor(max_workers=8) as pool,
+        ):
             got = list(pool.map(lambda row: fetch(row, tmp), runs.itertuples(index=False)))
         return {rid: value for rid, value in got if value is not None}
 
@@ -160,8 +188,9 @@ class Collected:
     def studies(self) -> dict[str, tuple[pd.DataFrame, dict | None]]:
         """Per arm, the Optuna study's trials (trials.csv) and importances (importances.json) logged on the
         experiment's study runs (kb.kind=study) by `kimi-bench tune`; empty when nothing was tuned."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{schema.KIND}` = '{schema.KIND_STUDY}'",
-                                       max_results=1000)
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`{schema.KIND}` = '{schema.KIND_STUDY}'", max_results=1000
+        )
         out: dict[str, tuple[pd.DataFrame, dict | None]] = {}
         with tempfile.TemporaryDirectory(prefix="kb-optuna-") as tmp, _no_progress_bar():
             for run in sorted(runs, key=lambda r: r.info.start_time):  # newest study of an arm wins
@@ -173,8 +202,11 @@ class Collected:
                 trials = pd.read_csv(self.client.download_artifacts(run.info.run_id, "trials.csv", str(folder)))
                 importances = None
                 if "importances.json" in artifacts:
-                    raw = json.loads(Path(self.client.download_artifacts(
-                        run.info.run_id, "importances.json", str(folder))).read_text())
+                    raw = json.loads(
+                        Path(
+                            self.client.download_artifacts(run.info.run_id, "importances.json", str(folder))
+                        ).read_text()
+                    )
                     importances = raw.get("importances") if isinstance(raw, dict) else None
                 out[run.data.tags.get(names.TAG_ARM, run.info.run_name)] = (trials, importances)
         return out
@@ -207,23 +239,33 @@ def collect(tracking_uri: str | None, experiment: str) -> Collected:
         names = sorted(e.name for e in _all_experiments(client))
         raise UserError(
             f"experiment: no MLflow experiment named {experiment!r} at {strip_credentials(uri)}; "
-            f"existing: {', '.join(names) or '(none)'}; pass one of them")
+            f"existing: {', '.join(names) or '(none)'}; pass one of them"
+        )
     trials = _search(client, exp.experiment_id, f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'")
     matrices = _search(client, exp.experiment_id, f"tags.`{schema.KIND}` = '{schema.KIND_MATRIX}'")
     speed = _search(client, exp.experiment_id, f"tags.`{schema.KIND}` = '{schema.KIND_SPEED}'")
     runs, dropped = _dedupe(_runs_frame(trials))
-    return Collected(tracking_uri=uri, experiment=experiment, experiment_id=exp.experiment_id,
-                     runs=runs, dropped=dropped, matrix_runs=_matrix_frame(matrices), client=client,
-                     speed=_speed_frame(speed))
+    return Collected(
+        tracking_uri=uri,
+        experiment=experiment,
+        experiment_id=exp.experiment_id,
+        runs=runs,
+        dropped=dropped,
+        matrix_runs=_matrix_frame(matrices),
+        client=client,
+        speed=_speed_frame(speed),
+    )
 
 
 def _check_sqlite_exists(uri: str) -> None:
     # MlflowClient would silently create an empty database at a mistyped path.
     if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        path = Path(uri[len("sqlite:///"):].split("?")[0])
+        path = Path(uri[len("sqlite:///") :].split("?")[0])
         if not path.exists():
-            raise UserError(f"tracking_uri: no MLflow database at {path} ({uri}); "
-                            "run some trials first or pass the right --tracking-uri")
+            raise UserError(
+                f"tracking_uri: no MLflow database at {path} ({uri}); "
+                "run some trials first or pass the right --tracking-uri"
+            )
 
 
 def _all_experiments(client: MlflowClient) -> list:
@@ -239,8 +281,9 @@ def _all_experiments(client: MlflowClient) -> list:
 def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
     out, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=_PAGE, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
+        page = client.search_runs(
+            [experiment_id], filter_string, max_results=_PAGE, page_token=token, order_by=["attributes.start_time ASC"]
+        )
         out += list(page)
         token = page.token
         if not token:
@@ -255,9 +298,14 @@ def _runs_frame(trials: list[Run]) -> pd.DataFrame:
     rows = []
     for r in trials:
         tags = r.data.tags
-        row = {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "artifact_uri": r.info.artifact_uri,
-               "start_time": _ms_to_time(r.info.start_time), "end_time": _ms_to_time(r.info.end_time),
-               "mlflow_status": r.info.status}
+        row = {
+            "run_id": r.info.run_id,
+            "experiment_id": r.info.experiment_id,
+            "artifact_uri": r.info.artifact_uri,
+            "start_time": _ms_to_time(r.info.start_time),
+            "end_time": _ms_to_time(r.info.end_time),
+            "mlflow_status": r.info.status,
+        }
         row |= {col: tags.get(tag) for tag, col in TRIAL_TAGS.items()}
         row["status"] = row["status"] or _MLFLOW_STATUS.get(r.info.status, r.info.status.lower())
         row |= dict(r.data.metrics)
@@ -283,7 +331,7 @@ def _runs_frame(trials: list[Run]) -> pd.DataFrame:
 
 def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One run per trial key: the finished one if any, else the newest (resumes and reruns share a key)."""
-    key = df.trial_key.fillna(df.run_id)   # a run without a key is its own trial
+    key = df.trial_key.fillna(df.run_id)  # a run without a key is its own trial
     order = df.assign(_key=key, _fin=df.status.eq("finished"))
     order = order.sort_values(["_key", "_fin", "start_time", "run_id"], ascending=[True, False, False, True])
     keep = ~order._key.duplicated()
@@ -294,13 +342,24 @@ def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _matrix_frame(matrices: list[Run]) -> pd.DataFrame:
-    match = (names.MATCH_BY, names.MATCH_REFERENCE, names.MATCH_TOLERANCE,
-             "verdicts.target_loss", "verdicts.loss_margin", "verdicts.ratio_margin")   # [verdicts]: the report's
-    rows = [{"run_id": r.info.run_id, "start_time": _ms_to_time(r.info.start_time),
-             "command": r.data.tags.get(names.TAG_COMMAND),
-             "git_commit": r.data.tags.get(names.TAG_GIT) or r.data.tags.get(schema.TAG_SOURCE_GIT),
-             **{k: r.data.params.get(k, r.data.tags.get(f"{schema.KB_PREFIX}{k}")) for k in match}}
-            for r in matrices]
+    match = (
+        names.MATCH_BY,
+        names.MATCH_REFERENCE,
+        names.MATCH_TOLERANCE,
+        "verdicts.target_loss",
+        "verdicts.loss_margin",
+        "verdicts.ratio_margin",
+    )  # [verdicts]: the report's
+    rows = [
+        {
+            "run_id": r.info.run_id,
+            "start_time": _ms_to_time(r.info.start_time),
+            "command": r.data.tags.get(names.TAG_COMMAND),
+            "git_commit": r.data.tags.get(names.TAG_GIT) or r.data.tags.get(schema.TAG_SOURCE_GIT),
+            **{k: r.data.params.get(k, r.data.tags.get(f"{schema.KB_PREFIX}{k}")) for k in match},
+        }
+        for r in matrices
+    ]
     df = pd.DataFrame(rows, columns=["run_id", "start_time", "command", "git_commit", *match])
     return df.sort_values(["start_time", "run_id"]).reset_index(drop=True)
 
@@ -343,14 +402,15 @@ def _bulk_history(client: MlflowClient, key: str, run_ids: list[str]) -> list[tu
     if bulk is None:
         return None
     rows = []
-    for i in range(0, len(run_ids), 500):   # bounded IN (...) lists
-        for m in bulk(run_ids[i:i + 500], key, max_results=2**62):
+    for i in range(0, len(run_ids), 500):  # bounded IN (...) lists
+        for m in bulk(run_ids[i : i + 500], key, max_results=2**62):
             rows.append((m.run_id, m.step, m.value, m.timestamp))
     return rows
 
 
-def _interval_history(client: MlflowClient, key: str, run_ids: list[str], points: int,
-                      extra_steps: list[int] | None = None) -> list[tuple]:
+def _interval_history(
+    client: MlflowClient, key: str, run_ids: list[str], points: int, extra_steps: list[int] | None = None
+) -> list[tuple]:
     """(run_id, step, value, timestamp) rows of `key`, at most `points` per run evenly over the logged rows
     with the first and last kept: the SQL store's get_metric_history_bulk_interval (sampled in SQL), or a
     server's get-history-bulk-interval endpoint (100 runs per request); else full histories thinned here."""
@@ -363,18 +423,20 @@ def _interval_history(client: MlflowClient, key: str, run_ids: list[str], points
         except Exception:  # an unusual backend or schema: MLflow's own sampler (slower: it scans the key)
             rows = []
             for i in range(0, len(run_ids), 500):
-                for m in store.get_metric_history_bulk_interval(run_ids[i:i + 500], key, points, None, None):
+                for m in store.get_metric_history_bulk_interval(run_ids[i : i + 500], key, points, None, None):
                     rows.append((m.run_id, m.step, m.value, m.timestamp))
             return rows
     if hasattr(store, "get_host_creds"):
         return _rest_interval_history(store, key, run_ids, points)
     rows = _bulk_history(client, key, run_ids) or [
-        (rid, m.step, m.value, m.timestamp) for rid in run_ids for m in client.get_metric_history(rid, key)]
+        (rid, m.step, m.value, m.timestamp) for rid in run_ids for m in client.get_metric_history(rid, key)
+    ]
     return _thin(rows, points)
 
 
-def _sql_interval_history(store, key: str, run_ids: list[str], points: int,
-                          extra_steps: list[int] | None = None) -> list[tuple]:
+def _sql_interval_history(
+    store, key: str, run_ids: list[str], points: int, extra_steps: list[int] | None = None
+) -> list[tuple]:
     """The SQL store, sampled by step on the (run_uuid, key, step) index: one query for each run's step range
     and row count, one for the rows at every stride-th logged step (first and last kept, and `extra_steps`, the
     eval steps, exact). MLflow's own sampler filters on the key first and scans every run's rows of that key."""
@@ -384,20 +446,27 @@ def _sql_interval_history(store, key: str, run_ids: list[str], points: int,
     extra = sorted({int(s) for s in extra_steps or []})
     with store.ManagedSessionMaker() as session:
         for i in range(0, len(run_ids), 500):
-            chunk = run_ids[i:i + 500]
+            chunk = run_ids[i : i + 500]
             ids = {f"r{j}": rid for j, rid in enumerate(chunk)}
             id_list = ", ".join(f":{k}" for k in ids)
-            ranges = session.execute(text(
-                f"SELECT run_uuid, MIN(step), MAX(step), COUNT(*) FROM metrics WHERE run_uuid IN ({id_list}) "
-                "AND key = :key GROUP BY run_uuid"), {**ids, "key": key}).fetchall()
+            ranges = session.execute(
+                text(
+                    f"SELECT run_uuid, MIN(step), MAX(step), COUNT(*) FROM metrics WHERE run_uuid IN ({id_list}) "
+                    "AND key = :key GROUP BY run_uuid"
+                ),
+                {**ids, "key": key},
+            ).fetchall()
             for rid, lo, hi, n in ranges:
                 spacing = max(1, round((hi - lo) / max(n - 1, 1)))
                 stride = spacing * max(1, math.ceil(n / max(points - 1, 1)))
                 steps = ", ".join(str(s) for s in extra if lo <= s <= hi) or "-1"
-                part = session.execute(text(
-                    "SELECT step, value, timestamp FROM metrics WHERE run_uuid = :rid AND key = :key AND "
-                    f"((step - :lo) % :stride = 0 OR step = :hi OR step IN ({steps})) ORDER BY step, timestamp"),
-                    {"rid": rid, "key": key, "lo": lo, "hi": hi, "stride": stride}).fetchall()
+                part = session.execute(
+                    text(
+                        "SELECT step, value, timestamp FROM metrics WHERE run_uuid = :rid AND key = :key AND "
+                        f"((step - :lo) % :stride = 0 OR step = :hi OR step IN ({steps})) ORDER BY step, timestamp"
+                    ),
+                    {"rid": rid, "key": key, "lo": lo, "hi": hi, "stride": stride},
+                ).fetchall()
                 rows += [(rid, int(st), float(v), int(ts)) for st, v, ts in part]
     return rows
 
@@ -410,12 +479,13 @@ def _rest_interval_history(store, key: str, run_ids: list[str], points: int) -> 
 
     def fetch(chunk: list[str]) -> list[tuple]:
         params = {"run_ids": chunk, "metric_key": key, "max_results": min(points, EVAL_POINTS)}
-        resp = verify_rest_response(http_request(store.get_host_creds(), endpoint, "GET", params=params),
-                                    endpoint)
-        return [(m["run_id"], int(m.get("step", 0)), float(m["value"]), int(m.get("timestamp", 0)))
-                for m in resp.json().get("metrics", [])]
+        resp = verify_rest_response(http_request(store.get_host_creds(), endpoint, "GET", params=params), endpoint)
+        return [
+            (m["run_id"], int(m.get("step", 0)), float(m["value"]), int(m.get("timestamp", 0)))
+            for m in resp.json().get("metrics", [])
+        ]
 
-    chunks = [run_ids[i:i + _REST_RUNS] for i in range(0, len(run_ids), _REST_RUNS)]
+    chunks = [run_ids[i : i + _REST_RUNS] for i in range(0, len(run_ids), _REST_RUNS)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         for part in pool.map(fetch, chunks):
             rows += part
@@ -440,7 +510,7 @@ def _setting(c: Collected, runs: pd.DataFrame, key: str) -> float | None:
     m = c.matrix_runs
     if len(m) and key in m:
         mine = m[m.run_id.isin(set(runs.parent_run_id.dropna()))] if "parent_run_id" in runs else m
-        vals = pd.to_numeric(mine[key], errors="coerce").dropna()     # "None": the field was not set
+        vals = pd.to_numeric(mine[key], errors="coerce").dropna()  # "None": the field was not set
         if len(vals):
             return float(vals.iloc[-1])
     return None
@@ -451,7 +521,7 @@ def verdict_settings(c: Collected, runs: pd.DataFrame):
     from reports.stats import Margins
 
     target = _setting(c, runs, "verdicts.target_loss")
-    legacy = "param.report.target_loss"          # an older spelling, on the trial runs
+    legacy = "param.report.target_loss"  # an older spelling, on the trial runs
     if target is None and legacy in runs and runs[legacy].notna().any():
         target = float(runs[legacy].dropna().iloc[0])
     loss, ratio = (_setting(c, runs, k) for k in VERDICT_SETTINGS[1:])

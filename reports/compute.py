@@ -36,7 +36,7 @@ def reach(x: np.ndarray, loss: np.ndarray, target: float) -> float:
     above = np.flatnonzero(~(loss <= target))
     if not len(above):
         return float(x[0])
-    i = int(above[-1]) + 1                         # first eval of the final run of evals at or below the target
+    i = int(above[-1]) + 1  # first eval of the final run of evals at or below the target
     x0, x1, l0, l1 = x[i - 1], x[i], loss[i - 1], loss[i]
     return float(x0 + (l0 - target) / (l0 - l1) * (x1 - x0))
 
@@ -70,15 +70,29 @@ def eval_curves(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         steps = g.step.to_numpy(float)
         tokens = _interp_at(steps, history[history.run_id.eq(rid) & history.key.eq(names.TRAIN_TOKENS)])
         seconds = _interp_at(steps, history[history.run_id.eq(rid) & history.key.eq(names.TRAIN_ELAPSED)])
-        out.append(pd.DataFrame({"run_id": rid, "arm": g.arm.to_numpy(), "seed": g.seed.to_numpy(),
-                                 "step": steps, "loss": g.value.to_numpy(float), "tokens": tokens,
-                                 "flops": tokens * float(fpt.get(rid, math.nan)), "seconds": seconds}))
+        out.append(
+            pd.DataFrame(
+                {
+                    "run_id": rid,
+                    "arm": g.arm.to_numpy(),
+                    "seed": g.seed.to_numpy(),
+                    "step": steps,
+                    "loss": g.value.to_numpy(float),
+                    "tokens": tokens,
+                    "flops": tokens * float(fpt.get(rid, math.nan)),
+                    "seconds": seconds,
+                }
+            )
+        )
     cols = ["run_id", "arm", "seed", "step", "loss", "tokens", "flops", "seconds"]
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
 
 
-SCHEDULE_PARAM, COOLDOWN_PARAM, SECONDS_PARAM = "param.train.schedule", "param.train.cooldown_frac", \
-    "param.train.seconds"
+SCHEDULE_PARAM, COOLDOWN_PARAM, SECONDS_PARAM = (
+    "param.train.schedule",
+    "param.train.cooldown_frac",
+    "param.train.seconds",
+)
 
 
 def schedule_of(runs: pd.DataFrame) -> str:
@@ -94,7 +108,7 @@ def stable_evals(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     another arm's. Progress = step / the run's last eval step (seconds / train.seconds for a wall-clock budget)."""
     meta = runs.set_index("run_id")
 
-    def number(col: str, rid: str) -> float:     # params are text: "0.2", or "null" for an unset budget
+    def number(col: str, rid: str) -> float:  # params are text: "0.2", or "null" for an unset budget
         return float(pd.to_numeric(meta[col].get(rid), errors="coerce")) if col in meta else math.nan
 
     keep = []
@@ -113,15 +127,16 @@ class ToTarget:
 
     A seed whose curve does not end at or below the target is censored: it enters at its bound (the x it had,
     the least it could need) and is flagged, so a verdict can refuse to favour a censored arm."""
+
     a_arm: str
     b_arm: str
     target: float
     axis: str
-    per_seed: pd.DataFrame          # seed, a, b, a_censored, b_censored, ratio (seeds where both censored dropped)
-    multiplier: Estimate            # geometric mean of ratio over seeds; CI from a t-interval of log ratio
-    p_value: float                  # two-sided paired t-test of log ratio = 0 (NaN: < 2 seeds or zero spread)
-    p_eq: float = math.nan          # TOST of |log ratio| < log(1 + margin)
-    both_censored: int = 0          # seeds where neither arm reached the target (no ratio)
+    per_seed: pd.DataFrame  # seed, a, b, a_censored, b_censored, ratio (seeds where both censored dropped)
+    multiplier: Estimate  # geometric mean of ratio over seeds; CI from a t-interval of log ratio
+    p_value: float  # two-sided paired t-test of log ratio = 0 (NaN: < 2 seeds or zero spread)
+    p_eq: float = math.nan  # TOST of |log ratio| < log(1 + margin)
+    both_censored: int = 0  # seeds where neither arm reached the target (no ratio)
 
     @property
     def n(self) -> int:
@@ -158,8 +173,14 @@ def ratio_estimate(ratios, level: float = LEVEL, margin: float = math.nan) -> tu
     return est, t_p_value(lr), p_eq
 
 
-def to_target(curves: pd.DataFrame, a_arm: str, b_arm: str, axis: str = "tokens",
-              target: float | None = None, margin: float = math.nan) -> ToTarget:
+def to_target(
+    curves: pd.DataFrame,
+    a_arm: str,
+    b_arm: str,
+    axis: str = "tokens",
+    target: float | None = None,
+    margin: float = math.nan,
+) -> ToTarget:
     """Per seed both arms ran: x needed by each to reach the target (last crossing; censored at the last eval's x
     when the curve ends above it), and the multiplier A/B. margin: relative equivalence margin of the multiplier."""
     target = target_loss(curves, a_arm, b_arm) if target is None or math.isnan(target) else float(target)
@@ -170,8 +191,10 @@ def to_target(curves: pd.DataFrame, a_arm: str, b_arm: str, axis: str = "tokens"
             x, cens = reach_or_bound(g[axis].to_numpy(), g.loss.to_numpy(), target)
             rows.append((arm, seed, x, cens))
     df = pd.DataFrame(rows, columns=["arm", "seed", "x", "censored"])
-    side = {k: df[df.arm.eq(arm)].groupby("seed").agg(x=("x", "mean"), censored=("censored", "any"))
-            for k, arm in (("a", a_arm), ("b", b_arm))}
+    side = {
+        k: df[df.arm.eq(arm)].groupby("seed").agg(x=("x", "mean"), censored=("censored", "any"))
+        for k, arm in (("a", a_arm), ("b", b_arm))
+    }
     per = side["a"].merge(side["b"], left_index=True, right_index=True, suffixes=("_a", "_b")).reset_index()
     per = per.rename(columns={"x_a": "a", "x_b": "b", "censored_a": "a_censored", "censored_b": "b_censored"})
     per = per.dropna(subset=["a", "b"])
@@ -185,9 +208,11 @@ def to_target(curves: pd.DataFrame, a_arm: str, b_arm: str, axis: str = "tokens"
 
 # ----------------------------------------------------------------------------- scaling fit
 
+
 @dataclass(frozen=True)
 class PowerLaw:
     """L(C) = a * (C / c0)^-b + c, with c0 the geometric mean of the fitted C (keeps a well scaled)."""
+
     a: float
     b: float
     c: float
@@ -221,15 +246,21 @@ def fit_power_law(compute, loss) -> PowerLaw | None:
 
     x = c_arr / c0
     try:
-        popt, _ = curve_fit(f, x, l_arr, p0=[max(float(l_arr.max() - lmin), 1e-3), 0.3, 0.5 * lmin],
-                            bounds=([1e-12, 1e-4, 0.0], [np.inf, 3.0, lmin]), maxfev=20_000)
+        popt, _ = curve_fit(
+            f,
+            x,
+            l_arr,
+            p0=[max(float(l_arr.max() - lmin), 1e-3), 0.3, 0.5 * lmin],
+            bounds=([1e-12, 1e-4, 0.0], [np.inf, 3.0, lmin]),
+            maxfev=20_000,
+        )
     except (RuntimeError, ValueError):
         return None
     return PowerLaw(float(popt[0]), float(popt[1]), float(popt[2]), c0)
 
 
-MIN_SIZES = 4        # L = a C^-b + c has 3 parameters: 4 sizes leave one residual degree of freedom
-EDGE_SLACK = 1.5     # a fitted curve may reach the target up to 1.5x beyond the compute its runs span
+MIN_SIZES = 4  # L = a C^-b + c has 3 parameters: 4 sizes leave one residual degree of freedom
+EDGE_SLACK = 1.5  # a fitted curve may reach the target up to 1.5x beyond the compute its runs span
 
 
 @dataclass(frozen=True)
@@ -239,15 +270,15 @@ class FittedMultiplier:
     target: float
     fit_a: PowerLaw | None
     fit_b: PowerLaw | None
-    multiplier: float               # C_A(target) / C_B(target)
-    low: float                      # cluster-bootstrap percentile interval over shared seed ids (NaN: < 2 seeds);
-    high: float                     # 0 / inf where B's / A's refitted curve misses the target
+    multiplier: float  # C_A(target) / C_B(target)
+    low: float  # cluster-bootstrap percentile interval over shared seed ids (NaN: < 2 seeds);
+    high: float  # 0 / inf where B's / A's refitted curve misses the target
     n_sizes: int
-    n_unreached: int = 0            # resamples where one arm's refitted curve never reaches the target
-    n_resamples: int = 0            # resamples with both fits
-    n_extrapolated: int = 0         # resamples where an arm's refit reaches the target outside its compute range
-    seeds: tuple = ()               # the seed ids resampled (shared by both arms at every size)
-    extrapolated: str = ""          # the arm whose point fit reaches the target outside its range ("" if none)
+    n_unreached: int = 0  # resamples where one arm's refitted curve never reaches the target
+    n_resamples: int = 0  # resamples with both fits
+    n_extrapolated: int = 0  # resamples where an arm's refit reaches the target outside its compute range
+    seeds: tuple = ()  # the seed ids resampled (shared by both arms at every size)
+    extrapolated: str = ""  # the arm whose point fit reaches the target outside its range ("" if none)
 
 
 def _fit_points(points: pd.DataFrame, arm: str) -> pd.DataFrame:
@@ -268,8 +299,15 @@ def outside_range(fit: PowerLaw | None, compute: pd.Series, target: float, slack
     return not (compute.min() / slack <= need <= compute.max() * slack)
 
 
-def fitted_multiplier(points: pd.DataFrame, a_arm: str, b_arm: str, target: float | None = None,
-                      n_boot: int = N_BOOT_FIT, seed: int = BOOT_SEED, level: float = LEVEL) -> FittedMultiplier:
+def fitted_multiplier(
+    points: pd.DataFrame,
+    a_arm: str,
+    b_arm: str,
+    target: float | None = None,
+    n_boot: int = N_BOOT_FIT,
+    seed: int = BOOT_SEED,
+    level: float = LEVEL,
+) -> FittedMultiplier:
     """points: one row per (arm, size, seed) with compute (e.g. training FLOPs) and final loss.
     The target defaults to the worse arm's mean final loss at the largest size (both curves reach it).
     Cluster bootstrap: resample seed ids (shared by both arms and all sizes) with replacement, take every point of
@@ -284,11 +322,11 @@ def fitted_multiplier(points: pd.DataFrame, a_arm: str, b_arm: str, target: floa
         target = float(max(finals)) if finals else math.nan
     n_sizes = int(min(pa["size"].nunique(), pb["size"].nunique())) if len(pa) and len(pb) else 0
     if fa is None or fb is None:
-        return FittedMultiplier(a_arm, b_arm, target, fa, fb, math.nan, math.nan, math.nan, n_sizes,
-                                seeds=tuple(seeds))
+        return FittedMultiplier(a_arm, b_arm, target, fa, fb, math.nan, math.nan, math.nan, n_sizes, seeds=tuple(seeds))
     mult = fa.compute_for(target) / fb.compute_for(target)
-    point_extra = next((arm for arm, f, p in ((a_arm, fa, pa), (b_arm, fb, pb))
-                        if outside_range(f, p.compute, target)), "")
+    point_extra = next(
+        (arm for arm, f, p in ((a_arm, fa, pa), (b_arm, fb, pb)) if outside_range(f, p.compute, target)), ""
+    )
     rng = np.random.default_rng(seed)
     boots, n_extra = [], 0
     if len(seeds) > 1:
@@ -304,14 +342,28 @@ def fitted_multiplier(points: pd.DataFrame, a_arm: str, b_arm: str, target: floa
             # an arm whose refit never reaches the target needs unbounded compute: the ratio is inf (A) or 0 (B),
             # kept so the interval says so; dropping them would bias it towards the other arm
             boots.append(math.nan if math.isinf(need_a) and math.isinf(need_b) else need_a / need_b)
-    usable = [m for m in boots if not math.isnan(m)]   # 0 and inf included
-    if len(usable) >= 20:   # inverted_cdf: no interpolation, so a tail of 0s or infs stays 0 or inf
+    usable = [m for m in boots if not math.isnan(m)]  # 0 and inf included
+    if len(usable) >= 20:  # inverted_cdf: no interpolation, so a tail of 0s or infs stays 0 or inf
         low, high = (float(q) for q in np.quantile(usable, [0.5 - level / 2, 0.5 + level / 2], method="inverted_cdf"))
     else:
         low = high = math.nan
     unreached = sum(1 for m in boots if not 0 < m < math.inf)
-    return FittedMultiplier(a_arm, b_arm, target, fa, fb, float(mult), low, high, n_sizes, unreached, len(boots),
-                            n_extra, tuple(seeds), point_extra)
+    return FittedMultiplier(
+        a_arm,
+        b_arm,
+        target,
+        fa,
+        fb,
+        float(mult),
+        low,
+        high,
+        n_sizes,
+        unreached,
+        len(boots),
+        n_extra,
+        tuple(seeds),
+        point_extra,
+    )
 
 
 def scaling_points(curves: pd.DataFrame, runs: pd.DataFrame, axis: str = "flops") -> pd.DataFrame:
@@ -319,5 +371,6 @@ def scaling_points(curves: pd.DataFrame, runs: pd.DataFrame, axis: str = "flops"
     last = curves.sort_values("step").groupby("run_id").last()
     meta = runs.set_index("run_id")[["preset"]]
     df = last.join(meta, how="inner")
-    return pd.DataFrame({"arm": df.arm, "size": df.preset, "seed": df.seed, "compute": df[axis],
-                         "loss": df.loss}).reset_index(drop=True)
+    return pd.DataFrame(
+        {"arm": df.arm, "size": df.preset, "seed": df.seed, "compute": df[axis], "loss": df.loss}
+    ).reset_index(drop=True)

@@ -32,14 +32,17 @@ BASE_VARIANT, BASE_OPTIMIZER = "gpt", "adamw"
 @dataclass(frozen=True)
 class Block:
     """The four arms of one 2x2: variant vs base variant, optimizer vs base optimizer."""
+
     variant: str
     base_variant: str
     optimizer: str
     base_optimizer: str
 
     def arm(self, variant_side: bool, optimizer_side: bool) -> str:
-        return (f"{self.variant if variant_side else self.base_variant}+"
-                f"{self.optimizer if optimizer_side else self.base_optimizer}")
+        return (
+            f"{self.variant if variant_side else self.base_variant}+"
+            f"{self.optimizer if optimizer_side else self.base_optimizer}"
+        )
 
     @property
     def arms(self) -> list[str]:
@@ -71,8 +74,10 @@ CONTRASTS: list[tuple[str, dict[tuple[bool, bool], int]]] = [
     ("architecture {v} vs {bv}, at {o}", {(True, True): 1, (False, True): -1}),
     ("optimizer {o} vs {bo}, at {bv}", {(False, True): 1, (False, False): -1}),
     ("optimizer {o} vs {bo}, at {v}", {(True, True): 1, (True, False): -1}),
-    ("interaction (architecture effect at {o} - at {bo})",
-     {(True, True): 1, (False, True): -1, (True, False): -1, (False, False): 1}),
+    (
+        "interaction (architecture effect at {o} - at {bo})",
+        {(True, True): 1, (False, True): -1, (True, False): -1, (False, False): 1},
+    ),
     ("both changes: {v}+{o} vs {bv}+{bo}", {(True, True): 1, (False, False): -1}),
 ]
 
@@ -89,8 +94,7 @@ def per_seed(values: pd.DataFrame, b: Block) -> pd.DataFrame:
     return table[np.isfinite(table).all(axis=1)]
 
 
-def contrast(table: pd.DataFrame, b: Block, weights: dict[tuple[bool, bool], int], log: bool = False
-             ) -> Estimate:
+def contrast(table: pd.DataFrame, b: Block, weights: dict[tuple[bool, bool], int], log: bool = False) -> Estimate:
     """The contrast per seed, and its mean with a 95% t-interval; log=True: on log values, returned as a ratio."""
     x = np.log(table) if log else table
     d = sum(w * x[b.arm(*side)] for side, w in weights.items())
@@ -110,8 +114,9 @@ def metric_values(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     return runs[["arm", "seed", metric]].rename(columns={metric: "x"}).dropna()
 
 
-def compute_values(curves: pd.DataFrame, b: Block, target: float | None, axis: str = "tokens"
-                   ) -> tuple[pd.DataFrame, float]:
+def compute_values(
+    curves: pd.DataFrame, b: Block, target: float | None, axis: str = "tokens"
+) -> tuple[pd.DataFrame, float]:
     """(arm, seed, x = tokens to reach the target) of the block's runs, and the target."""
     from reports.compute import reach
 
@@ -135,9 +140,15 @@ def decomposition(runs: pd.DataFrame, curves: pd.DataFrame, b: Block, target: fl
     tokens = tokens[(tokens > 0).all(axis=1)]
     out = []
     for text, weights in CONTRASTS:
-        out.append({"effect": _label(text, b), "val_loss": contrast(loss, b, weights),
-                    "bpb": contrast(bpb, b, weights), "tokens": contrast(tokens, b, weights, log=True),
-                    "target": tgt})
+        out.append(
+            {
+                "effect": _label(text, b),
+                "val_loss": contrast(loss, b, weights),
+                "bpb": contrast(bpb, b, weights),
+                "tokens": contrast(tokens, b, weights, log=True),
+                "target": tgt,
+            }
+        )
     return out
 
 
@@ -151,11 +162,22 @@ def section(runs: pd.DataFrame, curves: pd.DataFrame, target: float | None = Non
     parts = []
     for b in bs:
         rows = decomposition(runs, curves, b, target)
-        table = [[r["effect"], fmt_ci(r["val_loss"], sign=True), fmt_ci(r["bpb"], sign=True),
-                  f"×{fmt_ci(r['tokens'])}", max(r["val_loss"].n, r["tokens"].n)] for r in rows]
-        parts.append(f"Arms {', '.join(b.arms)}; tokens to the target val loss {fmt(rows[0]['target'])}:\n\n"
-                     + md_table(["effect", "val loss Δ [95% CI]", "bits/byte Δ [95% CI]",
-                                 "tokens to target × [95% CI]", "seeds"], table))
+        table = [
+            [
+                r["effect"],
+                fmt_ci(r["val_loss"], sign=True),
+                fmt_ci(r["bpb"], sign=True),
+                f"×{fmt_ci(r['tokens'])}",
+                max(r["val_loss"].n, r["tokens"].n),
+            ]
+            for r in rows
+        ]
+        parts.append(
+            f"Arms {', '.join(b.arms)}; tokens to the target val loss {fmt(rows[0]['target'])}:\n\n"
+            + md_table(
+                ["effect", "val loss Δ [95% CI]", "bits/byte Δ [95% CI]", "tokens to target × [95% CI]", "seeds"], table
+            )
+        )
     parts.append(
         "Each effect per seed over the seeds all four arms finished (paired: same seed, same data order), mean and "
         "95% Student-t interval; Δ < 0 and × < 1 favour the first-named side (the variant, or the optimizer). "
@@ -163,5 +185,6 @@ def section(runs: pd.DataFrame, curves: pd.DataFrame, target: float | None = Non
         "against the base optimizer at one variant; interaction: how much the architecture effect changes with the "
         "optimizer (difference of differences; tokens: ratio of ratios, 1 = none). Both changes = architecture at "
         "the base optimizer + optimizer at the variant. These effects carry the arms' tuning status (see Tuning "
-        "budget): an optimizer effect between untuned arms is provisional.")
+        "budget): an optimizer effect between untuned arms is provisional."
+    )
     return "\n\n".join(parts)

@@ -49,7 +49,8 @@ RULE = (
     "differ is only plainly **supported** / **not supported** when both were tuned with equal budgets and neither "
     f"best learning rate lies in the outer {EDGE_FRACTION:.0%} (log scale) of its range; otherwise the verdict reads "
     "provisional, its interval and p unchanged (an untuned baseline can manufacture a ~2x optimizer speedup: Wen et "
-    "al. 2025). Exact facts and speed rows do not depend on tuning.")
+    "al. 2025). Exact facts and speed rows do not depend on tuning."
+)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class ArmTuning:
 
 # ----------------------------------------------------------------------------- rules
 
+
 def lr_dims(space: list[dict]) -> list[dict]:
     """The learning-rate dimensions of a search space: numeric, log scale, named *lr."""
     return [d for d in space if d.get("log") and str(d.get("name", "")).endswith("lr") and "low" in d]
@@ -96,8 +98,11 @@ def at_edge(value: float, low: float, high: float, fraction: float = EDGE_FRACTI
 
 
 def edge_dims(space: list[dict], best: dict) -> list[str]:
-    return [d["name"] for d in lr_dims(space) if d["name"] in best
-            and at_edge(float(best[d["name"]]), float(d["low"]), float(d["high"]))]
+    return [
+        d["name"]
+        for d in lr_dims(space)
+        if d["name"] in best and at_edge(float(best[d["name"]]), float(d["low"]), float(d["high"]))
+    ]
 
 
 def pair_status(ta: ArmTuning, tb: ArmTuning) -> tuple[str, str | None]:
@@ -141,23 +146,40 @@ def banner(tuning: dict[str, ArmTuning], runs: pd.DataFrame) -> str:
     arms = sorted(runs.arm.dropna().unique())
     tuned = [a for a in arms if tuning.get(a, ArmTuning(a)).tuned]
     if not tuned:
-        return ("> **Tuning.** Every arm ran on its default hyperparameters (no study): verdicts between optimizers "
-                "are provisional (an untuned baseline can manufacture a speedup).")
+        return (
+            "> **Tuning.** Every arm ran on its default hyperparameters (no study): verdicts between optimizers "
+            "are provisional (an untuned baseline can manufacture a speedup)."
+        )
     if len(tuned) < len(arms):
-        return (f"> **Tuning.** Tuned: {', '.join(tuned)}; on defaults: "
-                f"{', '.join(a for a in arms if a not in tuned)}. Verdicts between a tuned and an untuned arm with "
-                "different optimizers are provisional.")
+        return (
+            f"> **Tuning.** Tuned: {', '.join(tuned)}; on defaults: "
+            f"{', '.join(a for a in arms if a not in tuned)}. Verdicts between a tuned and an untuned arm with "
+            "different optimizers are provisional."
+        )
     budgets = {tuning[a].budget for a in arms}
     seeds = sorted({tuning[a].seed for a in arms if tuning[a].seed is not None})
     eval_seeds = sorted({int(s) for s in runs.seed.dropna()})
     held = [s for s in seeds if s in eval_seeds]
-    where = (f" at seed {', '.join(map(str, seeds))}" + (", held out from the evaluation seeds" if not held else
-             ", which is also an evaluation seed (the best configuration was chosen and scored on the same noise)")
-             if seeds else "")
+    where = (
+        f" at seed {', '.join(map(str, seeds))}"
+        + (
+            ", held out from the evaluation seeds"
+            if not held
+            else ", which is also an evaluation seed (the best configuration was chosen and scored on the same noise)"
+        )
+        if seeds
+        else ""
+    )
     edges = [f"{a} {d}" for a in arms for d in tuning[a].edge]
-    text = (f"> **Tuning.** Every arm was tuned by its own study{where}, "
-            + (f"with an equal budget of {budgets.pop()} trials each" if len(budgets) == 1 and None not in budgets
-               else "with unequal budgets (see Tuning budget)") + ".")
+    text = (
+        f"> **Tuning.** Every arm was tuned by its own study{where}, "
+        + (
+            f"with an equal budget of {budgets.pop()} trials each"
+            if len(budgets) == 1 and None not in budgets
+            else "with unequal budgets (see Tuning budget)"
+        )
+        + "."
+    )
     if edges:
         text += f" Optimum at the edge of its range ({', '.join(edges)}): widen it; those verdicts are provisional."
     return text
@@ -195,8 +217,11 @@ def _counts(trials: pd.DataFrame) -> dict[str, int]:
 def _spent(client, experiment_id: str, study: str) -> tuple[float, float]:
     """(tokens, FLOPs) trained by the study's trials: each tune-trial run's last logged train/tokens, times the
     arm's FLOPs per token (logged by the trials that finished; the same model for every trial of a study)."""
-    runs = client.search_runs([experiment_id], f"tags.`kb.kind` = '{TAG_KIND_TUNE_TRIAL}' and "
-                              f"tags.`{TAG_STUDY}` = '{study}'", max_results=5000)
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`kb.kind` = '{TAG_KIND_TUNE_TRIAL}' and tags.`{TAG_STUDY}` = '{study}'",
+        max_results=5000,
+    )
     tokens = [r.data.metrics.get(names.TRAIN_TOKENS, 0.0) for r in runs]
     fpt = [r.data.metrics[names.FLOPS_PER_TOKEN] for r in runs if names.FLOPS_PER_TOKEN in r.data.metrics]
     total = float(sum(tokens)) if runs else math.nan
@@ -213,8 +238,9 @@ def arm_tuning(c, runs: pd.DataFrame) -> dict[str, ArmTuning]:
             wanted[arm] = study_of(sorted(sources)[-1])
     if not wanted:
         return out
-    study_runs = c.client.search_runs([c.experiment_id], f"tags.`{names.KIND}` = '{names.KIND_STUDY}'",
-                                      max_results=1000)
+    study_runs = c.client.search_runs(
+        [c.experiment_id], f"tags.`{names.KIND}` = '{names.KIND_STUDY}'", max_results=1000
+    )
     by_name = {}
     for r in sorted(study_runs, key=lambda r: r.info.start_time):  # the newest run of a study wins
         by_name[r.data.tags.get(TAG_STUDY, "")] = r
@@ -239,8 +265,9 @@ def arm_tuning(c, runs: pd.DataFrame) -> dict[str, ArmTuning]:
             if len(finite):
                 best = finite.loc[finite.value.idxmin()]
                 t.best_value = float(best.value)
-                t.best_params = t.best_params or {k[len("params_"):]: best[k] for k in finite if
-                                                  k.startswith("params_")}
+                t.best_params = t.best_params or {
+                    k[len("params_") :]: best[k] for k in finite if k.startswith("params_")
+                }
             t.edge = edge_dims(t.space, t.best_params)
             t.tokens, t.flops = _spent(c.client, c.experiment_id, study)
     return out
@@ -257,8 +284,10 @@ def _finite(trials: pd.DataFrame) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- the report section
 
+
 def _fmt(x: float) -> str:
     from harness.mdformat import fmt
+
     return fmt(x)
 
 
@@ -274,32 +303,62 @@ def budget_section(tuning: dict[str, ArmTuning], runs: pd.DataFrame) -> str:
 
     tuned = [t for t in tuning.values() if t.tuned]
     if not tuned:
-        return ("No arm was tuned: every arm ran on the matrix's hyperparameters. Add a `[tune]` section (e.g. "
-                "`[tune]` `trials = 8`) and `kimi-bench run --matrix` tunes every arm with the same budget first.")
+        return (
+            "No arm was tuned: every arm ran on the matrix's hyperparameters. Add a `[tune]` section (e.g. "
+            "`[tune]` `trials = 8`) and `kimi-bench run --matrix` tunes every arm with the same budget first."
+        )
     rows = []
     for t in tuning.values():
         if not t.tuned:
             rows.append([t.arm, "defaults (no study)", "", "", "", "", "", "", "", ""])
             continue
         c = t.counts
-        rows.append([t.arm, f"`{t.study}`", "" if t.seed is None else t.seed,
-                     "n/a" if c is None else t.budget, *(("n/a",) * 4 if c is None else
-                                                          (c["complete"], c["diverged"], c["pruned"], c["fail"])),
-                     _fmt(t.tokens), _fmt(t.flops)])
+        rows.append(
+            [
+                t.arm,
+                f"`{t.study}`",
+                "" if t.seed is None else t.seed,
+                "n/a" if c is None else t.budget,
+                *(("n/a",) * 4 if c is None else (c["complete"], c["diverged"], c["pruned"], c["fail"])),
+                _fmt(t.tokens),
+                _fmt(t.flops),
+            ]
+        )
     dims = {t.arm: len(t.space) for t in tuned if t.space}
-    parts = [md_table(["arm", "study", "tuned at seed", "budget (trials with a result)", "complete", "diverged",
-                       "pruned", "failed", "tokens trained", "FLOPs trained"], rows)]
+    parts = [
+        md_table(
+            [
+                "arm",
+                "study",
+                "tuned at seed",
+                "budget (trials with a result)",
+                "complete",
+                "diverged",
+                "pruned",
+                "failed",
+                "tokens trained",
+                "FLOPs trained",
+            ],
+            rows,
+        )
+    ]
     if len(set(dims.values())) > 1:
-        parts.append("Search spaces differ in dimension: " + ", ".join(f"{a} {n} dims" for a, n in dims.items())
-                     + " (an equal trial budget spreads thinner over more dimensions).")
+        parts.append(
+            "Search spaces differ in dimension: "
+            + ", ".join(f"{a} {n} dims" for a, n in dims.items())
+            + " (an equal trial budget spreads thinner over more dimensions)."
+        )
     eval_seeds = sorted({int(s) for s in runs.seed.dropna()})
     overlap = sorted({t.seed for t in tuned if t.seed in eval_seeds})
     if overlap:
-        parts.append(f"Warning: a study tuned at seed {', '.join(map(str, overlap))}, also an evaluation seed: the "
-                     "best configuration was chosen and scored on the same noise.")
+        parts.append(
+            f"Warning: a study tuned at seed {', '.join(map(str, overlap))}, also an evaluation seed: the "
+            "best configuration was chosen and scored on the same noise."
+        )
     elif any(t.seed is not None for t in tuned):
-        parts.append(f"The studies tuned at seeds held out from the evaluation seeds "
-                     f"({', '.join(map(str, eval_seeds))}).")
+        parts.append(
+            f"The studies tuned at seeds held out from the evaluation seeds ({', '.join(map(str, eval_seeds))})."
+        )
     space_rows = []
     for t in tuned:
         for d in t.space:
@@ -308,16 +367,21 @@ def budget_section(tuning: dict[str, ArmTuning], runs: pd.DataFrame) -> str:
             flag = WIDEN if d["name"] in t.edge else ""
             space_rows.append([t.arm, d["name"], _range(d), shown, flag])
     if space_rows:
-        parts.append("Search space and best value per arm:\n\n" + md_table(
-            ["arm", "dimension", "range", "best", "note"], space_rows))
+        parts.append(
+            "Search space and best value per arm:\n\n"
+            + md_table(["arm", "dimension", "range", "best", "note"], space_rows)
+        )
     for t in tuned:
         for d in t.edge:
-            parts.append(f"**{t.arm} {d}: {WIDEN}** (the best lies in the outer {EDGE_FRACTION:.0%} of the log "
-                         "range; the arm counts as not fully tuned).")
+            parts.append(
+                f"**{t.arm} {d}: {WIDEN}** (the best lies in the outer {EDGE_FRACTION:.0%} of the log "
+                "range; the arm counts as not fully tuned)."
+            )
     return "\n\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- figures
+
 
 def plot_lr_sweep(t: ArmTuning, path: Path) -> Path | None:
     """Final val loss against each learning-rate dimension over the study's trials: log x, the best marked,
@@ -369,8 +433,14 @@ def plot_best_so_far(tuning: dict[str, ArmTuning], path: Path) -> Path | None:
         ok = state.str.endswith("COMPLETE") & np.isfinite(value.fillna(np.inf))
         best = value.where(ok).cummin()
         if best.notna().any():
-            ax.step(tr.number + 1, best, where="post", color=colors[arm], linestyle=arm_linestyle(arm),
-                    label=f"{arm} ({len(tr)} trials)")
+            ax.step(
+                tr.number + 1,
+                best,
+                where="post",
+                color=colors[arm],
+                linestyle=arm_linestyle(arm),
+                label=f"{arm} ({len(tr)} trials)",
+            )
             drawn = True
     if not drawn:
         return None

@@ -22,20 +22,24 @@ def _labelled(c_runs: pd.DataFrame, fin: pd.DataFrame, h: pd.DataFrame):
 
 def first_figure(runs: pd.DataFrame, hist: pd.DataFrame, fig_dir: Path, out_dir: Path) -> str:
     from reports import plots
+
     fin = finished_runs(runs)
     fin, h = _labelled(runs, fin, hist[hist.run_id.isin(fin.run_id)])
     colors = plots.arm_colors(fin.arm.dropna())
-    p = plots.plot_curves(h, names.VAL_LOSS, fig_dir / "val_loss_vs_tokens.png", "tokens", colors=colors, markers=True,
-                          crop=True)
+    p = plots.plot_curves(
+        h, names.VAL_LOSS, fig_dir / "val_loss_vs_tokens.png", "tokens", colors=colors, markers=True, crop=True
+    )
     if p is None:
         return "No figure: no val/loss logged."
     cap = "Validation loss vs training tokens (markers: evals; colour: variant; line style: optimizer)"
     return f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})"
 
 
-def other_figures(c: Collected, runs: pd.DataFrame, out_dir: Path, fig_dir: Path, hist: pd.DataFrame,
-             optuna) -> list[tuple[str, Path]]:
+def other_figures(
+    c: Collected, runs: pd.DataFrame, out_dir: Path, fig_dir: Path, hist: pd.DataFrame, optuna
+) -> list[tuple[str, Path]]:
     from reports import plots
+
     fin = finished_runs(runs)
     moe = c.moe_load
     moe = moe[moe.run_id.isin(fin.run_id)]
@@ -46,18 +50,37 @@ def other_figures(c: Collected, runs: pd.DataFrame, out_dir: Path, fig_dir: Path
     colors = plots.arm_colors(fin.arm.dropna())
     curve = plots.plot_curves
     todo = [  # (caption, file name, plot(path) -> path | None)
-        ("Validation loss vs optimizer steps", "val_loss_vs_step",
-         lambda p: curve(h, names.VAL_LOSS, p, "step", colors=colors, markers=True, crop=True)),
-        ("Validation loss vs training wall-clock (shared host: other processes slow some runs)",
-         "val_loss_vs_seconds",
-         lambda p: curve(h, names.VAL_LOSS, p, "seconds", colors=colors, markers=True, crop=True)),
-        ("Training loss vs steps", "train_loss_vs_step",
-         lambda p: curve(h, names.TRAIN_LOSS, p, "step", smooth=_smooth(h), colors=colors, crop=True)),
-        ("Gradient norm (before clipping) vs steps", "grad_norm_vs_step",
-         lambda p: curve(h, names.GRAD_NORM, p, "step", logy=True, colors=colors)),
-        ("Train throughput observed during training (95% CI over seeds where n > 1; shared host)", "throughput",
-         lambda p: plots.plot_bars(fin, {names.TRAIN_TOKENS_PER_S: ("train tokens/s (observed)", 1.0)}, p,
-                                   "Observed during training", colors=colors)),
+        (
+            "Validation loss vs optimizer steps",
+            "val_loss_vs_step",
+            lambda p: curve(h, names.VAL_LOSS, p, "step", colors=colors, markers=True, crop=True),
+        ),
+        (
+            "Validation loss vs training wall-clock (shared host: other processes slow some runs)",
+            "val_loss_vs_seconds",
+            lambda p: curve(h, names.VAL_LOSS, p, "seconds", colors=colors, markers=True, crop=True),
+        ),
+        (
+            "Training loss vs steps",
+            "train_loss_vs_step",
+            lambda p: curve(h, names.TRAIN_LOSS, p, "step", smooth=_smooth(h), colors=colors, crop=True),
+        ),
+        (
+            "Gradient norm (before clipping) vs steps",
+            "grad_norm_vs_step",
+            lambda p: curve(h, names.GRAD_NORM, p, "step", logy=True, colors=colors),
+        ),
+        (
+            "Train throughput observed during training (95% CI over seeds where n > 1; shared host)",
+            "throughput",
+            lambda p: plots.plot_bars(
+                fin,
+                {names.TRAIN_TOKENS_PER_S: ("train tokens/s (observed)", 1.0)},
+                p,
+                "Observed during training",
+                colors=colors,
+            ),
+        ),
     ]
     out = []
     for caption, name, fn in todo:

@@ -30,12 +30,12 @@ def _is_missing(v) -> bool:
 def config_fields(row: pd.Series) -> dict[str, str]:
     """The run's resolved configuration minus the seed: its params and the provenance tags that change what it
     computes."""
-    params = {c[len("param."):]: row[c] for c in row.index if c.startswith("param.") and not _is_missing(row[c])}
+    params = {c[len("param.") :]: row[c] for c in row.index if c.startswith("param.") and not _is_missing(row[c])}
     seed = params.get("seed", row.get("seed"))
     for k in (*names.SEED_PARAMS, *names.COSMETIC_PARAMS):
         params.pop(k, None)
     if names.DATA_SEED_PARAM in params and str(params[names.DATA_SEED_PARAM]) == str(seed):
-        params.pop(names.DATA_SEED_PARAM)       # the default: data order follows the seed
+        params.pop(names.DATA_SEED_PARAM)  # the default: data order follows the seed
     out = {f"param:{k}": str(v) for k, v in params.items()}
     for col in ("variant", "optimizer", "preset", "data_hash", "git_commit", "tuned_from"):
         v = row.get(col)
@@ -45,8 +45,9 @@ def config_fields(row: pd.Series) -> dict[str, str]:
 
 def _arm_field(name: str) -> bool:
     key = name.split(":", 1)[1]
-    return (name.startswith("param:") and (key.startswith(names.ARM_PARAM_PREFIXES) or key in names.ARM_PARAMS)) \
-        or name in ("tag:variant", "tag:optimizer", "tag:preset", "tag:tuned_from")
+    return (
+        name.startswith("param:") and (key.startswith(names.ARM_PARAM_PREFIXES) or key in names.ARM_PARAMS)
+    ) or name in ("tag:variant", "tag:optimizer", "tag:preset", "tag:tuned_from")
 
 
 def budget_fields(fields: dict[str, str]) -> dict[str, str]:
@@ -67,11 +68,17 @@ def assign_groups(runs: pd.DataFrame) -> pd.DataFrame:
     newest = df.groupby("config_id").start_time.max()
     cells = df[["budget_id", "preset", "arm", "config_id"]].drop_duplicates().copy()
     cells["newest"] = cells.config_id.map(newest)
-    cells = cells.sort_values(["budget_id", "preset", "arm", "newest", "config_id"],
-                              ascending=[True, True, True, False, True], na_position="last")
+    cells = cells.sort_values(
+        ["budget_id", "preset", "arm", "newest", "config_id"],
+        ascending=[True, True, True, False, True],
+        na_position="last",
+    )
     cells["rank"] = cells.groupby(["budget_id", "preset", "arm"], dropna=False).cumcount()
-    df = df.merge(cells[["config_id", "budget_id", "rank"]].drop_duplicates("config_id"),
-                  on=["config_id", "budget_id"], how="left")
+    df = df.merge(
+        cells[["config_id", "budget_id", "rank"]].drop_duplicates("config_id"),
+        on=["config_id", "budget_id"],
+        how="left",
+    )
     key = df.budget_id + "/" + df["rank"].astype(str)
     order = df.assign(_key=key).groupby("_key").start_time.max().sort_values(ascending=False, kind="stable")
     label = {k: f"G{i + 1}" for i, k in enumerate(order.index)}
@@ -83,7 +90,7 @@ def default_groups(runs: pd.DataFrame, matrix_runs: pd.DataFrame) -> list[str]:
     group."""
     if runs.empty:
         return []
-    for parent in reversed(list(matrix_runs.run_id)):       # matrix_runs: oldest first
+    for parent in reversed(list(matrix_runs.run_id)):  # matrix_runs: oldest first
         mine = runs.loc[runs.parent_run_id.eq(parent), "group"].dropna().unique()
         if len(mine):
             return sorted(mine, key=_group_number)
@@ -101,8 +108,7 @@ def differing_fields(runs: pd.DataFrame, groups: list[str]) -> dict[str, list[st
         sub = runs[runs.group.eq(g)]
         per[g] = {k: v for k, v in budget_fields(config_fields(sub.iloc[0])).items()} if len(sub) else {}
     keys = sorted({k for d in per.values() for k in d})
-    return {k: [per[g].get(k, "") for g in groups] for k in keys
-            if len({per[g].get(k, "") for g in groups}) > 1}
+    return {k: [per[g].get(k, "") for g in groups] for k in keys if len({per[g].get(k, "") for g in groups}) > 1}
 
 
 def describe_groups(runs: pd.DataFrame) -> pd.DataFrame:
@@ -115,12 +121,25 @@ def describe_groups(runs: pd.DataFrame) -> pd.DataFrame:
         first = sub.iloc[0]
         steps = first.get("param.train.steps")
         tokens = first.get("param.train.tokens")
-        budget = (f"{steps} steps" if not _is_missing(steps) and str(steps) != "null" else
-                  f"{tokens} tokens" if not _is_missing(tokens) and str(tokens) != "null" else "?")
+        budget = (
+            f"{steps} steps"
+            if not _is_missing(steps) and str(steps) != "null"
+            else f"{tokens} tokens"
+            if not _is_missing(tokens) and str(tokens) != "null"
+            else "?"
+        )
         differs = "; ".join(f"{k.split(':', 1)[1]}={v[i]}" for k, v in diffs.items()) or "-"
-        rows.append({"group": g, "arms": ", ".join(sorted(sub.arm.dropna().unique())), "trials": len(sub),
-                     "budget": budget, "code": str(first.get("git_commit") or "?")[:10],
-                     "newest trial": sub.start_time.max(), "differs in": differs})
+        rows.append(
+            {
+                "group": g,
+                "arms": ", ".join(sorted(sub.arm.dropna().unique())),
+                "trials": len(sub),
+                "budget": budget,
+                "code": str(first.get("git_commit") or "?")[:10],
+                "newest trial": sub.start_time.max(),
+                "differs in": differs,
+            }
+        )
     return pd.DataFrame(rows, columns=["group", "arms", "trials", "budget", "code", "newest trial", "differs in"])
 
 

@@ -65,6 +65,7 @@ CLAIM_SCALE = "about 75M parameters (nanoKimi's table)"
 
 # ----------------------------------------------------------------------------- formatting
 
+
 def status_counts(statuses: pd.Series) -> str:
     """'3 finished, 1 diverged' in STATUS_ORDER (unknown statuses last, alphabetical)."""
     counts = statuses.fillna("unknown").value_counts()
@@ -73,11 +74,21 @@ def status_counts(statuses: pd.Series) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in order) or "0"
 
 
-EXACT_METRICS = {names.PARAMS_TOTAL, names.PARAMS_ACTIVE, names.PARAMS_EMBEDDING, names.CKPT_BYTES, names.MEM_PARAM,
-                 names.MEM_GRAD, names.MEM_OPTIM, names.FLOPS_PER_TOKEN, names.INFER_KV_BYTES}
+EXACT_METRICS = {
+    names.PARAMS_TOTAL,
+    names.PARAMS_ACTIVE,
+    names.PARAMS_EMBEDDING,
+    names.CKPT_BYTES,
+    names.MEM_PARAM,
+    names.MEM_GRAD,
+    names.MEM_OPTIM,
+    names.FLOPS_PER_TOKEN,
+    names.INFER_KV_BYTES,
+}
 
 
 # ----------------------------------------------------------------------------- grouping helpers
+
 
 def _presets(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """[(label, runs of that preset)]; label is '' when the block has a single preset."""
@@ -88,6 +99,7 @@ def _presets(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 # ----------------------------------------------------------------------------- per-arm tables
 
+
 def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """summary.csv: one row per (group,) arm (per preset and arm with several presets), full precision."""
     keys = (["group"] if "group" in runs else []) + row_keys(runs)
@@ -95,14 +107,23 @@ def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
     for key, g in runs.groupby(keys, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(keys, key, strict=True))
-        row |= {"variant": g.variant.iloc[0], "optimizer": g.optimizer.iloc[0],
-                "trials": status_counts(g.status), "n_trials": len(g),
-                "n_finished": int(g.status.eq(names.FINISHED).sum())}
+        row |= {
+            "variant": g.variant.iloc[0],
+            "optimizer": g.optimizer.iloc[0],
+            "trials": status_counts(g.status),
+            "n_trials": len(g),
+            "n_finished": int(g.status.eq(names.FINISHED).sum()),
+        }
         f = finished_runs(g)
         for metric, _, _ in [m for table in TABLES.values() for m in table]:
             e = estimate(f[metric]) if metric in f else estimate([])
-            row |= {f"{metric}:n": e.n, f"{metric}:mean": e.mean, f"{metric}:std": e.std,
-                    f"{metric}:ci_low": e.low, f"{metric}:ci_high": e.high}
+            row |= {
+                f"{metric}:n": e.n,
+                f"{metric}:mean": e.mean,
+                f"{metric}:std": e.std,
+                f"{metric}:ci_low": e.low,
+                f"{metric}:ci_high": e.high,
+            }
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -110,15 +131,31 @@ def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
 def trials_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """trials.csv: one row per trial of the report, its ids and final metrics."""
     from reports.collect import FINAL_METRICS
-    cols = ["group", "config_id", "run_id", "arm", "variant", "optimizer", "preset", "seed", "status",
-            "trial_key", "git_commit", "device", "threads", "data_hash", "start_time"]
+
+    cols = [
+        "group",
+        "config_id",
+        "run_id",
+        "arm",
+        "variant",
+        "optimizer",
+        "preset",
+        "seed",
+        "status",
+        "trial_key",
+        "git_commit",
+        "device",
+        "threads",
+        "data_hash",
+        "start_time",
+    ]
     cols = [c for c in cols if c in runs] + [m for m in FINAL_METRICS if m in runs]
     return runs[cols].sort_values(["arm", "seed", "run_id"]).reset_index(drop=True)
 
 
 def _main_tables(runs: pd.DataFrame) -> list[str]:
     keys = row_keys(runs)
-    if names.MEM_PEAK in runs:   # per-trial peak memory means something only on CUDA (CPU RSS grew with run order)
+    if names.MEM_PEAK in runs:  # per-trial peak memory means something only on CUDA (CPU RSS grew with run order)
         runs = runs.assign(**{names.MEM_PEAK: runs[names.MEM_PEAK].where(runs.device.astype(str).ne("cpu"))})
     out = []
     for i, (title, cols) in enumerate(TABLES.items()):
@@ -132,8 +169,9 @@ def _main_tables(runs: pd.DataFrame) -> list[str]:
             f = finished_runs(g)
             cells = list(key) + ([status_counts(g.status)] if i == 0 else [])
             for metric, _, scale in cols:
-                cells.append(fmt_exact(f[metric], scale) if metric in EXACT_METRICS else fmt_pm(estimate(f[metric]),
-                                                                                                   scale))
+                cells.append(
+                    fmt_exact(f[metric], scale) if metric in EXACT_METRICS else fmt_pm(estimate(f[metric]), scale)
+                )
             rows.append(cells)
         out.append(f"### {title}\n\n{md_table(header, rows)}")
     return out
@@ -141,56 +179,84 @@ def _main_tables(runs: pd.DataFrame) -> list[str]:
 
 # ----------------------------------------------------------------------------- speed (controlled runs)
 
+
 def _speed_section(speed_rows: pd.DataFrame, runs: pd.DataFrame) -> str:
     from reports.speed import SPEED_RULE, decode_batches, fmt_measured, measured, noisy_threshold
 
     if speed_rows.empty:
-        return ("No controlled speed run (kb.kind=speed) for these shapes: inference speed, the controlled train "
-                "step and CPU memory are not measured. The throughput observed during training is in the per-arm "
-                "tables above; it is not a benchmark.")
+        return (
+            "No controlled speed run (kb.kind=speed) for these shapes: inference speed, the controlled train "
+            "step and CPU memory are not measured. The throughput observed during training is in the per-arm "
+            "tables above; it is not a benchmark."
+        )
     thr = noisy_threshold()
     batches = decode_batches(speed_rows)
-    header = ["variant", "preset", "shape", "device, threads", "prefill tok/s", "TTFT (ms)"] + \
-        [f"decode tok/s (batch {b})" for b in batches] + ["KV bytes/token (exact)"]
+    header = (
+        ["variant", "preset", "shape", "device, threads", "prefill tok/s", "TTFT (ms)"]
+        + [f"decode tok/s (batch {b})" for b in batches]
+        + ["KV bytes/token (exact)"]
+    )
     rows = []
     for r in speed_rows.to_dict("records"):
-        rows.append([r.get("variant"), r.get("preset"), r.get("shape") or "?",
-                     f"{r.get('device') or '?'}, {r.get('threads') or '?'}"
-                     + (f" (CPU {r['cpus']})" if r.get("cpus") and r.get("cpus") != "unpinned" else ""),
-                     fmt_measured(measured(r, names.SPEED_PREFILL), threshold=thr),
-                     fmt_measured(measured(r, names.SPEED_TTFT), 1e-3, threshold=thr)]
-                    + [fmt_measured(measured(r, names.speed_decode(b)), threshold=thr) for b in batches]
-                    + [fmt(r.get(names.SPEED_KV_BYTES))])
+        rows.append(
+            [
+                r.get("variant"),
+                r.get("preset"),
+                r.get("shape") or "?",
+                f"{r.get('device') or '?'}, {r.get('threads') or '?'}"
+                + (f" (CPU {r['cpus']})" if r.get("cpus") and r.get("cpus") != "unpinned" else ""),
+                fmt_measured(measured(r, names.SPEED_PREFILL), threshold=thr),
+                fmt_measured(measured(r, names.SPEED_TTFT), 1e-3, threshold=thr),
+            ]
+            + [fmt_measured(measured(r, names.speed_decode(b)), threshold=thr) for b in batches]
+            + [fmt(r.get(names.SPEED_KV_BYTES))]
+        )
     parts = [md_table(header, rows)]
     step_rows = []
     for r in speed_rows.to_dict("records"):
         opts = [o for o in str(r.get("optimizers") or "").split(",") if o] or sorted(
-            runs.loc[runs.variant.eq(r.get("variant")), "optimizer"].dropna().unique())
+            runs.loc[runs.variant.eq(r.get("variant")), "optimizer"].dropna().unique()
+        )
         for o in opts:
-            step_rows.append([f"{r.get('variant')}+{o}", r.get("preset"),
-                              fmt_measured(measured(r, names.speed_opt(o, "step_s")), 1e-3, threshold=thr),
-                              fmt_measured(measured(r, names.speed_opt(o, "fwd_bwd_s")), 1e-3, threshold=thr),
-                              fmt_measured(measured(r, names.speed_opt(o, "optim_s")), 1e-3, threshold=thr),
-                              fmt_measured(measured(r, names.speed_opt(o, "train_tokens_per_s")), threshold=thr),
-                              fmt_measured(measured(r, names.speed_opt(o, "peak_bytes")), 1e6, threshold=thr)])
+            step_rows.append(
+                [
+                    f"{r.get('variant')}+{o}",
+                    r.get("preset"),
+                    fmt_measured(measured(r, names.speed_opt(o, "step_s")), 1e-3, threshold=thr),
+                    fmt_measured(measured(r, names.speed_opt(o, "fwd_bwd_s")), 1e-3, threshold=thr),
+                    fmt_measured(measured(r, names.speed_opt(o, "optim_s")), 1e-3, threshold=thr),
+                    fmt_measured(measured(r, names.speed_opt(o, "train_tokens_per_s")), threshold=thr),
+                    fmt_measured(measured(r, names.speed_opt(o, "peak_bytes")), 1e6, threshold=thr),
+                ]
+            )
     if step_rows:
-        parts.append("Controlled training step per shape and optimizer (forward+backward and optimizer step timed "
-                     "apart), and the peak memory of one step measured independently of run order:\n\n" + md_table(
-                         ["arm", "preset", "step (ms)", "fwd+bwd (ms)", "optimizer (ms)", "train tok/s",
-                          "peak memory (MB)"], step_rows))
+        parts.append(
+            "Controlled training step per shape and optimizer (forward+backward and optimizer step timed "
+            "apart), and the peak memory of one step measured independently of run order:\n\n"
+            + md_table(
+                ["arm", "preset", "step (ms)", "fwd+bwd (ms)", "optimizer (ms)", "train tok/s", "peak memory (MB)"],
+                step_rows,
+            )
+        )
     from reports.speed import ratio_table_rows
+
     ratio_rows = ratio_table_rows(speed_rows)
     if ratio_rows:
-        parts.append("Paired ratios between shapes (A/B of the rates, taken within each interleaved round; median "
-                     "and 95% interval over the rounds; what the speed claims are judged on):\n\n"
-                     + md_table(["A", "B", "measure", "A/B"], ratio_rows))
-    parts.append("Median (IQR = p25 to p75, n = measurements) of interleaved rounds in one process, all shapes "
-                 "alike; measured once per model shape, so optimizers of one architecture share the inference "
-                 f"figures. **noisy**: IQR above {thr:.0%} of the median. " + SPEED_RULE.format(noisy=thr))
+        parts.append(
+            "Paired ratios between shapes (A/B of the rates, taken within each interleaved round; median "
+            "and 95% interval over the rounds; what the speed claims are judged on):\n\n"
+            + md_table(["A", "B", "measure", "A/B"], ratio_rows)
+        )
+    parts.append(
+        "Median (IQR = p25 to p75, n = measurements) of interleaved rounds in one process, all shapes "
+        "alike; measured once per model shape, so optimizers of one architecture share the inference "
+        f"figures. **noisy**: IQR above {thr:.0%} of the median. " + SPEED_RULE.format(noisy=thr)
+    )
     return "\n\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- scope banner
+
 
 def _scope_banner(runs: pd.DataFrame, match: tuple[str, float] | None) -> str:
     fin = finished_runs(runs)
@@ -198,12 +264,27 @@ def _scope_banner(runs: pd.DataFrame, match: tuple[str, float] | None) -> str:
     tokens = fin[names.TRAIN_TOKENS].dropna() if names.TRAIN_TOKENS in fin else pd.Series(dtype=float)
     seeds = fin.groupby("arm").seed.nunique() if len(fin) else pd.Series(dtype=int)
     devices = sorted({str(d) for d in runs.device.dropna()}) or ["?"]
-    p = (f"{fmt(params.min(), 1e6)}M" if len(params) and params.min() == params.max() else
-         f"{fmt(params.min(), 1e6)}M to {fmt(params.max(), 1e6)}M" if len(params) else "? ")
-    t = (f"{fmt(tokens.min())}" if len(tokens) and tokens.min() == tokens.max() else
-         f"{fmt(tokens.min())} to {fmt(tokens.max())}" if len(tokens) else "?")
-    s = (f"{int(seeds.min())}" if len(seeds) and seeds.min() == seeds.max() else
-         f"{int(seeds.min())} to {int(seeds.max())}" if len(seeds) else "0")
+    p = (
+        f"{fmt(params.min(), 1e6)}M"
+        if len(params) and params.min() == params.max()
+        else f"{fmt(params.min(), 1e6)}M to {fmt(params.max(), 1e6)}M"
+        if len(params)
+        else "? "
+    )
+    t = (
+        f"{fmt(tokens.min())}"
+        if len(tokens) and tokens.min() == tokens.max()
+        else f"{fmt(tokens.min())} to {fmt(tokens.max())}"
+        if len(tokens)
+        else "?"
+    )
+    s = (
+        f"{int(seeds.min())}"
+        if len(seeds) and seeds.min() == seeds.max()
+        else f"{int(seeds.min())} to {int(seeds.max())}"
+        if len(seeds)
+        else "0"
+    )
     one_seed = len(seeds) and seeds.min() < 2
     matched = f"a matched matrix ({match[0]} params within ±{match[1]:.0%})" if match else "not a matched matrix"
     lines = [
@@ -212,13 +293,17 @@ def _scope_banner(runs: pd.DataFrame, match: tuple[str, float] | None) -> str:
         f"The claims were made at {CLAIM_SCALE}.",
         "> The verdicts say what these runs show at this scale and budget; they cannot confirm or refute a claim "
         "at the paper's scale (orderings between architectures and optimizers can change with size and tokens)."
-        + (" With one seed per arm there is no interval: statistical rows are inconclusive by construction."
-           if one_seed else ""),
+        + (
+            " With one seed per arm there is no interval: statistical rows are inconclusive by construction."
+            if one_seed
+            else ""
+        ),
     ]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- claims and compute
+
 
 def _match_of(c: Collected, runs: pd.DataFrame) -> tuple[str, float] | None:
     """(by, tolerance) when the matrix that ran these trials logged its [match] section, else None."""
@@ -226,8 +311,12 @@ def _match_of(c: Collected, runs: pd.DataFrame) -> tuple[str, float] | None:
     for col in (f"param.{names.MATCH_BY}",):
         if col in runs and runs[col].notna().any():
             tol = runs.get(f"param.{names.MATCH_TOLERANCE}")
-            cands.append((str(runs[col].dropna().iloc[0]),
-                          float(tol.dropna().iloc[0]) if tol is not None and tol.notna().any() else 0.01))
+            cands.append(
+                (
+                    str(runs[col].dropna().iloc[0]),
+                    float(tol.dropna().iloc[0]) if tol is not None and tol.notna().any() else 0.01,
+                )
+            )
     m = c.matrix_runs
     if not cands and len(m) and names.MATCH_BY in m:
         mine = m[m.run_id.isin(set(runs.parent_run_id.dropna()))]
@@ -235,8 +324,9 @@ def _match_of(c: Collected, runs: pd.DataFrame) -> tuple[str, float] | None:
         if len(mine):
             r = mine.iloc[-1]
             tol = r.get(names.MATCH_TOLERANCE)
-            cands.append((str(r[names.MATCH_BY]).strip('"'),
-                          float(tol) if tol is not None and not pd.isna(tol) else 0.01))
+            cands.append(
+                (str(r[names.MATCH_BY]).strip('"'), float(tol) if tol is not None and not pd.isna(tol) else 0.01)
+            )
     return cands[0] if cands else None
 
 
@@ -255,21 +345,47 @@ def _compute_section(curves: pd.DataFrame, runs: pd.DataFrame, pairs, target) ->
                     continue
                 med = t.per_seed.median(numeric_only=True)
                 cens = len(t.censored("a")) + len(t.censored("b"))
-                rows.append([f"{a} vs {b}" + (f" [{label}]" if label else ""), AXES[axis], fmt(t.target),
-                             fmt(med["a"]), fmt(med["b"]), fmt_ci(t.multiplier), t.n, cens])
+                rows.append(
+                    [
+                        f"{a} vs {b}" + (f" [{label}]" if label else ""),
+                        AXES[axis],
+                        fmt(t.target),
+                        fmt(med["a"]),
+                        fmt(med["b"]),
+                        fmt_ci(t.multiplier),
+                        t.n,
+                        cens,
+                    ]
+                )
     if not rows:
         return "No pair of arms reaches a common val loss on a shared seed."
-    return md_table(["A vs B", "to target", "target val loss", "A (median)", "B (median)",
-                     "multiplier A/B [95% CI]", "seeds", "censored seeds"], rows) + (
-        "\n\nSeconds are training wall-clock on the host that ran the trials (shared hosts slow some runs).")
+    return md_table(
+        [
+            "A vs B",
+            "to target",
+            "target val loss",
+            "A (median)",
+            "B (median)",
+            "multiplier A/B [95% CI]",
+            "seeds",
+            "censored seeds",
+        ],
+        rows,
+    ) + ("\n\nSeconds are training wall-clock on the host that ran the trials (shared hosts slow some runs).")
 
 
 def _paired_section(runs: pd.DataFrame, rows) -> str:
     """Paired differences only for the (statistical) comparisons the claims use."""
     from reports.stats import paired_differences
 
-    used = sorted({(r.a, r.b, m, r.label) for r in rows if r.claim.kind == "stat" and r.a
-                   for m in (r.claim.metric, *getattr(r.claim, "also", ()))})
+    used = sorted(
+        {
+            (r.a, r.b, m, r.label)
+            for r in rows
+            if r.claim.kind == "stat" and r.a
+            for m in (r.claim.metric, *getattr(r.claim, "also", ()))
+        }
+    )
     out = []
     for a, b, metric, label in used:
         pr = runs if not label else runs[runs.preset.astype(str).eq(label)]
@@ -281,12 +397,14 @@ def _paired_section(runs: pd.DataFrame, rows) -> str:
     if not out:
         return "No claim comparison shares a finished seed."
     return md_table(["A − B", "metric", "paired seeds", "mean difference [95% CI]", "relative to B"], out) + (
-        "\n\nEvery other comparison is in `summary.csv` (per arm) and `trials.csv` (per trial).")
+        "\n\nEvery other comparison is in `summary.csv` (per arm) and `trials.csv` (per trial)."
+    )
 
 
 # ----------------------------------------------------------------------------- figures
 
 # ----------------------------------------------------------------------------- other sections
+
 
 def _not_finished_section(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame) -> str:
     bad = runs[~runs.status.eq(names.FINISHED)]
@@ -300,13 +418,14 @@ def _not_finished_section(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame) 
             ds = runs.loc[runs.run_id.eq(r.run_id), names.TRAIN_DIVERGED_STEP].iloc[0]
             step = ds if pd.notna(ds) else last.get(r.run_id, float("nan"))
             rows.append([r.arm, r.seed, r.status, "n/a" if pd.isna(step) else int(step), r.run_id])
-        parts.append(md_table(["arm", "seed", "status", "step (diverged at, else last logged)", "run id"],
-                              rows))
+        parts.append(md_table(["arm", "seed", "status", "step (diverged at, else last logged)", "run id"], rows))
     dropped = c.dropped[c.dropped.trial_key.isin(set(runs.trial_key.dropna()))] if len(c.dropped) else c.dropped
     if len(dropped):
         rows = [[r.arm, r.seed, r.status, r.trial_key, r.run_id] for r in dropped.itertuples()]
-        parts.append(f"{len(dropped)} superseded run(s) with the trial key of a kept run (in no statistic):"
-                     f"\n\n{md_table(['arm', 'seed', 'status', 'trial key', 'run id'], rows)}")
+        parts.append(
+            f"{len(dropped)} superseded run(s) with the trial key of a kept run (in no statistic):"
+            f"\n\n{md_table(['arm', 'seed', 'status', 'trial key', 'run id'], rows)}"
+        )
     return "\n\n".join(parts)
 
 
@@ -314,12 +433,23 @@ def _groups_section(all_runs: pd.DataFrame, shown: list[str], all_shown: bool) -
     from reports.groups import describe_groups
 
     d = describe_groups(all_runs)
-    rows = [[r["group"] + (" (shown)" if r["group"] in shown else ""), r["arms"], r["trials"], r["budget"],
-             r["code"], r["newest trial"].strftime("%Y-%m-%d %H:%M UTC") if pd.notna(r["newest trial"]) else "n/a",
-             r["differs in"]] for r in d.to_dict("records")]
-    text = ("Runs are compared only within a group: the same resolved configuration (budget, model dims, data "
-            "hash, tokenizer, code version, tuned params) except the seed. Statistics never average across "
-            "groups.")
+    rows = [
+        [
+            r["group"] + (" (shown)" if r["group"] in shown else ""),
+            r["arms"],
+            r["trials"],
+            r["budget"],
+            r["code"],
+            r["newest trial"].strftime("%Y-%m-%d %H:%M UTC") if pd.notna(r["newest trial"]) else "n/a",
+            r["differs in"],
+        ]
+        for r in d.to_dict("records")
+    ]
+    text = (
+        "Runs are compared only within a group: the same resolved configuration (budget, model dims, data "
+        "hash, tokenizer, code version, tuned params) except the seed. Statistics never average across "
+        "groups."
+    )
     if len(d) > 1 and not all_shown:
         text += " This report shows the newest matrix invocation; `kimi-bench report --all-runs` shows every group."
     return md_table(["group", "arms", "trials", "budget", "code", "newest trial", "differs in"], rows) + "\n\n" + text
@@ -337,8 +467,14 @@ def _repro_section(c: Collected, runs: pd.DataFrame, command: str | None) -> str
     if command:
         lines.append(f"- Report command: `{strip_credentials(command)}`")
     run_cmds = [strip_credentials(x) for x in _uniq(m.command)]
-    lines.append("- Run command(s): " + (", ".join(f"`{x}`" for x in run_cmds) if run_cmds
-                                         else "not recorded (no `kb.command` tag on the matrix run)"))
+    lines.append(
+        "- Run command(s): "
+        + (
+            ", ".join(f"`{x}`" for x in run_cmds)
+            if run_cmds
+            else "not recorded (no `kb.command` tag on the matrix run)"
+        )
+    )
 
     def item(name: str, values: list[str]) -> str:
         if not values:
@@ -350,22 +486,33 @@ def _repro_section(c: Collected, runs: pd.DataFrame, command: str | None) -> str
     lines.append(item("torch version(s)", _uniq(runs.torch_version)))
     lines.append(item("Device(s)", _uniq(runs.device)))
     lines.append(item("Data hash(es)", _uniq(runs.data_hash)))
-    lines.append(f"- MLflow: tracking URI `{strip_credentials(c.tracking_uri)}`, experiment `{c.experiment}` "
-                 f"(id {c.experiment_id})" + (f", matrix run(s) {', '.join(f'`{r}`' for r in m.run_id)}"
-                                              if len(m) else ""))
+    lines.append(
+        f"- MLflow: tracking URI `{strip_credentials(c.tracking_uri)}`, experiment `{c.experiment}` "
+        f"(id {c.experiment_id})" + (f", matrix run(s) {', '.join(f'`{r}`' for r in m.run_id)}" if len(m) else "")
+    )
     t = runs.loc[runs.tuned_from.notna(), ["arm", "tuned_from"]].drop_duplicates().sort_values(["arm", "tuned_from"])
     if t.empty:
         lines.append("- Tuning provenance: none (no trial has a `kb.tuned_from` tag)")
     else:
-        lines.append("- Tuning provenance (`kb.tuned_from`): " +
-                     "; ".join(f"{r.arm}: `{r.tuned_from}`" for r in t.itertuples()))
+        lines.append(
+            "- Tuning provenance (`kb.tuned_from`): " + "; ".join(f"{r.arm}: `{r.tuned_from}`" for r in t.itertuples())
+        )
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- one block, the report
 
-def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, fig_dir: Path, figures: bool,
-           optuna, heading: str) -> list[str]:
+
+def _block(
+    c: Collected,
+    runs: pd.DataFrame,
+    hist: pd.DataFrame,
+    out_dir: Path,
+    fig_dir: Path,
+    figures: bool,
+    optuna,
+    heading: str,
+) -> list[str]:
     from reports import claims as cl
     from reports import factorial, fairness
     from reports.compute import eval_curves
@@ -379,16 +526,25 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
     target, margins = verdict_settings(c, runs)
     rows = []
     for label, pr in _presets(fin):
-        ctx = cl.Context(pr, curves[curves.run_id.isin(pr.run_id)],
-                         speed_rows[speed_rows.preset.astype(str).eq(label)] if label and len(speed_rows)
-                         else speed_rows, match, folded, target, margins)
+        ctx = cl.Context(
+            pr,
+            curves[curves.run_id.isin(pr.run_id)],
+            speed_rows[speed_rows.preset.astype(str).eq(label)] if label and len(speed_rows) else speed_rows,
+            match,
+            folded,
+            target,
+            margins,
+        )
         rows += cl.claim_rows(ctx, label)
     family_size = cl.apply_holm(rows)
     rows += cl.fitted_rows(fin, curves, folded, target)
     tuning = fairness.arm_tuning(c, runs)
     fairness.annotate(rows, tuning)  # every quality/compute row's tuning status; provisional where unfair
-    sections = [_scope_banner(runs, match) + "\n" + fairness.banner(tuning, runs), f"{heading}Claims vs measured",
-                claims_section(rows, folded, match, family_size, out_dir)]
+    sections = [
+        _scope_banner(runs, match) + "\n" + fairness.banner(tuning, runs),
+        f"{heading}Claims vs measured",
+        claims_section(rows, folded, match, family_size, out_dir),
+    ]
     if figures:
         sections.append(first_figure(runs, hist, fig_dir, out_dir))
     decomposition = factorial.section(fin, curves, target)  # a variants x optimizers 2x2: which change did it
@@ -396,31 +552,54 @@ def _block(c: Collected, runs: pd.DataFrame, hist: pd.DataFrame, out_dir: Path, 
         sections += [f"{heading}Which change made the difference", decomposition]
     sections += [f"{heading}Tuning budget", fairness.budget_section(tuning, runs)]
     if figures:
-        sections += [f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})"
-                     for cap, p in fairness.tuning_figures(tuning, fig_dir)]
+        sections += [
+            f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})"
+            for cap, p in fairness.tuning_figures(tuning, fig_dir)
+        ]
 
     def compute_pairs(r: pd.DataFrame) -> list[tuple[str, str]]:
         """The pairs the compute claims use, folded arms left out."""
-        pairs = [cl.headline_pair(r)] + cl.same_optimizer_pairs(r) + cl.optimizer_pairs(r, "muon") + \
-            cl.optimizer_pairs(r, "muonclip")
+        pairs = (
+            [cl.headline_pair(r)]
+            + cl.same_optimizer_pairs(r)
+            + cl.optimizer_pairs(r, "muon")
+            + cl.optimizer_pairs(r, "muonclip")
+        )
         return list(dict.fromkeys((a, b) for a, b in pairs if a and b and a not in folded and b not in folded))
-    sections += [f"{heading}Compute to target", _compute_section(curves, fin, compute_pairs, target),
-                 f"{heading}Results per arm", ROUNDING_NOTE, *_main_tables(runs),
-                 f"{heading}Speed and memory (controlled measurements)", _speed_section(speed_rows, runs),
-                 f"{heading}Paired differences",
-                 "Per seed A − B over the seeds both arms finished (same seed = same data order), mean and 95% "
-                 "Student-t CI of the differences; relative = mean difference / B's mean. Only the comparisons the "
-                 "claims use.", _paired_section(runs, rows)]
+
+    sections += [
+        f"{heading}Compute to target",
+        _compute_section(curves, fin, compute_pairs, target),
+        f"{heading}Results per arm",
+        ROUNDING_NOTE,
+        *_main_tables(runs),
+        f"{heading}Speed and memory (controlled measurements)",
+        _speed_section(speed_rows, runs),
+        f"{heading}Paired differences",
+        "Per seed A − B over the seeds both arms finished (same seed = same data order), mean and 95% "
+        "Student-t CI of the differences; relative = mean difference / B's mean. Only the comparisons the "
+        "claims use.",
+        _paired_section(runs, rows),
+    ]
     if figures:
         figs = other_figures(c, runs, out_dir, fig_dir, hist, optuna)
-        sections += [f"{heading}Figures", "\n\n".join(
-            f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})" for cap, p in figs) or "No figure."]
+        sections += [
+            f"{heading}Figures",
+            "\n\n".join(f"**{cap}**\n\n![{cap}]({p.relative_to(out_dir).as_posix()})" for cap, p in figs)
+            or "No figure.",
+        ]
     sections += [f"{heading}Trials that did not finish", _not_finished_section(c, runs, hist)]
     return sections
 
 
-def write_report(collected: Collected, out_dir: str | Path, command: str | None = None,
-                 optuna: tuple | dict | None = None, figures: bool = True, all_runs: bool = False) -> Path:
+def write_report(
+    collected: Collected,
+    out_dir: str | Path,
+    command: str | None = None,
+    optuna: tuple | dict | None = None,
+    figures: bool = True,
+    all_runs: bool = False,
+) -> Path:
     """Write out_dir/report.md, summary.csv, trials.csv and figures/*.png; return report.md's path.
 
     command: the command that made this report (printed in the reproducibility block).
@@ -434,26 +613,36 @@ def write_report(collected: Collected, out_dir: str | Path, command: str | None 
     c, out_dir = collected, Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     every = assign_groups(c.runs)
-    groups = sorted(every.group.dropna().unique(), key=lambda g: int(g[1:])) if all_runs else \
-        default_groups(every, c.matrix_runs)
+    groups = (
+        sorted(every.group.dropna().unique(), key=lambda g: int(g[1:]))
+        if all_runs
+        else default_groups(every, c.matrix_runs)
+    )
     runs = every[every.group.isin(groups)].reset_index(drop=True)
     summary_frame(runs).to_csv(out_dir / "summary.csv", index=False)
     trials_frame(runs).to_csv(out_dir / "trials.csv", index=False)
-    hist = c.curves(HISTORY_KEYS, list(runs.run_id)) if len(runs) else pd.DataFrame(
-        columns=["run_id", "arm", "seed", "key", "step", "value", "timestamp"])
+    hist = (
+        c.curves(HISTORY_KEYS, list(runs.run_id))
+        if len(runs)
+        else pd.DataFrame(columns=["run_id", "arm", "seed", "key", "step", "value", "timestamp"])
+    )
 
     newest = runs.start_time.max() if len(runs) else pd.NaT
     date = newest.strftime("%Y-%m-%d %H:%M UTC") if pd.notna(newest) else "n/a"
     n_drop = int(c.dropped.trial_key.isin(set(runs.trial_key.dropna())).sum()) if len(c.dropped) else 0
-    dropped = (f"; {n_drop} duplicate run(s) of a trial key dropped (kept per key: the finished run, "
-               "else the newest)" if n_drop else "")
+    dropped = (
+        f"; {n_drop} duplicate run(s) of a trial key dropped (kept per key: the finished run, else the newest)"
+        if n_drop
+        else ""
+    )
     others = len(every) - len(runs)
     sections = [
         f"# kimi-bench report: {c.experiment}",
         f"Experiment `{c.experiment}` (MLflow id {c.experiment_id}); newest trial started {date}.  \n"
         f"Trials: {len(runs)} ({status_counts(runs.status) if len(runs) else 'none'}){dropped}"
         + (f"; group(s) {', '.join(groups)}" if groups else "")
-        + (f"; {others} trial(s) of other groups not shown (see 'Groups')" if others else "") + ".",
+        + (f"; {others} trial(s) of other groups not shown (see 'Groups')" if others else "")
+        + ".",
     ]
     if runs.empty:
         sections.append("No trial runs (tag `kb.kind=trial`) in this experiment.")

@@ -88,12 +88,14 @@ def _save(fig: Figure, path: Path) -> Path:
 def _plain_log_labels(ax) -> None:
     """Log y axis labelled 0.3, 0.5, 1, 2 (not 3x10^-1); minor ticks labelled at 2, 3, 5 x 10^k only while
     the axis spans less than two decades, so wide ranges stay uncluttered."""
+
     def minor(v: float, _pos) -> str:
         lo, hi = ax.get_ylim()
         if v <= 0 or lo <= 0 or math.log10(hi / lo) >= 2:
             return ""
         mant = round(v / 10 ** math.floor(math.log10(v)), 6)
         return f"{v:g}" if mant in (2.0, 3.0, 5.0) else ""
+
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
@@ -119,9 +121,19 @@ def _with_x(history: pd.DataFrame, key: str, x: str) -> pd.DataFrame:
     return pd.concat(parts) if parts else h.iloc[0:0].assign(x=[])
 
 
-def plot_curves(history: pd.DataFrame, key: str, path: Path, x: str = "step", band: str = "minmax",
-                logy: bool = False, smooth: int = 1, title: str | None = None,
-                colors: dict | None = None, markers: bool = False, crop: bool = False) -> Path | None:
+def plot_curves(
+    history: pd.DataFrame,
+    key: str,
+    path: Path,
+    x: str = "step",
+    band: str = "minmax",
+    logy: bool = False,
+    smooth: int = 1,
+    title: str | None = None,
+    colors: dict | None = None,
+    markers: bool = False,
+    crop: bool = False,
+) -> Path | None:
     """Mean of `key` over seeds per arm against step/tokens/seconds, with a min-max band over seeds.
 
     `history` is Collected.history(...) output (must include train/tokens or train/elapsed_s for those
@@ -138,11 +150,22 @@ def plot_curves(history: pd.DataFrame, key: str, path: Path, x: str = "step", ba
     colors = colors or arm_colors(h.arm)
     fig, ax = _figure()
     for arm, g in h.groupby("arm", sort=True):
-        agg = g.groupby("step").agg(x=("x", "mean"), y=("value", "mean"), lo=("value", "min"),
-                                    hi=("value", "max"), n=("value", "size")).sort_index()
+        agg = (
+            g.groupby("step")
+            .agg(x=("x", "mean"), y=("value", "mean"), lo=("value", "min"), hi=("value", "max"), n=("value", "size"))
+            .sort_index()
+        )
         n_seeds = g.run_id.nunique()
-        ax.plot(agg.x, agg.y, color=colors[arm], lw=1.6, ls=arm_linestyle(arm), marker="o" if markers else None,
-                ms=3, label=f"{arm} (n={n_seeds})")
+        ax.plot(
+            agg.x,
+            agg.y,
+            color=colors[arm],
+            lw=1.6,
+            ls=arm_linestyle(arm),
+            marker="o" if markers else None,
+            ms=3,
+            label=f"{arm} (n={n_seeds})",
+        )
         if band == "minmax" and n_seeds > 1:
             ax.fill_between(agg.x, agg.lo, agg.hi, color=colors[arm], alpha=0.2, lw=0)
     if logy:
@@ -161,8 +184,9 @@ def plot_curves(history: pd.DataFrame, key: str, path: Path, x: str = "step", ba
     return _save(fig, path)
 
 
-def plot_bars(runs: pd.DataFrame, metrics: dict[str, tuple[str, float]], path: Path, title: str,
-              colors: dict | None = None) -> Path | None:
+def plot_bars(
+    runs: pd.DataFrame, metrics: dict[str, tuple[str, float]], path: Path, title: str, colors: dict | None = None
+) -> Path | None:
     """One panel per metric: mean per arm with 95% t-CI error bars (none where n == 1).
 
     metrics: {metric: (label, scale)}; values are divided by scale (e.g. 1e6 for MB).
@@ -174,8 +198,9 @@ def plot_bars(runs: pd.DataFrame, metrics: dict[str, tuple[str, float]], path: P
     n_arms = runs.arm.nunique()
     rotate = n_arms > 4
     with sns.axes_style("whitegrid"):
-        fig = Figure(figsize=(max(3.4, 1.1 * n_arms) * len(metrics) + 0.6, 4.4 if rotate else 4.0),
-                     dpi=DPI, layout="constrained")
+        fig = Figure(
+            figsize=(max(3.4, 1.1 * n_arms) * len(metrics) + 0.6, 4.4 if rotate else 4.0), dpi=DPI, layout="constrained"
+        )
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, (metric, (label, scale)) in zip(axes, metrics.items(), strict=True):
         s = summarize(runs, metric).dropna(subset=["mean"])
@@ -185,13 +210,13 @@ def plot_bars(runs: pd.DataFrame, metrics: dict[str, tuple[str, float]], path: P
         pos = np.arange(len(s))
         y = y.to_numpy()
         ax.bar(pos, y, color=[colors[a] for a in s.arm])
-        multi = (s.n > 1).to_numpy()          # no error bar where n == 1: there is no interval
+        multi = (s.n > 1).to_numpy()  # no error bar where n == 1: there is no interval
         if multi.any():
             ax.errorbar(pos[multi], y[multi], yerr=err[:, multi], fmt="none", ecolor="black", capsize=4)
-        labels = [f"{a} (n={n})" if rotate else f"{a}\n(n={n})".replace(" [", "\n[")
-                  for a, n in zip(s.arm, s.n, strict=True)]
-        ax.set_xticks(pos, labels, fontsize=8, rotation=35 if rotate else 0,
-                      ha="right" if rotate else "center")
+        labels = [
+            f"{a} (n={n})" if rotate else f"{a}\n(n={n})".replace(" [", "\n[") for a, n in zip(s.arm, s.n, strict=True)
+        ]
+        ax.set_xticks(pos, labels, fontsize=8, rotation=35 if rotate else 0, ha="right" if rotate else "center")
         ax.set_title(label, fontsize=10)
     fig.suptitle(title)
     return _save(fig, path)
@@ -226,14 +251,27 @@ def plot_moe_heatmap(moe_load: pd.DataFrame, arm: str, path: Path) -> Path | Non
     return _save(fig, path)
 
 
-def plot_optuna(trials: pd.DataFrame, out_dir: Path, importances: dict[str, float] | None = None,
-                direction: str = "minimize", prefix: str = "optuna") -> list[Path]:
+def plot_optuna(
+    trials: pd.DataFrame,
+    out_dir: Path,
+    importances: dict[str, float] | None = None,
+    direction: str = "minimize",
+    prefix: str = "optuna",
+) -> list[Path]:
     """Optimization history (+ best so far) and parameter importances from plain frames/dicts
     (`study.trials_dataframe()`, `optuna.importance.get_param_importances(study)`). Optional."""
     out_dir = Path(out_dir)
     paths = []
-    done = trials[trials.get("state", pd.Series("COMPLETE", index=trials.index)).astype(str)
-                  .str.upper().str.endswith("COMPLETE")] if len(trials) else trials
+    done = (
+        trials[
+            trials.get("state", pd.Series("COMPLETE", index=trials.index))
+            .astype(str)
+            .str.upper()
+            .str.endswith("COMPLETE")
+        ]
+        if len(trials)
+        else trials
+    )
     if "value" in done and done.value.notna().any():
         done = done.sort_values("number")
         best = done.value.cummin() if direction.startswith("min") else done.value.cummax()

@@ -20,8 +20,15 @@ def _attach(collected, out_dir: Path) -> str | None:
     return run_id
 
 
-def publish_report(experiment: str, tracking_uri: str, out: Path | None, log: bool, command: str,
-                   console: Console, all_runs: bool = False) -> Path:
+def publish_report(
+    experiment: str,
+    tracking_uri: str,
+    out: Path | None,
+    log: bool,
+    command: str,
+    console: Console,
+    all_runs: bool = False,
+) -> Path:
     """Write the report of `experiment` to `out` (default reports/out/<experiment>); -> report.md's path."""
     from reports.collect import collect
     from reports.markdown import write_report

@@ -16,9 +16,9 @@ from harness.schema import NOISY_REL_IQR
 from reports import names
 from reports.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
-EQUAL_MARGIN = 0.03     # a ratio interval inside [0.97, 1.03]: the two arms are equally fast within ±3%
+EQUAL_MARGIN = 0.03  # a ratio interval inside [0.97, 1.03]: the two arms are equally fast within ±3%
 EQUAL = "equal within ±3%"
-MIN_ROUNDS = 6          # the fewest rounds with a 95% order-statistic interval (harness/measure/bench/ratios.py)
+MIN_ROUNDS = 6  # the fewest rounds with a 95% order-statistic interval (harness/measure/bench/ratios.py)
 
 SPEED_RULE = (
     "Speed rule: the arms are timed in the same interleaved rounds (one process, one pinned CPU thread on CPU); "
@@ -41,6 +41,7 @@ def noisy_threshold() -> float:
 @dataclass(frozen=True)
 class Measured:
     """One controlled measurement: median, IQR and n (n = 0: not measured)."""
+
     median: float
     iqr: float
     n: int
@@ -86,6 +87,7 @@ def fmt_measured(m: Measured, scale: float = 1.0, threshold: float | None = None
 @dataclass(frozen=True)
 class PairedRatio:
     """A logged paired ratio A/B: median over n rounds and its 95% interval (NaN: none)."""
+
     median: float
     low: float
     high: float
@@ -109,17 +111,22 @@ def paired_ratio(row_a, row_b, metric_a: str, metric_b: str) -> PairedRatio | No
     (B/A, inverted); None when neither holds it (an older speed run, or shapes measured apart)."""
     if row_a is None or row_b is None:
         return None
-    for row, other, this_m, other_m, invert in ((row_a, row_b, metric_a, metric_b, False),
-                                                (row_b, row_a, metric_b, metric_a, True)):
+    for row, other, this_m, other_m, invert in (
+        (row_a, row_b, metric_a, metric_b, False),
+        (row_b, row_a, metric_b, metric_a, True),
+    ):
         shape = other.get("shape")
         if not shape:
             continue
         key = names.speed_ratio(this_m, str(shape), other_m)
         med = _number(row, key)
         if math.isfinite(med) and med > 0:
-            r = PairedRatio(med, _number(row, key + names.LO_SUFFIX), _number(row, key + names.HI_SUFFIX),
-                            int(_number(row, key + names.N_SUFFIX)) if math.isfinite(_number(
-                                row, key + names.N_SUFFIX)) else 0)
+            r = PairedRatio(
+                med,
+                _number(row, key + names.LO_SUFFIX),
+                _number(row, key + names.HI_SUFFIX),
+                int(_number(row, key + names.N_SUFFIX)) if math.isfinite(_number(row, key + names.N_SUFFIX)) else 0,
+            )
             return r.inverse() if invert else r
     return None
 
@@ -147,6 +154,7 @@ def fmt_ratio(r: PairedRatio) -> str:
 @dataclass(frozen=True)
 class SpeedComparison:
     """One speed claim row's cells: each arm's controlled measurement, the paired ratio, the verdict."""
+
     a_text: str
     b_text: str
     diff_text: str
@@ -154,17 +162,22 @@ class SpeedComparison:
     measured: bool = True
 
 
-def speed_comparison(a: str, b: str, row_a, row_b, metric_a: str, metric_b: str, direction: int,
-                     scale: float = 1.0) -> SpeedComparison:
+def speed_comparison(
+    a: str, b: str, row_a, row_b, metric_a: str, metric_b: str, direction: int, scale: float = 1.0
+) -> SpeedComparison:
     """A speed claim on arms a, b (their speed-run rows and metrics): per-arm medians with IQR and n beside,
     the verdict from the paired ratio A/B."""
     ma, mb = measured(row_a, metric_a), measured(row_b, metric_b)
     a_text, b_text = f"{a}: {fmt_measured(ma, scale)}", f"{b}: {fmt_measured(mb, scale)}"
     if ma.n == 0 or mb.n == 0:
-        return SpeedComparison(a_text, b_text, "no controlled speed run (kb.kind=speed) for this shape",
-                               INCONCLUSIVE, measured=False)
-    what = metric_a.removeprefix(names.SPEED_PREFIX) if metric_a == metric_b else \
-        f"{metric_a.removeprefix(names.SPEED_PREFIX)} / {metric_b.removeprefix(names.SPEED_PREFIX)}"
+        return SpeedComparison(
+            a_text, b_text, "no controlled speed run (kb.kind=speed) for this shape", INCONCLUSIVE, measured=False
+        )
+    what = (
+        metric_a.removeprefix(names.SPEED_PREFIX)
+        if metric_a == metric_b
+        else f"{metric_a.removeprefix(names.SPEED_PREFIX)} / {metric_b.removeprefix(names.SPEED_PREFIX)}"
+    )
     r = paired_ratio(row_a, row_b, metric_a, metric_b)
     if r is None:
         rel = f"{100 * (ma.median - mb.median) / abs(mb.median):+.1f}%" if mb.median else "n/a"
@@ -182,8 +195,9 @@ def speed_rows_for(speed: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (variant, preset), g in runs.groupby(["variant", "preset"], sort=True, dropna=False):
         shapes = set(g["shape"].dropna()) if "shape" in g else set()
-        cand = speed[speed["shape"].isin(shapes)] if shapes else speed[speed.variant.eq(variant) &
-                                                                         speed.preset.eq(preset)]
+        cand = (
+            speed[speed["shape"].isin(shapes)] if shapes else speed[speed.variant.eq(variant) & speed.preset.eq(preset)]
+        )
         if cand.empty:
             continue
         mine = cand[cand.parent_run_id.isin(parents)]
@@ -204,7 +218,7 @@ def decode_batches(speed_rows: pd.DataFrame) -> list[int]:
     out = set()
     for c in speed_rows.columns:
         if c.startswith(prefix) and not c.endswith((names.IQR_SUFFIX, names.N_SUFFIX)):
-            tail = c[len(prefix):]
+            tail = c[len(prefix) :]
             if tail.isdigit():
                 out.add(int(tail))
     return sorted(out)
@@ -222,8 +236,13 @@ def ratio_table_rows(speed_rows: pd.DataFrame) -> list[list[str]]:
     variant_of = {r.get("shape"): r.get("variant") for r in speed_rows.to_dict("records")}
     out, seen = [], set()
     for r in speed_rows.to_dict("records"):
-        for key in sorted(k for k in r if isinstance(k, str) and k.startswith(prefix)
-                          and not k.endswith((names.LO_SUFFIX, names.HI_SUFFIX, names.N_SUFFIX))):
+        for key in sorted(
+            k
+            for k in r
+            if isinstance(k, str)
+            and k.startswith(prefix)
+            and not k.endswith((names.LO_SUFFIX, names.HI_SUFFIX, names.N_SUFFIX))
+        ):
             what, _, rest = key.removeprefix(prefix).partition("/vs/")
             shape, _, other = rest.partition("/")
             if (shape, r.get("shape"), other, what) in seen or pd.isna(r.get(key)):
@@ -232,6 +251,12 @@ def ratio_table_rows(speed_rows: pd.DataFrame) -> list[list[str]]:
             ratio = paired_ratio(r, {"shape": shape}, names.SPEED_PREFIX + what, names.SPEED_PREFIX + other)
             if ratio is None:
                 continue
-            out.append([_arm_label(r.get("variant"), what), _arm_label(variant_of.get(shape, shape), other),
-                        what.split("/")[-1], fmt_ratio(ratio)])
+            out.append(
+                [
+                    _arm_label(r.get("variant"), what),
+                    _arm_label(variant_of.get(shape, shape), other),
+                    what.split("/")[-1],
+                    fmt_ratio(ratio),
+                ]
+            )
     return out

@@ -19,29 +19,31 @@ from scipy import stats as _st
 from reports import names
 
 LEVEL = 0.95
-ALPHA = 1 - LEVEL      # family-wise error rate of the Holm step
+ALPHA = 1 - LEVEL  # family-wise error rate of the Holm step
 N_BOOT = 10_000
 BOOT_SEED = 0
 # Lower is more stable for both (coefficient of variation; 99th percentile over the median of grad/norm).
 STABILITY_METRICS = (names.GRAD_NORM_CV, names.GRAD_NORM_P99_OVER_MEDIAN)
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
-EQUIVALENT = "equivalent"                   # shown as "equivalent within ±m"
-BELOW_MARGIN = "real, below the margin"     # shown as "real, below the margin ±m"
-EXPLORATORY = "exploratory"                 # outside the Holm family: no verdict
+EQUIVALENT = "equivalent"  # shown as "equivalent within ±m"
+BELOW_MARGIN = "real, below the margin"  # shown as "real, below the margin ±m"
+EXPLORATORY = "exploratory"  # outside the Holm family: no verdict
 
 # Equivalence margins, set before the runs (matrix [verdicts] overrides them; docs/verdicts.md gives the reasons).
-LOSS_MARGIN_NATS = 0.02   # losses: 0.02 nats = 2% in perplexity; seed-to-seed spread at small scale, and a tenth
+LOSS_MARGIN_NATS = 0.02  # losses: 0.02 nats = 2% in perplexity; seed-to-seed spread at small scale, and a tenth
 #                           of the paper's 0.23-nat (18.1 vs 22.8 ppl) claim
-RATIO_MARGIN = 0.10       # ratios (grad-norm CV, p99/median, compute multipliers): a 10% change
-EXACT_THRESHOLD = 0.01    # exact facts: a 1% gap between deterministic counts
+RATIO_MARGIN = 0.10  # ratios (grad-norm CV, p99/median, compute multipliers): a 10% change
+EXACT_THRESHOLD = 0.01  # exact facts: a 1% gap between deterministic counts
 
 
 @dataclass(frozen=True)
 class Margins:
     """The equivalence margins of one report (matrix [verdicts] loss_margin / ratio_margin, else the defaults)."""
+
     loss_nats: float = LOSS_MARGIN_NATS
     ratio: float = RATIO_MARGIN
+
 
 VERDICT_RULE = (
     "Verdict rule (rows with a p-value): per claim and pair of arms, d = A − B per seed both arms finished "
@@ -63,9 +65,10 @@ VERDICT_RULE = (
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of one row and the branch of the rule that produced it, as printed in the table."""
-    word: str             # SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, EQUIVALENT, BELOW_MARGIN, EXPLORATORY, ...
-    rule: str             # why, with the numbers: "Holm p_diff 0.013 < 0.05, on the claimed side; ..."
-    margin: str = ""      # the equivalence margin in words ("0.02 nats", "10%"), for EQUIVALENT / BELOW_MARGIN
+
+    word: str  # SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, EQUIVALENT, BELOW_MARGIN, EXPLORATORY, ...
+    rule: str  # why, with the numbers: "Holm p_diff 0.013 < 0.05, on the claimed side; ..."
+    margin: str = ""  # the equivalence margin in words ("0.02 nats", "10%"), for EQUIVALENT / BELOW_MARGIN
 
     @property
     def text(self) -> str:
@@ -81,8 +84,8 @@ class Verdict:
 class Estimate:
     n: int
     mean: float
-    std: float            # sample std (ddof=1); NaN for n < 2
-    low: float            # 95% CI; NaN for n < 2
+    std: float  # sample std (ddof=1); NaN for n < 2
+    low: float  # 95% CI; NaN for n < 2
     high: float
 
 
@@ -91,8 +94,7 @@ def t_quantile(df: int, level: float = LEVEL) -> float:
     return float(_st.t.ppf(0.5 + level / 2, df))
 
 
-def estimate(values, ci: str = "t", level: float = LEVEL, n_boot: int = N_BOOT,
-             seed: int = BOOT_SEED) -> Estimate:
+def estimate(values, ci: str = "t", level: float = LEVEL, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> Estimate:
     """Mean and CI of the finite values. ci="t" (Student-t) or "bootstrap" (percentile, fixed seed)."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
@@ -121,28 +123,32 @@ def summarize(runs: pd.DataFrame, metric: str, by: str | list[str] = "arm", ci: 
     for key, g in runs.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         e = estimate(g.get(metric, []), ci=ci)
-        rows.append(dict(zip(by, key, strict=True)) | {"n": e.n, "mean": e.mean, "std": e.std,
-                                           "ci_low": e.low, "ci_high": e.high})
+        rows.append(
+            dict(zip(by, key, strict=True))
+            | {"n": e.n, "mean": e.mean, "std": e.std, "ci_low": e.low, "ci_high": e.high}
+        )
     return pd.DataFrame(rows, columns=by + ["n", "mean", "std", "ci_low", "ci_high"])
 
 
 @dataclass(frozen=True)
 class Paired:
     """A - B for one metric, paired on `pair_on`. `pairs`: pair_on columns, a, b, diff (sorted)."""
+
     metric: str
     a_arm: str
     b_arm: str
     pairs: pd.DataFrame
     diff: Estimate
-    b_mean: float         # mean of B over the paired seeds (reference for relative differences/margins)
+    b_mean: float  # mean of B over the paired seeds (reference for relative differences/margins)
 
     @property
     def n(self) -> int:
         return self.diff.n
 
 
-def paired_differences(runs: pd.DataFrame, metric: str, a_arm: str, b_arm: str,
-                       pair_on: str | list[str] = "seed", ci: str = "t") -> Paired:
+def paired_differences(
+    runs: pd.DataFrame, metric: str, a_arm: str, b_arm: str, pair_on: str | list[str] = "seed", ci: str = "t"
+) -> Paired:
     """Per-seed differences a - b (runs sharing arm and seed are averaged first) and their mean/CI."""
     on = [pair_on] if isinstance(pair_on, str) else list(pair_on)
 
@@ -186,8 +192,7 @@ def muon_minus_adamw(runs: pd.DataFrame, metric: str, muon: str = "muon") -> lis
 
 def _direction(claimed) -> int:
     if isinstance(claimed, str):
-        table = {"higher": 1, "greater": 1, "+": 1, "lower": -1, "less": -1, "-": -1,
-                 "equal": 0, "same": 0, "=": 0}
+        table = {"higher": 1, "greater": 1, "+": 1, "lower": -1, "less": -1, "-": -1, "equal": 0, "same": 0, "=": 0}
         if claimed.lower() not in table:
             raise ValueError(f"claimed_direction: {claimed!r}; use 'higher', 'lower' or 'equal'")
         return table[claimed.lower()]
@@ -197,6 +202,7 @@ def _direction(claimed) -> int:
 
 
 # ----------------------------------------------------------------------------- the tests
+
 
 def zero_spread(x: np.ndarray) -> bool:
     """No spread over seeds: sd 0, or below 1e-9 of the mean (float rounding of identical values, e.g. 0.1 three
@@ -225,8 +231,8 @@ def tost_p_value(d, margin: float) -> float:
         return math.nan
     se = float(x.std(ddof=1)) / math.sqrt(len(x))
     df = len(x) - 1
-    p_low = float(_st.t.sf((x.mean() + margin) / se, df))     # against mean <= -margin
-    p_high = float(_st.t.cdf((x.mean() - margin) / se, df))   # against mean >= +margin
+    p_low = float(_st.t.sf((x.mean() + margin) / se, df))  # against mean <= -margin
+    p_high = float(_st.t.cdf((x.mean() - margin) / se, df))  # against mean >= +margin
     return max(p_low, p_high)
 
 
@@ -239,8 +245,14 @@ def _p(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{x:.3g}"
 
 
-def decide(side: int, p_diff_adj: float, p_eq_adj: float, margin: str, alpha: float = ALPHA,
-           no_test: str = "fewer than 2 paired seeds or zero spread: no test") -> Verdict:
+def decide(
+    side: int,
+    p_diff_adj: float,
+    p_eq_adj: float,
+    margin: str,
+    alpha: float = ALPHA,
+    no_test: str = "fewer than 2 paired seeds or zero spread: no test",
+) -> Verdict:
     """VERDICT_RULE on one row, from its Holm-adjusted p-values.
 
     side: +1 when the estimate (every measure of it) lies on the claimed side of zero, -1 on the other side,
@@ -249,8 +261,10 @@ def decide(side: int, p_diff_adj: float, p_eq_adj: float, margin: str, alpha: fl
         return Verdict(INCONCLUSIVE, no_test, margin)
     diff = math.isfinite(p_diff_adj) and p_diff_adj < alpha
     eq = math.isfinite(p_eq_adj) and p_eq_adj < alpha
-    why = (f"Holm p_diff {_p(p_diff_adj)} {'<' if diff else '≥'} {alpha:g}; "
-           f"Holm p_eq {_p(p_eq_adj)} {'<' if eq else '≥'} {alpha:g} (margin ±{margin})")
+    why = (
+        f"Holm p_diff {_p(p_diff_adj)} {'<' if diff else '≥'} {alpha:g}; "
+        f"Holm p_eq {_p(p_eq_adj)} {'<' if eq else '≥'} {alpha:g} (margin ±{margin})"
+    )
     if diff and side > 0:
         return Verdict(BELOW_MARGIN if eq else SUPPORTED, why + "; claimed side", margin)
     if diff and side < 0:
@@ -268,6 +282,7 @@ def side_of(direction: int, means) -> int:
 
 
 # ----------------------------------------------------------------------------- multiplicity (Holm)
+
 
 def holm(pvalues) -> list[float]:
     """Holm-adjusted p-values (step-down, made monotone, capped at 1); NaN stays NaN and is not counted."""
@@ -288,7 +303,7 @@ EXACT_RULE = (
     "Exact-fact rule (deterministic values: counts, bytes; no interval, no p): the relative gap g = (A − B) / |B| "
     "is computed unrounded and compared with the claim's threshold t (shown in the row): **supported** when g is "
     "beyond t on the claimed side, **not supported** when beyond t on the other side, **equivalent within ±t** "
-    "otherwise. \"Same parameters\": supported when |g| is within the matrix's match tolerance, else not "
+    'otherwise. "Same parameters": supported when |g| is within the matrix\'s match tolerance, else not '
     "supported; **not matched** for a matrix without [match]."
 )
 

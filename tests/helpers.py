@@ -25,8 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's scripts: kimi-bench, mlflow
 
 # Small enough to train in seconds; `eval_tokens` 2048 and `max_chars` 200_000 keep eval and data prep cheap.
-TINY_TRAIN: dict[str, Any] = {"steps": 20, "micro_batch_size": 4, "eval_interval": 10, "eval_tokens": 2048,
-                              "log_interval": 5, "infer_new_tokens": 4, "infer_batch_sizes": [1]}
+TINY_TRAIN: dict[str, Any] = {
+    "steps": 20,
+    "micro_batch_size": 4,
+    "eval_interval": 10,
+    "eval_tokens": 2048,
+    "log_interval": 5,
+    "infer_new_tokens": 4,
+    "infer_batch_sizes": [1],
+}
 TINY_DATA: dict[str, Any] = {"corpus": "python-stdlib", "tokenizer": "byte", "max_chars": 200_000}
 
 
@@ -44,16 +51,26 @@ def _table(name: str, fields: dict[str, Any]) -> str:
     return f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in fields.items())
 
 
-def matrix_text(name: str, *, variants: Sequence[str] = ("gpt",), optimizers: Sequence[str] = ("adamw",),
-                seeds: Sequence[int] = (0,), train: dict[str, Any] | None = None,
-                data: dict[str, Any] | None = None, optim: dict[str, dict[str, Any]] | None = None) -> str:
+def matrix_text(
+    name: str,
+    *,
+    variants: Sequence[str] = ("gpt",),
+    optimizers: Sequence[str] = ("adamw",),
+    seeds: Sequence[int] = (0,),
+    train: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    optim: dict[str, dict[str, Any]] | None = None,
+) -> str:
     """TOML of a tiny matrix; `train` / `data` entries override TINY_TRAIN / TINY_DATA (None removes one)."""
     train_fields = {k: v for k, v in {**TINY_TRAIN, **(train or {})}.items() if v is not None}
     data_fields = {k: v for k, v in {**TINY_DATA, **(data or {})}.items() if v is not None}
-    matrix = {"presets": ["tiny"], "variants": list(variants), "optimizers": list(optimizers),
-              "seeds": list(seeds)}
-    parts = [f"name = {_toml_value(name)}\n", _table("data", data_fields), _table("train", train_fields),
-             _table("matrix", matrix)]
+    matrix = {"presets": ["tiny"], "variants": list(variants), "optimizers": list(optimizers), "seeds": list(seeds)}
+    parts = [
+        f"name = {_toml_value(name)}\n",
+        _table("data", data_fields),
+        _table("train", train_fields),
+        _table("matrix", matrix),
+    ]
     for opt, fields in (optim or {}).items():
         parts.append(_table(f"optim.{opt}", fields))
     return "\n".join(parts)
@@ -69,8 +86,17 @@ def child_env(extra: dict[str, str] | None = None, drop: Sequence[str] = ("MLFLO
     """The environment of a CLI child: one torch thread (several children share 2 cores), no inherited
     tracking URI (each test names its store), no colour codes in the captured output."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NO_COLOR": "1", "TERM": "dumb",
-                "COLUMNS": "200", "PYTHONUNBUFFERED": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "NO_COLOR": "1",
+            "TERM": "dumb",
+            "COLUMNS": "200",
+            "PYTHONUNBUFFERED": "1",
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
+        }
+    )
     env.update(extra or {})
     return env
 
@@ -82,25 +108,37 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli", *args]
 
 
-def run_cli(args: Sequence[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None,
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+    args: Sequence[str],
+    cwd: Path,
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """`kimi-bench ARGS` in a subprocess; raises with the captured output if it runs past `timeout`."""
     try:
-        return subprocess.run(cli_command(*args), cwd=cwd, env=env or child_env(), capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            cli_command(*args), cwd=cwd, env=env or child_env(), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        raise AssertionError(f"kimi-bench {' '.join(args)} ran past {timeout}s\n{out[-3000:]}\n{err[-3000:]}"
-                             ) from None
+        raise AssertionError(f"kimi-bench {' '.join(args)} ran past {timeout}s\n{out[-3000:]}\n{err[-3000:]}") from None
 
 
-def popen_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
-              ) -> subprocess.Popen:
+def popen_cli(
+    args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen:
     """Start `kimi-bench ARGS` in its own process group (so a kill reaches it and nothing else)."""
     with open(log or os.devnull, "ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cli_command(*args), cwd=cwd, env=env or child_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+        return subprocess.Popen(
+            cli_command(*args),
+            cwd=cwd,
+            env=env or child_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int:
@@ -144,8 +182,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = None, log: Path | None = None
-              ) -> None:
+def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
     """Poll `url` until it answers 200; fail early with the server's log if its process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -164,18 +201,36 @@ def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = No
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, workdir: Path, *, command: str = "server", artifacts: Path | None = None,
-                  timeout: float = 150) -> Iterator[str]:
+def mlflow_server(
+    backend_uri: str, workdir: Path, *, command: str = "server", artifacts: Path | None = None, timeout: float = 150
+) -> Iterator[str]:
     """`mlflow server|ui` on 127.0.0.1:<free port>; yields its URL; kills its process group at the end."""
     port = free_port()
-    args = [str(BIN / "mlflow"), command, "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
-            "--port", str(port), "--workers", "1"]
+    args = [
+        str(BIN / "mlflow"),
+        command,
+        "--backend-store-uri",
+        backend_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if artifacts is not None:
         args += ["--default-artifact-root", str(artifacts)]
     log = workdir / f"mlflow-{command}-{port}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, cwd=workdir, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(
+            args,
+            cwd=workdir,
+            env=child_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", timeout, proc, log)
@@ -192,8 +247,9 @@ def trial_runs(client, experiment: str) -> list:
 
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no experiment {experiment!r}"
-    return client.search_runs([exp.experiment_id], filter_string="tags.`kb.kind` = 'trial'",
-                              run_view_type=ViewType.ALL, max_results=1000)
+    return client.search_runs(
+        [exp.experiment_id], filter_string="tags.`kb.kind` = 'trial'", run_view_type=ViewType.ALL, max_results=1000
+    )
 
 
 def metric_steps(client, run_id: str, key: str) -> list[int]:

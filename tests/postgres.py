@@ -40,8 +40,12 @@ class Postgres:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
     def pg_ctl(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run(_as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args]), check=True,
-                       capture_output=True, timeout=timeout)
+        subprocess.run(
+            _as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args]),
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def start(self) -> None:
         opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data} -c fsync=off"
@@ -54,8 +58,9 @@ class Postgres:
     def create_database(self, name: str) -> None:
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres",
-                             autocommit=True) as con:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres", autocommit=True
+        ) as con:
             con.execute(f'CREATE DATABASE "{name}"')
 
 
@@ -72,9 +77,24 @@ def postgres_server(*databases: str) -> Iterator[Postgres]:
         shutil.chown(data, "nobody")
     pg = Postgres(data, free_port(), root / "postgres.log")
     try:
-        subprocess.run(_as_server_user([str(PG_BIN / "initdb"), "-D", str(data), "-U", SUPERUSER,
-                                        "--auth=trust", "-E", "UTF8", "--no-instructions"]),
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            _as_server_user(
+                [
+                    str(PG_BIN / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    SUPERUSER,
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         if os.geteuid() == 0:
             shutil.chown(pg.log.parent, "nobody")
         pg.start()

@@ -18,8 +18,16 @@ from tests.helpers import REPO, mlflow_server, run_cli, trial_runs, write_matrix
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT = REPO / "tests" / "artifacts" / "mlflow-ui.png"
 FIRST_SIGHT = REPO / "docs" / "img" / "mlflow-first-sight.png"  # in the README: regenerated here, never by hand
 EXPERIMENT = "browser-check"
@@ -48,17 +56,22 @@ def _fill_store(tmp_path: Path) -> tuple[str, Path, str]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # one warmup step and Muon's own learning rate: the arms train differently within 12 steps (at this size
     # their curves still nearly overlap in the screenshot)
-    matrix = write_matrix(tmp_path / "m.toml", EXPERIMENT, optimizers=("adamw", "muon"), seeds=(0, 1),
-                          train={"steps": 12, "eval_interval": 4, "warmup_steps": 1},
-                          optim={"muon": {"muon_lr": 0.05}})
+    matrix = write_matrix(
+        tmp_path / "m.toml",
+        EXPERIMENT,
+        optimizers=("adamw", "muon"),
+        seeds=(0, 1),
+        train={"steps": 12, "eval_interval": 4, "warmup_steps": 1},
+        optim={"muon": {"muon_lr": 0.05}},
+    )
     matrix.write_text(f'description = "{DESCRIPTION}"\n' + matrix.read_text())
     cache = ["--cache-dir", str(tmp_path / "cache")]
-    ran = run_cli(["run", "--matrix", str(matrix), "--tracking-uri", uri, "--out", str(tmp_path / "runs"),
-                   *cache], cwd=tmp_path)
+    ran = run_cli(
+        ["run", "--matrix", str(matrix), "--tracking-uri", uri, "--out", str(tmp_path / "runs"), *cache], cwd=tmp_path
+    )
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     report_dir = tmp_path / "report"
-    rep = run_cli(["report", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--out", str(report_dir)],
-                  cwd=tmp_path)
+    rep = run_cli(["report", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--out", str(report_dir)], cwd=tmp_path)
     assert rep.returncode == 0, f"`kimi-bench report` failed:\n{rep.stdout[-3000:]}\n{rep.stderr[-3000:]}"
     assert (report_dir / "report.md").is_file()
     link = ran.stdout.strip().splitlines()[-1]
@@ -70,8 +83,11 @@ def _assert_training_view(page) -> None:
     """The page shows MLflow's model-training experiment view, not the GenAI one (its Overview / Traces /
     Evaluation sidebar), which MLflow 3.17 opens unless the link asks for the training view."""
     page.get_by_text("Model training", exact=True).first.wait_for()
-    genai = [name for name in ("Overview", "Evaluation runs", "Sessions", "Judges")
-             if page.get_by_text(name, exact=True).count()]
+    genai = [
+        name
+        for name in ("Overview", "Evaluation runs", "Sessions", "Judges")
+        if page.get_by_text(name, exact=True).count()
+    ]
     assert not genai, f"the GenAI experiment view is showing ({genai} in the sidebar): {page.url}"
     assert "/runs" in page.url, page.url
 
@@ -92,7 +108,8 @@ def _close_assistant(page) -> None:
 def _plotted_lines(page, metric: str) -> list[str]:
     """The drawn lines (plotly's `path.js-line` with at least two segments) of the chart titled `metric`."""
     card = page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(
-        has=page.get_by_text(metric, exact=True))
+        has=page.get_by_text(metric, exact=True)
+    )
     card.first.locator("path.js-line").first.wait_for()
     paths = card.first.locator("path.js-line").evaluate_all("els => els.map(e => e.getAttribute('d') || '')")
     return [d for d in paths if d.count("L") >= 1]
@@ -178,8 +195,10 @@ def test_mlflow_ui_shows_trials_metrics_and_report(tmp_path):
             except Exception:
                 _shot(page, tmp_path, "3-parent-artifacts-missing")
                 listed = [a.path for a in client.list_artifacts(parent_id)]
-                pytest.fail(f"report.md is not an artifact of the matrix run {parent_id} (it has {listed}): "
-                            "`kimi-bench report` writes its folder but does not log it to MLflow")
+                pytest.fail(
+                    f"report.md is not an artifact of the matrix run {parent_id} (it has {listed}): "
+                    "`kimi-bench report` writes its folder but does not log it to MLflow"
+                )
             report.first.click()
             page.get_by_text(f"kimi-bench report: {EXPERIMENT}").first.wait_for()
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)

@@ -32,14 +32,17 @@ def test_set_changes_the_trial_and_its_key(tmp_path):
     assert load_matrix(t, ["train.steps=3"]).expand(256)[0].train.total_steps(32) == 3
 
 
-@pytest.mark.parametrize(("item", "words"), [
-    ("train.stpes=5", ["--set train.stpes:", "did you mean 'steps'"]),
-    ("train.steps=abc", ["--set train.steps:", "integer", "'abc'"]),
-    ("train.steps=-2", ["--set train.steps:", "greater than 0"]),
-    ("optim.adamw.lrr=1e-3", ["--set optim.adamw.lrr:", "did you mean 'lr'"]),
-    ("trian.steps=5", ["--set trian:", "did you mean 'train'"]),
-    ("train.steps", ["--set train.steps", "section.key=value"]),
-])
+@pytest.mark.parametrize(
+    ("item", "words"),
+    [
+        ("train.stpes=5", ["--set train.stpes:", "did you mean 'steps'"]),
+        ("train.steps=abc", ["--set train.steps:", "integer", "'abc'"]),
+        ("train.steps=-2", ["--set train.steps:", "greater than 0"]),
+        ("optim.adamw.lrr=1e-3", ["--set optim.adamw.lrr:", "did you mean 'lr'"]),
+        ("trian.steps=5", ["--set trian:", "did you mean 'train'"]),
+        ("train.steps", ["--set train.steps", "section.key=value"]),
+    ],
+)
 def test_bad_set_is_one_line(tmp_path, capsys, item, words):
     m = write_matrix(tmp_path / "m.toml", "sets")
     for command in (["run", "--matrix", str(m), "--dry-run"], ["params", "--matrix", str(m)]):
@@ -51,6 +54,7 @@ def test_bad_set_is_one_line(tmp_path, capsys, item, words):
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test (the dry-run must be offline)."""
+
     def refuse(self, address, *args, **kwargs):
         if self.family in (socket.AF_INET, socket.AF_INET6):
             raise AssertionError(f"network access to {address} during an offline command")
@@ -69,9 +73,19 @@ def test_dry_run_and_params_offline_on_every_shipped_matrix(tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     spec = load_matrix(matrix)
     n = len(spec.expand(vocab_size_for(spec.data_fields(), str(tmp_path / "cache"))[0]))
-    for command in (["run", "--matrix", str(matrix), "--dry-run", "--cache-dir", str(tmp_path / "cache"),
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                    ["params", "--matrix", str(matrix), "--cache-dir", str(tmp_path / "cache")]):
+    for command in (
+        [
+            "run",
+            "--matrix",
+            str(matrix),
+            "--dry-run",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        ["params", "--matrix", str(matrix), "--cache-dir", str(tmp_path / "cache")],
+    ):
         proc = kb(command, capsys)
         assert proc.returncode == 0, proc.stderr
         out = proc.stdout
@@ -108,8 +122,19 @@ def test_dry_run_numbers_follow_from_the_spec(tmp_path):
 
 def test_dry_run_on_cuda_states_mfu_and_gpu_hours(tmp_path, capsys):
     m = write_matrix(tmp_path / "m.toml", "cuda")
-    proc = kb(["run", "--matrix", str(m), "--dry-run", "--device", "cuda", "--tracking-uri",
-               f"sqlite:///{tmp_path / 'mlflow.db'}"], capsys)
+    proc = kb(
+        [
+            "run",
+            "--matrix",
+            str(m),
+            "--dry-run",
+            "--device",
+            "cuda",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        capsys,
+    )
     assert proc.returncode == 0, proc.stderr
     flat = " ".join(proc.stdout.split())
     assert "GPU-hours" in flat and "MFU" in flat and "TFLOP/s bf16 peak" in flat, proc.stdout
@@ -135,8 +160,9 @@ def test_trial_folder_name_is_readable_and_keyed(tmp_path):
     from harness.spec.matrix import load_matrix
     from harness.trial.runs import trial_dir_name
 
-    spec = load_matrix(write_matrix(tmp_path / "m.toml", "dirs", variants=("kimi",),
-                                    optimizers=("muon",), seeds=(3,))).expand(256)[0]
+    spec = load_matrix(
+        write_matrix(tmp_path / "m.toml", "dirs", variants=("kimi",), optimizers=("muon",), seeds=(3,))
+    ).expand(256)[0]
     key = spec.key("data")
     assert trial_dir_name(spec, key) == f"kimi+muon-tiny-s3-{key[:8]}"
 
@@ -155,21 +181,44 @@ def test_status_lists_pending_trials_by_trial_key(tmp_path):
     exp = client.create_experiment("pend")
     m = write_matrix(tmp_path / "m.toml", "pend", seeds=(0, 1, 2))
     first = load_matrix(m).expand(256)[0]  # the byte tokenizer's vocabulary
-    run = client.create_run(exp, run_name="gpt+adamw tiny s0", tags={
-        "kb.kind": "trial", "kb.status": "finished", "kb.final_step": "20", "kb.trial_key": first.key("d0"),
-        "kb.data_hash": "d0"})
+    run = client.create_run(
+        exp,
+        run_name="gpt+adamw tiny s0",
+        tags={
+            "kb.kind": "trial",
+            "kb.status": "finished",
+            "kb.final_step": "20",
+            "kb.trial_key": first.key("d0"),
+            "kb.data_hash": "d0",
+        },
+    )
     client.log_metric(run.info.run_id, "val/ppl_final", 12.5, step=20)
     client.set_terminated(run.info.run_id, "FINISHED")
     other = load_matrix(m, ["optim.adamw.lr=4.5e-3"]).expand(256)[1]  # same name "gpt+adamw tiny s1"
-    client.create_run(exp, run_name=other.name, tags={"kb.kind": "trial", "kb.status": "finished",
-                                                      "kb.final_step": "20", "kb.trial_key": other.key("d0"),
-                                                      "kb.data_hash": "d0"})
-    code = ("import sys, cli\n"
-            "try:\n    cli.app(sys.argv[1:], prog_name='kimi-bench')\nexcept SystemExit:\n    pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
-    proc = subprocess.run([sys.executable, "-c", code, "status", "--matrix", str(m), "--tracking-uri",
-                           f"sqlite:///{db}"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    client.create_run(
+        exp,
+        run_name=other.name,
+        tags={
+            "kb.kind": "trial",
+            "kb.status": "finished",
+            "kb.final_step": "20",
+            "kb.trial_key": other.key("d0"),
+            "kb.data_hash": "d0",
+        },
+    )
+    code = (
+        "import sys, cli\n"
+        "try:\n    cli.app(sys.argv[1:], prog_name='kimi-bench')\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "status", "--matrix", str(m), "--tracking-uri", f"sqlite:///{db}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     rows = {ln.split("│")[1].strip(): ln for ln in lines if ln.startswith("│")}
@@ -178,16 +227,36 @@ def test_status_lists_pending_trials_by_trial_key(tmp_path):
     assert "12.500" in rows["gpt+adamw tiny s0"]
     assert "pending" in rows["gpt+adamw tiny s1"] and "pending" in rows["gpt+adamw tiny s2"]
     assert "1 finished, 2 pending" in proc.stdout and "1 other trial(s)" in proc.stdout
-    with_set = subprocess.run([sys.executable, "-c", code, "status", "--matrix", str(m), "--set",
-                               "optim.adamw.lr=4.5e-3", "--tracking-uri", f"sqlite:///{db}"], cwd=REPO,
-                              capture_output=True, text=True, timeout=120,
-                              env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    with_set = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "status",
+            "--matrix",
+            str(m),
+            "--set",
+            "optim.adamw.lr=4.5e-3",
+            "--tracking-uri",
+            f"sqlite:///{db}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
     assert "2 pending, 1 finished" in with_set.stdout, with_set.stdout + with_set.stderr
     rows = {ln.split("│")[1].strip(): ln for ln in with_set.stdout.splitlines() if ln.startswith("│")}
     assert "finished" in rows["gpt+adamw tiny s1"] and "pending" in rows["gpt+adamw tiny s0"]
-    plain = subprocess.run([sys.executable, "-c", code, "status", "--experiment", "pend", "--tracking-uri",
-                            f"sqlite:///{db}"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                           env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    plain = subprocess.run(
+        [sys.executable, "-c", code, "status", "--experiment", "pend", "--tracking-uri", f"sqlite:///{db}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
     assert "2 trials (2 finished)" in plain.stdout and plain.stdout.splitlines()[-1] == "NO-TORCH", plain.stdout
 
 
@@ -205,16 +274,22 @@ def test_trials_json_lists_each_trial_with_its_folder(tmp_path):
 def test_hints_carry_the_tracking_uri_and_the_runs_view():
     from harness.console import browse_lines, report_hint
 
-    assert report_hint("smoke", "http://127.0.0.1:5000") == \
-        "kimi-bench report --experiment smoke --tracking-uri http://127.0.0.1:5000"
+    assert (
+        report_hint("smoke", "http://127.0.0.1:5000")
+        == "kimi-bench report --experiment smoke --tracking-uri http://127.0.0.1:5000"
+    )
     assert browse_lines("http://127.0.0.1:5000", "7") == [
-        "runs: http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"]
+        "runs: http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    ]
     assert browse_lines("sqlite:///x.db", "7")[0].startswith("browse: mlflow ui --backend-store-uri")
 
 
 def test_status_help_path(tmp_path, capsys):
-    assert_one_line_error(kb(["status", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}",
-                              "--experiment", "x"], capsys), "--tracking-uri", "no MLflow store")
+    assert_one_line_error(
+        kb(["status", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--experiment", "x"], capsys),
+        "--tracking-uri",
+        "no MLflow store",
+    )
     assert_one_line_error(kb(["status"], capsys), "--experiment / --matrix")
     assert Path(tmp_path / "none.db").exists() is False
 

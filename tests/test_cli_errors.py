@@ -44,8 +44,18 @@ def kb(args: list[str], capsys) -> SimpleNamespace:
 
 
 def _run_args(tmp_path: Path, matrix: Path, cache_dir: Path, *extra: str) -> list[str]:
-    return ["run", "--matrix", str(matrix), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--out", str(tmp_path / "runs"), "--cache-dir", str(cache_dir), *extra]
+    return [
+        "run",
+        "--matrix",
+        str(matrix),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--out",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(cache_dir),
+        *extra,
+    ]
 
 
 def _assert_nothing_created(tmp_path: Path) -> None:
@@ -54,20 +64,27 @@ def _assert_nothing_created(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- names: closest suggestions
-@pytest.mark.parametrize(("field", "bad", "suggested"), [
-    ("variants", "kimmi", "kimi"),
-    ("variants", "gpt_mla", "gpt-mla"),
-    ("optimizers", "muonclp", "muonclip"),
-    ("optimizers", "adam", "adamw"),
-    ("presets", "tiy", "tiny"),
-])
+@pytest.mark.parametrize(
+    ("field", "bad", "suggested"),
+    [
+        ("variants", "kimmi", "kimi"),
+        ("variants", "gpt_mla", "gpt-mla"),
+        ("optimizers", "muonclp", "muonclip"),
+        ("optimizers", "adam", "adamw"),
+        ("presets", "tiy", "tiny"),
+    ],
+)
 def test_unknown_name_suggests_the_closest(tmp_path, cache_dir, capsys, field, bad, suggested):
     m = tmp_path / "m.toml"
     write_matrix(m, "names")
-    m.write_text(m.read_text().replace(
-        {"variants": 'variants = ["gpt"]', "optimizers": 'optimizers = ["adamw"]',
-         "presets": 'presets = ["tiny"]'}[field],
-        f'{field} = ["{bad}"]'))
+    m.write_text(
+        m.read_text().replace(
+            {"variants": 'variants = ["gpt"]', "optimizers": 'optimizers = ["adamw"]', "presets": 'presets = ["tiny"]'}[
+                field
+            ],
+            f'{field} = ["{bad}"]',
+        )
+    )
     proc = kb(_run_args(tmp_path, m, cache_dir), capsys)
     line = assert_one_line_error(proc, f"did you mean '{suggested}'", repr(bad))
     assert f"matrix.{field}[0]" in line
@@ -97,8 +114,9 @@ def _not_writable(tmp_path: Path, how: str) -> Path:
         blocker.write_text("a regular file, not a folder")
         return blocker / "cache"
     if os.geteuid() == 0:
-        pytest.skip("running as root: a read-only folder does not stop root's writes (the under-a-file case "
-                    "covers root)")
+        pytest.skip(
+            "running as root: a read-only folder does not stop root's writes (the under-a-file case covers root)"
+        )
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
@@ -122,25 +140,44 @@ def test_unwritable_out_dir(tmp_path, cache_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     db = tmp_path / "store.db"
-    proc = run_cli(["run", "--matrix", str(m), "--tracking-uri", f"sqlite:///{db}",
-                    "--out", str(blocker / "runs"), "--cache-dir", str(cache_dir)], cwd=tmp_path, timeout=180)
+    proc = run_cli(
+        [
+            "run",
+            "--matrix",
+            str(m),
+            "--tracking-uri",
+            f"sqlite:///{db}",
+            "--out",
+            str(blocker / "runs"),
+            "--cache-dir",
+            str(cache_dir),
+        ],
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert_one_line_error(proc, "--out")
     if db.exists():
         from mlflow import MlflowClient
         from mlflow.entities import ViewType
 
         client = MlflowClient(f"sqlite:///{db}")
-        runs = [r for e in client.search_experiments()
-                for r in client.search_runs([e.experiment_id], run_view_type=ViewType.ALL)]
+        runs = [
+            r
+            for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id], run_view_type=ViewType.ALL)
+        ]
         assert runs == [], [(r.info.run_name, r.info.status) for r in runs]
 
 
 # --------------------------------------------------------------------------- options
-@pytest.mark.parametrize(("args", "words"), [
-    (["--steps", "0"], ["--steps"]),
-    (["--steps", "-3"], ["--steps"]),
-    (["--device", "tpu"], ["--device", "tpu"]),
-])
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--steps", "0"], ["--steps"]),
+        (["--steps", "-3"], ["--steps"]),
+        (["--device", "tpu"], ["--device", "tpu"]),
+    ],
+)
 def test_bad_options(tmp_path, cache_dir, capsys, args, words):
     m = write_matrix(tmp_path / "m.toml", "options")
     proc = kb(_run_args(tmp_path, m, cache_dir, "--dry-run", *args), capsys)
@@ -155,8 +192,20 @@ def test_missing_matrix_file(tmp_path, capsys):
 
 def test_tracking_folder_missing(tmp_path, cache_dir, capsys):
     m = write_matrix(tmp_path / "m.toml", "store")
-    proc = kb(["run", "--matrix", str(m), "--tracking-uri", f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}",
-               "--out", str(tmp_path / "runs"), "--cache-dir", str(cache_dir)], capsys)
+    proc = kb(
+        [
+            "run",
+            "--matrix",
+            str(m),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}",
+            "--out",
+            str(tmp_path / "runs"),
+            "--cache-dir",
+            str(cache_dir),
+        ],
+        capsys,
+    )
     assert_one_line_error(proc, "--tracking-uri", "no-such-dir")
     assert not (tmp_path / "no-such-dir").exists()
 

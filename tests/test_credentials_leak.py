@@ -41,19 +41,38 @@ def auth_server(work: Path) -> Iterator[str]:
     """`mlflow server --app-name basic-auth`: admin `kbuser` whose password comes from the environment (an ini
     holding it would itself be a file with the password in it)."""
     ini = work / "basic_auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                   f"database_uri = sqlite:///{work / 'auth.db'}\nadmin_username = {USER}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{work / 'auth.db'}\nadmin_username = {USER}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     port = free_port()
     log = work / "server.log"
-    env = child_env({"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
-                     "MLFLOW_FLASK_SERVER_SECRET_KEY": "kb-test-csrf-key"})
-    args = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
-            f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = child_env(
+        {
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "kb-test-csrf-key",
+        }
+    )
+    args = [
+        str(BIN / "mlflow"),
+        "server",
+        "--app-name",
+        "basic-auth",
+        "--backend-store-uri",
+        f"sqlite:///{work / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(work / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(args, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 150, proc, log)
         yield f"127.0.0.1:{port}"
@@ -91,21 +110,29 @@ def test_no_password_anywhere_after_run_ray_report_status(work, auth_server):
     ray_m = write_matrix(work / "ray.toml", "leak-ray", optimizers=("adamw", "muon"), train=TINY)
 
     t0 = time.monotonic()
-    bad = _cli(["status", "--matrix", str(local), "--tracking-uri", f"http://{USER}:wrong-pass@{auth_server}"],
-               work, "bad-password.log", timeout=60)
+    bad = _cli(
+        ["status", "--matrix", str(local), "--tracking-uri", f"http://{USER}:wrong-pass@{auth_server}"],
+        work,
+        "bad-password.log",
+        timeout=60,
+    )
     line = assert_one_line_error(bad, clean)
     assert time.monotonic() - t0 < 30 and "wrong-pass" not in line, line
 
     runs = _cli(["run", "--matrix", str(local), "--out", str(work / "runs"), *common], work, "run-local.log")
     assert runs.returncode == 0, runs.stdout[-3000:] + runs.stderr[-3000:]
-    assert "View run" in runs.stdout + runs.stderr + (work / "runs/leak-local/mlflow.log").read_text(), \
+    assert "View run" in runs.stdout + runs.stderr + (work / "runs/leak-local/mlflow.log").read_text(), (
         "MLflow printed no run link: the check below would prove nothing about them"
-    rays = _cli(["run", "--matrix", str(ray_m), "--executor", "ray", "--out", str(work / "runs"), *common], work,
-                "run-ray.log")
+    )
+    rays = _cli(
+        ["run", "--matrix", str(ray_m), "--executor", "ray", "--out", str(work / "runs"), *common], work, "run-ray.log"
+    )
     assert rays.returncode == 0, rays.stdout[-3000:] + rays.stderr[-3000:]
-    rep = _cli(["report", "--experiment", "leak-local", "--out", str(work / "rep"), "--log", "--tracking-uri", uri],
-               work,
-               "report.log")
+    rep = _cli(
+        ["report", "--experiment", "leak-local", "--out", str(work / "rep"), "--log", "--tracking-uri", uri],
+        work,
+        "report.log",
+    )
     assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
     assert clean in (work / "rep/report.md").read_text()  # the reproducibility block names the server
     st = _cli(["status", "--matrix", str(ray_m), "--tracking-uri", uri], work, "status.log", timeout=120)
@@ -125,6 +152,9 @@ def test_no_password_anywhere_after_run_ray_report_status(work, auth_server):
     ray_logs = list((work / "ray").rglob("*.log")) + list((work / "ray").rglob("*.out"))
     assert ray_logs, "Ray wrote no session logs under the work folder: the search would miss them"
     assert list((work / "artifacts").rglob("report.md")), "the report was not logged as an artifact"
-    needles = [PASSWORD.encode(), urllib.parse.quote(PASSWORD).encode(),
-               base64.b64encode(f"{USER}:{PASSWORD}".encode())]
+    needles = [
+        PASSWORD.encode(),
+        urllib.parse.quote(PASSWORD).encode(),
+        base64.b64encode(f"{USER}:{PASSWORD}".encode()),
+    ]
     assert _files_holding(work, needles) == []

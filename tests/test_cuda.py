@@ -146,8 +146,11 @@ def grouped_vs_loop_errors(device: str, mode: str, tokens: int = 300, seed: int 
     if mode == "bf16":
         loop, grouped = loop.to(torch.bfloat16), grouped.to(torch.bfloat16)
     x = torch.randn(1, tokens, 64, device=device, dtype=torch.bfloat16 if mode == "bf16" else torch.float32)
-    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if mode == "autocast" \
+    amp = (
+        torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        if mode == "autocast"
         else contextlib.nullcontext()
+    )
     outs = []
     for m in (loop, grouped):
         xi = x.clone().requires_grad_()
@@ -283,8 +286,19 @@ FAST = TimingSettings(repeats=3, warmup=1, rounds=2, min_run_time=0.01)
 
 def test_suite_runs_on_cuda(tmp_path):
     out = tmp_path / "record.md"
-    results = run_suite("cuda", ["tiny"], ["gpt", "kimi"], [False], out, timing=FAST, profile=True,
-                        decode_batches=(1, 4), vocab_size=VOCAB, new_tokens=4, prompt_len=16)
+    results = run_suite(
+        "cuda",
+        ["tiny"],
+        ["gpt", "kimi"],
+        [False],
+        out,
+        timing=FAST,
+        profile=True,
+        decode_batches=(1, 4),
+        vocab_size=VOCAB,
+        new_tokens=4,
+        prompt_len=16,
+    )
     for section in ("train", "moe", "decode", "optim", "attention"):
         rows = results[section]
         assert rows, section

@@ -47,8 +47,9 @@ def tracked() -> list[str]:
 
 def docs() -> list[Path]:
     files = tracked()
-    return sorted(REPO / f for f in files
-                  if f == "README.md" or f.endswith("/README.md") or re.fullmatch(r"docs/[^/]+\.md", f))
+    return sorted(
+        REPO / f for f in files if f == "README.md" or f.endswith("/README.md") or re.fullmatch(r"docs/[^/]+\.md", f)
+    )
 
 
 def is_ignored(cited: str) -> bool:
@@ -58,16 +59,16 @@ def is_ignored(cited: str) -> bool:
 def citations(text: str, top_level: set[str]) -> tuple[list[str], list[str]]:
     """(relative link targets, backticked repo-looking paths) of one markdown text; code blocks excluded from
     the backticked ones (commands there are tested by running them)."""
-    links = [t.split("#")[0] for t in LINK.findall(text)
-             if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+    links = [t.split("#")[0] for t in LINK.findall(text) if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
     paths = []
     for span in TICK.findall(FENCE.sub("", text)):
         span = span.strip()
         if " " in span or any(m in span for m in SKIP_MARKS) or span.startswith("-"):
             continue
         head = span.split("/")[0]
-        if ("/" in span and head in top_level) or ("/" not in span and span.endswith(BARE_EXTENSIONS)
-                                                   and not span.startswith(".")):
+        if ("/" in span and head in top_level) or (
+            "/" not in span and span.endswith(BARE_EXTENSIONS) and not span.startswith(".")
+        ):
             paths.append(span)
     return links, paths
 
@@ -105,13 +106,18 @@ def test_every_cited_file_exists(doc):
 def test_the_check_catches_a_missing_file(tmp_path):
     """The rules find a dead link, a dead path, a bare name nobody has, and a renamed test; and let the rest be."""
     doc = tmp_path / "README.md"
-    doc.write_text("See [x](nowhere.md), `harness/nothing.py`, `KINDS.md`, `harness/trial/loop.py`, `gpt.py`,\n"
-                   "`tests/test_docs.py::test_gone`, `train/loss`, `reports/out/smoke/report.md`,\n"
-                   "[ray](https://docs.ray.io), `runs/<experiment>/`.\n"
-                   "```bash\nkimi-bench run --matrix experiments/missing.toml\n```\n")
+    doc.write_text(
+        "See [x](nowhere.md), `harness/nothing.py`, `KINDS.md`, `harness/trial/loop.py`, `gpt.py`,\n"
+        "`tests/test_docs.py::test_gone`, `train/loss`, `reports/out/smoke/report.md`,\n"
+        "[ray](https://docs.ray.io), `runs/<experiment>/`.\n"
+        "```bash\nkimi-bench run --matrix experiments/missing.toml\n```\n"
+    )
     assert missing_citations(doc, tracked()) == [
-        "link nowhere.md", "`harness/nothing.py`", "`KINDS.md` (no tracked file of that name)",
-        "`tests/test_docs.py::test_gone` (no such test)"]
+        "link nowhere.md",
+        "`harness/nothing.py`",
+        "`KINDS.md` (no tracked file of that name)",
+        "`tests/test_docs.py::test_gone` (no such test)",
+    ]
 
 
 def test_ignored_entries_are_not_in_the_repository():

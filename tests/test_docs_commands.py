@@ -24,8 +24,10 @@ from tests.test_docs import docs
 
 # (pattern on one command, why it is not run here); the first match wins
 SKIP: list[tuple[str, str]] = [
-    (r"^python3 -m venv |^\. \.venv/bin/activate$|^pip install ", "installs: the environment under test is"
-                                                                  " already installed"),
+    (
+        r"^python3 -m venv |^\. \.venv/bin/activate$|^pip install ",
+        "installs: the environment under test is already installed",
+    ),
     (r"^pytest\b", "the test suite itself (CI runs it)"),
     (r"^mlflow (ui|server)\b", "a long-running server (tests/test_servers.py starts one)"),
     (r"^export MLFLOW_TRACKING_URI=http", "points later commands at a server that is not started here"),
@@ -33,17 +35,22 @@ SKIP: list[tuple[str, str]] = [
     (r"postgresql://", "a PostgreSQL server"),
     (r"^(export RAY_AUTH_MODE|export KB_OPTUNA_STORAGE|ray (start|get-auth-token))", "a multi-machine Ray cluster"),
     (r"--ray-address auto", "a multi-machine Ray cluster"),
-    (r"^kimi-bench run --matrix experiments/paper\.toml(?!.*--dry-run)", "the paper's scale: a GPU and the"
-                                                                         " TinyStories download"),
-    (r"(gpu-run|paper-h200-run)\.sh --prepare", "prepares the GPU run (downloads wheels for the GPU machine's"
-                                                  " Python)"),
-    (r"gpu-run\.sh --device cpu",
-     "the GPU script's CPU rehearsal: tests/harness/measure/bench/test_gpu_run.py runs it"),
+    (
+        r"^kimi-bench run --matrix experiments/paper\.toml(?!.*--dry-run)",
+        "the paper's scale: a GPU and the TinyStories download",
+    ),
+    (r"(gpu-run|paper-h200-run)\.sh --prepare", "prepares the GPU run (downloads wheels for the GPU machine's Python)"),
+    (
+        r"gpu-run\.sh --device cpu",
+        "the GPU script's CPU rehearsal: tests/harness/measure/bench/test_gpu_run.py runs it",
+    ),
 ]
 # appended to every `kimi-bench run` / `tune` that trains: two steps, one seed, small evals and data
-TINY = ("--set train.steps=2 --set train.eval_interval=1 --set train.eval_tokens=1024 --set train.log_interval=1"
-        " --set matrix.seeds=[0] --set data.max_chars=200000 --set train.infer_new_tokens=4"
-        " --set train.infer_batch_sizes=[1]")
+TINY = (
+    "--set train.steps=2 --set train.eval_interval=1 --set train.eval_tokens=1024 --set train.log_interval=1"
+    " --set matrix.seeds=[0] --set data.max_chars=200000 --set train.infer_new_tokens=4"
+    " --set train.infer_batch_sizes=[1]"
+)
 SHRINK = [(r"--n-trials \d+", "--n-trials 2"), (r"--n-workers \d+", "--n-workers 2")]
 
 
@@ -93,13 +100,20 @@ def documented_commands() -> dict[str, list[Command]]:
 
 
 def test_commands_split_and_skip_as_documented():
-    block = ("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && kimi-bench run --matrix m.toml\n"
-             "kimi-bench tune --matrix t.toml --n-workers 4 \\\n    --n-trials 8   # two lines\n"
-             "mlflow ui --backend-store-uri sqlite:///mlflow.db     # then open it\n")
+    block = (
+        "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && kimi-bench run --matrix m.toml\n"
+        "kimi-bench tune --matrix t.toml --n-workers 4 \\\n    --n-trials 8   # two lines\n"
+        "mlflow ui --backend-store-uri sqlite:///mlflow.db     # then open it\n"
+    )
     cmds = commands_of(block)
-    assert cmds == ["python3 -m venv .venv", ". .venv/bin/activate", "pip install -e .",
-                    "kimi-bench run --matrix m.toml", "kimi-bench tune --matrix t.toml --n-workers 4 --n-trials 8",
-                    "mlflow ui --backend-store-uri sqlite:///mlflow.db"]
+    assert cmds == [
+        "python3 -m venv .venv",
+        ". .venv/bin/activate",
+        "pip install -e .",
+        "kimi-bench run --matrix m.toml",
+        "kimi-bench tune --matrix t.toml --n-workers 4 --n-trials 8",
+        "mlflow ui --backend-store-uri sqlite:///mlflow.db",
+    ]
     assert [why_skipped(c) is None for c in cmds] == [False, False, False, True, True, False]
     tune = Command("x", cmds[4], None).runnable({})
     assert tune == f"kimi-bench tune --matrix t.toml --n-workers 2 --n-trials 2 {TINY}"
@@ -112,10 +126,13 @@ def test_every_skip_rule_is_used_and_readme_paths_are_run():
     for pattern, why in SKIP:
         assert any(re.search(pattern, c.text) for c in commands), f"unused skip rule {pattern!r} ({why})"
     run = {c.text for c in commands if c.skip is None}
-    for wanted in ("kimi-bench run --matrix experiments/smoke.toml", "kimi-bench report --experiment smoke",
-                   "kimi-bench tune --matrix experiments/tune-smoke.toml --n-trials 4",
-                   "kimi-bench run --matrix experiments/tune-smoke.toml --tuned",
-                   "kimi-bench report --experiment tune-smoke"):
+    for wanted in (
+        "kimi-bench run --matrix experiments/smoke.toml",
+        "kimi-bench report --experiment smoke",
+        "kimi-bench tune --matrix experiments/tune-smoke.toml --n-trials 4",
+        "kimi-bench run --matrix experiments/tune-smoke.toml --tuned",
+        "kimi-bench report --experiment tune-smoke",
+    ):
         assert wanted in run, wanted
 
 
@@ -124,16 +141,25 @@ def _kimi_trial_run_id(workdir: Path) -> str:
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("smoke")
-    runs = client.search_runs([exp.experiment_id], "tags.`kb.kind` = 'trial' and tags.`kb.status` = 'finished'"
-                              " and params.variant = 'kimi'", max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        "tags.`kb.kind` = 'trial' and tags.`kb.status` = 'finished' and params.variant = 'kimi'",
+        max_results=1,
+    )
     assert runs, "no finished kimi trial in the smoke experiment to export"
     return runs[0].info.run_id
 
 
 def _run_in(workdir: Path, command: str, env: dict[str, str], timeout: float = 480) -> None:
     try:
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", command],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         raise AssertionError(f"ran past {timeout}s: {command}") from None
     assert done.returncode == 0, f"{command}\nrc={done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
@@ -143,8 +169,13 @@ def _run_in(workdir: Path, command: str, env: dict[str, str], timeout: float = 4
 @pytest.mark.parametrize("doc", sorted(d for d, cmds in documented_commands().items() if any(not c.skip for c in cmds)))
 def test_documented_commands_run(doc, tmp_path):
     shutil.copytree(REPO / "experiments", tmp_path / "experiments")
-    env = child_env({"PYTHONPATH": str(REPO), "KIMI_BENCH_CACHE": str(tmp_path / "cache"),
-                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+    env = child_env(
+        {
+            "PYTHONPATH": str(REPO),
+            "KIMI_BENCH_CACHE": str(tmp_path / "cache"),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+    )
     env.pop("PYTHONHOME", None)
     for cmd in documented_commands()[doc]:
         if cmd.skip:

@@ -10,15 +10,37 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-METRICS = ("train/loss", "val/loss", "val/ppl", "val/bpb", "train/tokens_per_s", "grad/norm",
-           "grad/norm_median", "grad/norm_p99_over_median", "grad/norm_cv", "grad/norm_spikes", "params/total",
-           "params/active", "ckpt/bytes", "mem/param_bytes", "mem/grad_bytes", "mem/optim_state_bytes",
-           "val/ppl_final")
+METRICS = (
+    "train/loss",
+    "val/loss",
+    "val/ppl",
+    "val/bpb",
+    "train/tokens_per_s",
+    "grad/norm",
+    "grad/norm_median",
+    "grad/norm_p99_over_median",
+    "grad/norm_cv",
+    "grad/norm_spikes",
+    "params/total",
+    "params/active",
+    "ckpt/bytes",
+    "mem/param_bytes",
+    "mem/grad_bytes",
+    "mem/optim_state_bytes",
+    "val/ppl_final",
+)
 # one speed run per model shape (gpt, kimi) of each invocation; inference speed is measured once per shape
-SPEED_METRICS = ("speed/prefill_tokens_per_s", "speed/ttft_s", "speed/decode_tokens_per_s_b1",
-                 "speed/kv_bytes_per_token", *(f"speed/{o}/{k}" for o in ("adamw", "muon")
-                                               for k in ("step_s", "fwd_bwd_s", "optim_s", "train_tokens_per_s",
-                                                         "peak_bytes")))
+SPEED_METRICS = (
+    "speed/prefill_tokens_per_s",
+    "speed/ttft_s",
+    "speed/decode_tokens_per_s_b1",
+    "speed/kv_bytes_per_token",
+    *(
+        f"speed/{o}/{k}"
+        for o in ("adamw", "muon")
+        for k in ("step_s", "fwd_bwd_s", "optim_s", "train_tokens_per_s", "peak_bytes")
+    ),
+)
 
 MATRIX = """
 name = "e2e"
@@ -46,8 +68,9 @@ block_size = 32
 
 def kimi_bench(*args, cwd):
     env = {**os.environ, "COLUMNS": "200", "KIMI_BENCH_CACHE": str(Path(cwd) / "cache")}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -69,8 +92,9 @@ def test_run_rerun_report_numbers_equal_mlflow(tmp_path):
             assert key in run.data.metrics, (run.info.run_name, key)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert steps == list(range(1, 9))
-        assert math.isclose(run.data.metrics["val/ppl_final"], math.exp(run.data.metrics["val/loss_final"]),
-                            rel_tol=1e-9)
+        assert math.isclose(
+            run.data.metrics["val/ppl_final"], math.exp(run.data.metrics["val/loss_final"]), rel_tol=1e-9
+        )
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.json", "loss_curve.png"} <= artifacts
         assert not [k for k in run.data.metrics if k.startswith("infer/")], run.info.run_name
@@ -132,8 +156,10 @@ def _check_parent_run_and_files(client, exp, trials, proc, tmp_path: Path) -> No
     assert " INFO mlflow" not in proc.stdout + proc.stderr, "MLflow's INFO lines interleave with the bars"
     lines = proc.stdout.strip().splitlines()
     assert "report: kimi-bench report --experiment e2e" in proc.stdout
-    assert lines[-1] == (f"runs: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType="
-                         f"machine_learning&compareRunsMode=CHART&viewStateShareKey=kb-{parent.info.run_id}")
+    assert lines[-1] == (
+        f"runs: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType="
+        f"machine_learning&compareRunsMode=CHART&viewStateShareKey=kb-{parent.info.run_id}"
+    )
 
 
 @pytest.mark.slow
@@ -143,13 +169,18 @@ def test_diverging_arm_is_isolated_and_reported(tmp_path):
 
     from tests.helpers import matrix_text, run_cli, trial_runs
 
-    text = matrix_text("diverge", optimizers=("adamw", "muon"), train={"grad_clip": 0.0, "log_interval": 1},
-                       optim={"adamw": {"lr": 1e6, "weight_decay": 0.0}})
+    text = matrix_text(
+        "diverge",
+        optimizers=("adamw", "muon"),
+        train={"grad_clip": 0.0, "log_interval": 1},
+        optim={"adamw": {"lr": 1e6, "weight_decay": 0.0}},
+    )
     (tmp_path / "m.toml").write_text(text)
     proc = run_cli(["run", "--matrix", "m.toml"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    runs = {r.data.tags["kb.arm"]: r for r in trial_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"),
-                                                          "diverge")}
+    runs = {
+        r.data.tags["kb.arm"]: r for r in trial_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "diverge")
+    }
     assert runs["gpt+adamw"].data.tags["kb.status"] == "diverged" and runs["gpt+adamw"].info.status == "FAILED"
     assert runs["gpt+adamw"].data.metrics["train/diverged_step"] >= 1
     assert runs["gpt+muon"].data.tags["kb.status"] == "finished" and runs["gpt+muon"].info.status == "FINISHED"
@@ -164,8 +195,7 @@ def test_run_with_nproc_2_trains_one_trial_with_ddp(tmp_path):
     from tests.helpers import child_env, matrix_text, run_cli, trial_runs
 
     (tmp_path / "m.toml").write_text(matrix_text("ddp", variants=("kimi",), optimizers=("muonclip",)))
-    proc = run_cli(["run", "--matrix", "m.toml", "--nproc", "2"], cwd=tmp_path,
-                   env=child_env({"OMP_NUM_THREADS": "1"}))
+    proc = run_cli(["run", "--matrix", "m.toml", "--nproc", "2"], cwd=tmp_path, env=child_env({"OMP_NUM_THREADS": "1"}))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("finished kimi+muonclip") == 1  # rank 1 trains silently
     (run,) = trial_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "ddp")

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # each case starts a pytest
 
 # A test that starts a child in its own session (out of pytest's process group), which starts a grandchild,
 # records both pids, then waits far longer than any test run.
-SPAWNING_TEST = '''
+SPAWNING_TEST = """
 import subprocess, sys, time
 from pathlib import Path
 
@@ -38,7 +38,7 @@ def test_spawns_and_waits():
     pids = [child.pid] + [p.pid for p in psutil.Process(child.pid).children()]
     Path("pids.txt").write_text(" ".join(map(str, pids)))
     time.sleep(600)
-'''
+"""
 
 
 def _alive(pid: int) -> bool:
@@ -69,10 +69,16 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
 
 def _start_pytest(args: list[str], cwd: Path) -> subprocess.Popen:
     # its own session: this test's cleanup can reach whatever a failed case leaves, without touching our run
-    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=cwd,
-                            env=child_env({"PYTHONPATH": str(REPO)}), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=die_with_parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
+        env=child_env({"PYTHONPATH": str(REPO)}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
 
 
 def _cleanup(proc: subprocess.Popen, pids) -> None:

@@ -42,10 +42,27 @@ TRAIN = {"steps": STEPS, "eval_interval": 100, "log_interval": 10, "checkpoint_i
 def _serve(backend: str, port: int, work: Path, tag: str) -> subprocess.Popen:
     log = work / f"server-{tag}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--host",
-                                 "127.0.0.1", "--port", str(port), "--workers", "1", "--artifacts-destination",
-                                 str(work / "artifacts")], cwd=work, env=child_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                backend,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--artifacts-destination",
+                str(work / "artifacts"),
+            ],
+            cwd=work,
+            env=child_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     wait_http(f"http://127.0.0.1:{port}/health", 150, proc, log)
     return proc
 
@@ -67,8 +84,9 @@ def _every_step_once(url: str, name: str, n_trials: int) -> list:
 
     client = MlflowClient(url)
     runs = trial_runs(client, name)
-    assert len(runs) == n_trials and {r.data.tags["kb.status"] for r in runs} == {"finished"}, \
-        [(r.info.run_name, r.data.tags.get("kb.status")) for r in runs]
+    assert len(runs) == n_trials and {r.data.tags["kb.status"] for r in runs} == {"finished"}, [
+        (r.info.run_name, r.data.tags.get("kb.status")) for r in runs
+    ]
     for r in runs:
         assert metric_steps(client, r.info.run_id, "train/loss") == list(range(1, STEPS + 1)), r.info.run_name
         assert duplicate_steps(client, r) == {}, r.info.run_name
@@ -82,8 +100,21 @@ def test_a_server_killed_and_restarted_on_the_same_port_costs_nothing(tmp_path):
     matrix = write_matrix(tmp_path / "m.toml", "restart", optimizers=("adamw", "muon"), train=TRAIN)
     server = _serve(backend, port, tmp_path, "1")
     log = tmp_path / "run.log"
-    proc = popen_cli(["run", "--matrix", str(matrix), "--tracking-uri", url, "--out", str(tmp_path / "runs"),
-                      "--cache-dir", str(tmp_path / "cache")], cwd=tmp_path, log=log)
+    proc = popen_cli(
+        [
+            "run",
+            "--matrix",
+            str(matrix),
+            "--tracking-uri",
+            url,
+            "--out",
+            str(tmp_path / "runs"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        cwd=tmp_path,
+        log=log,
+    )
     try:
         _wait(_checkpointed(tmp_path / "runs", "restart"), 300, "checkpoint", proc, log)
         kill_group(server)  # SIGKILL, mid-trial
@@ -104,8 +135,21 @@ def test_postgresql_restarted_under_the_server_costs_nothing(tmp_path):
         matrix = write_matrix(tmp_path / "m.toml", "pg-restart", train=TRAIN)
         server = _serve(pg.url("mlflow"), port, tmp_path, "pg")
         log = tmp_path / "run.log"
-        proc = popen_cli(["run", "--matrix", str(matrix), "--tracking-uri", url, "--out", str(tmp_path / "runs"),
-                          "--cache-dir", str(tmp_path / "cache")], cwd=tmp_path, log=log)
+        proc = popen_cli(
+            [
+                "run",
+                "--matrix",
+                str(matrix),
+                "--tracking-uri",
+                url,
+                "--out",
+                str(tmp_path / "runs"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ],
+            cwd=tmp_path,
+            log=log,
+        )
         try:
             _wait(_checkpointed(tmp_path / "runs", "pg-restart"), 300, "checkpoint", proc, log)
             pg.stop("fast")  # every connection of the server's pool dies
@@ -119,8 +163,11 @@ def test_postgresql_restarted_under_the_server_costs_nothing(tmp_path):
 
 
 # a small retry budget (MLflow's defaults allow about 4 minutes): 2 retries, 1 s backoff factor, 5 s timeout
-SHORT_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+SHORT_BUDGET = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
 OUTAGE_BOUND_S = 60  # the run must have stopped this long after the server died
 
 
@@ -129,8 +176,17 @@ def test_an_outage_past_the_retry_budget_stops_the_trial_and_the_next_run_resume
     url = f"http://127.0.0.1:{port}"
     backend = f"sqlite:///{tmp_path / 'server.db'}"
     matrix = write_matrix(tmp_path / "m.toml", "outage", train=TRAIN)
-    args = ["run", "--matrix", str(matrix), "--tracking-uri", url, "--out", str(tmp_path / "runs"),
-            "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "run",
+        "--matrix",
+        str(matrix),
+        "--tracking-uri",
+        url,
+        "--out",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     server = _serve(backend, port, tmp_path, "1")
     log = tmp_path / "run.log"
     proc = popen_cli(args, cwd=tmp_path, env=child_env(SHORT_BUDGET), log=log)

@@ -46,8 +46,9 @@ def _check_experiment(client, name: str, n_trials: int, steps: int = STEPS, val_
 
     exp = client.get_experiment_by_name(name)
     assert exp is not None, f"experiment {name!r} missing"
-    parents = client.search_runs([exp.experiment_id], filter_string="tags.`kb.kind` = 'matrix'",
-                                 run_view_type=ViewType.ALL)
+    parents = client.search_runs(
+        [exp.experiment_id], filter_string="tags.`kb.kind` = 'matrix'", run_view_type=ViewType.ALL
+    )
     assert len(parents) == 1 and parents[0].info.status == "FINISHED", [p.info for p in parents]
     trials = trial_runs(client, name)
     assert len(trials) == n_trials, [r.info.run_name for r in trials]
@@ -77,15 +78,26 @@ def test_two_matrices_at_once_against_one_server(tmp_path, cache_dir):
     from mlflow import MlflowClient
 
     a = write_matrix(tmp_path / "a.toml", "server-a", train={"steps": STEPS, "eval_interval": EVAL_INTERVAL})
-    b = write_matrix(tmp_path / "b.toml", "server-b", optimizers=("adamw", "muon"),
-                     train={"steps": STEPS, "eval_interval": EVAL_INTERVAL})
+    b = write_matrix(
+        tmp_path / "b.toml",
+        "server-b",
+        optimizers=("adamw", "muon"),
+        train={"steps": STEPS, "eval_interval": EVAL_INTERVAL},
+    )
     common = ["--cache-dir", str(cache_dir)]
     backend = f"sqlite:///{tmp_path / 'server.db'}"
     with mlflow_server(backend, tmp_path, artifacts=tmp_path / "artifacts") as url:
-        pa = popen_cli(["run", "--matrix", str(a), "--tracking-uri", url, "--out", str(tmp_path / "ra"),
-                        *common], cwd=tmp_path, log=tmp_path / "a.log")
-        pb = popen_cli(["run", "--matrix", str(b), "--out", str(tmp_path / "rb"), *common], cwd=tmp_path,
-                       env=child_env({"MLFLOW_TRACKING_URI": url}), log=tmp_path / "b.log")
+        pa = popen_cli(
+            ["run", "--matrix", str(a), "--tracking-uri", url, "--out", str(tmp_path / "ra"), *common],
+            cwd=tmp_path,
+            log=tmp_path / "a.log",
+        )
+        pb = popen_cli(
+            ["run", "--matrix", str(b), "--out", str(tmp_path / "rb"), *common],
+            cwd=tmp_path,
+            env=child_env({"MLFLOW_TRACKING_URI": url}),
+            log=tmp_path / "b.log",
+        )
         rc_a, rc_b = finish(pa, 400), finish(pb, 400)
         logs = (tmp_path / "a.log").read_text()[-3000:] + (tmp_path / "b.log").read_text()[-3000:]
         assert (rc_a, rc_b) == (0, 0), logs
@@ -107,12 +119,29 @@ def test_concurrent_processes_create_one_fresh_sqlite_store(tmp_path, cache_dir)
     db.parent.mkdir()
     uri = f"sqlite:///{db}"
     train = {"steps": 6, "eval_interval": 3}
-    matrices = [write_matrix(tmp_path / "s0.toml", "fresh-shared", seeds=(0,), train=train),
-                write_matrix(tmp_path / "s1.toml", "fresh-shared", seeds=(1,), train=train),
-                write_matrix(tmp_path / "other.toml", "fresh-other", train=train)]
-    procs = [popen_cli(["run", "--matrix", str(m), "--tracking-uri", uri, "--out", str(tmp_path / "runs"),
-                        "--cache-dir", str(cache_dir)], cwd=tmp_path, log=tmp_path / f"{m.stem}.log")
-             for m in matrices]
+    matrices = [
+        write_matrix(tmp_path / "s0.toml", "fresh-shared", seeds=(0,), train=train),
+        write_matrix(tmp_path / "s1.toml", "fresh-shared", seeds=(1,), train=train),
+        write_matrix(tmp_path / "other.toml", "fresh-other", train=train),
+    ]
+    procs = [
+        popen_cli(
+            [
+                "run",
+                "--matrix",
+                str(m),
+                "--tracking-uri",
+                uri,
+                "--out",
+                str(tmp_path / "runs"),
+                "--cache-dir",
+                str(cache_dir),
+            ],
+            cwd=tmp_path,
+            log=tmp_path / f"{m.stem}.log",
+        )
+        for m in matrices
+    ]
     codes = [finish(p, 400) for p in procs]
     logs = "\n".join(f"--- {m.stem}\n{(tmp_path / f'{m.stem}.log').read_text()[-2500:]}" for m in matrices)
     assert codes == [0, 0, 0], logs
@@ -130,6 +159,5 @@ def test_concurrent_processes_create_one_fresh_sqlite_store(tmp_path, cache_dir)
         assert r.data.tags["kb.status"] == "finished"
         assert metric_steps(client, r.info.run_id, "train/loss") == list(range(1, 7))
     # a later process opens the store like any other
-    again = run_cli(["status", "--experiment", "fresh-shared", "--tracking-uri", uri], cwd=tmp_path,
-                    timeout=120)
+    again = run_cli(["status", "--experiment", "fresh-shared", "--tracking-uri", uri], cwd=tmp_path, timeout=120)
     assert again.returncode == 0 and "finished" in again.stdout, again.stdout + again.stderr

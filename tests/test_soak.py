@@ -91,8 +91,7 @@ def run_and_kill(args: list[str], cwd: Path, out: Path, db: Path, plan: dict, lo
 def _snapshot(db: Path, out: Path) -> dict:
     """What a kill left: per trial, checkpoint step, last logged train/loss step, kb.status; temp files.
     Read-only sqlite (no MlflowClient: opening a half-created store through MLflow would repair it)."""
-    snap: dict = {"tmp_files": sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp")) if out.exists()
-                  else []}
+    snap: dict = {"tmp_files": sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp")) if out.exists() else []}
     if not db.exists():
         return {**snap, "store": "absent"}
     try:
@@ -101,11 +100,13 @@ def _snapshot(db: Path, out: Path) -> dict:
                 "SELECT r.run_uuid, r.name, k.value, s.value FROM runs r "
                 "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'kb.kind' AND t.value = 'trial' "
                 "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = 'kb.trial_key' "
-                "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = 'kb.status'").fetchall()
+                "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = 'kb.status'"
+            ).fetchall()
             trials = {}
             for run_id, name, key, status in rows:
-                logged = con.execute("SELECT max(step) FROM metrics WHERE run_uuid = ? AND key = 'train/loss'",
-                                     (run_id,)).fetchone()[0]
+                logged = con.execute(
+                    "SELECT max(step) FROM metrics WHERE run_uuid = ? AND key = 'train/loss'", (run_id,)
+                ).fetchone()[0]
                 ckpt = next((out / EXPERIMENT).glob(f"*-{key[:8]}"), out) / "trial_state.pt"  # cli: folder names
                 step = torch.load(ckpt, weights_only=True)["train_state"]["step"] if ckpt.is_file() else None
                 trials[name] = {"ckpt_step": step, "logged_to": logged, "status": status}
@@ -132,8 +133,18 @@ def test_sigkill_soak(tmp_path):
 
     matrix = write_matrix(tmp_path / "soak.toml", EXPERIMENT, variants=("gpt", "kimi"), train=TRAIN)
     db, out = tmp_path / "mlflow.db", tmp_path / "runs"
-    args = ["run", "--matrix", str(matrix), "--tracking-uri", f"sqlite:///{db}", "--out", str(out),
-            "--cache-dir", str(tmp_path / "cache"), "--keep-state"]  # cli: the soak checks the final state
+    args = [
+        "run",
+        "--matrix",
+        str(matrix),
+        "--tracking-uri",
+        f"sqlite:///{db}",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--keep-state",
+    ]  # cli: the soak checks the final state
     rng, events, t_start = random.Random(SEED), [], time.monotonic()
     while sum(e["killed"] for e in events) < KILLS and len(events) < KILLS + 6:
         i, done = len(events), any(not e["killed"] and e["rc"] == 0 for e in events)
@@ -157,24 +168,27 @@ def test_sigkill_soak(tmp_path):
     runs = trial_runs(client, EXPERIMENT)
     per_key = Counter(r.data.tags["kb.trial_key"] for r in runs)
     exp_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    parents = client.search_runs([exp_id], filter_string="tags.`kb.kind` = 'matrix'",
-                                 run_view_type=ViewType.ALL)
+    parents = client.search_runs([exp_id], filter_string="tags.`kb.kind` = 'matrix'", run_view_type=ViewType.ALL)
     dups = {r.info.run_name: duplicate_steps(client, r) for r in runs}
     figures = {
-        "kills": sum(e["killed"] for e in events), "reruns": len(events),
+        "kills": sum(e["killed"] for e in events),
+        "reruns": len(events),
         "completed_reruns_before_the_final": sum(not e["killed"] for e in events),
         "kills_in_startup_or_skip": sum(e["killed"] and e["anchor"] == "start" for e in events),
         "kills_after_a_checkpoint": sum(e["killed"] and e["anchor"] == "checkpoint" for e in events),
         "killed_during_checkpoint_write": sum(bool(e.get("tmp_files")) for e in events),
-        "killed_before_store_ready": sum(e.get("store") == "absent" or "no such table" in e.get("store", "")
-                                         for e in events if e["killed"]),
+        "killed_before_store_ready": sum(
+            e.get("store") == "absent" or "no such table" in e.get("store", "") for e in events if e["killed"]
+        ),
         "killed_mid_sqlite_transaction": sum(e.get("store", "").startswith("hot journal") for e in events),
-        "trial_runs_found": len(runs), "trial_keys": len(per_key),
+        "trial_runs_found": len(runs),
+        "trial_keys": len(per_key),
         "runs_per_key": sorted(per_key.values()),
         "duplicate_steps": {k: v for k, v in dups.items() if v},
         "parent_runs": len(parents),
         "parents_left_running": sum(p.info.status == "RUNNING" for p in parents),
-        "total_s": round(elapsed, 1), "events": events,
+        "total_s": round(elapsed, 1),
+        "events": events,
     }
     _save_figures(tmp_path, figures)
 
@@ -224,12 +238,26 @@ def test_resume_of_a_run_killed_right_after_it_was_created(tmp_path):
     key = trial.key(data.data_hash)
     client = MlflowClient(f"sqlite:///{db}")
     exp_id = client.create_experiment("resume-window")
-    run_id = client.create_run(exp_id, run_name=trial.name,
-                               tags={"kb.kind": "trial", **trial_tags(trial, key)}).info.run_id
+    run_id = client.create_run(
+        exp_id, run_name=trial.name, tags={"kb.kind": "trial", **trial_tags(trial, key)}
+    ).info.run_id
     client.log_metric(run_id, "val/loss", 5.5, step=0)  # the step-0 eval reached MLflow, then the kill
 
-    proc = popen_cli(["run", "--matrix", str(matrix), "--tracking-uri", f"sqlite:///{db}", "--out",
-                      str(tmp_path / "runs"), "--cache-dir", str(cache)], cwd=tmp_path, log=tmp_path / "run.log")
+    proc = popen_cli(
+        [
+            "run",
+            "--matrix",
+            str(matrix),
+            "--tracking-uri",
+            f"sqlite:///{db}",
+            "--out",
+            str(tmp_path / "runs"),
+            "--cache-dir",
+            str(cache),
+        ],
+        cwd=tmp_path,
+        log=tmp_path / "run.log",
+    )
     assert finish(proc, 300) == 0, (tmp_path / "run.log").read_text()[-3000:]
     runs = trial_runs(client, "resume-window")
     assert [r.info.run_id for r in runs] == [run_id], "the rerun did not resume the killed run"

@@ -28,8 +28,10 @@ from tests.helpers import (
     write_matrix,
 )
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not postgres.available(), reason="PostgreSQL (initdb, pg_ctl) not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not postgres.available(), reason="PostgreSQL (initdb, pg_ctl) not installed"),
+]
 
 STEPS = 8
 TRAIN = {"steps": STEPS, "eval_interval": 4, "log_interval": 2, "checkpoint_interval": 4}
@@ -54,16 +56,24 @@ def test_mlflow_and_optuna_on_postgresql_with_ray(tmp_path, ray_tmp):
 
     from harness.tune.study import RUN_ATTR
 
-    with postgres.postgres_server("mlflow", "optuna") as pg, \
-            mlflow_server(pg.url("mlflow"), tmp_path, artifacts=tmp_path / "artifacts") as url:
+    with (
+        postgres.postgres_server("mlflow", "optuna") as pg,
+        mlflow_server(pg.url("mlflow"), tmp_path, artifacts=tmp_path / "artifacts") as url,
+    ):
         env = child_env({"RAY_TMPDIR": str(ray_tmp)})
         common = ["--tracking-uri", url, "--cache-dir", str(tmp_path / "cache")]
         matrix = write_matrix(tmp_path / "team.toml", "team", optimizers=("adamw", "muon"), train=TRAIN)
 
         # the matrix: two trials at once on a local Ray cluster of two CPU slots
         t0 = time.monotonic()
-        out = _ok(run_cli(["run", "--matrix", str(matrix), "--executor", "ray", "--out", str(tmp_path / "runs"),
-                           *common], cwd=tmp_path, timeout=400, env=env))
+        out = _ok(
+            run_cli(
+                ["run", "--matrix", str(matrix), "--executor", "ray", "--out", str(tmp_path / "runs"), *common],
+                cwd=tmp_path,
+                timeout=400,
+                env=env,
+            )
+        )
         matrix_s = time.monotonic() - t0
         client = MlflowClient(url)
         runs = trial_runs(client, "team")
@@ -77,14 +87,37 @@ def test_mlflow_and_optuna_on_postgresql_with_ray(tmp_path, ray_tmp):
 
         # the study: two Optuna workers as Ray tasks on one PostgreSQL storage
         tune_m = write_matrix(tmp_path / "tune.toml", "team-tune", train={**TRAIN, "eval_interval": 4})
-        _ok(run_cli(["tune", "--matrix", str(tune_m), "--executor", "ray", "--n-workers", "2", "--n-trials", "4",
-                     "--storage", pg.url("optuna"), "--pruner", "none", "--out", str(tmp_path / "tune-runs"),
-                     *common], cwd=tmp_path, timeout=500, env=env))
+        _ok(
+            run_cli(
+                [
+                    "tune",
+                    "--matrix",
+                    str(tune_m),
+                    "--executor",
+                    "ray",
+                    "--n-workers",
+                    "2",
+                    "--n-trials",
+                    "4",
+                    "--storage",
+                    pg.url("optuna"),
+                    "--pruner",
+                    "none",
+                    "--out",
+                    str(tmp_path / "tune-runs"),
+                    *common,
+                ],
+                cwd=tmp_path,
+                timeout=500,
+                env=env,
+            )
+        )
         study = optuna.load_study(study_name="team-tune/gpt+adamw", storage=pg.url("optuna"))
         trials = study.get_trials()
         assert Counter(t.state.name for t in trials) == {"COMPLETE": 4}
-        tune_runs = client.search_runs([client.get_experiment_by_name("team-tune").experiment_id],
-                                       "tags.`kb.kind` = 'tune-trial'")
+        tune_runs = client.search_runs(
+            [client.get_experiment_by_name("team-tune").experiment_id], "tags.`kb.kind` = 'tune-trial'"
+        )
         assert len(tune_runs) == 4 and {r.data.tags["kb.status"] for r in tune_runs} == {"finished"}
         by_run = {r.info.run_id: r for r in tune_runs}
         assert {t.user_attrs[RUN_ATTR] for t in trials} == set(by_run)  # one run per Optuna trial, no orphan
@@ -92,12 +125,19 @@ def test_mlflow_and_optuna_on_postgresql_with_ray(tmp_path, ray_tmp):
             assert by_run[t.user_attrs[RUN_ATTR]].data.metrics["val/loss_final"] == pytest.approx(t.value, rel=1e-6)
 
         # report and status read back what was logged
-        _ok(run_cli(["report", "--experiment", "team", "--tracking-uri", url, "--out", str(tmp_path / "rep")],
-                    cwd=tmp_path, timeout=300, env=env))
+        _ok(
+            run_cli(
+                ["report", "--experiment", "team", "--tracking-uri", url, "--out", str(tmp_path / "rep")],
+                cwd=tmp_path,
+                timeout=300,
+                env=env,
+            )
+        )
         report = (tmp_path / "rep" / "report.md").read_text()
         assert "gpt+adamw" in report and "gpt+muon" in report
-        status = _ok(run_cli(["status", "--matrix", str(matrix), "--tracking-uri", url], cwd=tmp_path,
-                             timeout=120, env=env))
+        status = _ok(
+            run_cli(["status", "--matrix", str(matrix), "--tracking-uri", url], cwd=tmp_path, timeout=120, env=env)
+        )
         assert "team: 2 trials (2 finished)" in status, status
         for r in runs:
             assert r.data.tags["kb.trial_key"] in status
@@ -110,8 +150,21 @@ def test_a_wrong_database_name_is_one_line_within_30_s_and_creates_nothing(tmp_p
     with postgres.postgres_server("mlflow") as pg:
         wrong = pg.url("no_such_db").replace("kb@", "kb:Pg-S3cret-x@")
         t0 = time.monotonic()
-        bad = run_cli(["run", "--matrix", str(matrix), "--tracking-uri", wrong, "--out", str(tmp_path / "bad"),
-                       "--cache-dir", str(tmp_path / "cache")], cwd=tmp_path, timeout=120)
+        bad = run_cli(
+            [
+                "run",
+                "--matrix",
+                str(matrix),
+                "--tracking-uri",
+                wrong,
+                "--out",
+                str(tmp_path / "bad"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ],
+            cwd=tmp_path,
+            timeout=120,
+        )
         took = time.monotonic() - t0
     line = assert_one_line_error(bad, "no_such_db", "cannot connect to the database")
     assert "Pg-S3cret-x" not in bad.stdout + bad.stderr, line

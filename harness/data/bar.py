@@ -13,8 +13,15 @@ from harness.data.pipeline import PreparedData, prepare
 
 def prepare_data(fields: dict, cache_dir: str | None, console: Console) -> PreparedData:
     cfg = DataConfig(**fields, **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
-    with Progress(TextColumn("[bold]data[/]"), TextColumn("{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("[bold]data[/]"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("preparing", total=None)
 
         def on_progress(description: str, completed: int, total: int | None) -> None:

@@ -26,6 +26,7 @@ Progress = Callable[[str, int, int], None]
 def noop_progress(description: str, completed: int, total: int) -> None:
     pass
 
+
 FORMAT_VERSION = 1  # bump when tokenization or the cache layout changes: it enters every data_hash
 
 
@@ -36,8 +37,10 @@ def ensure_writable(cache_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cache_dir: cannot write to {str(cache_dir)!r} ({e.strerror or e}); "
-                        f"set KIMI_BENCH_CACHE or cache_dir to a writable folder") from None
+        raise UserError(
+            f"cache_dir: cannot write to {str(cache_dir)!r} ({e.strerror or e}); "
+            f"set KIMI_BENCH_CACHE or cache_dir to a writable folder"
+        ) from None
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -20,6 +20,7 @@ from harness.errors import UserError, suggest
 TOKENIZERS = ("byte", "char", "bpe", "gpt2")
 DEFAULT_BPE_VOCAB = 4096  # a small-corpus default; GPT-2's 50257 is what the paper-scale matrices set
 
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("KIMI_BENCH_CACHE") or ".kimi-cache")
 
@@ -72,8 +73,7 @@ class DataConfig(BaseModel, metaclass=_OneLineErrors):
     @classmethod
     def _bpe_above_bytes(cls, vocab_size: int | None, info: ValidationInfo) -> int | None:
         if info.data.get("tokenizer") == "bpe" and vocab_size is not None and vocab_size <= 256:
-            raise ValueError(f"bpe needs more than 256 (its byte alphabet), got {vocab_size}; "
-                             f"e.g. {DEFAULT_BPE_VOCAB}")
+            raise ValueError(f"bpe needs more than 256 (its byte alphabet), got {vocab_size}; e.g. {DEFAULT_BPE_VOCAB}")
         return vocab_size
 
     @field_validator("cache_dir", mode="before")

@@ -102,7 +102,7 @@ class Doc:
     def read(self) -> str:
         t = self.text if self.text is not None else self.path.read_bytes().decode("utf-8", errors="replace")
         n = len(t)
-        return t[int(n * self.start):int(n * self.end)]
+        return t[int(n * self.start) : int(n * self.end)]
 
     def size_hint(self) -> int:
         n = len(self.text) if self.text is not None else self.path.stat().st_size
@@ -129,6 +129,7 @@ def register_corpus(name: str) -> Callable[[CorpusLoader], CorpusLoader]:
     def deco(fn: CorpusLoader) -> CorpusLoader:
         CORPORA[name] = fn
         return fn
+
     return deco
 
 
@@ -172,8 +173,9 @@ def _split_by_chars(doc: Doc, val_fraction: float) -> tuple[list[Doc], list[Doc]
     return [Doc(doc.name, doc.path, doc.text, 0.0, cut)], [Doc(doc.name, doc.path, doc.text, cut, 1.0)]
 
 
-def _file_corpus(kind: str, files: list[tuple[str, Path]], cfg: LoaderConfig, memo: DigestMemo,
-                 progress: Progress, notes: dict) -> Corpus:
+def _file_corpus(
+    kind: str, files: list[tuple[str, Path]], cfg: LoaderConfig, memo: DigestMemo, progress: Progress, notes: dict
+) -> Corpus:
     """files: (relative name, path) sorted by name; one file is split by characters, several by file."""
     entries = []
     for i, (name, path) in enumerate(files):
@@ -212,10 +214,11 @@ def _stdlib_loader(include_tests: bool) -> CorpusLoader:
 
         root, files = _stdlib_files(include_tests)
         if len(files) < 2:
-            raise UserError(f"corpus: found no standard library .py files under {str(root)!r}; "
-                            f"use corpus='text:PATH' instead")
-        return _file_corpus(arg, files, cfg, memo, progress,
-                            {"python": platform.python_version(), "root": str(root)})
+            raise UserError(
+                f"corpus: found no standard library .py files under {str(root)!r}; use corpus='text:PATH' instead"
+            )
+        return _file_corpus(arg, files, cfg, memo, progress, {"python": platform.python_version(), "root": str(root)})
+
     return load
 
 
@@ -266,11 +269,22 @@ def _load_site(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress
 
     files = _site_files()
     if len(files) < 2:
-        raise UserError("corpus: found no .py files in the standard library or the installed packages; "
-                        "use corpus='text:PATH' instead")
-    return _file_corpus(arg, files, cfg, memo, progress,
-                        {"python": platform.python_version(), "roots": [str(r) for r in _site_roots()],
-                         "n_site_files": sum(n.startswith("site/") for n, _ in files)})
+        raise UserError(
+            "corpus: found no .py files in the standard library or the installed packages; "
+            "use corpus='text:PATH' instead"
+        )
+    return _file_corpus(
+        arg,
+        files,
+        cfg,
+        memo,
+        progress,
+        {
+            "python": platform.python_version(),
+            "roots": [str(r) for r in _site_roots()],
+            "n_site_files": sum(n.startswith("site/") for n, _ in files),
+        },
+    )
 
 
 def _is_binary(path: Path) -> bool:
@@ -307,8 +321,10 @@ def _find_or_fetch(kind: str, filename: str, url: str, cfg: LoaderConfig, progre
     reason = _download(url, dest, progress, f"{kind} {filename}")
     if reason is None:
         return dest
-    raise UserError(f"corpus: {kind} file {filename} not found and its download failed ({reason}); put it at "
-                    f"{str(dest)!r} (or $KIMI_BENCH_DATA/{kind}/{filename}), or use corpus='text:PATH'")
+    raise UserError(
+        f"corpus: {kind} file {filename} not found and its download failed ({reason}); put it at "
+        f"{str(dest)!r} (or $KIMI_BENCH_DATA/{kind}/{filename}), or use corpus='text:PATH'"
+    )
 
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -328,15 +344,22 @@ def _load_tinyshakespeare(arg: str, cfg: LoaderConfig, memo: DigestMemo, progres
 
 @register_corpus("tinystories")
 def _load_tinystories(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress) -> Corpus:
-    paths = {split: _find_or_fetch("tinystories", fn, _tinystories_url(fn), cfg, progress)
-             for split, fn in TINYSTORIES_FILES.items()}
+    paths = {
+        split: _find_or_fetch("tinystories", fn, _tinystories_url(fn), cfg, progress)
+        for split, fn in TINYSTORIES_FILES.items()
+    }
     entries = []
     for i, (split, path) in enumerate(paths.items()):
         entries.append((split, memo.digest(path)))
         progress("hash tinystories", i + 1, len(paths))
-    return Corpus("tinystories", _content_hash(entries), "official-files",
-                  [Doc(paths["train"].name, paths["train"])], [Doc(paths["valid"].name, paths["valid"])],
-                  notes={"files": {k: str(p) for k, p in paths.items()}, "val_fraction_ignored": True})
+    return Corpus(
+        "tinystories",
+        _content_hash(entries),
+        "official-files",
+        [Doc(paths["train"].name, paths["train"])],
+        [Doc(paths["valid"].name, paths["valid"])],
+        notes={"files": {k: str(p) for k, p in paths.items()}, "val_fraction_ignored": True},
+    )
 
 
 @register_corpus("tinystories-valid")
@@ -351,8 +374,7 @@ def _load_bin(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress)
     root = Path(arg).expanduser()
     for fn in ("train.bin", "val.bin"):
         if not (root / fn).is_file():
-            raise UserError(f"corpus: bin:{arg} has no {fn}; give a folder with nanoGPT-style train.bin and "
-                            f"val.bin")
+            raise UserError(f"corpus: bin:{arg} has no {fn}; give a folder with nanoGPT-style train.bin and val.bin")
     meta = {}
     if (root / "meta.json").is_file():
         try:
@@ -363,8 +385,14 @@ def _load_bin(arg: str, cfg: LoaderConfig, memo: DigestMemo, progress: Progress)
     for i, fn in enumerate(("train.bin", "val.bin")):
         entries.append((fn, memo.digest(root / fn)))
         progress(f"hash bin:{arg}", i + 1, 2)
-    return Corpus("bin", _content_hash(entries), "bin-files", bin_dir=root, bin_meta=meta,
-                  notes={"root": str(root.resolve()), "has_meta_pkl": (root / "meta.pkl").exists()})
+    return Corpus(
+        "bin",
+        _content_hash(entries),
+        "bin-files",
+        bin_dir=root,
+        bin_meta=meta,
+        notes={"root": str(root.resolve()), "has_meta_pkl": (root / "meta.pkl").exists()},
+    )
 
 
 def load_corpus(cfg: LoaderConfig, progress: Progress | None = None) -> Corpus:

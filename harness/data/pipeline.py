@@ -51,12 +51,19 @@ class PreparedData:
 
     def info(self) -> dict:
         files = [self.path / "train.bin", self.path / "val.bin"]
-        return {**self.meta, "corpus": self.corpus_name, "data_hash": self.data_hash,
-                "vocab_size": self.vocab_size, "tokenizer": self.tokenizer.identity,
-                "n_train_tokens": self.n_train_tokens, "n_val_tokens": self.n_val_tokens,
-                "dtype": str(self.train.dtype), "path": str(self.path.resolve()),
-                "from_cache": self.from_cache,
-                "disk_bytes": sum(f.stat().st_size for f in files if f.exists())}
+        return {
+            **self.meta,
+            "corpus": self.corpus_name,
+            "data_hash": self.data_hash,
+            "vocab_size": self.vocab_size,
+            "tokenizer": self.tokenizer.identity,
+            "n_train_tokens": self.n_train_tokens,
+            "n_val_tokens": self.n_val_tokens,
+            "dtype": str(self.train.dtype),
+            "path": str(self.path.resolve()),
+            "from_cache": self.from_cache,
+            "disk_bytes": sum(f.stat().st_size for f in files if f.exists()),
+        }
 
     def val_bytes(self, n_tokens: int) -> int:
         """UTF-8 bytes of the text that the first n_tokens of the val split encode: the denominator of bits
@@ -68,8 +75,7 @@ class PreparedData:
             raise ValueError(f"n_tokens must be in [0, {len(self.val)}], got {n_tokens}")
         if n_tokens not in self._val_bytes_memo:
             ids = np.asarray(self.val[:n_tokens], dtype=np.int64)
-            self._val_bytes_memo[n_tokens] = int(self._token_bytes[np.minimum(ids, len(self._token_bytes) - 1)]
-                                                 .sum())
+            self._val_bytes_memo[n_tokens] = int(self._token_bytes[np.minimum(ids, len(self._token_bytes) - 1)].sum())
         return self._val_bytes_memo[n_tokens]
 
     @cached_property
@@ -77,7 +83,7 @@ class PreparedData:
         """Bytes per id over the model's id space (padding ids and one spare slot at the end: 0)."""
         table = np.zeros(max(self.vocab_size, self.tokenizer.vocab_size) + 1, dtype=np.int64)
         own = self.tokenizer.token_bytes()
-        table[:len(own)] = own
+        table[: len(own)] = own
         return table
 
     @cached_property
@@ -129,8 +135,7 @@ def _build_tokenizer(cfg: DataConfig, corpus: Corpus, limit: int | None, progres
         return tok
     # bpe: cached by (corpus, split, cap, vocab, library version), trained on the train split only
     vocab = cfg.requested_vocab_size
-    key = sha256_json([corpus.content_hash, corpus.split_rule, cfg.max_chars, vocab,
-                        BPETokenizer.make_identity()])
+    key = sha256_json([corpus.content_hash, corpus.split_rule, cfg.max_chars, vocab, BPETokenizer.make_identity()])
     path = cfg.cache_dir / "tokenizers" / f"bpe-{vocab}-{key[:16]}.json"
     if path.is_file():
         return BPETokenizer.from_file(path)
@@ -142,8 +147,9 @@ def _build_tokenizer(cfg: DataConfig, corpus: Corpus, limit: int | None, progres
     return tok
 
 
-def _tokenize_split(tok: Tokenizer, docs: list[Doc], limit: int | None, dtype: np.dtype, out: Path,
-                    progress: Progress, what: str) -> tuple[int, int]:
+def _tokenize_split(
+    tok: Tokenizer, docs: list[Doc], limit: int | None, dtype: np.dtype, out: Path, progress: Progress, what: str
+) -> tuple[int, int]:
     """Encode docs into the raw array file `out`; -> (tokens, characters)."""
     total = sum(d.size_hint() for d in docs)
     total = min(total, limit) if limit is not None else total
@@ -178,8 +184,10 @@ def _resolve_vocab(cfg_vocab: int | None, natural: int, what: str) -> int:
     if cfg_vocab is None:
         return natural
     if cfg_vocab < natural:
-        raise UserError(f"vocab_size: {cfg_vocab} is smaller than the {natural} ids {what} needs; "
-                        f"unset vocab_size or raise it to >= {natural}")
+        raise UserError(
+            f"vocab_size: {cfg_vocab} is smaller than the {natural} ids {what} needs; "
+            f"unset vocab_size or raise it to >= {natural}"
+        )
     return cfg_vocab
 
 
@@ -192,16 +200,19 @@ def _bin_vocab_and_tokenizer(cfg: DataConfig, corpus: Corpus) -> tuple[int, Toke
         raise UserError(f"vocab_size: {name}/meta.json has vocab_size {meta_vocab!r}; make it an int >= 2")
     if meta_vocab is None and cfg.vocab_size is None:
         pkl = " (meta.pkl is a pickle and is never unpickled)" if corpus.notes["has_meta_pkl"] else ""
-        raise UserError(f"vocab_size: {name} has no meta.json with vocab_size{pkl}; pass vocab_size=N or "
-                        f"write {{\"vocab_size\": N}} to its meta.json")
+        raise UserError(
+            f"vocab_size: {name} has no meta.json with vocab_size{pkl}; pass vocab_size=N or "
+            f'write {{"vocab_size": N}} to its meta.json'
+        )
     vocab = _resolve_vocab(cfg.vocab_size, meta_vocab or 0, "its meta.json")
     tok_name = meta.get("tokenizer") or ("gpt2" if cfg.tokenizer == "gpt2" else None)
     if meta.get("tokenizer") and cfg.tokenizer not in ("byte", meta["tokenizer"]):
-        raise UserError(f"tokenizer: {name} says its tokenizer is {meta['tokenizer']!r}, not "
-                        f"{cfg.tokenizer!r}; drop tokenizer or fix its meta.json")
+        raise UserError(
+            f"tokenizer: {name} says its tokenizer is {meta['tokenizer']!r}, not "
+            f"{cfg.tokenizer!r}; drop tokenizer or fix its meta.json"
+        )
     if tok_name not in (None, "byte", "gpt2"):
-        raise UserError(f"tokenizer: {name} meta.json names tokenizer {tok_name!r}; use 'byte', 'gpt2' or "
-                        f"none")
+        raise UserError(f"tokenizer: {name} meta.json names tokenizer {tok_name!r}; use 'byte', 'gpt2' or none")
     tok = {"byte": ByteTokenizer, "gpt2": GPT2Tokenizer}[tok_name]() if tok_name else OpaqueTokenizer(vocab)
     return vocab, tok
 
@@ -214,24 +225,43 @@ def _prepare_bin(cfg: DataConfig, corpus: Corpus, data_hash_fields: dict) -> Pre
     try:
         arrays = {s: np.memmap(corpus.bin_dir / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
     except ValueError as e:  # empty file, or a size that is not a multiple of the dtype
-        raise UserError(f"corpus: {name} train.bin/val.bin cannot be read as {dtype} ({e}); "
-                        f"fix the files or the \"dtype\" in meta.json") from None
+        raise UserError(
+            f"corpus: {name} train.bin/val.bin cannot be read as {dtype} ({e}); "
+            f'fix the files or the "dtype" in meta.json'
+        ) from None
     n_train, n_val = _split_limits(cfg)
     train, val = arrays["train"][:n_train], arrays["val"][:n_val]
-    info = {"corpus_kind": "bin", "content_hash": corpus.content_hash, "split_rule": corpus.split_rule,
-            "max_chars": cfg.max_chars, "max_chars_unit": "tokens", "notes": corpus.notes}
-    return PreparedData(train, val, vocab, data_hash, tok, cfg.corpus, len(train), len(val), corpus.bin_dir,
-                        info, from_cache=True)
+    info = {
+        "corpus_kind": "bin",
+        "content_hash": corpus.content_hash,
+        "split_rule": corpus.split_rule,
+        "max_chars": cfg.max_chars,
+        "max_chars_unit": "tokens",
+        "notes": corpus.notes,
+    }
+    return PreparedData(
+        train, val, vocab, data_hash, tok, cfg.corpus, len(train), len(val), corpus.bin_dir, info, from_cache=True
+    )
 
 
 def _hash_fields(cfg: DataConfig, corpus: Corpus) -> dict:
-    return {"format": FORMAT_VERSION, "corpus": corpus.kind, "content": corpus.content_hash,
-            "split": corpus.split_rule, "max_chars": cfg.max_chars}
+    return {
+        "format": FORMAT_VERSION,
+        "corpus": corpus.kind,
+        "content": corpus.content_hash,
+        "split": corpus.split_rule,
+        "max_chars": cfg.max_chars,
+    }
 
 
 def _text_data_hash(cfg: DataConfig, corpus: Corpus) -> str:
-    return sha256_json({**_hash_fields(cfg, corpus), "tokenizer": tokenizer_identity(cfg.tokenizer),
-                        "vocab_size": cfg.requested_vocab_size})
+    return sha256_json(
+        {
+            **_hash_fields(cfg, corpus),
+            "tokenizer": tokenizer_identity(cfg.tokenizer),
+            "vocab_size": cfg.requested_vocab_size,
+        }
+    )
 
 
 def prepare(cfg: DataConfig, progress: Progress | None = None) -> PreparedData:
@@ -251,8 +281,9 @@ def prepare(cfg: DataConfig, progress: Progress | None = None) -> PreparedData:
         from_cache = True
     meta, train, val = cached
     tok = tokenizer_from_spec(meta["tokenizer"], folder)
-    return PreparedData(train, val, meta["vocab_size"], data_hash, tok, cfg.corpus, len(train), len(val),
-                        folder, meta, from_cache)
+    return PreparedData(
+        train, val, meta["vocab_size"], data_hash, tok, cfg.corpus, len(train), len(val), folder, meta, from_cache
+    )
 
 
 def _write_cache(cfg: DataConfig, corpus: Corpus, data_hash: str, progress: Progress) -> None:
@@ -268,24 +299,38 @@ def _write_cache(cfg: DataConfig, corpus: Corpus, data_hash: str, progress: Prog
         counts = {}
         splits = (("train", corpus.train_docs, train_limit), ("val", corpus.val_docs, val_limit))
         for split, docs, limit in splits:
-            counts[split] = _tokenize_split(tok, docs, limit, dtype, tmp / f"{split}.bin", progress,
-                                            f"tokenize {split}")
+            counts[split] = _tokenize_split(
+                tok, docs, limit, dtype, tmp / f"{split}.bin", progress, f"tokenize {split}"
+            )
             if counts[split][0] == 0:
-                raise UserError(f"corpus: {cfg.corpus} gives an empty {split} split; use more text, a larger "
-                                f"max_chars or another val_fraction")
+                raise UserError(
+                    f"corpus: {cfg.corpus} gives an empty {split} split; use more text, a larger "
+                    f"max_chars or another val_fraction"
+                )
         if isinstance(tok, BPETokenizer):
             tok.tok.save(str(tmp / "tokenizer.json"))
-        meta = {"format": FORMAT_VERSION, "data_hash": data_hash, "corpus": cfg.corpus,
-                "corpus_kind": corpus.kind,
-                "content_hash": corpus.content_hash, "split_rule": corpus.split_rule,
-                "val_fraction": cfg.val_fraction, "max_chars": cfg.max_chars, "tokenizer": tok.spec(),
-                "vocab_size": vocab, "dtype": dtype.name,
-                "n_train_tokens": counts["train"][0], "n_val_tokens": counts["val"][0],
-                "n_train_chars": counts["train"][1], "n_val_chars": counts["val"][1],
-                "n_train_docs": len(corpus.train_docs), "n_val_docs": len(corpus.val_docs),
-                "notes": corpus.notes,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "prepare_s": round(time.perf_counter() - t0, 3)}
+        meta = {
+            "format": FORMAT_VERSION,
+            "data_hash": data_hash,
+            "corpus": cfg.corpus,
+            "corpus_kind": corpus.kind,
+            "content_hash": corpus.content_hash,
+            "split_rule": corpus.split_rule,
+            "val_fraction": cfg.val_fraction,
+            "max_chars": cfg.max_chars,
+            "tokenizer": tok.spec(),
+            "vocab_size": vocab,
+            "dtype": dtype.name,
+            "n_train_tokens": counts["train"][0],
+            "n_val_tokens": counts["val"][0],
+            "n_train_chars": counts["train"][1],
+            "n_val_chars": counts["val"][1],
+            "n_train_docs": len(corpus.train_docs),
+            "n_val_docs": len(corpus.val_docs),
+            "notes": corpus.notes,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "prepare_s": round(time.perf_counter() - t0, 3),
+        }
         (tmp / "meta.json").write_bytes(json_bytes(meta))
         publish(tmp, folder, data_hash)
     finally:

@@ -143,8 +143,12 @@ class BPETokenizer(Tokenizer):
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            show_progress=False,
+            special_tokens=[],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
@@ -166,8 +170,9 @@ class BPETokenizer(Tokenizer):
     def token_bytes(self) -> np.ndarray:
         """A byte-level token's string holds one alphabet character per byte; added tokens count 0."""
         special = set(self.tok.get_added_tokens_decoder())
-        return np.array([0 if i in special else len(self.tok.id_to_token(i) or "")
-                         for i in range(self.vocab_size)], dtype=np.int64)
+        return np.array(
+            [0 if i in special else len(self.tok.id_to_token(i) or "") for i in range(self.vocab_size)], dtype=np.int64
+        )
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -188,17 +193,20 @@ class GPT2Tokenizer(Tokenizer):
             except Exception as e:  # network errors, missing files, hash mismatches: all mean "not available"
                 reason = " ".join(f"{type(e).__name__}: {e}".split())
                 reason = reason if len(reason) < 100 else reason[:97] + "..."
-                raise UserError(f"tokenizer: tiktoken cannot load 'gpt2' ({reason}); run once online or copy "
-                                f"a tiktoken cache and set TIKTOKEN_CACHE_DIR to it, or use tokenizer='bpe'"
-                                ) from None
+                raise UserError(
+                    f"tokenizer: tiktoken cannot load 'gpt2' ({reason}); run once online or copy "
+                    f"a tiktoken cache and set TIKTOKEN_CACHE_DIR to it, or use tokenizer='bpe'"
+                ) from None
         return self._enc
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int64)
-                for ids in self.enc.encode_ordinary_batch(texts, num_threads=min(8, os.cpu_count() or 1))]
+        return [
+            np.asarray(ids, dtype=np.int64)
+            for ids in self.enc.encode_ordinary_batch(texts, num_threads=min(8, os.cpu_count() or 1))
+        ]
 
     def decode(self, ids: Iterable[int]) -> str:
         return _decode_runs(_as_ids(ids), self.enc.n_vocab, self.enc.decode)
@@ -224,15 +232,19 @@ class OpaqueTokenizer(Tokenizer):
         self.vocab_size = vocab_size
 
     def encode(self, text: str) -> list[int]:
-        raise UserError("tokenizer: this bin: corpus does not say its tokenizer; add \"tokenizer\": "
-                        "\"gpt2\" or \"byte\" to its meta.json to encode text")
+        raise UserError(
+            'tokenizer: this bin: corpus does not say its tokenizer; add "tokenizer": '
+            '"gpt2" or "byte" to its meta.json to encode text'
+        )
 
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(map(str, _as_ids(ids)))
 
     def token_bytes(self) -> np.ndarray:
-        raise UserError("tokenizer: this bin: corpus does not say its tokenizer, so its bytes per token are "
-                        "unknown; add \"tokenizer\": \"gpt2\" or \"byte\" to its meta.json")
+        raise UserError(
+            "tokenizer: this bin: corpus does not say its tokenizer, so its bytes per token are "
+            'unknown; add "tokenizer": "gpt2" or "byte" to its meta.json'
+        )
 
 
 def tokenizer_from_spec(spec: dict, folder: Path | None = None) -> Tokenizer:

@@ -27,10 +27,20 @@ def check_executor(name: str) -> str:
     return name
 
 
-def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tracking_uri: str | None,
-               out_root: Path, console: Console, dist_info: DistInfo = DistInfo(),
-               peak_tflops: float | None = None, keep_state: bool = False, executor: str = "local",
-               ray_options=None, cache_dir: str | None = None) -> MatrixOutcome:
+def run_matrix(
+    matrix: Matrix,
+    trials: list[TrialSpec],
+    data: PreparedData,
+    tracking_uri: str | None,
+    out_root: Path,
+    console: Console,
+    dist_info: DistInfo = DistInfo(),
+    peak_tflops: float | None = None,
+    keep_state: bool = False,
+    executor: str = "local",
+    ray_options=None,
+    cache_dir: str | None = None,
+) -> MatrixOutcome:
     """Run every trial of `trials` on `executor`, with the same trial code and MLflow layout either way.
     MLflow's own log lines go to <out>/<experiment>/mlflow.log while the bars draw."""
     with mlflow_logs_to(out_root / matrix.name / "mlflow.log"):
@@ -38,9 +48,19 @@ def run_matrix(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, trac
             from harness.executors.ray.driver import run_matrix_ray
             from harness.executors.ray.options import RayOptions
 
-            return run_matrix_ray(matrix, trials, data, tracking_uri, out_root, console,
-                                  ray_options or RayOptions(), peak_tflops, cache_dir)
+            return run_matrix_ray(
+                matrix,
+                trials,
+                data,
+                tracking_uri,
+                out_root,
+                console,
+                ray_options or RayOptions(),
+                peak_tflops,
+                cache_dir,
+            )
         from harness.executors.local import run_matrix_local
 
-        return run_matrix_local(matrix, trials, data, tracking_uri, out_root, console, dist_info, peak_tflops,
-                                keep_state)
+        return run_matrix_local(
+            matrix, trials, data, tracking_uri, out_root, console, dist_info, peak_tflops, keep_state
+        )

@@ -33,9 +33,17 @@ from harness.trial.runs import run_tags, start_trial_run, trial_dir_name
 from harness.trial.step import resolve_device
 
 
-def run_matrix_local(matrix: Matrix, trials: list[TrialSpec], data: PreparedData, tracking_uri: str | None,
-                     out_root: Path, console: Console, dist_info: DistInfo, peak_tflops: float | None,
-                     keep_state: bool) -> MatrixOutcome:
+def run_matrix_local(
+    matrix: Matrix,
+    trials: list[TrialSpec],
+    data: PreparedData,
+    tracking_uri: str | None,
+    out_root: Path,
+    console: Console,
+    dist_info: DistInfo,
+    peak_tflops: float | None,
+    keep_state: bool,
+) -> MatrixOutcome:
     """Run every trial; Ctrl-C marks the current run killed and stops with a resume hint."""
     tracker = open_tracker(tracking_uri) if dist_info.is_main else None  # record:DIR -> harness.stores.runrecord
     description = matrix.spec.description
@@ -50,8 +58,22 @@ def run_matrix_local(matrix: Matrix, trials: list[TrialSpec], data: PreparedData
     try:
         with progress:
             for i, spec in enumerate(trials, 1):
-                result = _run_one(spec, i, len(trials), data, tracker, experiment_id, parent, common_tags,
-                                  out_root, console, dist_info, peak_tflops, progress, keep_state)
+                result = _run_one(
+                    spec,
+                    i,
+                    len(trials),
+                    data,
+                    tracker,
+                    experiment_id,
+                    parent,
+                    common_tags,
+                    out_root,
+                    console,
+                    dist_info,
+                    peak_tflops,
+                    progress,
+                    keep_state,
+                )
                 outcome.results.append((spec, result))
         # After the trials, every distinct model shape of this invocation (skipped trials too) is benchmarked
         # under control in this process and logged as children of `parent` (harness/measure/speed_runs.py).
@@ -64,10 +86,15 @@ def run_matrix_local(matrix: Matrix, trials: list[TrialSpec], data: PreparedData
 
         outcome.interrupted = True
         done = len(outcome.results)
-        stopped = f"trial {trials[done].name} stopped and marked killed (its last checkpoint is kept)" \
-            if done < len(trials) else "the speed measurement stopped"
-        console.print(f"[yellow]interrupted ({interrupt_name()})[/]: {stopped}; {done} trial(s) before it are "
-                      "kept. Resume with the same command:")
+        stopped = (
+            f"trial {trials[done].name} stopped and marked killed (its last checkpoint is kept)"
+            if done < len(trials)
+            else "the speed measurement stopped"
+        )
+        console.print(
+            f"[yellow]interrupted ({interrupt_name()})[/]: {stopped}; {done} trial(s) before it are "
+            "kept. Resume with the same command:"
+        )
         console.print(strip_credentials(command_line()), markup=False, highlight=False)
     except StoreLost:  # the store went away mid-trial: it cannot take the parent's end status either
         lost = True
@@ -78,9 +105,22 @@ def run_matrix_local(matrix: Matrix, trials: list[TrialSpec], data: PreparedData
     return outcome
 
 
-def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Tracker | None, experiment_id: str,
-             parent: str | None, common_tags: dict, out_root: Path, console: Console, dist_info: DistInfo,
-             peak_tflops: float | None, progress: MatrixProgress, keep_state: bool) -> TrialResult | None:
+def _run_one(
+    spec: TrialSpec,
+    i: int,
+    n: int,
+    data: PreparedData,
+    tracker: Tracker | None,
+    experiment_id: str,
+    parent: str | None,
+    common_tags: dict,
+    out_root: Path,
+    console: Console,
+    dist_info: DistInfo,
+    peak_tflops: float | None,
+    progress: MatrixProgress,
+    keep_state: bool,
+) -> TrialResult | None:
     key = spec.key(data.data_hash)
     total = spec.train.total_steps(spec.dims.block_size, dist_info.world_size)
     existing = tracker.find_trial(experiment_id, key) if tracker else None
@@ -92,8 +132,15 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
             tracker.client.set_terminated(existing.info.run_id, MLFLOW_RUN_STATUS.get(status, "FINISHED"))
         if existing is not None and parent:
             tracker.join_matrix(existing.info.run_id, parent)  # listed in this invocation's MLflow view
-        console.print(skipped_line(i, n, spec.name, existing.data.tags[schema.TAG_STATUS] if existing else "done",
-                                   existing.info.run_id if existing else "?"))
+        console.print(
+            skipped_line(
+                i,
+                n,
+                spec.name,
+                existing.data.tags[schema.TAG_STATUS] if existing else "done",
+                existing.info.run_id if existing else "?",
+            )
+        )
         progress.skip(total or 1)
         return None
     run = None
@@ -111,8 +158,10 @@ def _run_one(spec: TrialSpec, i: int, n: int, data: PreparedData, tracker: Track
     result = run_trial(spec, data, out_dir, run, dist_info, on_progress, peak_tflops=peak_tflops)
     progress.end_trial(total or 1)
     if result.error and TrackingLost.PREFIX in result.error:  # every later call would fail the same way
-        raise StoreLost(f"{spec.name}: {result.error} at step {result.step}; the trial stopped and its last "
-                        "checkpoint is kept; run the same command again once the store answers (it resumes there)")
+        raise StoreLost(
+            f"{spec.name}: {result.error} at step {result.step}; the trial stopped and its last "
+            "checkpoint is kept; run the same command again once the store answers (it resumes there)"
+        )
     if result.status in TERMINAL and not keep_state and dist_info.is_main:
         # a rerun never resumes an ended trial: its optimizer state (GBs at paper scale) is dead weight
         (out_dir / STATE_FILE).unlink(missing_ok=True)

@@ -33,8 +33,15 @@ class MatrixOutcome:
 
 def trial_list(trials: list[TrialSpec], data_hash: str) -> list[dict]:
     """The resolved trials as logged on the parent run (trials.json): name, key, folder, full spec."""
-    return [{"name": t.name, "trial_key": t.key(data_hash), "folder": trial_dir_name(t, t.key(data_hash)),
-             "params": t.flat_params()} for t in trials]
+    return [
+        {
+            "name": t.name,
+            "trial_key": t.key(data_hash),
+            "folder": trial_dir_name(t, t.key(data_hash)),
+            "params": t.flat_params(),
+        }
+        for t in trials
+    ]
 
 
 def matrix_params(matrix: Matrix) -> dict:
@@ -52,14 +59,25 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["kimi-bench", *sys.argv[1:]])
 
 
-def start_matrix_run(tracker, experiment_id: str, matrix: Matrix, trials: list[TrialSpec], data: PreparedData,
-                     common_tags: dict[str, str]) -> str:
+def start_matrix_run(
+    tracker,
+    experiment_id: str,
+    matrix: Matrix,
+    trials: list[TrialSpec],
+    data: PreparedData,
+    common_tags: dict[str, str],
+) -> str:
     """The parent run of this invocation, with the matrix's settings, the file as given and every trial."""
-    parent = tracker.start_parent(experiment_id, matrix.name, strip_credentials(command_line()), {
-        **common_tags, schema.TAG_MATRIX_FILE: str(matrix.path), schema.TAG_N_TRIALS: str(len(trials))},
-        matrix.spec.description)
-    tracker.log_matrix(parent, matrix.path.read_text(encoding="utf-8"), matrix_params(matrix),
-                       trial_list(trials, data.data_hash))
+    parent = tracker.start_parent(
+        experiment_id,
+        matrix.name,
+        strip_credentials(command_line()),
+        {**common_tags, schema.TAG_MATRIX_FILE: str(matrix.path), schema.TAG_N_TRIALS: str(len(trials))},
+        matrix.spec.description,
+    )
+    tracker.log_matrix(
+        parent, matrix.path.read_text(encoding="utf-8"), matrix_params(matrix), trial_list(trials, data.data_hash)
+    )
     return parent
 
 
@@ -70,7 +88,8 @@ def skipped_line(i: int, n: int, name: str, status: str, run_id: str) -> str:
 def trial_line(name: str, result: TrialResult, where: str = "") -> str:
     """The one console line of an ended trial: status, step and val ppl (or the error); `where`: " on NODE"."""
     style = {schema.FINISHED: "green", schema.DIVERGED: "red", schema.OOM: "red", schema.FAILED: "red"}.get(
-        result.status, "yellow")
+        result.status, "yellow"
+    )
     ppl = result.metrics.get(schema.VAL_PPL_FINAL)
     detail = f"val ppl {ppl:.3f}" if ppl else (result.error or "")
     return f"[{style}]{result.status}[/] {name} at step {result.step}{where}: {detail}"
@@ -80,8 +99,17 @@ def summary_table(outcome: MatrixOutcome) -> Table:
     table = Table(title="matrix summary", header_style="bold")
     # Speed and memory under control are in the speed table printed before this one; here tok/s is what
     # the trial observed while training (a shared host makes it noisy), memory the exact state bytes.
-    for col in ("trial", "status", "step", "params total", "params active", "val ppl", "val bpb",
-                "train tok/s (observed)", "param+grad+optim MB"):
+    for col in (
+        "trial",
+        "status",
+        "step",
+        "params total",
+        "params active",
+        "val ppl",
+        "val bpb",
+        "train tok/s (observed)",
+        "param+grad+optim MB",
+    ):
         table.add_column(col, justify="left" if col in ("trial", "status") else "right")
     for spec, result in outcome.results:
         if result is None:
@@ -92,9 +120,17 @@ def summary_table(outcome: MatrixOutcome) -> Table:
         def fmt(key: str, spec_: str = ",.0f", scale: float = 1.0, m=m) -> str:
             return format(m[key] / scale, spec_) if key in m else "-"
 
-        table.add_row(spec.name, result.status, str(result.step), fmt(schema.PARAMS_TOTAL), fmt(schema.PARAMS_ACTIVE),
-                      fmt(schema.VAL_PPL_FINAL, ".3f"), fmt(schema.VAL_BPB_FINAL, ".3f"),
-                      fmt(schema.TRAIN_TOKENS_PER_S), _state_mb(m))
+        table.add_row(
+            spec.name,
+            result.status,
+            str(result.step),
+            fmt(schema.PARAMS_TOTAL),
+            fmt(schema.PARAMS_ACTIVE),
+            fmt(schema.VAL_PPL_FINAL, ".3f"),
+            fmt(schema.VAL_BPB_FINAL, ".3f"),
+            fmt(schema.TRAIN_TOKENS_PER_S),
+            _state_mb(m),
+        )
     return table
 
 

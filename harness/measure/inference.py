@@ -46,8 +46,7 @@ def serving_copy(model: nn.Module, autocast_dtype: torch.dtype | None) -> tuple[
     return model, autocast_dtype
 
 
-def prefill_fn(model: nn.Module, prompt: torch.Tensor, max_len: int, amp: torch.dtype | None
-               ) -> Callable[[], object]:
+def prefill_fn(model: nn.Module, prompt: torch.Tensor, max_len: int, amp: torch.dtype | None) -> Callable[[], object]:
     """One prefill of `prompt` into a fresh cache: its duration is the time to the first token's logits."""
     device = prompt.device
 
@@ -59,8 +58,9 @@ def prefill_fn(model: nn.Module, prompt: torch.Tensor, max_len: int, amp: torch.
     return run
 
 
-def decode_fn(model: nn.Module, prompt: torch.Tensor, shape: InferenceShape, amp: torch.dtype | None
-              ) -> Callable[[], object]:
+def decode_fn(
+    model: nn.Module, prompt: torch.Tensor, shape: InferenceShape, amp: torch.dtype | None
+) -> Callable[[], object]:
     """`shape.new_tokens` cached decode steps after the (once prefilled) prompt. Each call rewinds the cache to
     the prompt's end, so every call decodes the same positions (the entries past it are overwritten)."""
     device, batch = prompt.device, prompt.shape[0]
@@ -89,13 +89,15 @@ def random_prompt(vocab_size: int, batch: int, length: int, device: torch.device
     return torch.randint(0, vocab_size, (batch, length), generator=gen).to(device)
 
 
-def inference_fns(model: nn.Module, prompts: dict[int, torch.Tensor], shape: InferenceShape,
-                  amp: torch.dtype | None, prefix: str = "") -> dict[str, Callable[[], object]]:
+def inference_fns(
+    model: nn.Module, prompts: dict[int, torch.Tensor], shape: InferenceShape, amp: torch.dtype | None, prefix: str = ""
+) -> dict[str, Callable[[], object]]:
     """The timed callables of one model: `{prefix}prefill` (batch 1) and `{prefix}decode_b{B}` per batch size.
     `prompts` maps each batch size B to a [B, prompt_len] prompt on the model's device."""
     one_request = next(iter(prompts.values()))[:1]
     fns: dict[str, Callable[[], object]] = {
-        f"{prefix}prefill": prefill_fn(model, one_request, shape.prompt_len + shape.new_tokens, amp)}
+        f"{prefix}prefill": prefill_fn(model, one_request, shape.prompt_len + shape.new_tokens, amp)
+    }
     for b, prompt in prompts.items():
         fns[f"{prefix}decode_b{b}"] = decode_fn(model, prompt, shape, amp)
     return fns
@@ -122,23 +124,37 @@ def timed_metrics(name: str, t: Timing, tokens: float | None = None) -> dict[str
     return {name: rate, f"{name}_iqr": spread, f"{name}_n": float(t.n)}
 
 
-def inference_metrics(timings: dict[str, Timing], shape: InferenceShape, batch_sizes, prefix: str,
-                      key_prefix: str) -> dict[str, float]:
+def inference_metrics(
+    timings: dict[str, Timing], shape: InferenceShape, batch_sizes, prefix: str, key_prefix: str
+) -> dict[str, float]:
     """Metrics `{key_prefix}prefill_tokens_per_s`, `ttft_s`, `decode_tokens_per_s_b{B}` from the timings of
     `inference_fns(..., prefix)`."""
     prefill = timings[f"{prefix}prefill"]
-    out = {**timed_metrics(f"{key_prefix}prefill_tokens_per_s", prefill, shape.prompt_len),
-           **timed_metrics(f"{key_prefix}ttft_s", prefill)}
+    out = {
+        **timed_metrics(f"{key_prefix}prefill_tokens_per_s", prefill, shape.prompt_len),
+        **timed_metrics(f"{key_prefix}ttft_s", prefill),
+    }
     for b in batch_sizes:
-        out.update(timed_metrics(f"{key_prefix}decode_tokens_per_s_b{b}", timings[f"{prefix}decode_b{b}"],
-                                 b * shape.new_tokens))
+        out.update(
+            timed_metrics(
+                f"{key_prefix}decode_tokens_per_s_b{b}", timings[f"{prefix}decode_b{b}"], b * shape.new_tokens
+            )
+        )
     return out
 
 
-def benchmark_inference(model: nn.Module, vocab_size: int, block_size: int, batch_sizes=(1, 8),
-                        new_tokens: int = 32, prompt_len: int | None = None, repeats: int = 3,
-                        seed: int = 0, autocast_dtype: torch.dtype | None = None,
-                        min_run_time: float = 0.1) -> dict[str, float]:
+def benchmark_inference(
+    model: nn.Module,
+    vocab_size: int,
+    block_size: int,
+    batch_sizes=(1, 8),
+    new_tokens: int = 32,
+    prompt_len: int | None = None,
+    repeats: int = 3,
+    seed: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    min_run_time: float = 0.1,
+) -> dict[str, float]:
     """Inference speed of one model (`kimi-bench bench-infer`): `repeats` interleaved rounds after warm-up.
 
     Keys: infer/prefill_tokens_per_s, infer/ttft_s (batch 1), infer/decode_tokens_per_s (batch 1),
@@ -152,8 +168,9 @@ def benchmark_inference(model: nn.Module, vocab_size: int, block_size: int, batc
     shape = InferenceShape.for_block(block_size, new_tokens, prompt_len)
     try:
         prompts = {b: random_prompt(vocab_size, b, shape.prompt_len, device, seed + b) for b in batch_sizes}
-        timings = time_interleaved(inference_fns(served, prompts, shape, amp), rounds=repeats,
-                                   min_run_time=min_run_time)
+        timings = time_interleaved(
+            inference_fns(served, prompts, shape, amp), rounds=repeats, min_run_time=min_run_time
+        )
         metrics = inference_metrics(timings, shape, batch_sizes, "", schema.INFER_PREFIX)
         out = {k.replace("decode_tokens_per_s_b1", "decode_tokens_per_s"): v for k, v in metrics.items()}
         out[schema.INFER_KV_BYTES] = kv_bytes_per_token(served)

@@ -16,9 +16,13 @@ def live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, *tensors: tor
     """Bytes of the distinct storages a training step starts with: parameters, buffers, grads, optimizer
     state and the batch."""
     seen: dict[int, int] = {}
-    everything = [*model.parameters(), *model.buffers(), *tensors,
-                  *(p.grad for p in model.parameters() if p.grad is not None),
-                  *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
+    everything = [
+        *model.parameters(),
+        *model.buffers(),
+        *tensors,
+        *(p.grad for p in model.parameters() if p.grad is not None),
+        *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)),
+    ]
     for t in everything:
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
@@ -55,8 +59,9 @@ def _profile_memory_events(fn: Callable[[], object]) -> list[tuple[int, int]]:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
     events = prof.profiler.kineto_results.events()  # the "[memory]" records FunctionEvent parsing reads
-    return sorted((e.start_ns(), e.nbytes()) for e in events
-                  if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    return sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
 
 
 def peak_delta_bytes(fn: Callable[[], object], device: torch.device) -> int:

@@ -77,8 +77,16 @@ def derive(src: Path, dest: Path, seed: int | None, rehearse: bool, corpus: str 
         doc["matrix"]["presets"] = ["tiny"]
         doc["data"].pop("vocab_size", None)  # the rehearsal bin's own (bytes: 256), not 50257 padded ids
         doc["match"].update(align=16, tolerance=0.05)
-        doc["train"].update(tokens=8 * 16 * 2 * 64, micro_batch_size=16, eval_interval=4, eval_tokens=4096,
-                            log_interval=2, infer_batch_sizes=[1], infer_new_tokens=4, dtype="float32")
+        doc["train"].update(
+            tokens=8 * 16 * 2 * 64,
+            micro_batch_size=16,
+            eval_interval=4,
+            eval_tokens=4096,
+            log_interval=2,
+            infer_batch_sizes=[1],
+            infer_new_tokens=4,
+            dtype="float32",
+        )
     dest.write_text(dump_toml(doc))
 
 
@@ -137,9 +145,14 @@ def size(matrix_path: Path, window_s: float, device: str | None, cache_dir: str 
         rate = measure_rate(spec, data)
         fpt = flops_per_token(model, block)
         peak = device_peak_flops(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-        arms[spec.arm] = {"trials": 1, "tokens_per_s": rate, "flops_per_token": fpt,
-                          "mfu": fpt * rate / peak if peak else None, "params_total": count_params(model).total,
-                          "shape": describe_shape(spec.variant, spec.dims)}
+        arms[spec.arm] = {
+            "trials": 1,
+            "tokens_per_s": rate,
+            "flops_per_token": fpt,
+            "mfu": fpt * rate / peak if peak else None,
+            "params_total": count_params(model).total,
+            "shape": describe_shape(spec.variant, spec.dims),
+        }
         console.print(f"size: {spec.arm} {arms[spec.arm]['shape']}: {rate:,.0f} tok/s")
     # seconds per training step of every trial together, evals included (forward only: ~1/3 of a train token)
     evals_per_step = train.eval_tokens / train.eval_interval
@@ -150,13 +163,21 @@ def size(matrix_path: Path, window_s: float, device: str | None, cache_dir: str 
     tokens = steps * tokens_per_step
     params = max(a["params_total"] for a in arms.values())
     lam = tokens / data.n_train_tokens
-    return {"steps": steps, "tokens_per_trial": tokens, "tokens_per_step": tokens_per_step,
-            "fraction_of_20_tokens_per_param": tokens / (20 * params), "epochs_of_train_split": lam,
-            "expected_repeat_share": 1 - (1 - math.exp(-lam)) / lam if lam > 0 else 0.0,
-            "n_train_tokens": data.n_train_tokens, "n_val_tokens": data.n_val_tokens,
-            "window_s": window_s, "predicted_train_s": steps * per_step, "limited_by": "window" if fit <= cap
-            else "half an epoch", "arms": arms, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-            else "cpu"}
+    return {
+        "steps": steps,
+        "tokens_per_trial": tokens,
+        "tokens_per_step": tokens_per_step,
+        "fraction_of_20_tokens_per_param": tokens / (20 * params),
+        "epochs_of_train_split": lam,
+        "expected_repeat_share": 1 - (1 - math.exp(-lam)) / lam if lam > 0 else 0.0,
+        "n_train_tokens": data.n_train_tokens,
+        "n_val_tokens": data.n_val_tokens,
+        "window_s": window_s,
+        "predicted_train_s": steps * per_step,
+        "limited_by": "window" if fit <= cap else "half an epoch",
+        "arms": arms,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
 
 
 def preflight(matrix_path: Path, device: str | None, cache_dir: str | None) -> int:
@@ -186,12 +207,15 @@ def preflight(matrix_path: Path, device: str | None, cache_dir: str | None) -> i
             trainer.state.step += 1
             return loss
 
-        return Arm(spec.arm, trainer.model, step, spec.dims.vocab_size, spec.dims.block_size,
-                   max(spec.train.infer_batch_sizes))
+        return Arm(
+            spec.arm, trainer.model, step, spec.dims.vocab_size, spec.dims.block_size, max(spec.train.infer_batch_sizes)
+        )
 
     with tmp:
-        return run_preflight([(arm, lambda s=spec: build(s)) for arm, spec in specs.items()],
-                             torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        return run_preflight(
+            [(arm, lambda s=spec: build(s)) for arm, spec in specs.items()],
+            torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

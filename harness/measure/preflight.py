@@ -61,8 +61,9 @@ class CheckFailed(Exception):
 
 def grouped_mm_line() -> str:
     has = hasattr(F, "grouped_mm")
-    return (f"torch {torch.__version__}: F.grouped_mm {'present' if has else 'MISSING'}"
-            + ("" if has else " (the MoE takes its loop over experts: one host sync per MoE layer)"))
+    return f"torch {torch.__version__}: F.grouped_mm {'present' if has else 'MISSING'}" + (
+        "" if has else " (the MoE takes its loop over experts: one host sync per MoE layer)"
+    )
 
 
 def _moe_dispatch(model: nn.Module) -> str | None:
@@ -70,8 +71,7 @@ def _moe_dispatch(model: nn.Module) -> str | None:
     return moes[0].last_dispatch if moes else None
 
 
-def decode_step(model: nn.Module, amp: torch.dtype | None, vocab_size: int, block_size: int, batch: int
-                ) -> str | None:
+def decode_step(model: nn.Module, amp: torch.dtype | None, vocab_size: int, block_size: int, batch: int) -> str | None:
     """The trial's decode path (harness.measure.inference: a bf16 serving copy on CUDA, autocast on CPU): prefill one
     block's prompt, then one cached step; returns the MoE dispatch the step took."""
     device = next(model.parameters()).device
@@ -105,8 +105,9 @@ def _check(label: str, what: str, fn: Callable[[], str], device: torch.device, f
     return True
 
 
-def _check_arm(label: str, build: Callable[[], Arm], device: torch.device, failures: list[str],
-               dispatches: set[str]) -> None:
+def _check_arm(
+    label: str, build: Callable[[], Arm], device: torch.device, failures: list[str], dispatches: set[str]
+) -> None:
     built: list[Arm] = []
 
     def build_arm() -> str:
@@ -148,11 +149,15 @@ def run_preflight(arms: Sequence[tuple[str, Callable[[], Arm]]], device: torch.d
         print(f"preflight: MoE dispatch: {', '.join(sorted(dispatches))}{slow}", flush=True)
     took = time.perf_counter() - t0
     if failures:
-        print(f"preflight FAILED on {device} after {took:.1f} s, {len(failures)} check(s): {'; '.join(failures)}",
-              flush=True)
+        print(
+            f"preflight FAILED on {device} after {took:.1f} s, {len(failures)} check(s): {'; '.join(failures)}",
+            flush=True,
+        )
         return 1
-    print(f"preflight ok: {len(arms)} arms, a bf16 train step and a decode step each, on {device} in {took:.1f} s",
-          flush=True)
+    print(
+        f"preflight ok: {len(arms)} arms, a bf16 train step and a decode step each, on {device} in {took:.1f} s",
+        flush=True,
+    )
     return 0
 
 
@@ -177,8 +182,15 @@ def parse_arms(text: str) -> list[tuple[str, str, str]]:
     return arms
 
 
-def bench_arm(variant: str, preset: str, optimizer: str, device: torch.device, vocab_size: int | None,
-              micro_batch: int | None, decode_batch: int) -> Arm:
+def bench_arm(
+    variant: str,
+    preset: str,
+    optimizer: str,
+    device: torch.device,
+    vocab_size: int | None,
+    micro_batch: int | None,
+    decode_batch: int,
+) -> Arm:
     """The bench's train step (harness/measure/bench/train_step.py: forward + MoE aux loss, backward, clip 1.0, step,
     zero_grad, MoE bias update) on one random micro-batch of the bench's size."""
     dims = preset_dims(preset, vocab_size)
@@ -225,8 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"preflight: error: {e}", file=sys.stderr)
         sys.exit(2)
-    arms = [(f"{v}@{p}:{o}", lambda v=v, p=p, o=o: bench_arm(v, p, o, device, args.vocab_size, args.micro_batch,
-                                                                args.decode_batch)) for v, p, o in specs]
+    arms = [
+        (
+            f"{v}@{p}:{o}",
+            lambda v=v, p=p, o=o: bench_arm(v, p, o, device, args.vocab_size, args.micro_batch, args.decode_batch),
+        )
+        for v, p, o in specs
+    ]
     sys.exit(run_preflight(arms, device))
 
 

@@ -91,8 +91,9 @@ def group_shapes(trials: list[TrialSpec]) -> list[ShapeGroup]:
     groups: dict[str, ShapeGroup] = {}
     for spec in trials:
         key = shape_key(spec.variant, spec.dims)
-        group = groups.setdefault(key, ShapeGroup(key, spec.variant, spec.preset, spec.experiment, spec.dims,
-                                                  spec.train, spec.seed))
+        group = groups.setdefault(
+            key, ShapeGroup(key, spec.variant, spec.preset, spec.experiment, spec.dims, spec.train, spec.seed)
+        )
         group.optims.setdefault(spec.optimizer, spec.optim)
     return list(groups.values())
 
@@ -100,9 +101,16 @@ def group_shapes(trials: list[TrialSpec]) -> list[ShapeGroup]:
 # ----------------------------------------------------------------------------- one training step
 
 
-def train_step_fns(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                   amp: torch.dtype | None, grad_clip: float, max_logit: bool, zero_first: bool = True,
-                   ) -> dict[str, Callable[[], object]]:
+def train_step_fns(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: torch.dtype | None,
+    grad_clip: float,
+    max_logit: bool,
+    zero_first: bool = True,
+) -> dict[str, Callable[[], object]]:
     """`fwd_bwd`, `optim` and `step` callables of the one train step (harness.trial.step.train_step) on one
     micro-batch. zero_first: grads are dropped at the start of a call (they stay for `optim`); else at the end
     of `step`, as the trainer does (what a memory measurement wants). Attention modules track their max logit
@@ -143,15 +151,22 @@ def frozen_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Opti
 # ----------------------------------------------------------------------------- peak memory of one step
 
 
-def step_peak_bytes(group: ShapeGroup, optimizer_name: str, x: torch.Tensor, y: torch.Tensor,
-                    device: torch.device, amp: torch.dtype | None) -> int:
+def step_peak_bytes(
+    group: ShapeGroup,
+    optimizer_name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> int:
     """Peak tensor bytes of one steady-state training step of a freshly built (shape, optimizer): its live
     storages at the step's start plus the step's own peak. Built and freed here: nothing else counts."""
     torch.manual_seed(group.seed)
     model = build_model(group.variant, group.dims).to(device)
     optimizer = group.optims[optimizer_name].build(model)
-    fns = train_step_fns(model, optimizer, x, y, amp, group.train.grad_clip, optimizer_name == "muonclip",
-                         zero_first=False)
+    fns = train_step_fns(
+        model, optimizer, x, y, amp, group.train.grad_clip, optimizer_name == "muonclip", zero_first=False
+    )
     fns["step"]()  # the first step allocates the optimizer state, which then lives for all of training
     start = live_bytes(model, optimizer, x, y)
     return start + peak_delta_bytes(fns["step"], device)
@@ -189,8 +204,9 @@ class _Prepared:
     keep: list  # models and optimizers the callables close over
 
 
-def _prepare(group: ShapeGroup, rows: torch.Tensor, device: torch.device, fns: dict[str, Callable[[], object]],
-             memory: bool) -> _Prepared:
+def _prepare(
+    group: ShapeGroup, rows: torch.Tensor, device: torch.device, fns: dict[str, Callable[[], object]], memory: bool
+) -> _Prepared:
     """Build one shape (once), its inference copy and its optimizers; add its callables to `fns`."""
     train = group.train
     amp = autocast_dtype(train.dtype, device)
@@ -252,10 +268,14 @@ class Compared:
 def compared_callables(p: _Prepared) -> list[Compared]:
     key = p.group.key
     out = [Compared(f"{key}/prefill", key, "prefill", schema.SPEED_PREFILL, p.shape.prompt_len)]
-    out += [Compared(f"{key}/decode_b{b}", key, f"decode_b{b}", schema.speed_decode(b), b * p.shape.new_tokens)
-            for b in p.batch_sizes]
-    out += [Compared(f"{key}/{o}/step", key, "step", schema.speed_opt(o, "train_tokens_per_s"), p.tokens)
-            for o in p.group.optims]
+    out += [
+        Compared(f"{key}/decode_b{b}", key, f"decode_b{b}", schema.speed_decode(b), b * p.shape.new_tokens)
+        for b in p.batch_sizes
+    ]
+    out += [
+        Compared(f"{key}/{o}/step", key, "step", schema.speed_opt(o, "train_tokens_per_s"), p.tokens)
+        for o in p.group.optims
+    ]
     return out
 
 
@@ -263,8 +283,9 @@ def ratio_pairs(compared: list[Compared]) -> list[tuple[Compared, Compared]]:
     """Every pair of callables of one kind from different shapes (a train step with any optimizer against any
     other shape's with any optimizer): every pair a speed claim can compare (reports/claims.py pairs arms of
     different variants), so the report finds its ratio whichever arms a matrix holds."""
-    return [(a, b) for i, a in enumerate(compared) for b in compared[i + 1:]
-            if a.kind == b.kind and a.shape != b.shape]
+    return [
+        (a, b) for i, a in enumerate(compared) for b in compared[i + 1 :] if a.kind == b.kind and a.shape != b.shape
+    ]
 
 
 def timing_order(names: list[str], compared: list[Compared]) -> list[str]:
@@ -294,8 +315,7 @@ def ratio_metrics(pairs: list[tuple[Compared, Compared]], rounds: RoundTimes) ->
 
 def widest(pairs: list[tuple[Compared, Compared]], rounds: RoundTimes) -> float:
     """The largest half-width (ln) over the pairs; inf while one has no interval."""
-    return max((ratio_of(Pair(a.name, b.name, a.work, b.work), rounds.times).half_width for a, b in pairs),
-               default=0.0)
+    return max((ratio_of(Pair(a.name, b.name, a.work, b.work), rounds.times).half_width for a, b in pairs), default=0.0)
 
 
 # ----------------------------------------------------------------------------- threads and CPU pinning
@@ -348,15 +368,26 @@ def max_seconds_setting(console: Console | None = None) -> float:
     except ValueError:
         pass
     if console is not None:
-        console.print(f"[yellow]{MAX_SECONDS_ENV}={escape(text)}[/]: not a number of seconds >= 0; the speed "
-                      f"timing uses {MAX_SECONDS:g} s (set e.g. {MAX_SECONDS_ENV}=10)")
+        console.print(
+            f"[yellow]{MAX_SECONDS_ENV}={escape(text)}[/]: not a number of seconds >= 0; the speed "
+            f"timing uses {MAX_SECONDS:g} s (set e.g. {MAX_SECONDS_ENV}=10)"
+        )
     return MAX_SECONDS
 
 
-def measure_speed(trials: list[TrialSpec], data, device: torch.device, min_rounds: int = MIN_ROUNDS,
-                  max_seconds: float = MAX_SECONDS, target_half_width: float = TARGET_HALF_WIDTH,
-                  sample_s: float = SAMPLE_S, warmup: int = 2, threads: int | None = None, memory: bool = True,
-                  console: Console | None = None) -> list[SpeedResult]:
+def measure_speed(
+    trials: list[TrialSpec],
+    data,
+    device: torch.device,
+    min_rounds: int = MIN_ROUNDS,
+    max_seconds: float = MAX_SECONDS,
+    target_half_width: float = TARGET_HALF_WIDTH,
+    sample_s: float = SAMPLE_S,
+    warmup: int = 2,
+    threads: int | None = None,
+    memory: bool = True,
+    console: Console | None = None,
+) -> list[SpeedResult]:
     """Speed and memory of every distinct model shape of `trials`, all in this process, in paired rounds.
 
     data: a PreparedData (the fixed batch and prompts are its first training tokens) or a vocabulary size
@@ -376,9 +407,18 @@ def measure_speed(trials: list[TrialSpec], data, device: torch.device, min_round
     console = console or Console(stderr=True, quiet=True)
     fns: dict[str, Callable[[], object]] = {}
     # auto_refresh off: rich's refresh thread would share the pinned core with the timing; refreshed per round
-    with _pinned(device, n_threads) as cpus, Progress(
-            TextColumn("[bold]speed[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=console, transient=True, auto_refresh=False) as bar:
+    with (
+        _pinned(device, n_threads) as cpus,
+        Progress(
+            TextColumn("[bold]speed[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            auto_refresh=False,
+        ) as bar,
+    ):
         task = bar.add_task("building shapes", total=len(groups))
         prepared = []
         for g in groups:
@@ -390,28 +430,49 @@ def measure_speed(trials: list[TrialSpec], data, device: torch.device, min_round
         ordered = {name: fns[name] for name in timing_order(list(fns), compared)}
 
         def settle(rounds: RoundTimes) -> list[str]:
-            return unsettled((Pair(a.name, b.name, a.work, b.work) for a, b in pairs), rounds.times,
-                             target_half_width)
+            return unsettled((Pair(a.name, b.name, a.work, b.work) for a, b in pairs), rounds.times, target_half_width)
 
         def show(rounds: RoundTimes) -> None:
             w = widest(pairs, rounds)
             spread = f"widest ratio interval ±{math.expm1(w):.1%}" if math.isfinite(w) else "no interval yet"
-            bar.update(task, description=f"round {rounds.rounds}, {rounds.seconds:.0f} s: {spread} (target "
-                       f"±{math.expm1(target_half_width):.0%}, cap {max_seconds:.0f} s)", completed=0, total=None,
-                       refresh=True)
+            bar.update(
+                task,
+                description=f"round {rounds.rounds}, {rounds.seconds:.0f} s: {spread} (target "
+                f"±{math.expm1(target_half_width):.0%}, cap {max_seconds:.0f} s)",
+                completed=0,
+                total=None,
+                refresh=True,
+            )
 
         bar.update(task, description=f"warming up {len(fns)} callables", completed=0, total=None, refresh=True)
-        rounds = time_rounds(ordered, settle, min_rounds=min_rounds, max_seconds=max_seconds, sample_s=sample_s,
-                             warmup=warmup, on_round=show)
+        rounds = time_rounds(
+            ordered,
+            settle,
+            min_rounds=min_rounds,
+            max_seconds=max_seconds,
+            sample_s=sample_s,
+            warmup=warmup,
+            on_round=show,
+        )
     timings = {name: rounds.timing(name) for name in fns}
     ratios = ratio_metrics(pairs, rounds)
     common = {schema.SPEED_ROUNDS: float(rounds.rounds), schema.SPEED_TIMING_S: rounds.seconds}
-    settings = {"min_rounds": min_rounds, "max_seconds": max_seconds, "sample_s": sample_s, "warmup": warmup,
-                "half_width_target": round(math.expm1(target_half_width), 6)}
+    settings = {
+        "min_rounds": min_rounds,
+        "max_seconds": max_seconds,
+        "sample_s": sample_s,
+        "warmup": warmup,
+        "half_width_target": round(math.expm1(target_half_width), 6),
+    }
     results = []
     for p in prepared:
-        s = {**settings, "micro_batch_size": p.group.train.micro_batch_size, "prompt_len": p.shape.prompt_len,
-             "new_tokens": p.shape.new_tokens, "dtype": str(p.amp or "float32").removeprefix("torch.")}
+        s = {
+            **settings,
+            "micro_batch_size": p.group.train.micro_batch_size,
+            "prompt_len": p.shape.prompt_len,
+            "new_tokens": p.shape.new_tokens,
+            "dtype": str(p.amp or "float32").removeprefix("torch."),
+        }
         metrics = {**_metrics(p, timings), **ratios.get(p.group.key, {}), **common}
         results.append(SpeedResult(p.group, metrics, n_threads, device, s, cpus))
     return results
@@ -422,43 +483,70 @@ def measure_speed(trials: list[TrialSpec], data, device: torch.device, min_round
 
 def speed_tags(result: SpeedResult, parent_id: str | None, common_tags: dict[str, str]) -> dict[str, str]:
     g = result.group
-    tags = {**common_tags, schema.TAG_SHAPE: g.key, schema.TAG_VARIANT: g.variant, schema.TAG_PRESET: g.preset,
-            schema.TAG_THREADS: str(result.threads), schema.TAG_SPEED_OPTIMIZERS: ",".join(g.optims),
-            schema.TAG_SPEED_CPUS: result.cpus,
-            schema.TAG_EXPERIMENT: g.experiment}
-    tags.setdefault(schema.TAG_DEVICE, torch.cuda.get_device_name(result.device) if result.device.type == "cuda"
-                    else "cpu")
+    tags = {
+        **common_tags,
+        schema.TAG_SHAPE: g.key,
+        schema.TAG_VARIANT: g.variant,
+        schema.TAG_PRESET: g.preset,
+        schema.TAG_THREADS: str(result.threads),
+        schema.TAG_SPEED_OPTIMIZERS: ",".join(g.optims),
+        schema.TAG_SPEED_CPUS: result.cpus,
+        schema.TAG_EXPERIMENT: g.experiment,
+    }
+    tags.setdefault(
+        schema.TAG_DEVICE, torch.cuda.get_device_name(result.device) if result.device.type == "cuda" else "cpu"
+    )
     if parent_id:
         tags[schema.TAG_SPEED_PARENT] = parent_id
     return tags
 
 
-def log_speed(tracker, experiment_id: str, parent_id: str | None, results: list[SpeedResult],
-              common_tags: dict[str, str]) -> list[str]:
+def log_speed(
+    tracker, experiment_id: str, parent_id: str | None, results: list[SpeedResult], common_tags: dict[str, str]
+) -> list[str]:
     """One finished speed run per shape, a child of the matrix run; returns their run ids."""
     run_ids = []
     for r in results:
         params = {f"model.{k}": v for k, v in variant_params(r.group.variant, r.group.dims).items()}
         params.update({f"speed.{k}": v for k, v in r.settings.items()})
-        run = tracker.start_trial(experiment_id, parent_id, f"speed {r.group.label}",
-                                  speed_tags(r, parent_id, common_tags), params, system_metrics=False,
-                                  kind=SPEED_KIND)
+        run = tracker.start_trial(
+            experiment_id,
+            parent_id,
+            f"speed {r.group.label}",
+            speed_tags(r, parent_id, common_tags),
+            params,
+            system_metrics=False,
+            kind=SPEED_KIND,
+        )
         run.log(0, r.metrics, final=True)
         run.end(schema.FINISHED)
         run_ids.append(run.run_id)
     return run_ids
 
 
-def measure_matrix_speed(trials: list[TrialSpec], data, device: torch.device, tracker, experiment_id: str,
-                         parent_id: str | None, common_tags: dict[str, str], console: Console) -> list[str]:
+def measure_matrix_speed(
+    trials: list[TrialSpec],
+    data,
+    device: torch.device,
+    tracker,
+    experiment_id: str,
+    parent_id: str | None,
+    common_tags: dict[str, str],
+    console: Console,
+) -> list[str]:
     """What `run_matrix` calls after its trials: measure every shape, log the speed runs, print the table.
     A failure here is reported in one line and does not fail the matrix (its trials are already logged).
     Under torchrun (--nproc) the speed runs are skipped: Muon's and QK-Clip's steps would run collectives that
     the other ranks, done with their trials, no longer answer."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        console.print("[yellow]speed runs skipped under --nproc[/]: rerun the matrix without --nproc to measure "
-                      "speed and memory per model shape (its finished trials are skipped)")
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        console.print(
+            "[yellow]speed runs skipped under --nproc[/]: rerun the matrix without --nproc to measure "
+            "speed and memory per model shape (its finished trials are skipped)"
+        )
         return []
     try:
         results = measure_speed(trials, data, device, max_seconds=max_seconds_setting(console), console=console)

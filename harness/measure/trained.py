@@ -35,13 +35,15 @@ def load_trained(path: Path) -> TrainedModel:
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--checkpoint: no file at {path}; pass runs/<experiment>/<trial>/model.pt or a "
-                        "nanoGPT ckpt.pt")
+        raise UserError(
+            f"--checkpoint: no file at {path}; pass runs/<experiment>/<trial>/model.pt or a nanoGPT ckpt.pt"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--checkpoint: {path} is not a loadable weights-only checkpoint ({type(e).__name__})") \
-            from None
+        raise UserError(
+            f"--checkpoint: {path} is not a loadable weights-only checkpoint ({type(e).__name__})"
+        ) from None
     if isinstance(payload, dict) and "model_args" in payload:  # nanoGPT's ckpt.pt
         from arch.gpt import load_nanogpt_checkpoint
 
@@ -61,8 +63,18 @@ def load_checkpoint(path: Path, device: str):
     return trained.model.to(device), trained.data
 
 
-def sample_text(checkpoint: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-                seed: int, tokenizer: str | None, cache_dir: str | None, device: str, console: Console) -> str:
+def sample_text(
+    checkpoint: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    tokenizer: str | None,
+    cache_dir: str | None,
+    device: str,
+    console: Console,
+) -> str:
     """Continue `prompt` with the checkpoint's model and tokenizer (KV cache), seeded."""
     import torch
 
@@ -99,8 +111,9 @@ def benchmark_table(checkpoint: Path, batch_sizes: str, new_tokens: int, device:
     sizes = parse_batch_sizes(batch_sizes)
     model, _ = load_checkpoint(checkpoint, device)
     amp = torch.bfloat16 if device.startswith("cuda") else None
-    result = benchmark_inference(model, model.config.vocab_size, model.config.block_size, sizes, new_tokens,
-                                 repeats=repeats, autocast_dtype=amp)
+    result = benchmark_inference(
+        model, model.config.vocab_size, model.config.block_size, sizes, new_tokens, repeats=repeats, autocast_dtype=amp
+    )
     result[schema.CKPT_BYTES] = checkpoint.stat().st_size
     table = Table(title=f"inference: {checkpoint}", header_style="bold")
     table.add_column("metric")

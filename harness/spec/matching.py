@@ -77,8 +77,13 @@ def solve(variant: str, dims: ModelDims, budget: int, by: str) -> ModelDims:
 
     def count_at(value: int) -> int:
         # MHA parameters do not depend on the head count: measure any width with one head
-        return param_count(variant, dataclasses.replace(dims, **{field: value}, **(
-            {"n_heads": 1} if field == "dim" and variant != "gpt-mla" else {})), by)
+        return param_count(
+            variant,
+            dataclasses.replace(
+                dims, **{field: value}, **({"n_heads": 1} if field == "dim" and variant != "gpt-mla" else {})
+            ),
+            by,
+        )
 
     lo, hi = step, max(2 * step, 2 * getattr(dims, field))
     while count_at(hi) < budget and hi < 1 << 20:  # grow the bracket until it covers the budget
@@ -89,8 +94,11 @@ def solve(variant: str, dims: ModelDims, budget: int, by: str) -> ModelDims:
             lo = mid
         else:
             hi = mid
-    candidates = [c for v in range(max(step, lo - 3 * step), hi + 4 * step, step)
-                  if (c := _with(variant, dims, field, v)) is not None]
+    candidates = [
+        c
+        for v in range(max(step, lo - 3 * step), hi + 4 * step, step)
+        if (c := _with(variant, dims, field, v)) is not None
+    ]
     return min(candidates, key=lambda c: abs(param_count(variant, c, by) - budget))
 
 
@@ -129,8 +137,9 @@ def _with_first(variant: str, dims: ModelDims, field: str, value: int, align: in
     return dataclasses.replace(dims, **changes)
 
 
-def _best_second(variant: str, dims: ModelDims, second: str, step: int, lowest: int, highest: int,
-                 budget: int, by: str) -> tuple[int, int]:
+def _best_second(
+    variant: str, dims: ModelDims, second: str, step: int, lowest: int, highest: int, budget: int, by: str
+) -> tuple[int, int]:
     """(value, predicted count) of `second` nearest the budget, from two counts (the count is affine in it)."""
     base = getattr(dims, second) if second == "n_layer" else _shared_width(dims)
     base = max(lowest, base // step * step)
@@ -148,8 +157,10 @@ def solve_aligned(variant: str, dims: ModelDims, budget: int, by: str, align: in
     if variant == "gpt-moe":  # its width stays the preset's, but MHA heads still split it in aligned head dims
         heads = aligned_heads(dims.dim, dims.n_heads, align)
         if heads is None:
-            raise UserError(f"match: gpt-moe's dim {dims.dim} is not a multiple of match.align {align}; set "
-                            f"model.dim to one or lower match.align")
+            raise UserError(
+                f"match: gpt-moe's dim {dims.dim} is not a multiple of match.align {align}; set "
+                f"model.dim to one or lower match.align"
+            )
         dims = dataclasses.replace(dims, n_heads=heads)
     second = second_dim(variant, dims)
     step = 1 if second == "n_layer" else align
@@ -165,14 +176,20 @@ def solve_aligned(variant: str, dims: ModelDims, budget: int, by: str, align: in
             continue
         s, predicted = _best_second(variant, candidate, second, step, lowest, highest, budget, by)
         if abs(predicted - budget) <= tolerance * budget:
-            ranked.append(((abs(s - preset_second) / preset_second, abs(value - nearest), abs(predicted - budget)),
-                           dataclasses.replace(candidate, **{second: s})))
+            ranked.append(
+                (
+                    (abs(s - preset_second) / preset_second, abs(value - nearest), abs(predicted - budget)),
+                    dataclasses.replace(candidate, **{second: s}),
+                )
+            )
     for _, candidate in sorted(ranked, key=lambda r: r[0]):
         if abs(param_count(variant, candidate, by) - budget) <= tolerance * budget:  # exact count
             return candidate
-    raise UserError(f"match: {variant} has no shape with {field} in multiples of {align} (and {second} free) "
-                    f"within {tolerance:.0%} of {budget:,} {by} params; raise match.tolerance, lower "
-                    f"match.align or change the preset")
+    raise UserError(
+        f"match: {variant} has no shape with {field} in multiples of {align} (and {second} free) "
+        f"within {tolerance:.0%} of {budget:,} {by} params; raise match.tolerance, lower "
+        f"match.align or change the preset"
+    )
 
 
 def describe_shape(variant: str, dims: ModelDims) -> str:
@@ -181,8 +198,10 @@ def describe_shape(variant: str, dims: ModelDims) -> str:
     if variant in ("gpt", "gpt-moe"):
         parts.append(f"{dims.n_heads}x{dims.dim // dims.n_heads}h")
     else:
-        parts.append(f"{dims.n_heads}h(qk {dims.qk_nope_head_dim}+{dims.qk_rope_head_dim} v {dims.v_head_dim}) "
-                     f"kv{dims.kv_lora_rank} q{dims.q_lora_rank or '-'}")
+        parts.append(
+            f"{dims.n_heads}h(qk {dims.qk_nope_head_dim}+{dims.qk_rope_head_dim} v {dims.v_head_dim}) "
+            f"kv{dims.kv_lora_rank} q{dims.q_lora_rank or '-'}"
+        )
     if variant in ("gpt", "gpt-mla"):
         parts.append(f"mlp{4 * dims.dim}")
     else:
@@ -193,14 +212,22 @@ def describe_shape(variant: str, dims: ModelDims) -> str:
     return " ".join(parts)
 
 
-def match_dims(dims: dict[str, ModelDims], budget: int | None, reference: str | None, by: str,
-               tolerance: float = 0.01, align: int | None = None) -> dict[str, ModelDims]:
+def match_dims(
+    dims: dict[str, ModelDims],
+    budget: int | None,
+    reference: str | None,
+    by: str,
+    tolerance: float = 0.01,
+    align: int | None = None,
+) -> dict[str, ModelDims]:
     """Solve each variant's free dimension to the budget (or to the reference variant's own count);
     with align, in hardware-friendly multiples of align (solve_aligned)."""
     if budget is None:
         if reference not in dims:
-            raise UserError(f"match.reference: {reference!r} is not among the matrix's variants "
-                            f"({', '.join(dims)}); add it to the arms or give match.budget")
+            raise UserError(
+                f"match.reference: {reference!r} is not among the matrix's variants "
+                f"({', '.join(dims)}); add it to the arms or give match.budget"
+            )
         budget = param_count(reference, dims[reference], by)
     out = {}
     for variant, d in dims.items():
@@ -215,6 +242,7 @@ def match_dims(dims: dict[str, ModelDims], budget: int | None, reference: str | 
             field, _ = FREE_DIM[variant]
             raise UserError(
                 f"match: {variant} reaches {got:,} {by} params at best ({field}={getattr(solved, field)}), "
-                f"not within {tolerance:.0%} of {budget:,}; change the budget, the preset or match.tolerance")
+                f"not within {tolerance:.0%} of {budget:,}; change the budget, the preset or match.tolerance"
+            )
         out[variant] = solved
     return out

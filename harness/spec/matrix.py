@@ -115,9 +115,10 @@ class MatchSection(_Strict):
 class VerdictsSection(_Strict):
     """How the report judges the claims, fixed before the runs (not in trial keys: changing it retrains nothing).
     Unset fields take the report's defaults (reports/stats.py; reasons in docs/verdicts.md)."""
-    target_loss: Annotated[float, Field(gt=0)] | None = None   # val loss (nats) the compute-to-target claims read
-    loss_margin: Annotated[float, Field(gt=0)] | None = None   # equivalence margin for losses, nats (default 0.02)
-    ratio_margin: Annotated[float, Field(gt=0, lt=1)] | None = None   # for ratios, relative (default 0.10)
+
+    target_loss: Annotated[float, Field(gt=0)] | None = None  # val loss (nats) the compute-to-target claims read
+    loss_margin: Annotated[float, Field(gt=0)] | None = None  # equivalence margin for losses, nats (default 0.02)
+    ratio_margin: Annotated[float, Field(gt=0, lt=1)] | None = None  # for ratios, relative (default 0.10)
 
 
 class MatrixFile(BaseModel):
@@ -174,8 +175,9 @@ class Matrix:
         per_variant = self.spec.model.get(variant, {})
         return {**common, **per_variant}
 
-    def expand(self, vocab_size: int, tuned: dict[str, dict[str, Any]] | None = None,
-               **train_overrides: Any) -> list[TrialSpec]:
+    def expand(
+        self, vocab_size: int, tuned: dict[str, dict[str, Any]] | None = None, **train_overrides: Any
+    ) -> list[TrialSpec]:
         """All trials: presets x arms x seeds, each variant sized to the budget when [match] is given."""
         from harness.spec.matching import match_dims  # matching builds models: import only when expanding
 
@@ -186,8 +188,14 @@ class Matrix:
         for preset in m.presets:
             dims = {v: resolve_dims(preset, vocab_size, self.model_overrides(v)) for v, _ in self.arms()}
             if self.spec.match:
-                dims = match_dims(dims, self.spec.match.budget, self.spec.match.reference, self.spec.match.by,
-                                  self.spec.match.tolerance, align=self.spec.match.align)
+                dims = match_dims(
+                    dims,
+                    self.spec.match.budget,
+                    self.spec.match.reference,
+                    self.spec.match.by,
+                    self.spec.match.tolerance,
+                    align=self.spec.match.align,
+                )
             for (variant, opt), seed, data_seed in itertools.product(self.arms(), m.seeds, data_seeds):
                 overrides = dict(self.spec.optim.get(opt, {}))
                 tuned_from, arm_train, arm_dims = None, train, dims[variant]
@@ -198,18 +206,34 @@ class Matrix:
                     arm_train = dataclasses.replace(train, **entry.get("train", {}))
                     arm_dims = dataclasses.replace(arm_dims, **entry.get("model", {}))
                     tuned_from = entry["source"]
-                trials.append(TrialSpec(
-                    experiment=self.name, variant=variant, optimizer=opt, preset=preset, seed=seed,
-                    dims=arm_dims, optim=resolve_optimizer(opt, overrides), train=arm_train,
-                    data=self.data_fields(), data_seed=data_seed, tuned_from=tuned_from,
-                ))
+                trials.append(
+                    TrialSpec(
+                        experiment=self.name,
+                        variant=variant,
+                        optimizer=opt,
+                        preset=preset,
+                        seed=seed,
+                        dims=arm_dims,
+                        optim=resolve_optimizer(opt, overrides),
+                        train=arm_train,
+                        data=self.data_fields(),
+                        data_seed=data_seed,
+                        tuned_from=tuned_from,
+                    )
+                )
         return trials
 
 
 # the model at each path of the file (list indices dropped), for the "did you mean" of an unknown field
 _SECTIONS: dict[tuple[str, ...], type] = {
-    (): MatrixFile, ("data",): DataConfig, ("train",): TrainConfig, ("matrix",): MatrixSection,
-    ("matrix", "arms"): Arm, ("match",): MatchSection, ("verdicts",): VerdictsSection, ("tune",): TuneSection,
+    (): MatrixFile,
+    ("data",): DataConfig,
+    ("train",): TrainConfig,
+    ("matrix",): MatrixSection,
+    ("matrix", "arms"): Arm,
+    ("match",): MatchSection,
+    ("verdicts",): VerdictsSection,
+    ("tune",): TuneSection,
 }
 
 
@@ -265,8 +289,10 @@ def _check_names(spec: MatrixFile) -> None:
     if spec.match and spec.match.reference is not None:
         check_choice("match.reference", spec.match.reference, VARIANTS)
     if spec.tune is not None:
-        check_tune(spec.tune, list(zip(variants, optimizers, strict=True)) if m.arms
-                   else list(itertools.product(variants, optimizers)))
+        check_tune(
+            spec.tune,
+            list(zip(variants, optimizers, strict=True)) if m.arms else list(itertools.product(variants, optimizers)),
+        )
 
 
 def parse_set(text: str) -> tuple[list[str], Any]:
@@ -291,7 +317,7 @@ def apply_sets(raw: dict[str, Any], sets: Sequence[str]) -> list[str]:
         for i, part in enumerate(parts[:-1]):
             table = table.setdefault(part, {})
             if not isinstance(table, dict):
-                raise UserError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is a value, not a table")
+                raise UserError(f"--set {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is a value, not a table")
         if parts[:-1] == ["train"] and parts[-1] in BUDGET_FIELDS:  # one budget replaces the file's
             for other in BUDGET_FIELDS:
                 table.pop(other, None)

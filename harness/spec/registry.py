@@ -83,8 +83,15 @@ class ModelDims:
 COMMON = ("n_layer", "dim", "n_heads", "block_size", "vocab_size", "dropout", "tie_embeddings")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 MOE_FIELDS = (
-    "n_routed_experts", "n_activated_experts", "moe_inter_dim", "n_shared_experts", "shared_inter_dim", "score_func",
-    "route_scale", "bias_update_speed", "aux_loss_alpha",
+    "n_routed_experts",
+    "n_activated_experts",
+    "moe_inter_dim",
+    "n_shared_experts",
+    "shared_inter_dim",
+    "score_func",
+    "route_scale",
+    "bias_update_speed",
+    "aux_loss_alpha",
 )
 VARIANT_FIELDS: dict[str, tuple[str, ...]] = {
     "gpt": COMMON + ("bias",),
@@ -110,16 +117,22 @@ def arch_config(cls: type, d: ModelDims, **renamed: Any):
 
 def _gpt_config(d: ModelDims, attn: str, mlp: str) -> GPTConfig:
     return arch_config(
-        GPTConfig, d, n_head=d.n_heads, n_embd=d.dim,
+        GPTConfig,
+        d,
+        n_head=d.n_heads,
+        n_embd=d.dim,
         tie_embeddings=True if d.tie_embeddings is None else d.tie_embeddings,
-        attn=attn, mla=arch_config(MLAConfig, d, max_seq_len=d.block_size) if attn == "mla" else None,
-        mlp=mlp, moe=arch_config(MoEConfig, d) if mlp == "moe" else None,
+        attn=attn,
+        mla=arch_config(MLAConfig, d, max_seq_len=d.block_size) if attn == "mla" else None,
+        mlp=mlp,
+        moe=arch_config(MoEConfig, d) if mlp == "moe" else None,
     )
 
 
 def _kimi_config(d: ModelDims) -> KimiConfig:
-    return arch_config(KimiConfig, d, inter_dim=d.dense_inter_dim or dense_swiglu_width(d.dim),
-                       tie_embeddings=bool(d.tie_embeddings))
+    return arch_config(
+        KimiConfig, d, inter_dim=d.dense_inter_dim or dense_swiglu_width(d.dim), tie_embeddings=bool(d.tie_embeddings)
+    )
 
 
 VARIANTS: dict[str, Callable[[ModelDims], nn.Module]] = {
@@ -137,30 +150,93 @@ VARIANTS: dict[str, Callable[[ModelDims], nn.Module]] = {
 PRESETS: dict[str, ModelDims] = {
     # micro < tiny < mini: three CPU-sized models for a loss-vs-compute fit in minutes (scaling-cpu.toml)
     "micro": ModelDims(
-        n_layer=2, dim=32, n_heads=2, block_size=64, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=32,
+        n_layer=2,
+        dim=32,
+        n_heads=2,
+        block_size=64,
+        q_lora_rank=0,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=4,
+        n_activated_experts=2,
+        moe_inter_dim=32,
     ),
     "tiny": ModelDims(
-        n_layer=2, dim=64, n_heads=4, block_size=64, q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=64,
+        n_layer=2,
+        dim=64,
+        n_heads=4,
+        block_size=64,
+        q_lora_rank=0,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        n_activated_experts=2,
+        moe_inter_dim=64,
     ),
     "mini": ModelDims(
-        n_layer=3, dim=96, n_heads=4, block_size=64, q_lora_rank=0, kv_lora_rank=48, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=96,
+        n_layer=3,
+        dim=96,
+        n_heads=4,
+        block_size=64,
+        q_lora_rank=0,
+        kv_lora_rank=48,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=24,
+        n_routed_experts=4,
+        n_activated_experts=2,
+        moe_inter_dim=96,
     ),
     "small": ModelDims(
-        n_layer=6, dim=320, n_heads=5, block_size=256, q_lora_rank=160, kv_lora_rank=96, qk_nope_head_dim=48,
-        qk_rope_head_dim=16, v_head_dim=64, n_routed_experts=8, n_activated_experts=2, moe_inter_dim=320,
+        n_layer=6,
+        dim=320,
+        n_heads=5,
+        block_size=256,
+        q_lora_rank=160,
+        kv_lora_rank=96,
+        qk_nope_head_dim=48,
+        qk_rope_head_dim=16,
+        v_head_dim=64,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        moe_inter_dim=320,
     ),
     "paper": ModelDims(
-        n_layer=6, dim=384, n_heads=4, block_size=1024, q_lora_rank=192, kv_lora_rank=128,
-        qk_nope_head_dim=96, qk_rope_head_dim=32, v_head_dim=96, n_routed_experts=8, n_activated_experts=2,
-        moe_inter_dim=512, n_shared_experts=1, shared_inter_dim=768, n_dense_layers=0, vocab_size=50257,
+        n_layer=6,
+        dim=384,
+        n_heads=4,
+        block_size=1024,
+        q_lora_rank=192,
+        kv_lora_rank=128,
+        qk_nope_head_dim=96,
+        qk_rope_head_dim=32,
+        v_head_dim=96,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        moe_inter_dim=512,
+        n_shared_experts=1,
+        shared_inter_dim=768,
+        n_dense_layers=0,
+        vocab_size=50257,
     ),
     "gpt2-124m": ModelDims(
-        n_layer=12, dim=768, n_heads=12, block_size=1024, q_lora_rank=384, kv_lora_rank=256,
-        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8, n_activated_experts=2,
-        moe_inter_dim=1024, vocab_size=50304,
+        n_layer=12,
+        dim=768,
+        n_heads=12,
+        block_size=1024,
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        moe_inter_dim=1024,
+        vocab_size=50304,
     ),
 }
 
@@ -206,8 +282,10 @@ def resolve_dims(preset: str, vocab_size: int, overrides: dict[str, Any] | None 
     if dims.vocab_size is None:
         return dataclasses.replace(dims, vocab_size=vocab_size)
     if dims.vocab_size < vocab_size:
-        raise UserError(f"model.vocab_size: {dims.vocab_size} is smaller than the tokenizer's {vocab_size}; "
-                        "raise it or leave it unset")
+        raise UserError(
+            f"model.vocab_size: {dims.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+            "raise it or leave it unset"
+        )
     return dims
 
 
@@ -246,8 +324,9 @@ def resolve_optimizer(name: str, overrides: dict[str, Any] | None = None) -> Opt
     """OptimizerConfig(name, **overrides), every field checked here first so each error is one line with a
     suggestion (arch/ raises plain errors: it cannot import the harness's helpers)."""
     check_choice("optimizer", name, OPTIMIZERS)
-    fields = check_fields(OptimizerConfig, {k: v for k, v in (overrides or {}).items() if k != "name"},
-                          f"optim.{name}", "optimizer")
+    fields = check_fields(
+        OptimizerConfig, {k: v for k, v in (overrides or {}).items() if k != "name"}, f"optim.{name}", "optimizer"
+    )
     if "muon_scaling" in fields:
         check_choice(f"optim.{name}.muon_scaling", fields["muon_scaling"], ADJUST_LR_FNS)
     try:
@@ -353,12 +432,22 @@ class TrialSpec:
 
     def flat_params(self) -> dict[str, Any]:
         """The resolved spec as MLflow params (`model.*`, `optim.*`, `train.*`, `data.*`)."""
-        top = {"variant": self.variant, "optimizer": self.optimizer, "preset": self.preset, "seed": self.seed,
-               "data_seed": self.effective_data_seed}
-        return schema.flatten_params(top, {
-            "model": variant_params(self.variant, self.dims), "optim": dataclasses.asdict(self.optim),
-            "train": _train_params(self.train), "data": self.data,
-        })
+        top = {
+            "variant": self.variant,
+            "optimizer": self.optimizer,
+            "preset": self.preset,
+            "seed": self.seed,
+            "data_seed": self.effective_data_seed,
+        }
+        return schema.flatten_params(
+            top,
+            {
+                "model": variant_params(self.variant, self.dims),
+                "optim": dataclasses.asdict(self.optim),
+                "train": _train_params(self.train),
+                "data": self.data,
+            },
+        )
 
     @property
     def effective_data_seed(self) -> int:

@@ -42,14 +42,21 @@ class Dim:
 # and the paper presets' optima. Muon's muon_lr spans both scalings: "original" wants ~0.02 (Keller Jordan),
 # "match_rms_adamw" an AdamW-like lr (Moonlight), so one log range 1e-3..1e-1 covers both.
 _LR = Dim("lr", "optim", 1e-4, 1e-2, log=True, why="AdamW lr (Muon arms: the AdamW groups' lr)")
-_WD = Dim("weight_decay", "optim", 0.0, 0.3,
-          why="decoupled weight decay of the AdamW groups (Muon's own stays at its default, 0)")
+_WD = Dim(
+    "weight_decay",
+    "optim",
+    0.0,
+    0.3,
+    why="decoupled weight decay of the AdamW groups (Muon's own stays at its default, 0)",
+)
 _WARMUP = Dim("warmup_frac", "train", 0.0, 0.2, why="linear warmup share of the budget (warmup_steps unset)")
 SEARCH_SPACES: dict[str, tuple[Dim, ...]] = {
     "adamw": (_LR, _WD, _WARMUP, Dim("beta2", "optim", 0.9, 0.999, why="AdamW beta2 (beta1 kept)")),
     "muon": (
         Dim("muon_lr", "optim", 1e-3, 1e-1, log=True, why="Muon lr (hidden matrices)"),
-        _LR, _WD, _WARMUP,
+        _LR,
+        _WD,
+        _WARMUP,
         Dim("momentum", "optim", 0.85, 0.99, why="Muon momentum (Nesterov)"),
         Dim("muon_scaling", "optim", choices=("original", "match_rms_adamw"), why="Muon update scale rule"),
     ),
@@ -63,6 +70,8 @@ FAMILY = {"adamw": "adamw", "muon": "muon", "muonclip": "muon"}  # optimizer -> 
 def search_space(variant: str, optimizer: str) -> tuple[Dim, ...]:
     """The searched dims of one arm: its optimizer family's space, plus the router's for MoE variants."""
     if optimizer not in FAMILY:
-        raise UserError(f"optimizer {optimizer!r}: no search space; add it to harness.spec.search_spaces.FAMILY "
-                        f"(families: {', '.join(SEARCH_SPACES)})")
+        raise UserError(
+            f"optimizer {optimizer!r}: no search space; add it to harness.spec.search_spaces.FAMILY "
+            f"(families: {', '.join(SEARCH_SPACES)})"
+        )
     return SEARCH_SPACES[FAMILY[optimizer]] + (MOE_SPACE if variant in MOE_VARIANTS else ())

@@ -56,8 +56,10 @@ def seed_note(tune: TuneSection, eval_seeds: list[int]) -> tuple[str, bool]:
     seed = tuning_seed(tune, eval_seeds)
     shown = ", ".join(map(str, eval_seeds))
     if seed in eval_seeds:
-        return (f"warning: the studies tune at seed {seed}, which is also an evaluation seed ({shown}): the best "
-                "configuration is chosen and scored on the same noise; pick a [tune].seed outside them"), True
+        return (
+            f"warning: the studies tune at seed {seed}, which is also an evaluation seed ({shown}): the best "
+            "configuration is chosen and scored on the same noise; pick a [tune].seed outside them"
+        ), True
     return f"the studies tune at seed {seed}, held out from the evaluation seeds ({shown})", False
 
 
@@ -74,8 +76,10 @@ def check_tune(tune: TuneSection, arms: list[tuple[str, str]]) -> None:
             if dim not in dims:
                 raise UserError(f"{field}: {arm} does not search {dim!r}; {suggest(dim, tuple(dims))}")
             if dims[dim].choices:
-                raise UserError(f"{field}: a categorical dimension ({', '.join(dims[dim].choices)}); only "
-                                "numeric ranges can be overridden")
+                raise UserError(
+                    f"{field}: a categorical dimension ({', '.join(dims[dim].choices)}); only "
+                    "numeric ranges can be overridden"
+                )
             if low > high:
                 raise UserError(f"{field}: low {low:g} is above high {high:g}; write [low, high]")
             if dims[dim].log and low <= 0:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness import schema
 
-CURVE_POINTS = 400     # about this many points per run for a step-dense key (first and last kept)
+CURVE_POINTS = 400  # about this many points per run for a step-dense key (first and last kept)
 CURVE_KEYS = (schema.TRAIN_LOSS, schema.GRAD_NORM, schema.TRAIN_TOKENS, schema.TRAIN_ELAPSED, schema.VAL_LOSS)
 FORMAT = 1
 

@@ -9,17 +9,21 @@ lost nothing and raised nothing at the trial loop's cadence and in bursts.
 from __future__ import annotations
 
 SQLITE_MAX_WRITERS = 16
-SERVER_SETUP = ("an MLflow server on PostgreSQL (`mlflow server --backend-store-uri postgresql://...`, then "
-                "--tracking-uri http://HOST:5000; docs/ray.md, 'The tested team setup')")
+SERVER_SETUP = (
+    "an MLflow server on PostgreSQL (`mlflow server --backend-store-uri postgresql://...`, then "
+    "--tracking-uri http://HOST:5000; docs/ray.md, 'The tested team setup')"
+)
 
 
 def sqlite_writers_warning(uri: str, writers: int) -> str | None:
     """The line to print before `writers` processes log to `uri` at once, or None when the store holds them."""
     if not uri.startswith("sqlite:") or writers <= SQLITE_MAX_WRITERS:
         return None
-    return (f"warning: {writers} trials would log at once to the sqlite store {uri.removeprefix('sqlite:///')}; "
-            f"sqlite was measured to hold {SQLITE_MAX_WRITERS} writers (reports/benchmarks/tracking_load.md); "
-            f"beyond that use {SERVER_SETUP}")
+    return (
+        f"warning: {writers} trials would log at once to the sqlite store {uri.removeprefix('sqlite:///')}; "
+        f"sqlite was measured to hold {SQLITE_MAX_WRITERS} writers (reports/benchmarks/tracking_load.md); "
+        f"beyond that use {SERVER_SETUP}"
+    )
 
 
 def parallel_slots(cluster: dict[str, float], per_trial: dict[str, float]) -> int:

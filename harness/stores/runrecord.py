@@ -121,8 +121,9 @@ def load_state(folder: Path) -> RecordState:
         if kind == "experiment":
             state.experiments[ev["id"]] = ev["name"]
         elif kind == "run":
-            state.runs[ev["run_id"]] = RecordedRun(ev["run_id"], ev["experiment_id"], ev["run_name"],
-                                                   ev["start_ms"], dict(ev["tags"]))
+            state.runs[ev["run_id"]] = RecordedRun(
+                ev["run_id"], ev["experiment_id"], ev["run_name"], ev["start_ms"], dict(ev["tags"])
+            )
         elif run is None:
             continue
         elif kind == "params":
@@ -151,8 +152,10 @@ class RecordWriter:
         try:
             (folder / "artifacts").mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"--tracking-uri record:{folder}: cannot create the record folder ({e.strerror}); "
-                            "pick a writable folder") from None
+            raise UserError(
+                f"--tracking-uri record:{folder}: cannot create the record folder ({e.strerror}); "
+                "pick a writable folder"
+            ) from None
         self.path = folder / EVENTS
         if not self.path.exists():
             self.append({"ev": "format", "format": FORMAT, "created_ms": now_ms()})
@@ -190,8 +193,9 @@ class _RecordClient:
         return [_Metric(k, v, ts, step) for k, v, ts, step in (run.history if run else []) if k == key]
 
     def set_terminated(self, run_id: str, status: str = "FINISHED", end_time: int | None = None) -> None:
-        self.tracker.writer.append({"ev": "status", "run_id": run_id, "status": status,
-                                    "end_ms": end_time or now_ms()}, sync=True)
+        self.tracker.writer.append(
+            {"ev": "status", "run_id": run_id, "status": status, "end_ms": end_time or now_ms()}, sync=True
+        )
 
 
 @dataclass(frozen=True)
@@ -226,12 +230,22 @@ class RecordTracker:
 
     def _create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
         run_id = uuid.uuid4().hex
-        self.writer.append({"ev": "run", "run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
-                            "start_ms": now_ms(), "tags": _fix_commit(tags)}, sync=True)
+        self.writer.append(
+            {
+                "ev": "run",
+                "run_id": run_id,
+                "experiment_id": experiment_id,
+                "run_name": run_name,
+                "start_ms": now_ms(),
+                "tags": _fix_commit(tags),
+            },
+            sync=True,
+        )
         return run_id
 
-    def start_parent(self, experiment_id: str, name: str, command: str, tags: dict[str, str],
-                     description: str = "") -> str:
+    def start_parent(
+        self, experiment_id: str, name: str, command: str, tags: dict[str, str], description: str = ""
+    ) -> str:
         all_tags = {schema.KIND: schema.KIND_MATRIX, schema.TAG_COMMAND: command, **tags}
         if description:
             all_tags[schema.TAG_NOTE] = description
@@ -239,12 +253,15 @@ class RecordTracker:
 
     def log_matrix(self, run_id: str, matrix_text: str, params: dict[str, Any], trials: list[dict]) -> None:
         """Tracker.log_matrix over the record: the parent's params, matrix.toml and trials.json."""
-        self.writer.append({"ev": "params", "run_id": run_id,
-                            "params": {k: param_value(v) for k, v in sorted(params.items())}})
+        self.writer.append(
+            {"ev": "params", "run_id": run_id, "params": {k: param_value(v) for k, v in sorted(params.items())}}
+        )
         run = RecordTrialRun(self, run_id)
         with tempfile.TemporaryDirectory() as tmp:
-            for name, text in (("matrix.toml", matrix_text), ("trials.json", json.dumps(trials, indent=1,
-                                                                                         default=str))):
+            for name, text in (
+                ("matrix.toml", matrix_text),
+                ("trials.json", json.dumps(trials, indent=1, default=str)),
+            ):
                 (Path(tmp) / name).write_text(text, encoding="utf-8")
                 run.log_artifact(Path(tmp) / name)
 
@@ -256,19 +273,33 @@ class RecordTracker:
 
     def find_trial(self, experiment_id: str, trial_key: str) -> RecordedRun | None:
         """The newest run with this trial key: finished ones first (a rerun skips them)."""
-        runs = [r for r in load_state(self.folder).runs.values()
-                if r.experiment_id == experiment_id and r.tags.get(schema.TAG_TRIAL_KEY) == trial_key]
+        runs = [
+            r
+            for r in load_state(self.folder).runs.values()
+            if r.experiment_id == experiment_id and r.tags.get(schema.TAG_TRIAL_KEY) == trial_key
+        ]
         runs.sort(key=lambda r: r.start_ms, reverse=True)
         terminal = [r for r in runs if r.tags.get(schema.TAG_STATUS) in TERMINAL]
         return (terminal or runs or [None])[0]
 
     def trials(self, experiment_id: str) -> list[RecordedRun]:
-        return [r for r in load_state(self.folder).runs.values()
-                if r.experiment_id == experiment_id and r.tags.get(schema.KIND) == schema.KIND_TRIAL]
+        return [
+            r
+            for r in load_state(self.folder).runs.values()
+            if r.experiment_id == experiment_id and r.tags.get(schema.KIND) == schema.KIND_TRIAL
+        ]
 
-    def start_trial(self, experiment_id: str, parent_id: str | None, run_name: str, tags: dict[str, str],
-                    params: dict[str, Any], resume_run_id: str | None = None, system_metrics: bool = True,
-                    kind: str = schema.KIND_TRIAL) -> RecordTrialRun:
+    def start_trial(
+        self,
+        experiment_id: str,
+        parent_id: str | None,
+        run_name: str,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        resume_run_id: str | None = None,
+        system_metrics: bool = True,
+        kind: str = schema.KIND_TRIAL,
+    ) -> RecordTrialRun:
         if resume_run_id:
             run_id = resume_run_id
             self.writer.append({"ev": "status", "run_id": run_id, "status": "RUNNING"})
@@ -279,8 +310,9 @@ class RecordTracker:
             if parent_id:
                 all_tags[schema.TAG_PARENT] = parent_id
             run_id = self._create_run(experiment_id, run_name, all_tags)
-        self.writer.append({"ev": "params", "run_id": run_id,
-                            "params": {k: param_value(v) for k, v in sorted(params.items())}})
+        self.writer.append(
+            {"ev": "params", "run_id": run_id, "params": {k: param_value(v) for k, v in sorted(params.items())}}
+        )
         tags = {schema.TAG_STATUS: schema.RUNNING} | ({schema.TAG_MATRIX_RUN: parent_id} if parent_id else {})
         self.writer.append({"ev": "tags", "run_id": run_id, "tags": tags}, sync=True)
         return RecordTrialRun(self, run_id)
@@ -301,17 +333,27 @@ class RecordTrialRun(BufferedRun):
             self.tracker.writer.append({"ev": "metrics", "run_id": self.run_id, "metrics": batch}, sync=wait)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.tracker.writer.append({"ev": "tags", "run_id": self.run_id,
-                                    "tags": {k: strip_credentials(str(v)) for k, v in tags.items()}})
+        self.tracker.writer.append(
+            {"ev": "tags", "run_id": self.run_id, "tags": {k: strip_credentials(str(v)) for k, v in tags.items()}}
+        )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         rel = self.tracker.writer.copy_artifact(self.run_id, Path(path), artifact_path)
-        self.tracker.writer.append({"ev": "artifact", "run_id": self.run_id, "path": rel,
-                                    "artifact_path": artifact_path})
+        self.tracker.writer.append(
+            {"ev": "artifact", "run_id": self.run_id, "path": rel, "artifact_path": artifact_path}
+        )
 
     def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
-        self.tracker.writer.append({"ev": "dataset", "run_id": self.run_id, "name": name, "digest": digest,
-                                    "source": source, "context": context})
+        self.tracker.writer.append(
+            {
+                "ev": "dataset",
+                "run_id": self.run_id,
+                "name": name,
+                "digest": digest,
+                "source": source,
+                "context": context,
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------------------- import
@@ -338,8 +380,9 @@ def import_record(folder: str | Path, tracking_uri: str | None = None, progress=
     state = load_state(folder)
     uri = resolve_tracking_uri(tracking_uri)
     if is_record_uri(uri):
-        raise UserError("--tracking-uri: import needs an MLflow store (sqlite:///PATH, http://HOST:PORT), "
-                        "not a record: folder")
+        raise UserError(
+            "--tracking-uri: import needs an MLflow store (sqlite:///PATH, http://HOST:PORT), not a record: folder"
+        )
     tracker = Tracker(uri)
     client = tracker.client
     summary = ImportSummary()
@@ -349,8 +392,7 @@ def import_record(folder: str | Path, tracking_uri: str | None = None, progress=
         if progress:
             progress(i, len(state.runs), run.run_name)
         exp_id = exp_ids[run.experiment_id]
-        found = client.search_runs([exp_id], filter_string=f"tags.`{RECORD_TAG}` = '{run.run_id}'",
-                                   max_results=10)
+        found = client.search_runs([exp_id], filter_string=f"tags.`{RECORD_TAG}` = '{run.run_id}'", max_results=10)
         done = [r for r in found if r.data.tags.get(IMPORT_TAG) == "complete"]
         if done:
             new_ids[run.run_id] = done[0].info.run_id
@@ -362,8 +404,9 @@ def import_record(folder: str | Path, tracking_uri: str | None = None, progress=
         for ref in (schema.TAG_PARENT, schema.TAG_MATRIX_RUN):  # run ids of the record -> of the store
             if tags.get(ref):
                 tags[ref] = new_ids.get(tags[ref], tags[ref])
-        mlflow_run = client.create_run(exp_id, start_time=run.start_ms, run_name=run.run_name,
-                                       tags={RECORD_TAG: run.run_id, IMPORT_TAG: "partial"})
+        mlflow_run = client.create_run(
+            exp_id, start_time=run.start_ms, run_name=run.run_name, tags={RECORD_TAG: run.run_id, IMPORT_TAG: "partial"}
+        )
         run_id = mlflow_run.info.run_id
         new_ids[run.run_id] = run_id
         params = [Param(k, v) for k, v in sorted(run.params.items())]
@@ -401,8 +444,12 @@ def _save_views(client, state: RecordState, exp_ids: dict[str, str], new_ids: di
         new_id = new_ids.get(run.run_id)
         if run.tags.get(schema.KIND) != schema.KIND_MATRIX or new_id is None:
             continue
-        members = [new_ids[r.run_id] for r in state.runs.values() if r.run_id in new_ids and run.run_id in (
-            r.run_id, r.tags.get(schema.TAG_PARENT), r.tags.get(schema.TAG_MATRIX_RUN))]
+        members = [
+            new_ids[r.run_id]
+            for r in state.runs.values()
+            if r.run_id in new_ids
+            and run.run_id in (r.run_id, r.tags.get(schema.TAG_PARENT), r.tags.get(schema.TAG_MATRIX_RUN))
+        ]
         with contextlib.suppress(Exception):  # the view is a nicety; the import is done
             client.set_tag(new_id, schema.TAG_MATRIX_RUN, new_id)
             save_view(client, exp_ids[run.experiment_id], new_id, f"{run.run_name} ({new_id[:8]})", members)
@@ -415,7 +462,8 @@ def _log_dataset(client, run_id: str, ds: dict) -> None:
         from mlflow.entities import DatasetInput, InputTag
 
         dataset = MetaDataset(LocalArtifactDatasetSource(ds["source"]), name=ds["name"], digest=ds["digest"][:36])
-        client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                tags=[InputTag("mlflow.data.context", ds["context"])])])
+        client.log_inputs(
+            run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", ds["context"])])]
+        )
     except Exception:  # older MLflow without dataset inputs: the data hash is still a tag
         pass

@@ -42,10 +42,16 @@ def git_commit() -> str:
     """The project's git commit (+ '-dirty' with uncommitted changes), or 'unknown' outside a checkout."""
     root = Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -91,8 +97,11 @@ def _store_lock(uri: str):
 # MLflow's HTTP client retries a failed request 7 times with exponential backoff (about 4 minutes) by
 # default. The first contact with a store uses these bounds (unless the user set them), so an unreachable
 # server is reported in seconds; later calls keep MLflow's patient defaults (a hiccup mid-run is retried).
-_FIRST_CONTACT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_FIRST_CONTACT_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 @contextlib.contextmanager
@@ -147,8 +156,10 @@ def _probe_database(uri: str) -> None:
         with engine.connect():
             pass
     except Exception as e:
-        raise UserError(f"--tracking-uri {strip_credentials(uri)}: cannot connect to the database ({first_line(e)});"
-                        " check the host, port, database name and login") from None
+        raise UserError(
+            f"--tracking-uri {strip_credentials(uri)}: cannot connect to the database ({first_line(e)});"
+            " check the host, port, database name and login"
+        ) from None
     finally:
         if engine is not None:
             engine.dispose()
@@ -158,11 +169,15 @@ def store_error(uri: str, e: Exception) -> UserError:
     """The one line for a store that did not answer as it should: a refused login is named as such."""
     first = first_line(e)
     if any(f"error code {code}" in first or f"HTTP {code}" in first for code in (401, 403)):
-        return UserError(f"--tracking-uri {strip_credentials(uri)}: the tracking server refused the login "
-                         f"({first}); check the user and password (user:password@ in the URI, or "
-                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
-    return UserError(f"--tracking-uri {strip_credentials(uri)}: cannot reach the tracking store ({first}); "
-                     "start the server or fix the URI")
+        return UserError(
+            f"--tracking-uri {strip_credentials(uri)}: the tracking server refused the login "
+            f"({first}); check the user and password (user:password@ in the URI, or "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+        )
+    return UserError(
+        f"--tracking-uri {strip_credentials(uri)}: cannot reach the tracking store ({first}); "
+        "start the server or fix the URI"
+    )
 
 
 def _mlflow():
@@ -190,8 +205,10 @@ class Tracker:
                 self.client = mlflow.MlflowClient(self.uri)
             except Exception as e:  # a store another tool broke, a newer MLflow's schema, a bad URI ...
                 first = first_line(e)
-                raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot open the tracking "
-                                f"store ({first}); fix or move the store, or pick another URI") from None
+                raise UserError(
+                    f"--tracking-uri {strip_credentials(self.uri)}: cannot open the tracking "
+                    f"store ({first}); fix or move the store, or pick another URI"
+                ) from None
             self._touch_store()
 
     def _touch_store(self) -> None:
@@ -220,11 +237,14 @@ class Tracker:
             if isinstance(e, UserError):
                 raise
             first = first_line(e)
-            raise UserError(f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
-                            f"({first}); start the server or fix the URI") from None
+            raise UserError(
+                f"--tracking-uri {strip_credentials(self.uri)}: cannot reach the tracking store "
+                f"({first}); start the server or fix the URI"
+            ) from None
 
-    def start_parent(self, experiment_id: str, name: str, command: str, tags: dict[str, str],
-                     description: str = "") -> str:
+    def start_parent(
+        self, experiment_id: str, name: str, command: str, tags: dict[str, str], description: str = ""
+    ) -> str:
         all_tags = {schema.KIND: schema.KIND_MATRIX, schema.TAG_COMMAND: command, **tags}
         if description:
             all_tags[schema.TAG_NOTE] = description  # the run page's "Description"
@@ -257,18 +277,30 @@ class Tracker:
     def find_trial(self, experiment_id: str, trial_key: str):
         """The newest run with this trial key: finished ones first (a rerun skips them)."""
         runs = self.client.search_runs(
-            [experiment_id], filter_string=f"tags.`{schema.TAG_TRIAL_KEY}` = '{trial_key}'",
-            order_by=["attributes.start_time DESC"], max_results=50)
+            [experiment_id],
+            filter_string=f"tags.`{schema.TAG_TRIAL_KEY}` = '{trial_key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
         terminal = [r for r in runs if r.data.tags.get(schema.TAG_STATUS) in TERMINAL]
         return (terminal or runs or [None])[0]
 
     def trials(self, experiment_id: str) -> list:
-        return self.client.search_runs([experiment_id], filter_string=f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'",
-                                       max_results=10000)
+        return self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{schema.KIND}` = '{schema.KIND_TRIAL}'", max_results=10000
+        )
 
-    def start_trial(self, experiment_id: str, parent_id: str | None, run_name: str, tags: dict[str, str],
-                    params: dict[str, Any], resume_run_id: str | None = None, system_metrics: bool = True,
-                    kind: str = schema.KIND_TRIAL) -> TrialRun:
+    def start_trial(
+        self,
+        experiment_id: str,
+        parent_id: str | None,
+        run_name: str,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        resume_run_id: str | None = None,
+        system_metrics: bool = True,
+        kind: str = schema.KIND_TRIAL,
+    ) -> TrialRun:
         from mlflow.entities import Param, RunTag
 
         if resume_run_id:
@@ -296,8 +328,11 @@ def liveness_tags() -> list:
     """Who logs this run and that it is alive: host, pid and a heartbeat (read by `kimi-bench status`)."""
     from mlflow.entities import RunTag
 
-    return [RunTag(schema.TAG_HOST, os.uname().nodename), RunTag(schema.TAG_PID, str(os.getpid())),
-            RunTag(schema.TAG_HEARTBEAT, str(int(time.time())))]
+    return [
+        RunTag(schema.TAG_HOST, os.uname().nodename),
+        RunTag(schema.TAG_PID, str(os.getpid())),
+        RunTag(schema.TAG_HEARTBEAT, str(int(time.time()))),
+    ]
 
 
 class TrackingLost(Exception):
@@ -327,8 +362,9 @@ class TrialRun(BufferedRun):
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=True,
-                                                 tracking_uri=self.tracker.uri)
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=5, resume_logging=True, tracking_uri=self.tracker.uri
+            )
             self._monitor.start()
         except Exception:  # psutil missing or an unsupported platform: system metrics are a nicety
             self._monitor = None
@@ -346,8 +382,9 @@ class TrialRun(BufferedRun):
             beat, self._last_beat = liveness_tags(), time.monotonic()
         while batch:
             chunk, batch = batch[:1000], batch[1000:]  # MLflow's per-batch cap
-            self._pending.append(self.tracker.client.log_batch(self.run_id, metrics=chunk, tags=beat,
-                                                               synchronous=False))
+            self._pending.append(
+                self.tracker.client.log_batch(self.run_id, metrics=chunk, tags=beat, synchronous=False)
+            )
             beat = []
         if wait:
             pending, self._pending = self._pending, []
@@ -361,8 +398,9 @@ class TrialRun(BufferedRun):
         from mlflow.entities import RunTag
 
         try:
-            self.tracker.client.log_batch(self.run_id, tags=[RunTag(k, strip_credentials(str(v)))
-                                                             for k, v in tags.items()])
+            self.tracker.client.log_batch(
+                self.run_id, tags=[RunTag(k, strip_credentials(str(v))) for k, v in tags.items()]
+            )
         except Exception as e:
             raise TrackingLost("setting tags", e) from None
 
@@ -380,8 +418,9 @@ class TrialRun(BufferedRun):
             from mlflow.entities import DatasetInput, InputTag
 
             ds = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest[:36])
-            self.tracker.client.log_inputs(self.run_id, [DatasetInput(
-                ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+            self.tracker.client.log_inputs(
+                self.run_id, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+            )
         except Exception:  # older MLflow without dataset inputs: the data hash is still a tag
             pass
 

@@ -35,8 +35,13 @@ MAX_TAG_CHARS = 20_000  # MLflow's limit on an experiment tag value (MAX_EXPERIM
 SECTION_ID = "kimi-bench"
 
 # the table's columns: what a reader compares first
-COLUMNS = (schema.VAL_LOSS_FINAL, schema.VAL_BPB_FINAL, schema.PARAMS_TOTAL, schema.PARAMS_ACTIVE,
-           schema.TRAIN_TOKENS_PER_S)
+COLUMNS = (
+    schema.VAL_LOSS_FINAL,
+    schema.VAL_BPB_FINAL,
+    schema.PARAMS_TOTAL,
+    schema.PARAMS_ACTIVE,
+    schema.TRAIN_TOKENS_PER_S,
+)
 LINE_CHARTS = (schema.TRAIN_LOSS, schema.VAL_LOSS)
 BAR_CHARTS = (schema.VAL_BPB_FINAL, schema.TRAIN_TOKENS_PER_S)
 
@@ -67,12 +72,27 @@ def _column(key: str) -> str:
 
 
 def _chart(kind: str, metric: str) -> dict:
-    card = {"uuid": f"kb-{metric}", "type": kind, "metricKey": metric, "metricSectionId": SECTION_ID,
-            "runsCountToCompare": 1000, "deleted": False, "isGenerated": False}
+    card = {
+        "uuid": f"kb-{metric}",
+        "type": kind,
+        "metricKey": metric,
+        "metricSectionId": SECTION_ID,
+        "runsCountToCompare": 1000,
+        "deleted": False,
+        "isGenerated": False,
+    }
     if kind == "LINE":
-        card |= {"xAxisKey": "step", "scaleType": "linear", "xAxisScaleType": "linear", "lineSmoothness": 0,
-                 "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True, "selectedXAxisMetricKey": "",
-                 "yAxisKey": "metric", "yAxisExpressions": []}
+        card |= {
+            "xAxisKey": "step",
+            "scaleType": "linear",
+            "xAxisScaleType": "linear",
+            "lineSmoothness": 0,
+            "useGlobalXaxisKey": True,
+            "useGlobalLineSmoothing": True,
+            "selectedXAxisMetricKey": "",
+            "yAxisKey": "metric",
+            "yAxisExpressions": [],
+        }
     return card
 
 
@@ -82,14 +102,24 @@ def view_state(search_filter: str) -> dict:
     below, in sections named by the metric's prefix."""
     columns = [_column(k) for k in COLUMNS]
     return {
-        "searchFilter": search_filter, "orderByKey": "attributes.start_time", "orderByAsc": True,
-        "selectedColumns": columns, "columnOrder": columns,
+        "searchFilter": search_filter,
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": True,
+        "selectedColumns": columns,
+        "columnOrder": columns,
         "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": schema.TAG_ARM}]},
-        "groupsExpanded": {}, "useGroupedValuesInCharts": True,
+        "groupsExpanded": {},
+        "useGroupedValuesInCharts": True,
         "runsHiddenMode": "SHOW_ALL",  # MLflow's default draws only the first 10 rows (groups here)
         "compareRunCharts": [_chart("LINE", m) for m in LINE_CHARTS] + [_chart("BAR", m) for m in BAR_CHARTS],
-        "compareRunSections": [{"uuid": SECTION_ID, "name": "kimi-bench: loss curves and headline numbers",
-                                "display": True, "isReordered": True}],
+        "compareRunSections": [
+            {
+                "uuid": SECTION_ID,
+                "name": "kimi-bench: loss curves and headline numbers",
+                "display": True,
+                "isReordered": True,
+            }
+        ],
         "isAccordionReordered": True,  # keep this section first (MLflow sorts the sections otherwise)
         "hideEmptyCharts": True,
     }
@@ -97,8 +127,13 @@ def view_state(search_filter: str) -> dict:
 
 def view_tag_value(name: str, search_filter: str, created_ms: int | None = None) -> str:
     """The experiment tag's value: MLflow's saved-view envelope around the state's JSON."""
-    return json.dumps({"name": name, "createdAt": created_ms or int(time.time() * 1000),
-                       "state": json.dumps(view_state(search_filter))})
+    return json.dumps(
+        {
+            "name": name,
+            "createdAt": created_ms or int(time.time() * 1000),
+            "state": json.dumps(view_state(search_filter)),
+        }
+    )
 
 
 def save_view(client, experiment_id: str, parent_run_id: str, name: str, run_ids: list[str] | None = None) -> None:
@@ -141,8 +176,10 @@ def sqlite_experiment(db: str, name: str) -> tuple[str, dict[str, str]] | None:
         row = con.execute("SELECT experiment_id FROM experiments WHERE name = ?", (name,)).fetchone()
         if row is None:
             return None
-        tags = con.execute("SELECT key, value FROM experiment_tags WHERE experiment_id = ? AND key LIKE ?",
-                           (row[0], TAG_PREFIX + KEY_PREFIX + "%")).fetchall()
+        tags = con.execute(
+            "SELECT key, value FROM experiment_tags WHERE experiment_id = ? AND key LIKE ?",
+            (row[0], TAG_PREFIX + KEY_PREFIX + "%"),
+        ).fetchall()
         return str(row[0]), dict(tags)
     finally:
         con.close()

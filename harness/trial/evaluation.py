@@ -20,8 +20,9 @@ from harness.trial.step import autocast
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: PreparedData, spec: TrialSpec, device: torch.device,
-             amp: torch.dtype | None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: PreparedData, spec: TrialSpec, device: torch.device, amp: torch.dtype | None
+) -> dict[str, float]:
     """Mean token NLL over the fixed val set (the first eval_tokens of the val split); max attention logit."""
     was_training = model.training
     model.eval()
@@ -29,16 +30,18 @@ def evaluate(model: nn.Module, data: PreparedData, spec: TrialSpec, device: torc
     count = 0
     max_logit = None
     block = spec.dims.block_size
-    for i, (x, y) in enumerate(val_batches(data.val, block, spec.train.micro_batch_size,
-                                           max_tokens=spec.train.eval_tokens)):
+    for i, (x, y) in enumerate(
+        val_batches(data.val, block, spec.train.micro_batch_size, max_tokens=spec.train.eval_tokens)
+    ):
         x, y = x.to(device), y.to(device)
         track = i == 0  # the max-logit pass costs a little: one batch is enough for a monitor
         if track:
             enable_max_logit_tracking(model, True)
         with autocast(device, amp):
             logits, _ = model(x)
-        nll_sum += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                                     reduction="sum").double()
+        nll_sum += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), reduction="sum"
+        ).double()
         count += y.numel()
         if track:
             max_logit = _max_attention_logit(model)
@@ -71,10 +74,12 @@ def val_bytes(data: PreparedData, n_tokens: int) -> int | None:
         return None
 
 
-
 def _max_attention_logit(model: nn.Module) -> float | None:
-    values = [float(m.max_logit.max()) for m in model.modules()
-              if getattr(m, "track_max_logit", False) and getattr(m, "max_logit", None) is not None]
+    values = [
+        float(m.max_logit.max())
+        for m in model.modules()
+        if getattr(m, "track_max_logit", False) and getattr(m, "max_logit", None) is not None
+    ]
     return max(values) if values else None
 
 
@@ -83,8 +88,10 @@ class LoadMeter:
 
     def __init__(self, model: nn.Module):
         self.layers = moe_modules(model)
-        self.acc = [torch.zeros_like(m.last_load, dtype=torch.float64) if getattr(m, "last_load", None) is not None
-                    else None for m in self.layers]
+        self.acc = [
+            torch.zeros_like(m.last_load, dtype=torch.float64) if getattr(m, "last_load", None) is not None else None
+            for m in self.layers
+        ]
 
     def add(self) -> None:
         for i, m in enumerate(self.layers):

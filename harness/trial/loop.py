@@ -76,8 +76,9 @@ class TrialResult:
     out_dir: Path | None = None
 
 
-def lr_factor(progress: float, warmup: float, min_ratio: float, schedule: str = "cosine",
-              cooldown: float = 0.2) -> float:
+def lr_factor(
+    progress: float, warmup: float, min_ratio: float, schedule: str = "cosine", cooldown: float = 0.2
+) -> float:
     """Linear warmup over the first `warmup` fraction, then cosine from 1 to min_ratio (nanoGPT's shape), or with
     schedule="wsd" (warmup-stable-decay) 1 until the last `cooldown` fraction, then linear down to min_ratio: every
     arm sits at the same constant learning rate through the stable phase, so losses read there compare across
@@ -143,9 +144,17 @@ class TrainState:
 class Trainer:
     """Holds the pieces of one trial so the loop reads top to bottom."""
 
-    def __init__(self, spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun | None,
-                 dist_info: DistInfo = DistInfo(), progress: Callable[[int, int | None, dict], None] | None = None,
-                 on_eval: Callable[[int, dict], None] | None = None, peak_tflops: float | None = None):
+    def __init__(
+        self,
+        spec: TrialSpec,
+        data: PreparedData,
+        out_dir: Path,
+        run: TrialRun | None,
+        dist_info: DistInfo = DistInfo(),
+        progress: Callable[[int, int | None, dict], None] | None = None,
+        on_eval: Callable[[int, dict], None] | None = None,
+        peak_tflops: float | None = None,
+    ):
         self.spec, self.data, self.out_dir, self.run = spec, data, out_dir, run
         out_dir.mkdir(parents=True, exist_ok=True)
         self.dist, self.progress, self.on_eval = dist_info, progress, on_eval
@@ -174,8 +183,14 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(self.model, **ddp_kwargs)
         if spec.train.compile:
             self.train_model = torch.compile(self.train_model)
-        self.batches = TokenBatches(data.train, spec.dims.block_size, spec.train.micro_batch_size,
-                                    spec.train.grad_accum, spec.effective_data_seed, dist_info.world_size)
+        self.batches = TokenBatches(
+            data.train,
+            spec.dims.block_size,
+            spec.train.micro_batch_size,
+            spec.train.grad_accum,
+            spec.effective_data_seed,
+            dist_info.world_size,
+        )
         self.tokens_per_step = spec.train.tokens_per_step(spec.dims.block_size, dist_info.world_size)
         self.moe = moe_modules(self.model)
         self.load_meter = LoadMeter(self.model)
@@ -191,14 +206,17 @@ class Trainer:
             return
         if self.run is not None:
             self.run.flush()  # metrics up to this step reach MLflow before the resume point moves past them
-        atomic_save({
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "train_state": dataclasses.asdict(self.state),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            "trial_key_spec": json.dumps(self.spec.flat_params(), sort_keys=True, default=str),
-        }, self.state_path())
+        atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "train_state": dataclasses.asdict(self.state),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "trial_key_spec": json.dumps(self.spec.flat_params(), sort_keys=True, default=str),
+            },
+            self.state_path(),
+        )
 
     def load_state(self) -> bool:
         path = self.state_path()
@@ -239,9 +257,18 @@ class Trainer:
         accum = self.spec.train.grad_accum
         micro_batches = (self.batch(micro) for micro in range(accum))
         loss_mean, grad_norm = train_step(
-            self.model, self.optimizer, micro_batches, self.amp, self.spec.train.grad_clip, n_micro=accum,
-            forward=self.train_model, moe=self.moe, no_sync=self.train_model.no_sync if self.dist.enabled else None,
-            on_micro=self.load_meter.add if self.moe else None, reduce=all_reduce_)
+            self.model,
+            self.optimizer,
+            micro_batches,
+            self.amp,
+            self.spec.train.grad_clip,
+            n_micro=accum,
+            forward=self.train_model,
+            moe=self.moe,
+            no_sync=self.train_model.no_sync if self.dist.enabled else None,
+            on_micro=self.load_meter.add if self.moe else None,
+            reduce=all_reduce_,
+        )
         if self.dist.enabled:
             loss_mean = all_reduce_(loss_mean) / self.dist.world_size
         return loss_mean, grad_norm
@@ -273,12 +300,18 @@ class Trainer:
             elapsed = base_seconds + (t_step - window_start)
             self.state.history[schema.TRAIN_LOSS].append((step, loss))
             self.state.history[schema.TRAIN_ELAPSED].append((step, elapsed))
-            self.log(step, {
-                schema.TRAIN_LOSS: loss, schema.GRAD_NORM: norm, schema.TRAIN_LR_FACTOR: lr_factor_,
-                schema.TRAIN_LR: lr_factor_ * self.optimizer.param_groups[0]["base_lr"],
-                schema.TRAIN_TOKENS: tokens, schema.TRAIN_ELAPSED: elapsed,
-                schema.TRAIN_TOKENS_PER_S: self.state.window_rates[-1] if self.state.window_rates else None,
-            })
+            self.log(
+                step,
+                {
+                    schema.TRAIN_LOSS: loss,
+                    schema.GRAD_NORM: norm,
+                    schema.TRAIN_LR_FACTOR: lr_factor_,
+                    schema.TRAIN_LR: lr_factor_ * self.optimizer.param_groups[0]["base_lr"],
+                    schema.TRAIN_TOKENS: tokens,
+                    schema.TRAIN_ELAPSED: elapsed,
+                    schema.TRAIN_TOKENS_PER_S: self.state.window_rates[-1] if self.state.window_rates else None,
+                },
+            )
 
     def run_eval(self) -> dict[str, float]:
         metrics = evaluate(self.model, self.data, self.spec, self.device, self.amp)
@@ -316,15 +349,24 @@ class Trainer:
             window_steps += 1
             pending.append((self.state.step, loss, norm, lr, time.perf_counter()))
             last = self.done() if self.total_steps is not None else False
-            if self.total_steps is None or len(pending) >= t.log_interval or last \
-                    or self.state.step % t.eval_interval == 0:
+            if (
+                self.total_steps is None
+                or len(pending) >= t.log_interval
+                or last
+                or self.state.step % t.eval_interval == 0
+            ):
                 self.flush_window(pending, window_start, window_steps * self.tokens_per_step)
                 pending, window_steps = [], 0
                 last = self.done()
                 if self.progress:
-                    self.progress(self.state.step, self.total_steps, {
-                        "loss": self.state.losses[-1],
-                        "tok/s": self.state.window_rates[-1] if self.state.window_rates else 0.0})
+                    self.progress(
+                        self.state.step,
+                        self.total_steps,
+                        {
+                            "loss": self.state.losses[-1],
+                            "tok/s": self.state.window_rates[-1] if self.state.window_rates else 0.0,
+                        },
+                    )
                 if self.state.step % t.eval_interval == 0 or last:
                     self.run_eval()
                 if t.checkpoint_interval and self.state.step % t.checkpoint_interval == 0 and not last:
@@ -337,9 +379,12 @@ class Trainer:
         rates = s.window_rates[1:] or s.window_rates  # the first window holds warm-up / compilation
         tokens_per_s = sum(rates) / len(rates) if rates else 0.0
         out: dict[str, float] = {
-            schema.PARAMS_TOTAL: self.counts.total, schema.PARAMS_ACTIVE: self.counts.active,
-            schema.PARAMS_EMBEDDING: self.counts.embedding, schema.FLOPS_PER_TOKEN: self.flops_per_token,
-            schema.TRAIN_TOKENS_PER_S: tokens_per_s, schema.TRAIN_SECONDS: s.train_seconds,
+            schema.PARAMS_TOTAL: self.counts.total,
+            schema.PARAMS_ACTIVE: self.counts.active,
+            schema.PARAMS_EMBEDDING: self.counts.embedding,
+            schema.FLOPS_PER_TOKEN: self.flops_per_token,
+            schema.TRAIN_TOKENS_PER_S: tokens_per_s,
+            schema.TRAIN_SECONDS: s.train_seconds,
             schema.TRAIN_TOKENS: s.tokens,
             schema.TRAIN_LOSS_SPIKES: float(loss_spike_count(s.losses)),
         }
@@ -361,9 +406,13 @@ class Trainer:
         return out
 
     def save_model(self) -> int:
-        payload = {"model": self.model.state_dict(), "variant": self.spec.variant,
-                   "dims": dataclasses.asdict(self.spec.dims), "data": self.spec.data,
-                   "data_hash": self.data.data_hash}
+        payload = {
+            "model": self.model.state_dict(),
+            "variant": self.spec.variant,
+            "dims": dataclasses.asdict(self.spec.dims),
+            "data": self.spec.data,
+            "data_hash": self.data.data_hash,
+        }
         return atomic_save(payload, self.out_dir / MODEL_FILE)
 
     def curves(self) -> dict[str, list[tuple[int, float]]]:
@@ -371,8 +420,11 @@ class Trainer:
         same order) and tokens (step x tokens per step), derived rather than stored twice."""
         h = self.state.history
         steps = [step for step, _ in h[schema.TRAIN_LOSS]]
-        return {**h, schema.GRAD_NORM: list(zip(steps, self.state.grad_norms, strict=True)),
-                schema.TRAIN_TOKENS: [(step, step * self.tokens_per_step) for step in steps]}
+        return {
+            **h,
+            schema.GRAD_NORM: list(zip(steps, self.state.grad_norms, strict=True)),
+            schema.TRAIN_TOKENS: [(step, step * self.tokens_per_step) for step in steps],
+        }
 
     def log_curves(self) -> None:
         """The thinned curves artifact and the `kb.curves` tag (harness/stores/curves.py), whatever the status, so
@@ -387,22 +439,33 @@ class Trainer:
         if self.run is None or not self.dist.is_main:
             return
         config = self.out_dir / "config.json"
-        config.write_text(json.dumps({"spec": self.spec.flat_params(), "final": final}, indent=2,
-                                     sort_keys=True, default=str))
+        config.write_text(
+            json.dumps({"spec": self.spec.flat_params(), "final": final}, indent=2, sort_keys=True, default=str)
+        )
         self.run.log_artifact(config)
         curve = self.out_dir / "loss_curve.png"
         _save_loss_curve(self.state.history, curve, f"{self.spec.name}")
         self.run.log_artifact(curve)
         if self.state.moe_rows:
             csv = self.out_dir / schema.ARTIFACT_MOE_LOAD
-            csv.write_text("step,layer,expert,load\n" + "".join(
-                f"{s},{layer},{e},{v:.6g}\n" for s, layer, e, v in self.state.moe_rows))
+            csv.write_text(
+                "step,layer,expert,load\n"
+                + "".join(f"{s},{layer},{e},{v:.6g}\n" for s, layer, e, v in self.state.moe_rows)
+            )
             self.run.log_artifact(csv)
 
 
-def run_trial(spec: TrialSpec, data: PreparedData, out_dir: Path, run: TrialRun | None = None,
-              dist_info: DistInfo = DistInfo(), progress=None, on_eval=None, resume: bool = True,
-              peak_tflops: float | None = None) -> TrialResult:
+def run_trial(
+    spec: TrialSpec,
+    data: PreparedData,
+    out_dir: Path,
+    run: TrialRun | None = None,
+    dist_info: DistInfo = DistInfo(),
+    progress=None,
+    on_eval=None,
+    resume: bool = True,
+    peak_tflops: float | None = None,
+) -> TrialResult:
     """Train one trial to its budget and log everything; never raises except KeyboardInterrupt."""
     key = spec.key(data.data_hash)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -476,7 +539,7 @@ def _finish_run(run: TrialRun | None, result: TrialResult, trainer: Trainer | No
             trainer.log_curves()
     tags = {schema.TAG_FINAL_STEP: result.step}
     if result.error:
-        tags[schema.TAG_ERROR] = result.error[:schema.ERROR_CHARS]
+        tags[schema.TAG_ERROR] = result.error[: schema.ERROR_CHARS]
     with contextlib.suppress(Exception):
         run.set_tags(tags)
     try:

@@ -107,14 +107,17 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(tensor_bytes(v) for state in optimizer.state.values() for v in state.values()
-               if isinstance(v, torch.Tensor))
+    return sum(
+        tensor_bytes(v) for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)
+    )
 
 
 def memory_facts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Exact bytes: parameters (tied tensors once), one gradient per trainable parameter (in its dtype), and the
     optimizer's state tensors as they are (call after at least one step: torch optimizers allocate lazily)."""
     params = list(model.parameters())
-    return {schema.MEM_PARAM: float(sum(tensor_bytes(p) for p in params)),
-            schema.MEM_GRAD: float(sum(tensor_bytes(p) for p in params if p.requires_grad)),
-            schema.MEM_OPTIM: float(optimizer_state_bytes(optimizer))}
+    return {
+        schema.MEM_PARAM: float(sum(tensor_bytes(p) for p in params)),
+        schema.MEM_GRAD: float(sum(tensor_bytes(p) for p in params if p.requires_grad)),
+        schema.MEM_OPTIM: float(optimizer_state_bytes(optimizer)),
+    }

@@ -14,9 +14,13 @@ from harness.stores.tracking import git_commit, source_tags
 
 def run_tags(data: PreparedData, device: torch.device) -> dict[str, str]:
     commit = git_commit()
-    return {schema.TAG_GIT: commit, schema.TAG_TORCH: torch.__version__,
-            schema.TAG_DEVICE: torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            schema.TAG_DATA_HASH: data.data_hash, **source_tags(commit)}
+    return {
+        schema.TAG_GIT: commit,
+        schema.TAG_TORCH: torch.__version__,
+        schema.TAG_DEVICE: torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        schema.TAG_DATA_HASH: data.data_hash,
+        **source_tags(commit),
+    }
 
 
 def trial_dir_name(spec: TrialSpec, key: str) -> str:
@@ -27,9 +31,15 @@ def trial_dir_name(spec: TrialSpec, key: str) -> str:
 
 
 def trial_tags(spec: TrialSpec, key: str) -> dict[str, str]:
-    tags = {schema.TAG_TRIAL_KEY: key, schema.TAG_ARM: spec.arm, schema.TAG_VARIANT: spec.variant,
-            schema.TAG_OPTIMIZER: spec.optimizer, schema.TAG_PRESET: spec.preset, schema.TAG_SEED: str(spec.seed),
-            schema.TAG_EXPERIMENT: spec.experiment}
+    tags = {
+        schema.TAG_TRIAL_KEY: key,
+        schema.TAG_ARM: spec.arm,
+        schema.TAG_VARIANT: spec.variant,
+        schema.TAG_OPTIMIZER: spec.optimizer,
+        schema.TAG_PRESET: spec.preset,
+        schema.TAG_SEED: str(spec.seed),
+        schema.TAG_EXPERIMENT: spec.experiment,
+    }
     if spec.tuned_from:
         tags[schema.TAG_TUNED_FROM] = spec.tuned_from
     return tags
@@ -48,20 +58,34 @@ def is_ended(existing) -> bool:
     return existing is not None and existing.data.tags.get(schema.TAG_STATUS) in TERMINAL
 
 
-def start_trial_run(tracker, experiment_id: str, parent_id: str | None, spec: TrialSpec, key: str,
-                    common_tags: dict[str, str], existing=None):
+def start_trial_run(
+    tracker,
+    experiment_id: str,
+    parent_id: str | None,
+    spec: TrialSpec,
+    key: str,
+    common_tags: dict[str, str],
+    existing=None,
+):
     """The trial's child run: `existing` (a run that did not end) resumed, logging only steps after its last
     logged one, or a new run."""
     resume_id = existing.info.run_id if existing is not None else None
-    run = tracker.start_trial(experiment_id, parent_id, spec.name, {**common_tags, **trial_tags(spec, key)},
-                              spec.flat_params(), resume_run_id=resume_id)
+    run = tracker.start_trial(
+        experiment_id,
+        parent_id,
+        spec.name,
+        {**common_tags, **trial_tags(spec, key)},
+        spec.flat_params(),
+        resume_run_id=resume_id,
+    )
     if resume_id:
         run.min_step = last_logged_step(tracker, resume_id)
     return run
 
 
-def open_trial_run(tracker, experiment_id: str, parent_id: str | None, spec: TrialSpec, key: str,
-                   common_tags: dict[str, str]):
+def open_trial_run(
+    tracker, experiment_id: str, parent_id: str | None, spec: TrialSpec, key: str, common_tags: dict[str, str]
+):
     """The run a lost attempt (or an earlier driver) left, resumed, or a new one; None: the trial already ended."""
     existing = tracker.find_trial(experiment_id, key)
     if is_ended(existing):

@@ -49,8 +49,14 @@ def _no_mark() -> None:
     pass
 
 
-def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None,
-                     share: int = 1, forward: Callable | None = None) -> torch.Tensor:
+def forward_backward(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: torch.dtype | None,
+    share: int = 1,
+    forward: Callable | None = None,
+) -> torch.Tensor:
     """Forward (through `forward`: the DDP or compiled wrapper of `model`, when there is one) under autocast,
     the LM loss plus the model's MoE aux loss, and the backward of its 1/share part; -> the LM loss."""
     with autocast(x.device, amp):
@@ -60,12 +66,22 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: to
     return loss
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], amp: torch.dtype | None,
-               grad_clip: float, *, n_micro: int = 1, forward: Callable | None = None,
-               moe: Sequence[nn.Module] | None = None, no_sync: Callable | None = None,
-               on_micro: Callable[[], None] | None = None, reduce: Callable | None = None,
-               zero_grad: bool = True, mark: Callable[[], None] = _no_mark) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    amp: torch.dtype | None,
+    grad_clip: float,
+    *,
+    n_micro: int = 1,
+    forward: Callable | None = None,
+    moe: Sequence[nn.Module] | None = None,
+    no_sync: Callable | None = None,
+    on_micro: Callable[[], None] | None = None,
+    reduce: Callable | None = None,
+    zero_grad: bool = True,
+    mark: Callable[[], None] = _no_mark,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `n_micro` micro-batches; -> (mean LM loss, grad norm before clipping), on device.
 
     grad_clip <= 0: no clipping (the norm is still computed). no_sync: DDP's context that skips the gradient

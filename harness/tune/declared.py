@@ -46,16 +46,32 @@ class DeclaredTuning:
         return [t for t in trials if t.arm in self.tuned]
 
 
-def config_for(matrix: Matrix, *, storage: str | None = None, study_prefix: str | None = None,
-               tracking_uri: str | None = None, cache_dir: str | None = None, out: Path = Path("runs"),
-               train_overrides: dict | None = None) -> TuneConfig:
+def config_for(
+    matrix: Matrix,
+    *,
+    storage: str | None = None,
+    study_prefix: str | None = None,
+    tracking_uri: str | None = None,
+    cache_dir: str | None = None,
+    out: Path = Path("runs"),
+    train_overrides: dict | None = None,
+) -> TuneConfig:
     """The TuneConfig of a matrix's [tune] section (run's --study-storage / --study-prefix win)."""
     t = matrix.spec.tune
     assert t is not None, "config_for needs a matrix with a [tune] section"
-    return TuneConfig(matrix, total_trials=t.trials, storage=storage or t.storage, study_prefix=study_prefix,
-                      tracking_uri=tracking_uri, cache_dir=cache_dir, out=out, sampler_seed=t.sampler_seed,
-                      pruner=t.pruner, seed=tuning_seed(t, matrix.spec.matrix.seeds),
-                      train_overrides={k: v for k, v in (train_overrides or {}).items() if v is not None})
+    return TuneConfig(
+        matrix,
+        total_trials=t.trials,
+        storage=storage or t.storage,
+        study_prefix=study_prefix,
+        tracking_uri=tracking_uri,
+        cache_dir=cache_dir,
+        out=out,
+        sampler_seed=t.sampler_seed,
+        pruner=t.pruner,
+        seed=tuning_seed(t, matrix.spec.matrix.seeds),
+        train_overrides={k: v for k, v in (train_overrides or {}).items() if v is not None},
+    )
 
 
 def fail_orphans(config: TuneConfig) -> int:
@@ -107,8 +123,7 @@ class DeclaredProgress(RichTuneProgress):
         k = self.order.index(e.arm) + 1 if e.arm in self.order else 0
         self.bar.update(self.arms[e.arm], description=f"study {k}/{len(self.order)} {e.arm}")
         if self.total_task is None:
-            self.total_task = self.bar.add_task("tuning, all studies", total=len(self.order) * self.trials,
-                                                info="")
+            self.total_task = self.bar.add_task("tuning, all studies", total=len(self.order) * self.trials, info="")
         self.bar.update(self.total_task, completed=min(sum(self.done.values()), len(self.order) * self.trials))
 
     def _on_trial_start(self, e: TuneEvent) -> None:
@@ -124,28 +139,45 @@ def check_single_process(matrix_path: Path) -> None:
     from harness.errors import UserError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"--nproc: [tune] runs its studies in one process; tune first with `kimi-bench tune "
-                        f"--matrix {matrix_path} --total-trials N`, then `kimi-bench run --tuned --nproc ...`")
+        raise UserError(
+            f"--nproc: [tune] runs its studies in one process; tune first with `kimi-bench tune "
+            f"--matrix {matrix_path} --total-trials N`, then `kimi-bench run --tuned --nproc ...`"
+        )
 
 
-def run_declared(matrix: Matrix, console: Console, *, storage: str | None = None, study_prefix: str | None = None,
-                 tracking_uri: str | None = None, cache_dir: str | None = None, out: Path = Path("runs"),
-                 train_overrides: dict | None = None) -> DeclaredTuning:
+def run_declared(
+    matrix: Matrix,
+    console: Console,
+    *,
+    storage: str | None = None,
+    study_prefix: str | None = None,
+    tracking_uri: str | None = None,
+    cache_dir: str | None = None,
+    out: Path = Path("runs"),
+    train_overrides: dict | None = None,
+) -> DeclaredTuning:
     """Run (or continue) every arm's study to [tune].trials; -> each arm's best, the arms that failed."""
-    config = config_for(matrix, storage=storage, study_prefix=study_prefix, tracking_uri=tracking_uri,
-                        cache_dir=cache_dir, out=out, train_overrides=train_overrides)
+    config = config_for(
+        matrix,
+        storage=storage,
+        study_prefix=study_prefix,
+        tracking_uri=tracking_uri,
+        cache_dir=cache_dir,
+        out=out,
+        train_overrides=train_overrides,
+    )
     t = matrix.spec.tune
     note, overlap = seed_note(t, matrix.spec.matrix.seeds)
     console.print(f"[yellow]{note}[/]" if overlap else f"tuning: {note}", highlight=False)
     orphans = fail_orphans(config)
     if orphans:
-        console.print(f"tuning: {orphans} trial(s) left running by a killed run failed; they are retried",
-                      highlight=False)
+        console.print(
+            f"tuning: {orphans} trial(s) left running by a killed run failed; they are retried", highlight=False
+        )
     arms = [f"{v}+{o}" for v, o in matrix.arms()]
     from harness.console import mlflow_logs_to
 
-    with mlflow_logs_to(config.out / matrix.name / "mlflow.log"), \
-            DeclaredProgress(console, arms, t.trials) as progress:
+    with mlflow_logs_to(config.out / matrix.name / "mlflow.log"), DeclaredProgress(console, arms, t.trials) as progress:
         outcome = run_worker(config, on_event=progress)
     declared = DeclaredTuning(interrupted=outcome.interrupted)
     if outcome.interrupted:  # the trial in flight is failed; the same command goes on from the studies' state
@@ -155,9 +187,12 @@ def run_declared(matrix: Matrix, console: Console, *, storage: str | None = None
         if best is None:
             counts = study.counts()
             declared.failed.append(arm)
-            console.print(f"[red]{arm}[/]: no tuning trial finished ({counts['fail']} failed); its evaluation "
-                          f"trials are skipped, the other arms go on (see the error.txt of its trials under "
-                          f"{config.out / study.name})", highlight=False)
+            console.print(
+                f"[red]{arm}[/]: no tuning trial finished ({counts['fail']} failed); its evaluation "
+                f"trials are skipped, the other arms go on (see the error.txt of its trials under "
+                f"{config.out / study.name})",
+                highlight=False,
+            )
             continue
         beta1 = resolve_optimizer(study.base.optimizer, matrix.spec.optim.get(study.base.optimizer, {})).betas[0]
         declared.tuned[arm] = tuned_entry(best, study.space, beta1, outcome.storage, study.name)
@@ -168,8 +203,9 @@ def run_declared(matrix: Matrix, console: Console, *, storage: str | None = None
 # --dry-run
 
 
-def tuning_plan(matrix: Matrix, trials: Sequence[TrialSpec], eval_costs: Sequence, console: Console
-                ) -> tuple[float, float]:
+def tuning_plan(
+    matrix: Matrix, trials: Sequence[TrialSpec], eval_costs: Sequence, console: Console
+) -> tuple[float, float]:
     """Print the tuning cost (every arm: [tune].trials trials at the tuning seed, full budget: an upper bound,
     pruned trials stop early) apart from the evaluation cost; -> (tuning seconds, evaluation seconds)."""
     from harness.plan import _duration, _si
@@ -179,8 +215,7 @@ def tuning_plan(matrix: Matrix, trials: Sequence[TrialSpec], eval_costs: Sequenc
     first: dict[str, object] = {}  # arm -> the cost of its first trial: a study trial costs the same (seed aside)
     for spec, cost in zip(trials, eval_costs, strict=True):
         first.setdefault(spec.arm, cost)
-    table = Table(title=f"tuning: one study per arm, {t.trials} trials each (pruner {t.pruner})",
-                  header_style="bold")
+    table = Table(title=f"tuning: one study per arm, {t.trials} trials each (pruner {t.pruner})", header_style="bold")
     for col in ("study", "trials", "tokens", "train FLOPs", "time (at most)"):
         table.add_column(col, justify="left" if col == "study" else "right")
     tune_s = tune_tokens = tune_flops = 0.0
@@ -191,10 +226,15 @@ def tuning_plan(matrix: Matrix, trials: Sequence[TrialSpec], eval_costs: Sequenc
     console.print(table)
     eval_s = sum(c.seconds or 0 for c in eval_costs)
     note, overlap = seed_note(t, matrix.spec.matrix.seeds)
-    console.print(("warning: " if overlap and not note.startswith("warning") else "") + note, markup=False,
-                  highlight=False)
-    console.print(f"tuning: {len(first)} studies x {t.trials} trials, {tune_tokens:,.0f} tokens, "
-                  f"{_si(tune_flops, 'FLOP')}, about {_duration(tune_s)} (at most; pruned trials stop early); "
-                  f"evaluation: {len(trials)} trials, about {_duration(eval_s)}; together about "
-                  f"{_duration(tune_s + eval_s)} (the rate of the estimate above)", markup=False, highlight=False)
+    console.print(
+        ("warning: " if overlap and not note.startswith("warning") else "") + note, markup=False, highlight=False
+    )
+    console.print(
+        f"tuning: {len(first)} studies x {t.trials} trials, {tune_tokens:,.0f} tokens, "
+        f"{_si(tune_flops, 'FLOP')}, about {_duration(tune_s)} (at most; pruned trials stop early); "
+        f"evaluation: {len(trials)} trials, about {_duration(eval_s)}; together about "
+        f"{_duration(tune_s + eval_s)} (the rate of the estimate above)",
+        markup=False,
+        highlight=False,
+    )
     return tune_s, eval_s

@@ -30,8 +30,17 @@ def format_params(params: dict[str, Any]) -> str:
 class Objective:
     """Trains one trial of `arm` with the sampled params; returns its value or raises Optuna's outcome."""
 
-    def __init__(self, arm: ArmStudy, st: StudyStorage, runs: StudyRuns, data, out: Path, on_event: OnEvent,
-                 keep_checkpoints: bool, worker_id: int = 0):
+    def __init__(
+        self,
+        arm: ArmStudy,
+        st: StudyStorage,
+        runs: StudyRuns,
+        data,
+        out: Path,
+        on_event: OnEvent,
+        keep_checkpoints: bool,
+        worker_id: int = 0,
+    ):
         self.arm, self.st, self.runs, self.data, self.out = arm, st, runs, data, out
         self.on_event, self.keep, self.worker_id = on_event, keep_checkpoints, worker_id
         self.number: int | None = None
@@ -48,14 +57,29 @@ class Objective:
         params = {d.name: d.suggest(trial) for d in arm.space}
         spec = apply_params(arm.base, arm.matrix, params, experiment=arm.name)
         key = spec.key(self.data.data_hash)
-        tags = {**self.runs.common_tags, **trial_tags(spec, key), schema.TAG_EXPERIMENT: arm.base.experiment,
-                schema.TAG_STUDY: arm.name, schema.TAG_OPTUNA_TRIAL: str(trial.number),
-                schema.TAG_OPTUNA_STORAGE: self.st.display}
-        run_params = {**spec.flat_params(), **{f"tune.{k}": v for k, v in params.items()},
-                      "tune.study": arm.name, "tune.trial": trial.number}
-        run = self.runs.tracker.start_trial(self.runs.experiment_id, arm.run_id, f"{arm.arm} t{trial.number}",
-                                            tags, run_params, system_metrics=self.runs.system_metrics,
-                                            kind=schema.KIND_TUNE_TRIAL)
+        tags = {
+            **self.runs.common_tags,
+            **trial_tags(spec, key),
+            schema.TAG_EXPERIMENT: arm.base.experiment,
+            schema.TAG_STUDY: arm.name,
+            schema.TAG_OPTUNA_TRIAL: str(trial.number),
+            schema.TAG_OPTUNA_STORAGE: self.st.display,
+        }
+        run_params = {
+            **spec.flat_params(),
+            **{f"tune.{k}": v for k, v in params.items()},
+            "tune.study": arm.name,
+            "tune.trial": trial.number,
+        }
+        run = self.runs.tracker.start_trial(
+            self.runs.experiment_id,
+            arm.run_id,
+            f"{arm.arm} t{trial.number}",
+            tags,
+            run_params,
+            system_metrics=self.runs.system_metrics,
+            kind=schema.KIND_TUNE_TRIAL,
+        )
         trial.set_user_attr(RUN_ATTR, run.run_id)
         trial.set_user_attr("trial_key", key)
         run.log_dataset(self.data.corpus_name, self.data.data_hash, str(self.data.path))
@@ -76,8 +100,7 @@ class Objective:
         out_dir = self.out / arm.name / f"trial{trial.number:04d}-{key}"
         try:
             with JournalHeartbeat(self.st, trial._trial_id):
-                result = run_trial(spec, self.data, out_dir, run, progress=on_progress, on_eval=on_eval,
-                                   resume=False)
+                result = run_trial(spec, self.data, out_dir, run, progress=on_progress, on_eval=on_eval, resume=False)
         except BaseException:  # run_trial only raises KeyboardInterrupt (run ended killed) or on a bug here
             with contextlib.suppress(Exception):
                 run.end(schema.KILLED)

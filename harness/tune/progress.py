@@ -46,8 +46,13 @@ class RichTuneProgress:
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        )
         self.bar = Progress(*columns, console=self.console)
         self.arms: dict[str, Any] = {}
         self.step_task = None
@@ -88,8 +93,9 @@ class RichTuneProgress:
             self.bar.update(self.arms[e.arm], completed=e.info["done"], info=info)
 
     def _on_trial_start(self, e: TuneEvent) -> None:
-        self.bar.update(self.step_task, description=f"  {e.arm} #{e.trial}", total=e.total, completed=0,
-                        visible=True, info="")
+        self.bar.update(
+            self.step_task, description=f"  {e.arm} #{e.trial}", total=e.total, completed=0, visible=True, info=""
+        )
 
     def _on_step(self, e: TuneEvent) -> None:
         self.bar.update(self.step_task, completed=e.step, info=f"loss {e.info['loss']:.3f}")

@@ -19,17 +19,25 @@ from harness.tune.storage import open_storage
 from harness.tune.study import RUN_ATTR
 
 
-def tuned_entry(best: optuna.trial.FrozenTrial, space: tuple[Dim, ...], beta1: float, display: str,
-                name: str) -> dict[str, Any]:
+def tuned_entry(
+    best: optuna.trial.FrozenTrial, space: tuple[Dim, ...], beta1: float, display: str, name: str
+) -> dict[str, Any]:
     """One arm's entry for Matrix.expand(tuned=...): optimizer overrides in `params`, the rest beside."""
     parts = split_params(space, best.params, beta1)
-    return {"params": parts["optim"], "train": parts["train"], "model": parts["model"],
-            "source": f"optuna:{display}#{name}/trial{best.number} value={best.value:.6g}",
-            "value": best.value, "trial": best.number, "run_id": best.user_attrs.get(RUN_ATTR)}
+    return {
+        "params": parts["optim"],
+        "train": parts["train"],
+        "model": parts["model"],
+        "source": f"optuna:{display}#{name}/trial{best.number} value={best.value:.6g}",
+        "value": best.value,
+        "trial": best.number,
+        "run_id": best.user_attrs.get(RUN_ATTR),
+    }
 
 
-def best_params_for_arms(matrix: Matrix, storage: str | None, study_prefix: str | None = None
-                         ) -> dict[str, dict[str, Any]]:
+def best_params_for_arms(
+    matrix: Matrix, storage: str | None, study_prefix: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Each arm's best trial (lowest finite val/loss_final) -> {"params", "train", "model", "source", ...}.
 
     `params` are OptimizerConfig overrides (Matrix.expand merges them over the matrix's [optim.NAME]);
@@ -49,8 +57,11 @@ def best_params_for_arms(matrix: Matrix, storage: str | None, study_prefix: str 
             missing.append(f"{name} (no study)")
             continue
         study = optuna.load_study(study_name=name, storage=st.storage)
-        finite = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                  if t.value is not None and math.isfinite(t.value)]
+        finite = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)
+        ]
         if not finite:
             missing.append(f"{name} (no finished trial)")
             continue
@@ -58,8 +69,10 @@ def best_params_for_arms(matrix: Matrix, storage: str | None, study_prefix: str 
         beta1 = resolve_optimizer(opt, matrix.spec.optim.get(opt, {})).betas[0]
         out[arm] = tuned_entry(best, search_space(variant, opt), beta1, st.display, name)
     if missing:
-        raise UserError(f"--tuned: {'; '.join(missing)} in {st.display}; run kimi-bench tune --matrix "
-                        f"{matrix.path} first (every arm needs its study)")
+        raise UserError(
+            f"--tuned: {'; '.join(missing)} in {st.display}; run kimi-bench tune --matrix "
+            f"{matrix.path} first (every arm needs its study)"
+        )
     return out
 
 
@@ -70,9 +83,16 @@ def summary_table(outcome: TuneOutcome) -> Table:
     for arm in outcome.studies.values():
         c = arm.counts()
         best = arm.best()
-        table.add_row(arm.name, str(arm.added), str(c["complete"] - c["diverged"]), str(c["pruned"]),
-                      str(c["diverged"]), str(c["fail"]), f"{best.value:.4f}" if best else "-",
-                      f"#{best.number}" if best else "-")
+        table.add_row(
+            arm.name,
+            str(arm.added),
+            str(c["complete"] - c["diverged"]),
+            str(c["pruned"]),
+            str(c["diverged"]),
+            str(c["fail"]),
+            f"{best.value:.4f}" if best else "-",
+            f"#{best.number}" if best else "-",
+        )
     return table
 
 

@@ -118,8 +118,15 @@ def run_worker(config: TuneConfig, worker_id: int = 0, on_event: OnEvent | None 
     command = strip_credentials(" ".join(shlex.quote(a) for a in ["kimi-bench", *sys.argv[1:]]))
 
     def note(text: str, label: str = "note", style: str = "yellow") -> None:
-        emit(TuneEvent("note", worker_id, text=f": {text}" if label else text, style=style if label else "",
-                       info={"label": label}))
+        emit(
+            TuneEvent(
+                "note",
+                worker_id,
+                text=f": {text}" if label else text,
+                style=style if label else "",
+                info={"label": label},
+            )
+        )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -127,15 +134,22 @@ def run_worker(config: TuneConfig, worker_id: int = 0, on_event: OnEvent | None 
         studies = _open_studies(config, matrix, bases, st, runs, command, note)
         outcome = TuneOutcome(st.display, studies, worker_id=worker_id)
         n, total = config.n_trials, config.total_trials
-        note(f"tuning {len(studies)} arm(s) of {matrix.name}: "
-             + (f"{n} trial(s) per arm from this worker" if n else "") + (" and " if n and total else "")
-             + (f"until each study holds {total}" if total else "") + f"; storage {st.display}", label="")
+        note(
+            f"tuning {len(studies)} arm(s) of {matrix.name}: "
+            + (f"{n} trial(s) per arm from this worker" if n else "")
+            + (" and " if n and total else "")
+            + (f"until each study holds {total}" if total else "")
+            + f"; storage {st.display}",
+            label="",
+        )
         try:
             _loop(config, studies, st, runs, data, emit, note, worker_id)
         except KeyboardInterrupt:
             outcome.interrupted = True
-            note("the current trial is failed in Optuna and killed in MLflow; run the same command to go on",
-                 label="interrupted")
+            note(
+                "the current trial is failed in Optuna and killed in MLflow; run the same command to go on",
+                label="interrupted",
+            )
         finally:
             for arm in studies.values():
                 try:
@@ -192,8 +206,9 @@ def _seed_of(config: TuneConfig, matrix: Matrix) -> int | None:
     return tuning_seed(matrix.spec.tune, matrix.spec.matrix.seeds)
 
 
-def _base_specs(matrix: Matrix, vocab_size: int, arms: list[tuple[str, str]], seed: int | None,
-                train_overrides: dict | None = None) -> dict[str, TrialSpec]:
+def _base_specs(
+    matrix: Matrix, vocab_size: int, arms: list[tuple[str, str]], seed: int | None, train_overrides: dict | None = None
+) -> dict[str, TrialSpec]:
     """Each arm's spec at the first preset, first seed (or --seed) and first data seed."""
     specs: dict[str, TrialSpec] = {}
     for spec in matrix.expand(vocab_size, **(train_overrides or {})):
@@ -202,20 +217,35 @@ def _base_specs(matrix: Matrix, vocab_size: int, arms: list[tuple[str, str]], se
     return specs
 
 
-def _open_studies(config: TuneConfig, matrix: Matrix, bases: dict[str, TrialSpec], st: StudyStorage,
-                  runs: StudyRuns, command: str, note) -> dict[str, ArmStudy]:
+def _open_studies(
+    config: TuneConfig,
+    matrix: Matrix,
+    bases: dict[str, TrialSpec],
+    st: StudyStorage,
+    runs: StudyRuns,
+    command: str,
+    note,
+) -> dict[str, ArmStudy]:
     studies: dict[str, ArmStudy] = {}
     prefix = config.study_prefix or matrix.name
     for arm, base in bases.items():
         name = study_name(prefix, arm)
         space = arm_search_space(matrix, base.variant, base.optimizer)
         pruner_obj, pruner_desc = make_pruner(config.pruner, config.target, base)
-        study = open_study(st, name, base, space, pruner_obj, pruner_desc, config.sampler_seed, config.target,
-                           matrix, note)
+        study = open_study(
+            st, name, base, space, pruner_obj, pruner_desc, config.sampler_seed, config.target, matrix, note
+        )
         studies[arm] = ArmStudy(arm, name, base, study, space, matrix)
-        studies[arm].run_id = runs.study_run(studies[arm], command, {
-            schema.TAG_PRUNER: pruner_desc, schema.TAG_SAMPLER_SEED: str(config.sampler_seed),
-            schema.TAG_MATRIX_FILE: str(matrix.path), schema.TAG_SEARCH_SPACE: json.dumps(space_attr(space))})
+        studies[arm].run_id = runs.study_run(
+            studies[arm],
+            command,
+            {
+                schema.TAG_PRUNER: pruner_desc,
+                schema.TAG_SAMPLER_SEED: str(config.sampler_seed),
+                schema.TAG_MATRIX_FILE: str(matrix.path),
+                schema.TAG_SEARCH_SPACE: json.dumps(space_attr(space)),
+            },
+        )
     return studies
 
 
@@ -246,12 +276,25 @@ def _done(arm: ArmStudy, n_trials: int | None) -> int:
 def _arm_event(arm: ArmStudy, config: TuneConfig, worker_id: int) -> TuneEvent:
     n, total = config.n_trials, config.total_trials
     best = arm.best()
-    return TuneEvent("arm", worker_id, arm.arm, total=total if total is not None and n is None else n,
-                     info={"done": _done(arm, n), "best": (best.number, best.value) if best else None})
+    return TuneEvent(
+        "arm",
+        worker_id,
+        arm.arm,
+        total=total if total is not None and n is None else n,
+        info={"done": _done(arm, n), "best": (best.number, best.value) if best else None},
+    )
 
 
-def _loop(config: TuneConfig, studies: dict[str, ArmStudy], st: StudyStorage, runs: StudyRuns, data,
-          emit: OnEvent, note, worker_id: int) -> None:
+def _loop(
+    config: TuneConfig,
+    studies: dict[str, ArmStudy],
+    st: StudyStorage,
+    runs: StudyRuns,
+    data,
+    emit: OnEvent,
+    note,
+    worker_id: int,
+) -> None:
     """Round-robin over the arms, one trial each per round, until every arm has its trials (or time is up)."""
     n_trials, total_trials = config.n_trials, config.total_trials
     deadline = time.monotonic() + config.timeout if config.timeout else None
@@ -275,8 +318,8 @@ def _loop(config: TuneConfig, studies: dict[str, ArmStudy], st: StudyStorage, ru
             state = trials[objective.number].state if objective.number is not None else None
             arm.consecutive_fail = arm.consecutive_fail + 1 if state == TrialState.FAIL else 0
             if arm.consecutive_fail >= 3:
-                note("3 failed trials in a row; stopping this arm (see the runs' error.txt)", label=arm.arm,
-                     style="red")
+                note(
+                    "3 failed trials in a row; stopping this arm (see the runs' error.txt)", label=arm.arm, style="red"
+                )
                 arm.done = True
             emit(_arm_event(arm, config, worker_id))
-

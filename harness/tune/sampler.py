@@ -54,20 +54,22 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self._tpe(trial).before_trial(study, trial)
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
-                                    ) -> dict[str, BaseDistribution]:
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return self._tpe(trial).infer_relative_search_space(study, trial)
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-                        ) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         return self._tpe(trial).sample_relative(study, trial, search_space)
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: list[float] | None) -> None:
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: list[float] | None
+    ) -> None:
         tpe = self._per_trial.pop(trial.number, None)
         if tpe is not None:
             tpe.after_trial(study, trial, state, values)
@@ -78,26 +80,34 @@ def make_sampler(seed: int, target: int) -> optuna.samplers.BaseSampler:
 
 
 def sampler_description(seed: int, target: int) -> str:
-    return (f"TPESampler(multivariate, constant_liar, n_startup_trials={n_startup_trials(target)}, "
-            f"seed=({seed}, trial number))")
+    return (
+        f"TPESampler(multivariate, constant_liar, n_startup_trials={n_startup_trials(target)}, "
+        f"seed=({seed}, trial number))"
+    )
 
 
-def make_pruner(pruner: str | optuna.pruners.BasePruner, target: int, spec: TrialSpec
-                ) -> tuple[optuna.pruners.BasePruner, str]:
+def make_pruner(
+    pruner: str | optuna.pruners.BasePruner, target: int, spec: TrialSpec
+) -> tuple[optuna.pruners.BasePruner, str]:
     """The pruner and its description (a study user attr). A BasePruner passes through (tests, scripts)."""
     if isinstance(pruner, optuna.pruners.BasePruner):
         return pruner, type(pruner).__name__
     name = check_choice("--pruner", pruner, PRUNERS)
     if name == "median":
         n = max(2, min(5, target // 4))
-        return (optuna.pruners.MedianPruner(n_startup_trials=n, n_warmup_steps=0),
-                f"median(n_startup_trials={n}, n_warmup_steps=0, checked every eval)")
+        return (
+            optuna.pruners.MedianPruner(n_startup_trials=n, n_warmup_steps=0),
+            f"median(n_startup_trials={n}, n_warmup_steps=0, checked every eval)",
+        )
     if name == "hyperband":
         total = spec.train.total_steps(spec.dims.block_size)
         max_resource: int | str = total if total is not None else "auto"
-        hyperband = optuna.pruners.HyperbandPruner(min_resource=spec.train.eval_interval,
-                                                   max_resource=max_resource, reduction_factor=3)
-        return (hyperband,
-                f"hyperband(min_resource={spec.train.eval_interval}, max_resource={max_resource}, "
-                "reduction_factor=3, resource=step)")
+        hyperband = optuna.pruners.HyperbandPruner(
+            min_resource=spec.train.eval_interval, max_resource=max_resource, reduction_factor=3
+        )
+        return (
+            hyperband,
+            f"hyperband(min_resource={spec.train.eval_interval}, max_resource={max_resource}, "
+            "reduction_factor=3, resource=step)",
+        )
     return optuna.pruners.NopPruner(), "none"

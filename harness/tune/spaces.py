@@ -28,8 +28,10 @@ from harness.spec.tune_section import range_overrides
 def arm_search_space(matrix: Matrix, variant: str, optimizer: str) -> tuple[Dim, ...]:
     """search_space with the matrix's [tune.ranges."<arm>"] overrides applied (checked by harness.spec.tune_section)."""
     ranges = range_overrides(matrix.spec.tune, f"{variant}+{optimizer}")
-    return tuple(dataclasses.replace(d, low=ranges[d.name][0], high=ranges[d.name][1]) if d.name in ranges else d
-                 for d in search_space(variant, optimizer))
+    return tuple(
+        dataclasses.replace(d, low=ranges[d.name][0], high=ranges[d.name][1]) if d.name in ranges else d
+        for d in search_space(variant, optimizer)
+    )
 
 
 def split_params(space: tuple[Dim, ...], params: dict[str, Any], beta1: float) -> dict[str, dict[str, Any]]:
@@ -52,9 +54,13 @@ def apply_params(base: TrialSpec, matrix: Matrix, params: dict[str, Any], experi
     """The arm's base spec with one trial's params applied (optimizer rebuilt from the matrix's overrides)."""
     parts = split_params(search_space(base.variant, base.optimizer), params, base.optim.betas[0])
     optim = resolve_optimizer(base.optimizer, {**matrix.spec.optim.get(base.optimizer, {}), **parts["optim"]})
-    return dataclasses.replace(base, experiment=experiment, optim=optim,
-                               train=dataclasses.replace(base.train, **parts["train"]),
-                               dims=dataclasses.replace(base.dims, **parts["model"]))
+    return dataclasses.replace(
+        base,
+        experiment=experiment,
+        optim=optim,
+        train=dataclasses.replace(base.train, **parts["train"]),
+        dims=dataclasses.replace(base.dims, **parts["model"]),
+    )
 
 
 def study_name(prefix: str, arm: str) -> str:

@@ -74,10 +74,13 @@ def check_not_mlflow(url: str, file: Path | None, tracking_uri: str | None) -> N
     """Refuse a storage that is the MLflow store: its file name, its path, its tables or its URL."""
     tracking = resolve_tracking_uri(tracking_uri)
     tracking_file = _sqlite_path(tracking)
-    if (file is not None and (file.name == "mlflow.db" or file == tracking_file or _is_mlflow_sqlite(file))) \
-            or url == tracking:
-        raise UserError(f"--storage: {strip_credentials(url)} is the MLflow store; Optuna needs its own "
-                        f"file or database, e.g. --storage sqlite:///{DEFAULT_STORAGE_FILE}")
+    if (
+        file is not None and (file.name == "mlflow.db" or file == tracking_file or _is_mlflow_sqlite(file))
+    ) or url == tracking:
+        raise UserError(
+            f"--storage: {strip_credentials(url)} is the MLflow store; Optuna needs its own "
+            f"file or database, e.g. --storage sqlite:///{DEFAULT_STORAGE_FILE}"
+        )
 
 
 def _storage_url(storage: str | None) -> str:
@@ -89,8 +92,12 @@ def _storage_url(storage: str | None) -> str:
     return f"sqlite:///{Path(storage).expanduser().resolve()}"  # a plain path: a sqlite file
 
 
-def open_storage(storage: str | None, tracking_uri: str | None = None, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
-                 must_exist: bool = False) -> StudyStorage:
+def open_storage(
+    storage: str | None,
+    tracking_uri: str | None = None,
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S,
+    must_exist: bool = False,
+) -> StudyStorage:
     """Parse --storage (default ./optuna.db; an RDB URL; a path; journal:PATH) and open it."""
     url = _storage_url(storage)
     if heartbeat_s < 1:
@@ -114,22 +121,29 @@ def open_storage(storage: str | None, tracking_uri: str | None = None, heartbeat
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 st.storage = optuna.storages.RDBStorage(
-                    url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=st.grace_s,
-                    heartbeat_stale_trial_callback=st._stale)
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=heartbeat_s,
+                    grace_period=st.grace_s,
+                    heartbeat_stale_trial_callback=st._stale,
+                )
             return st
         except Exception as e:
             if attempt == 2 or path is None:
                 first = first_line(e)
-                raise UserError(f"--storage {st.display}: cannot open the Optuna storage ({first}); "
-                                "check the URL, the driver and the server") from None
+                raise UserError(
+                    f"--storage {st.display}: cannot open the Optuna storage ({first}); "
+                    "check the URL, the driver and the server"
+                ) from None
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
 
 
 def _check_file(path: Path, must_exist: bool) -> None:
     if must_exist and not path.is_file():
-        raise UserError(f"--study-storage: no Optuna storage at {path}; run kimi-bench tune first or pass "
-                        "the storage it used")
+        raise UserError(
+            f"--study-storage: no Optuna storage at {path}; run kimi-bench tune first or pass the storage it used"
+        )
     if not path.parent.is_dir():
         raise UserError(f"--storage: folder {path.parent} does not exist; create it or pick another path")
 

@@ -60,20 +60,40 @@ class ArmStudy:
         return out
 
     def best(self) -> optuna.trial.FrozenTrial | None:
-        finite = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                  if t.value is not None and math.isfinite(t.value)]
+        finite = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)
+        ]
         return min(finite, key=lambda t: (t.value, t.number)) if finite else None
 
 
-def open_study(st: StudyStorage, name: str, base: TrialSpec, space: tuple[Dim, ...], pruner_obj,
-               pruner_desc: str, seed: int, target: int, matrix: Matrix, note: Callable[[str], None]
-               ) -> optuna.Study:
+def open_study(
+    st: StudyStorage,
+    name: str,
+    base: TrialSpec,
+    space: tuple[Dim, ...],
+    pruner_obj,
+    pruner_desc: str,
+    seed: int,
+    target: int,
+    matrix: Matrix,
+    note: Callable[[str], None],
+) -> optuna.Study:
     """Create or join the study; refuse one made with another search space, seed or preset."""
-    study = optuna.create_study(study_name=name, storage=st.storage, direction="minimize",
-                                sampler=make_sampler(seed, target), pruner=pruner_obj, load_if_exists=True)
+    study = optuna.create_study(
+        study_name=name,
+        storage=st.storage,
+        direction="minimize",
+        sampler=make_sampler(seed, target),
+        pruner=pruner_obj,
+        load_if_exists=True,
+    )
     attrs = study.user_attrs
     wanted = {
-        schema.TAG_MATRIX: matrix.name, schema.TAG_ARM: base.arm, schema.TAG_PRESET: base.preset,
+        schema.TAG_MATRIX: matrix.name,
+        schema.TAG_ARM: base.arm,
+        schema.TAG_PRESET: base.preset,
         schema.TAG_SEED: base.seed,
         schema.TAG_OBJECTIVE: f"{OBJECTIVE} at the budget, minimized; diverged trials = +inf",
         schema.TAG_SEARCH_SPACE: space_attr(space),
@@ -81,11 +101,15 @@ def open_study(st: StudyStorage, name: str, base: TrialSpec, space: tuple[Dim, .
         schema.TAG_PRUNER: pruner_desc,
     }
     if schema.TAG_SEARCH_SPACE in attrs and attrs[schema.TAG_SEARCH_SPACE] != wanted[schema.TAG_SEARCH_SPACE]:
-        raise UserError(f"--study-prefix: study {name} in {st.display} was created with another search "
-                        "space; use a new --study-prefix (or storage) to tune with this one")
+        raise UserError(
+            f"--study-prefix: study {name} in {st.display} was created with another search "
+            "space; use a new --study-prefix (or storage) to tune with this one"
+        )
     if schema.TAG_SEED in attrs and (attrs[schema.TAG_SEED], attrs.get(schema.TAG_PRESET)) != (base.seed, base.preset):
-        raise UserError(f"--seed: study {name} tunes seed {attrs[schema.TAG_SEED]} at preset "
-                        f"{attrs.get(schema.TAG_PRESET)}; use the same --seed or a new --study-prefix")
+        raise UserError(
+            f"--seed: study {name} tunes seed {attrs[schema.TAG_SEED]} at preset "
+            f"{attrs.get(schema.TAG_PRESET)}; use the same --seed or a new --study-prefix"
+        )
     if attrs.get(schema.TAG_PRUNER, pruner_desc) != pruner_desc:
         note(f"study {name} was started with pruner {attrs[schema.TAG_PRUNER]}; this worker prunes with {pruner_desc}")
     for key, value in wanted.items():
@@ -101,8 +125,9 @@ def open_study(st: StudyStorage, name: str, base: TrialSpec, space: tuple[Dim, .
 class StudyRuns:
     """The study runs and tune-trial runs of one tune invocation."""
 
-    def __init__(self, tracker: Tracker, experiment_id: str, common_tags: dict[str, str], st: StudyStorage,
-                 system_metrics: bool):
+    def __init__(
+        self, tracker: Tracker, experiment_id: str, common_tags: dict[str, str], st: StudyStorage, system_metrics: bool
+    ):
         self.tracker, self.experiment_id, self.common_tags = tracker, experiment_id, common_tags
         self.st, self.system_metrics = st, system_metrics
         self.attr_key = f"mlflow_study_run:{strip_credentials(tracker.uri)}"  # one run per tracking store
@@ -118,11 +143,21 @@ class StudyRuns:
                     client.update_run(run_id, status="RUNNING")
                     return run_id
         b = arm.base
-        tags = {**self.common_tags, schema.KIND: schema.KIND_STUDY, schema.TAG_STUDY: arm.name,
-                schema.TAG_ARM: arm.arm, schema.TAG_VARIANT: b.variant, schema.TAG_OPTIMIZER: b.optimizer,
-                schema.TAG_PRESET: b.preset, schema.TAG_SEED: str(b.seed), schema.TAG_EXPERIMENT: b.experiment,
-                schema.TAG_OPTUNA_STORAGE: self.st.display,
-                schema.TAG_COMMAND: command, schema.TAG_OBJECTIVE: OBJECTIVE, **extra}
+        tags = {
+            **self.common_tags,
+            schema.KIND: schema.KIND_STUDY,
+            schema.TAG_STUDY: arm.name,
+            schema.TAG_ARM: arm.arm,
+            schema.TAG_VARIANT: b.variant,
+            schema.TAG_OPTIMIZER: b.optimizer,
+            schema.TAG_PRESET: b.preset,
+            schema.TAG_SEED: str(b.seed),
+            schema.TAG_EXPERIMENT: b.experiment,
+            schema.TAG_OPTUNA_STORAGE: self.st.display,
+            schema.TAG_COMMAND: command,
+            schema.TAG_OBJECTIVE: OBJECTIVE,
+            **extra,
+        }
         run_id = client.create_run(self.experiment_id, run_name=f"study {arm.name}", tags=tags).info.run_id
         arm.study.set_user_attr(self.attr_key, run_id)
         # Two workers creating the run at once: the last write wins; the other drops its own run.
@@ -160,10 +195,12 @@ class StudyRuns:
         best = arm.best()
         if best is not None:
             metrics.append(Metric(schema.STUDY_BEST_VALUE, float(best.value), ts, n_done))
-            tags += [RunTag(schema.TAG_BEST_VALUE, f"{best.value:.6g}"),
-                     RunTag(schema.TAG_BEST_TRIAL, str(best.number)),
-                     RunTag(schema.TAG_BEST_PARAMS, json.dumps(best.params, sort_keys=True)),
-                     RunTag(schema.TAG_BEST_RUN_ID, str(best.user_attrs.get(RUN_ATTR, "")))]
+            tags += [
+                RunTag(schema.TAG_BEST_VALUE, f"{best.value:.6g}"),
+                RunTag(schema.TAG_BEST_TRIAL, str(best.number)),
+                RunTag(schema.TAG_BEST_PARAMS, json.dumps(best.params, sort_keys=True)),
+                RunTag(schema.TAG_BEST_RUN_ID, str(best.user_attrs.get(RUN_ATTR, ""))),
+            ]
         client.log_batch(arm.run_id, metrics=metrics, tags=tags)
         with tempfile.TemporaryDirectory() as tmp:
             csv = Path(tmp) / "trials.csv"
@@ -179,15 +216,25 @@ class StudyRuns:
 
 def param_importances(study: optuna.Study) -> dict[str, Any]:
     """fANOVA importances over COMPLETE trials with a finite value; needs 2 or more."""
-    finite = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.value is not None and math.isfinite(t.value)]
+    finite = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value)
+    ]
     if len(finite) < 2:
-        return {"importances": None, "n_trials": len(finite),
-                "reason": f"{len(finite)} complete trial(s) with a finite value; importances need 2"}
+        return {
+            "importances": None,
+            "n_trials": len(finite),
+            "reason": f"{len(finite)} complete trial(s) with a finite value; importances need 2",
+        }
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         values = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except Exception as e:  # e.g. every trial at the same point: nothing to attribute
         return {"importances": None, "n_trials": len(finite), "reason": f"{type(e).__name__}: {e}"[:300]}
-    return {"importances": {k: float(v) for k, v in values.items()}, "n_trials": len(finite),
-            "evaluator": "fanova(seed=0)", "objective": OBJECTIVE}
+    return {
+        "importances": {k: float(v) for k, v in values.items()},
+        "n_trials": len(finite),
+        "evaluator": "fanova(seed=0)",
+        "objective": OBJECTIVE,
+    }

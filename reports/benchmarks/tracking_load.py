@@ -65,8 +65,9 @@ def writer(uri: str, experiment_id: str, index: int, steps: int, mode: str, queu
     run_id = ""
     try:
         tracker = Tracker(uri)
-        run = tracker.start_trial(experiment_id, None, f"w{index}", {"kb.trial_key": f"load-{index}"},
-                                  {"writer": index}, system_metrics=False)
+        run = tracker.start_trial(
+            experiment_id, None, f"w{index}", {"kb.trial_key": f"load-{index}"}, {"writer": index}, system_metrics=False
+        )
         run_id = run.run_id
         for step in range(1, steps + 1):
             t0 = time.perf_counter()
@@ -82,8 +83,9 @@ def writer(uri: str, experiment_id: str, index: int, steps: int, mode: str, queu
     except Exception as e:  # counted, never hidden: a lost writer is a finding
         text = str(e)
         error = "database is locked" if "database is locked" in text else f"{type(e).__name__}: {text[:80]}"
-    queue.put({"index": index, "run_id": run_id, "log_s": log_s, "flush_s": flush_s, "error": error,
-               "retries": retries.count})
+    queue.put(
+        {"index": index, "run_id": run_id, "log_s": log_s, "flush_s": flush_s, "error": error, "retries": retries.count}
+    )
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -123,11 +125,21 @@ def run_case(uri: str, n: int, steps: int, mode: str) -> dict:
     logs = [x for r in results for x in r["log_s"]]
     flushes = [x for r in results for x in r["flush_s"]]
     errors = [r["error"] for r in results if r["error"]]
-    return {"writers": n, "mode": mode, "sent": n * steps * len(KEYS), "stored": stored, "mismatched": wrong,
-            "log_p50_ms": 1e3 * _pct(logs, 0.5), "log_p99_ms": 1e3 * _pct(logs, 0.99),
-            "flush_p50_ms": 1e3 * _pct(flushes, 0.5), "flush_p99_ms": 1e3 * _pct(flushes, 0.99),
-            "failed_writers": len(errors), "retries": sum(r["retries"] for r in results),
-            "first_error": errors[0] if errors else "", "wall_s": wall}
+    return {
+        "writers": n,
+        "mode": mode,
+        "sent": n * steps * len(KEYS),
+        "stored": stored,
+        "mismatched": wrong,
+        "log_p50_ms": 1e3 * _pct(logs, 0.5),
+        "log_p99_ms": 1e3 * _pct(logs, 0.99),
+        "flush_p50_ms": 1e3 * _pct(flushes, 0.5),
+        "flush_p99_ms": 1e3 * _pct(flushes, 0.99),
+        "failed_writers": len(errors),
+        "retries": sum(r["retries"] for r in results),
+        "first_error": errors[0] if errors else "",
+        "wall_s": wall,
+    }
 
 
 @contextlib.contextmanager
@@ -139,11 +151,27 @@ def server_on_postgres(work: Path, workers: int):
         port = free_port()
         log = work / "server.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", pg.url("mlflow"),
-                                     "--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1",
-                                     "--port", str(port), "--workers", str(workers)], cwd=work, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
+            proc = subprocess.Popen(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    pg.url("mlflow"),
+                    "--artifacts-destination",
+                    str(work / "artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    str(workers),
+                ],
+                cwd=work,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"},
+            )
         try:
             wait_http(f"http://127.0.0.1:{port}/health", 150, proc, log)
             yield f"http://127.0.0.1:{port}"
@@ -152,14 +180,30 @@ def server_on_postgres(work: Path, workers: int):
 
 
 def table(rows: list[dict], header: str) -> str:
-    cols = ("store", "writers", "mode", "sent", "stored", "mismatched", "log p50 ms", "log p99 ms",
-            "flush p50 ms", "flush p99 ms", "failed writers", "HTTP retries", "wall s", "first error")
+    cols = (
+        "store",
+        "writers",
+        "mode",
+        "sent",
+        "stored",
+        "mismatched",
+        "log p50 ms",
+        "log p99 ms",
+        "flush p50 ms",
+        "flush p99 ms",
+        "failed writers",
+        "HTTP retries",
+        "wall s",
+        "first error",
+    )
     out = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append(f"| {r['store']} | {r['writers']} | {r['mode']} | {r['sent']} | {r['stored']} | {r['mismatched']} "
-                   f"| {r['log_p50_ms']:.3f} | {r['log_p99_ms']:.2f} | {r['flush_p50_ms']:.1f} | "
-                   f"{r['flush_p99_ms']:.1f} | {r['failed_writers']} | {r['retries']} | {r['wall_s']:.0f} | "
-                   f"{r['first_error'].replace('|', '/')} |")
+        out.append(
+            f"| {r['store']} | {r['writers']} | {r['mode']} | {r['sent']} | {r['stored']} | {r['mismatched']} "
+            f"| {r['log_p50_ms']:.3f} | {r['log_p99_ms']:.2f} | {r['flush_p50_ms']:.1f} | "
+            f"{r['flush_p99_ms']:.1f} | {r['failed_writers']} | {r['retries']} | {r['wall_s']:.0f} | "
+            f"{r['first_error'].replace('|', '/')} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -180,21 +224,28 @@ def main() -> None:
     rows = []
     try:
         for store in args.stores.split(","):
-            cm = server_on_postgres(work, args.server_workers) if store == "server" else \
-                contextlib.nullcontext(f"sqlite:///{work / 'mlflow.db'}")
+            cm = (
+                server_on_postgres(work, args.server_workers)
+                if store == "server"
+                else contextlib.nullcontext(f"sqlite:///{work / 'mlflow.db'}")
+            )
             with cm as uri:
                 for n in (int(x) for x in args.writers.split(",")):
                     for mode in args.modes.split(","):
-                        row = {"store": "MLflow server on PostgreSQL" if store == "server" else "local sqlite",
-                               **run_case(uri, n, args.steps, mode)}
+                        row = {
+                            "store": "MLflow server on PostgreSQL" if store == "server" else "local sqlite",
+                            **run_case(uri, n, args.steps, mode),
+                        }
                         rows.append(row)
                         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    header = (f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {os.cpu_count()} CPU cores, "
-              f"{args.steps} steps x {len(KEYS)} metrics per writer; cadence = a step every {STEP_S * 1e3:.0f} ms "
-              f"and a waited flush every {CHECKPOINT} steps, burst = no pause and a waited flush every 10 steps; "
-              f"server: `mlflow server --workers {args.server_workers}` on PostgreSQL 15")
+    header = (
+        f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {os.cpu_count()} CPU cores, "
+        f"{args.steps} steps x {len(KEYS)} metrics per writer; cadence = a step every {STEP_S * 1e3:.0f} ms "
+        f"and a waited flush every {CHECKPOINT} steps, burst = no pause and a waited flush every 10 steps; "
+        f"server: `mlflow server --workers {args.server_workers}` on PostgreSQL 15"
+    )
     text = table(rows, header)
     print(text)
     if out:

@@ -135,8 +135,16 @@ class ToyMLAModel(nn.Module):
     def __init__(self, config: ToyConfig):
         super().__init__()
         self.config = config
-        mla = MLAConfig(dim=config.dim, n_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                        qk_rope_head_dim=4, v_head_dim=8, max_seq_len=config.block_size)
+        mla = MLAConfig(
+            dim=config.dim,
+            n_heads=4,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            max_seq_len=config.block_size,
+        )
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.norms = nn.ModuleList(RMSNorm(config.dim) for _ in range(config.n_layer))
         self.attns = nn.ModuleList(MLA(mla) for _ in range(config.n_layer))
@@ -179,7 +187,6 @@ def test_generate_sampling_is_seeded_and_restores_mode():
     model = ToyMLAModel(ToyConfig()).double().train()
     idx = torch.randint(0, 31, (3, 4))
     a = generate(model, idx, 7, temperature=0.9, top_k=10, generator=torch.Generator().manual_seed(1))
-    b = generate(model, idx, 7, temperature=0.9, top_k=10, use_cache=False,
-                 generator=torch.Generator().manual_seed(1))
+    b = generate(model, idx, 7, temperature=0.9, top_k=10, use_cache=False, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert model.training

@@ -21,13 +21,35 @@ from arch.mla import MLAConfig
 from arch.moe import MoEConfig
 
 V, BLOCK = 53, 16
-MLA = MLAConfig(dim=32, n_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                v_head_dim=6, max_seq_len=BLOCK)
+MLA = MLAConfig(
+    dim=32,
+    n_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    max_seq_len=BLOCK,
+)
 MOE = MoEConfig(dim=32, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=16)
-KIMI = KimiConfig(vocab_size=V, block_size=BLOCK, n_layer=3, dim=32, n_heads=4, q_lora_rank=16,
-                  kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, inter_dim=48,
-                  n_dense_layers=1, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=16,
-                  shared_inter_dim=24)
+KIMI = KimiConfig(
+    vocab_size=V,
+    block_size=BLOCK,
+    n_layer=3,
+    dim=32,
+    n_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    inter_dim=48,
+    n_dense_layers=1,
+    n_routed_experts=4,
+    n_activated_experts=2,
+    moe_inter_dim=16,
+    shared_inter_dim=24,
+)
 VARIANTS = ["gpt", "gpt-untied", "gpt-mla", "gpt-moe", "kimi"]
 
 
@@ -146,8 +168,12 @@ def test_flops_match_nanogpts_estimate_up_to_norms_and_biases():
 
 
 def cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values()
-               if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in vars(layer).values()
+        if isinstance(t, torch.Tensor)
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -170,10 +196,17 @@ def test_nanokimi_paper_config_count():
     per layer, attention 516,608 + MoE 5,608,320 + two norms 768; plus embedding, untied head, final
     norm. Ours differs only by the three documented architectural differences (see arch/kimi.py)."""
     d, h, hd, kv, q, r, E, inter, shared, vocab, L = 384, 4, 96, 128, 192, 32, 8, 512, 768, 50257, 6
-    nk_attn = (d * kv + kv + kv * h * hd * 2  # kv_proj, kv_norm, k/v decompress
-               + d * q + q * h * hd  # q_proj, q_decompress
-               + d * h * r + q * h * r  # per-head rope keys from x, rope queries
-               + h * hd * d + d)  # o_proj with bias
+    nk_attn = (
+        d * kv
+        + kv
+        + kv * h * hd * 2  # kv_proj, kv_norm, k/v decompress
+        + d * q
+        + q * h * hd  # q_proj, q_decompress
+        + d * h * r
+        + q * h * r  # per-head rope keys from x, rope queries
+        + h * hd * d
+        + d
+    )  # o_proj with bias
     nk_moe = d * E + E * 3 * d * inter + 3 * d * shared + 2 * shared + d  # shared SwiGLU with biases
     nanokimi = L * (nk_attn + nk_moe + 2 * d) + 2 * vocab * d + d
     assert (nk_attn, nk_moe, nanokimi) == (516_608, 5_608_320, NANOKIMI_PAPER_REPORTED_PARAMS)

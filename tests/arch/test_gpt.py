@@ -67,8 +67,13 @@ def ref_gpt2_logits(sd: dict, cfg: dict, idx: torch.Tensor) -> torch.Tensor:
 
 def nanogpt_keys(n_layer: int) -> set[str]:
     """The parameter names of karpathy/nanoGPT's model.py (bias=True), written out by hand."""
-    keys = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
-            "transformer.ln_f.bias", "lm_head.weight"}
+    keys = {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    }
     for i in range(n_layer):
         for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
             keys |= {f"transformer.h.{i}.{m}.weight", f"transformer.h.{i}.{m}.bias"}
@@ -170,7 +175,8 @@ def to_hf(sd: dict, n_layer: int, block_size: int, prefix="transformer.", head=T
         out[prefix + k.removeprefix("transformer.")] = v
     for i in range(n_layer):
         out[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(block_size, block_size)).view(
-            1, 1, block_size, block_size)
+            1, 1, block_size, block_size
+        )
         out[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     return out
 

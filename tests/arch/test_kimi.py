@@ -15,9 +15,24 @@ from arch.mla import MLA, MLACache, MLAConfig
 from arch.moe import MoE, MoEConfig, moe_modules
 
 # v_head (6) != qk_nope (8) and the rope dim (4) differs from both, so a mixed-up split shows
-TINY = dict(vocab_size=53, block_size=16, n_layer=3, dim=32, n_heads=4, q_lora_rank=16, kv_lora_rank=12,
-            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, inter_dim=48, n_dense_layers=1,
-            n_routed_experts=4, n_activated_experts=2, moe_inter_dim=16, n_shared_experts=1)
+TINY = dict(
+    vocab_size=53,
+    block_size=16,
+    n_layer=3,
+    dim=32,
+    n_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    inter_dim=48,
+    n_dense_layers=1,
+    n_routed_experts=4,
+    n_activated_experts=2,
+    moe_inter_dim=16,
+    n_shared_experts=1,
+)
 
 
 def tiny_kimi(seed=0, dtype=torch.float64, **overrides) -> Kimi:
@@ -37,8 +52,16 @@ def tokens(B=3, T=16, vocab=53, seed=1):
 
 
 def mla_cfg(dim=32, max_seq_len=16, q_lora_rank=16):
-    return MLAConfig(dim=dim, n_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=12, qk_nope_head_dim=8,
-                     qk_rope_head_dim=4, v_head_dim=6, max_seq_len=max_seq_len)
+    return MLAConfig(
+        dim=dim,
+        n_heads=4,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        max_seq_len=max_seq_len,
+    )
 
 
 def moe_cfg(dim=32):
@@ -66,12 +89,27 @@ def test_parameter_names_follow_the_contract():
     model = tiny_kimi()
     names = set(dict(model.named_parameters()))
     assert {"embed.weight", "norm.weight", "head.weight"} <= names
-    attn = {"attn_norm.weight", "attn.wq_a.weight", "attn.q_norm.weight", "attn.wq_b.weight",
-            "attn.wkv_a.weight", "attn.kv_norm.weight", "attn.wkv_b.weight", "attn.wo.weight",
-            "ffn_norm.weight"}
+    attn = {
+        "attn_norm.weight",
+        "attn.wq_a.weight",
+        "attn.q_norm.weight",
+        "attn.wq_b.weight",
+        "attn.wkv_a.weight",
+        "attn.kv_norm.weight",
+        "attn.wkv_b.weight",
+        "attn.wo.weight",
+        "ffn_norm.weight",
+    }
     dense = {"ffn.w1.weight", "ffn.w2.weight", "ffn.w3.weight"}
-    moe = {"ffn.gate.weight", "ffn.experts.w1", "ffn.experts.w2", "ffn.experts.w3", "ffn.shared.w1.weight",
-           "ffn.shared.w2.weight", "ffn.shared.w3.weight"}
+    moe = {
+        "ffn.gate.weight",
+        "ffn.experts.w1",
+        "ffn.experts.w2",
+        "ffn.experts.w3",
+        "ffn.shared.w1.weight",
+        "ffn.shared.w2.weight",
+        "ffn.shared.w3.weight",
+    }
     expected = {"embed.weight", "norm.weight", "head.weight"}
     for i in range(3):
         expected |= {f"layers.{i}.{n}" for n in attn | (dense if i < 1 else moe)}
@@ -186,9 +224,22 @@ def test_gradients_reach_every_parameter():
 
 def test_init_statistics():
     torch.manual_seed(0)
-    cfg = KimiConfig(**{**TINY, "dim": 128, "n_layer": 4, "inter_dim": 256, "moe_inter_dim": 64,
-                        "n_routed_experts": 8, "vocab_size": 512, "q_lora_rank": 64, "kv_lora_rank": 64,
-                        "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32})
+    cfg = KimiConfig(
+        **{
+            **TINY,
+            "dim": 128,
+            "n_layer": 4,
+            "inter_dim": 256,
+            "moe_inter_dim": 64,
+            "n_routed_experts": 8,
+            "vocab_size": 512,
+            "q_lora_rank": 64,
+            "kv_lora_rank": 64,
+            "qk_nope_head_dim": 32,
+            "qk_rope_head_dim": 16,
+            "v_head_dim": 32,
+        }
+    )
     model = Kimi(cfg)
     proj = 0.02 / math.sqrt(2 * cfg.n_layer)
     scaled = re.compile(r"(attn\.wo\.weight|ffn\.w2\.weight|ffn\.experts\.w2|ffn\.shared\.w2\.weight)$")
@@ -209,9 +260,14 @@ def test_paper_config_is_nanokimis():
     cfg = Kimi.paper_config()
     assert cfg == NANOKIMI_PAPER and cfg is not NANOKIMI_PAPER
     assert (cfg.n_layer, cfg.dim, cfg.n_heads, cfg.kv_lora_rank, cfg.q_lora_rank, cfg.qk_rope_head_dim) == (
-        6, 384, 4, 128, 192, 32)
-    assert (cfg.n_routed_experts, cfg.n_activated_experts, cfg.moe_inter_dim, cfg.shared_inter_dim) == (
-        8, 2, 512, 768)
+        6,
+        384,
+        4,
+        128,
+        192,
+        32,
+    )
+    assert (cfg.n_routed_experts, cfg.n_activated_experts, cfg.moe_inter_dim, cfg.shared_inter_dim) == (8, 2, 512, 768)
     assert (cfg.vocab_size, cfg.block_size, cfg.tie_embeddings, cfg.n_dense_layers) == (50257, 1024, False, 0)
 
 
@@ -241,8 +297,10 @@ def test_gpt_ablations_run_train_and_decode(variant):
     assert model.lm_head.weight is model.transformer.wte.weight
     assert_decode_matches(model, tokens(B=2), atol=1e-10)
     prompt = tokens(B=2, T=4)
-    assert torch.equal(generate(model, prompt, 14, temperature=0.0, use_cache=True),
-                       generate(model, prompt, 14, temperature=0.0, use_cache=False))
+    assert torch.equal(
+        generate(model, prompt, 14, temperature=0.0, use_cache=True),
+        generate(model, prompt, 14, temperature=0.0, use_cache=False),
+    )
     model.train()
     _, loss = model(tokens(B=4), tokens(B=4, seed=5))
     loss.backward()
@@ -252,9 +310,17 @@ def test_gpt_ablations_run_train_and_decode(variant):
 
 def test_gpt_ablation_init_scales_residual_projections():
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=4, n_head=4, n_embd=128, attn="mla",
-                    mla=mla_cfg(dim=128, max_seq_len=32, q_lora_rank=64), mlp="moe",
-                    moe=MoEConfig(dim=128, n_routed_experts=8, n_activated_experts=2, moe_inter_dim=64))
+    cfg = GPTConfig(
+        vocab_size=256,
+        block_size=32,
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        attn="mla",
+        mla=mla_cfg(dim=128, max_seq_len=32, q_lora_rank=64),
+        mlp="moe",
+        moe=MoEConfig(dim=128, n_routed_experts=8, n_activated_experts=2, moe_inter_dim=64),
+    )
     model = GPT(cfg)
     proj = 0.02 / math.sqrt(8)
     for name, p in model.named_parameters():

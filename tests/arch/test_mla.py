@@ -13,8 +13,16 @@ from arch.mla import MLA, MLACache, MLAConfig, attention_sdpa, use_sdpa_pad_v
 
 def make_mla(q_lora_rank: int, dtype=torch.float64, seed: int = 0, **kw) -> MLA:
     torch.manual_seed(seed)
-    cfg = dict(dim=32, n_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=12, qk_nope_head_dim=8,
-               qk_rope_head_dim=6, v_head_dim=10, max_seq_len=32)
+    cfg = dict(
+        dim=32,
+        n_heads=4,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=6,
+        v_head_dim=10,
+        max_seq_len=32,
+    )
     cfg.update(kw)
     m = MLA(MLAConfig(**cfg)).to(dtype)
     with torch.no_grad():  # non-trivial norm gains so the reference has to apply them
@@ -47,8 +55,7 @@ def reference(m: MLA, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     outs, logits = [], torch.full((B, H, T, T), -math.inf, dtype=x.dtype)
     for b in range(B):
         xb = x[b]
-        q = xb @ m.wq.weight.T if c.q_lora_rank == 0 else (
-            rms(xb @ m.wq_a.weight.T, m.q_norm.weight) @ m.wq_b.weight.T)
+        q = xb @ m.wq.weight.T if c.q_lora_rank == 0 else (rms(xb @ m.wq_a.weight.T, m.q_norm.weight) @ m.wq_b.weight.T)
         kv_a = xb @ m.wkv_a.weight.T
         c_kv, k_rope = rms(kv_a[:, :r], m.kv_norm.weight), rope_by_hand(kv_a[:, r:])
         kv = c_kv @ m.wkv_b.weight.T  # [T, H*(dn+dv)]
@@ -119,8 +126,9 @@ def test_qk_clip_scales_only_the_clipped_heads_logits(q_lora_rank):
     p = dict(m.named_parameters())
     for h in (0, 2):  # unclipped heads: bit-identical rows
         assert torch.equal(p[q_name][h * qk : (h + 1) * qk], params_before[q_name][h * qk : (h + 1) * qk])
-        assert torch.equal(p["wkv_b.weight"][h * kvw : (h + 1) * kvw],
-                           params_before["wkv_b.weight"][h * kvw : (h + 1) * kvw])
+        assert torch.equal(
+            p["wkv_b.weight"][h * kvw : (h + 1) * kvw], params_before["wkv_b.weight"][h * kvw : (h + 1) * kvw]
+        )
     for h in range(4):  # value rows of every head untouched
         v_rows = slice(h * kvw + c.qk_nope_head_dim, (h + 1) * kvw)
         assert torch.equal(p["wkv_b.weight"][v_rows], params_before["wkv_b.weight"][v_rows])
@@ -129,10 +137,12 @@ def test_qk_clip_scales_only_the_clipped_heads_logits(q_lora_rank):
             assert torch.equal(p[name], params_before[name]), name
     # head 1's q-rope rows scaled by gamma, q-nope rows by sqrt(gamma)
     h1 = slice(qk, 2 * qk)
-    torch.testing.assert_close(p[q_name][h1][c.qk_nope_head_dim :],
-                               params_before[q_name][h1][c.qk_nope_head_dim :] * 0.5, atol=0, rtol=0)
-    torch.testing.assert_close(p[q_name][h1][: c.qk_nope_head_dim],
-                               params_before[q_name][h1][: c.qk_nope_head_dim] * math.sqrt(0.5))
+    torch.testing.assert_close(
+        p[q_name][h1][c.qk_nope_head_dim :], params_before[q_name][h1][c.qk_nope_head_dim :] * 0.5, atol=0, rtol=0
+    )
+    torch.testing.assert_close(
+        p[q_name][h1][: c.qk_nope_head_dim], params_before[q_name][h1][: c.qk_nope_head_dim] * math.sqrt(0.5)
+    )
 
 
 def run_cached(m: MLA, x: torch.Tensor, chunks: list[int]) -> torch.Tensor:
@@ -198,8 +208,16 @@ def test_gradients_flow_and_dropout_only_in_training():
 
 def test_config_validation():
     with pytest.raises(ValueError):
-        MLAConfig(dim=8, n_heads=2, q_lora_rank=0, kv_lora_rank=4, qk_nope_head_dim=4, qk_rope_head_dim=3,
-                  v_head_dim=4, max_seq_len=8)
+        MLAConfig(
+            dim=8,
+            n_heads=2,
+            q_lora_rank=0,
+            kv_lora_rank=4,
+            qk_nope_head_dim=4,
+            qk_rope_head_dim=3,
+            v_head_dim=4,
+            max_seq_len=8,
+        )
     m = make_mla(0)
     with pytest.raises(ValueError):
         m.qk_clip_(torch.ones(3))
@@ -255,9 +273,23 @@ def test_attention_sdpa_pads_only_a_narrower_v():
 def test_use_sdpa_pad_v_switches_a_built_model():
     from arch.kimi import Kimi, KimiConfig
 
-    model = Kimi(KimiConfig(vocab_size=64, block_size=16, n_layer=2, dim=32, n_heads=2, kv_lora_rank=8,
-                            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=2,
-                            n_activated_experts=1, moe_inter_dim=16, inter_dim=48))
+    model = Kimi(
+        KimiConfig(
+            vocab_size=64,
+            block_size=16,
+            n_layer=2,
+            dim=32,
+            n_heads=2,
+            kv_lora_rank=8,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            n_routed_experts=2,
+            n_activated_experts=1,
+            moe_inter_dim=16,
+            inter_dim=48,
+        )
+    )
     assert use_sdpa_pad_v(model) == 2
     assert all(m.config.sdpa_pad_v for m in model.modules() if isinstance(m, MLA))
     assert use_sdpa_pad_v(model, on=False) == 2

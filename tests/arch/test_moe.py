@@ -138,8 +138,10 @@ def test_grouped_padding_matches_loop(align):
     xs = torch.randn(16, 32, requires_grad=True)
     g = torch.randn(16, 32)
     res = []
-    for run in (lambda: m.experts.forward_grouped(xs, counts, align=align),
-                lambda: m.experts.forward_loop(xs, counts.tolist())):
+    for run in (
+        lambda: m.experts.forward_grouped(xs, counts, align=align),
+        lambda: m.experts.forward_loop(xs, counts.tolist()),
+    ):
         m.zero_grad()
         xs.grad = None
         y = run()
@@ -241,8 +243,15 @@ def test_load_stats():
 def test_names_shapes_and_helpers():
     m = make_moe(n_shared_experts=1)
     names = {n for n, _ in m.named_parameters()}
-    assert names == {"gate.weight", "experts.w1", "experts.w2", "experts.w3",
-                     "shared.w1.weight", "shared.w2.weight", "shared.w3.weight"}
+    assert names == {
+        "gate.weight",
+        "experts.w1",
+        "experts.w2",
+        "experts.w3",
+        "shared.w1.weight",
+        "shared.w2.weight",
+        "shared.w3.weight",
+    }
     assert m.experts.w1.shape == (6, 8, 16) and m.experts.w3.shape == (6, 8, 16)
     assert m.experts.w2.shape == (6, 16, 8)
     assert m.shared.w1.weight.shape == (8, 16)

@@ -92,8 +92,7 @@ def test_ns_batched_is_per_matrix():
         G = torch.randn(3, m, n, dtype=torch.float64) * scales
         O = zeropower_via_newtonschulz5(G, dtype=torch.float64)
         for e in range(3):
-            torch.testing.assert_close(O[e], zeropower_via_newtonschulz5(G[e], dtype=torch.float64),
-                                       atol=1e-12, rtol=0)
+            torch.testing.assert_close(O[e], zeropower_via_newtonschulz5(G[e], dtype=torch.float64), atol=1e-12, rtol=0)
             torch.testing.assert_close(O[e], _ns_reference(G[e]), atol=1e-10, rtol=0)
 
 
@@ -138,8 +137,7 @@ def test_matches_torch_optim_muon_bf16(fn):
     """Same ops, same dtype (bf16 NS, as torch.optim.Muon always does): equal to 1e-6 (bit-equal here)."""
     ws, grads = _problem()
     ref, _ = _run(lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.1, adjust_lr_fn=fn), ws, grads)
-    ours, _ = _run(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1, adjust_lr_fn=fn, ns_dtype="bfloat16"),
-                   ws, grads)
+    ours, _ = _run(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1, adjust_lr_fn=fn, ns_dtype="bfloat16"), ws, grads)
     for a, b in zip(ref, ours, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 
@@ -195,18 +193,24 @@ def test_split_equals_separate_matrices():
     w = torch.randn(3 * Cd, Cd, dtype=torch.float64)
     grads = [torch.randn(3 * Cd, Cd, dtype=torch.float64) for _ in range(3)]
     kw = dict(lr=0.02, weight_decay=0.1, ns_dtype="float64")
-    (fused,), _ = _run(lambda ps: Muon([dict(params=ps, split=3)], **kw), [w], [[g] for g in grads],
-                       dtype=torch.float64)
-    apart, _ = _run(lambda ps: Muon(ps, **kw), list(w.split(Cd)), [list(g.split(Cd)) for g in grads],
-                    dtype=torch.float64)
+    (fused,), _ = _run(
+        lambda ps: Muon([dict(params=ps, split=3)], **kw), [w], [[g] for g in grads], dtype=torch.float64
+    )
+    apart, _ = _run(
+        lambda ps: Muon(ps, **kw), list(w.split(Cd)), [list(g.split(Cd)) for g in grads], dtype=torch.float64
+    )
     torch.testing.assert_close(fused, torch.cat(apart), atol=1e-12, rtol=0)
 
 
 def _mixed_groups(ps):
     """A split-3 fused weight whose [16, 16] blocks share a bucket with two plain [16, 16] weights, a 3-D
     expert stack, a tall and a wide matrix, and an AdamW group: every bucketing case of batched_ns."""
-    return [dict(params=[ps[0]], split=3), dict(params=ps[1:6]), dict(params=ps[6:7], nesterov=False),
-            dict(params=ps[7:], use_muon=False)]
+    return [
+        dict(params=[ps[0]], split=3),
+        dict(params=ps[1:6]),
+        dict(params=ps[6:7], nesterov=False),
+        dict(params=ps[7:], use_muon=False),
+    ]
 
 
 MIXED_SHAPES = ((48, 16), (16, 16), (4, 16, 16), (40, 16), (16, 40), (16, 16), (24, 24), (16,))
@@ -228,8 +232,9 @@ def test_batched_ns_equals_per_matrix_path(dtype, tol, monkeypatch):
     per_matrix, opt_a = _run(make(False), ws, grads, dtype=dtype)
     calls = []
     original = muon_module.zeropower_via_newtonschulz5
-    monkeypatch.setattr(muon_module, "zeropower_via_newtonschulz5",
-                        lambda G, **kw: calls.append(tuple(G.shape)) or original(G, **kw))
+    monkeypatch.setattr(
+        muon_module, "zeropower_via_newtonschulz5", lambda G, **kw: calls.append(tuple(G.shape)) or original(G, **kw)
+    )
     batched, opt_b = _run(make(True), ws, grads, dtype=dtype)
     assert sorted(calls[:4]) == [(1, 16, 40), (1, 24, 24), (1, 40, 16), (9, 16, 16)] and len(calls) == 3 * 4
     for a, b in zip(per_matrix, batched, strict=True):
@@ -282,8 +287,7 @@ def _adamw_problem(seed=7, steps=5):
     shapes = [(10, 6), (6,), (3, 4, 5)]
     ws = [torch.randn(s, generator=g) for s in shapes]
     muon_w = torch.randn(12, 8, generator=g)
-    grads = [([torch.randn(s, generator=g) for s in shapes], torch.randn(12, 8, generator=g))
-             for _ in range(steps)]
+    grads = [([torch.randn(s, generator=g) for s in shapes], torch.randn(12, 8, generator=g)) for _ in range(steps)]
     return ws, muon_w, grads
 
 
@@ -291,14 +295,24 @@ def test_adamw_groups_equal_torch_adamw():
     ws, muon_w, grads = _adamw_problem()
     hyper = [dict(lr=1e-3, weight_decay=0.1), dict(lr=3e-3, weight_decay=0.0)]
     ref_ps = [torch.nn.Parameter(w.clone()) for w in ws]
-    ref = torch.optim.AdamW([dict(params=[ref_ps[0], ref_ps[2]], **hyper[0]),
-                             dict(params=[ref_ps[1]], **hyper[1])], betas=(0.9, 0.95), eps=1e-8)
+    ref = torch.optim.AdamW(
+        [dict(params=[ref_ps[0], ref_ps[2]], **hyper[0]), dict(params=[ref_ps[1]], **hyper[1])],
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     ps = [torch.nn.Parameter(w.clone()) for w in ws]
     pm = torch.nn.Parameter(muon_w.clone())
     pm_alone = torch.nn.Parameter(muon_w.clone())
-    ours = Muon([dict(params=[pm]), dict(params=[ps[0], ps[2]], use_muon=False, **hyper[0]),
-                 dict(params=[ps[1]], use_muon=False, **hyper[1])],
-                lr=0.02, adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
+    ours = Muon(
+        [
+            dict(params=[pm]),
+            dict(params=[ps[0], ps[2]], use_muon=False, **hyper[0]),
+            dict(params=[ps[1]], use_muon=False, **hyper[1]),
+        ],
+        lr=0.02,
+        adamw_betas=(0.9, 0.95),
+        adamw_eps=1e-8,
+    )
     alone = Muon([pm_alone], lr=0.02)
     for adam_grads, mg in grads:
         for p, q, g in zip(ref_ps, ps, adam_grads, strict=True):
@@ -387,7 +401,7 @@ def _gpt_attention():
     hd = attn.head_dim
 
     def q_rows(h):
-        return attn.c_attn.weight[h * hd:(h + 1) * hd]
+        return attn.c_attn.weight[h * hd : (h + 1) * hd]
 
     def head_weights(h):  # q rows, k rows and their biases: what QK-Clip may touch for head h
         C = attn.n_embd
@@ -400,8 +414,18 @@ def _gpt_attention():
 def _mla_attention():
     from arch.mla import MLA, MLAConfig
 
-    attn = MLA(MLAConfig(dim=32, n_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
-                         qk_rope_head_dim=4, v_head_dim=8, max_seq_len=16)).double()
+    attn = MLA(
+        MLAConfig(
+            dim=32,
+            n_heads=4,
+            q_lora_rank=16,
+            kv_lora_rank=12,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            max_seq_len=16,
+        )
+    ).double()
 
     def q_rows(h):  # all of head h's query rows (nope and rope): scaling them scales every logit
         return attn.wq_b.weight.view(4, 12, -1)[h]
@@ -436,8 +460,9 @@ def test_qk_clip_on_real_attention(make):
     attn(x)  # the same batch again
     after = attn.max_logit
     assert (after[over] <= tau + 1e-3).all()
-    torch.testing.assert_close(after[over].double(), torch.full((len(scaled),), tau, dtype=torch.float64),
-                               rtol=1e-6, atol=0)  # gamma * S_max = tau: the clip is exact
+    torch.testing.assert_close(
+        after[over].double(), torch.full((len(scaled),), tau, dtype=torch.float64), rtol=1e-6, atol=0
+    )  # gamma * S_max = tau: the clip is exact
     assert torch.equal(after[~over], before[~over])
     for h, ws in untouched.items():
         for a, b in zip(ws, head_weights(h), strict=True):
@@ -447,8 +472,11 @@ def test_qk_clip_on_real_attention(make):
             assert torch.equal(p, others[name]), name
     # the re-run was a training forward, so the next clip reads it; then nothing is left to read
     assert qk_clip_(attn, tau)["max_logit"] == pytest.approx(float(after.max()))
-    assert qk_clip_(attn, tau) == {"max_logit": pytest.approx(float("nan"), nan_ok=True), "heads_clipped": 0,
-                                   "modules": 0}
+    assert qk_clip_(attn, tau) == {
+        "max_logit": pytest.approx(float("nan"), nan_ok=True),
+        "heads_clipped": 0,
+        "modules": 0,
+    }
 
 
 def test_qk_clip_running_max_over_micro_batches():
@@ -526,8 +554,15 @@ def _dist_train() -> list[torch.Tensor]:
     ws, grads, bias, bias_grads = _dist_problem()
     ps = [torch.nn.Parameter(w.clone()) for w in ws]
     pb = torch.nn.Parameter(bias.clone())
-    opt = Muon([dict(params=ps[:-1]), dict(params=[ps[-1]], adjust_lr_fn="match_rms_adamw"),
-                dict(params=[pb], use_muon=False, lr=1e-2)], lr=0.02, weight_decay=0.1)
+    opt = Muon(
+        [
+            dict(params=ps[:-1]),
+            dict(params=[ps[-1]], adjust_lr_fn="match_rms_adamw"),
+            dict(params=[pb], use_muon=False, lr=1e-2),
+        ],
+        lr=0.02,
+        weight_decay=0.1,
+    )
     for step_grads, bg in zip(grads, bias_grads, strict=True):
         for p, g in zip(ps, step_grads, strict=True):
             p.grad = g.clone()

@@ -25,8 +25,16 @@ def gpt_mla_moe():
     from arch.mla import MLAConfig
     from arch.moe import MoEConfig
 
-    mla = MLAConfig(dim=32, n_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
-                    qk_rope_head_dim=4, v_head_dim=8, max_seq_len=BLOCK)
+    mla = MLAConfig(
+        dim=32,
+        n_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        max_seq_len=BLOCK,
+    )
     moe = MoEConfig(dim=32, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=16)
     return gpt(attn="mla", mla=mla, mlp="moe", moe=moe)
 
@@ -35,21 +43,40 @@ def kimi(**overrides):
     from arch.kimi import Kimi, KimiConfig
 
     torch.manual_seed(0)
-    cfg = dict(vocab_size=V, block_size=BLOCK, n_layer=3, dim=32, n_heads=4, q_lora_rank=16, kv_lora_rank=12,
-               qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, inter_dim=48, n_dense_layers=1,
-               n_routed_experts=4, n_activated_experts=2, moe_inter_dim=16, n_shared_experts=1)
+    cfg = dict(
+        vocab_size=V,
+        block_size=BLOCK,
+        n_layer=3,
+        dim=32,
+        n_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        inter_dim=48,
+        n_dense_layers=1,
+        n_routed_experts=4,
+        n_activated_experts=2,
+        moe_inter_dim=16,
+        n_shared_experts=1,
+    )
     return Kimi(KimiConfig(**{**cfg, **overrides}))
 
 
-MODELS = {"gpt": gpt, "gpt_untied": lambda: gpt(tie_embeddings=False), "gpt_mla_moe": gpt_mla_moe,
-          "kimi": kimi, "kimi_plain_q": lambda: kimi(q_lora_rank=0)}
+MODELS = {
+    "gpt": gpt,
+    "gpt_untied": lambda: gpt(tie_embeddings=False),
+    "gpt_mla_moe": gpt_mla_moe,
+    "kimi": kimi,
+    "kimi_plain_q": lambda: kimi(q_lora_rank=0),
+}
 
 
 def expected_group(name: str, p: torch.Tensor) -> str:
     """The table in arch/optimizers.py, written out by name for the models' parameter names."""
     last = name.split(".")
-    if name in ("transformer.wte.weight", "transformer.wpe.weight", "embed.weight", "lm_head.weight",
-                "head.weight"):
+    if name in ("transformer.wte.weight", "transformer.wpe.weight", "embed.weight", "lm_head.weight", "head.weight"):
         return "adamw"
     if name.endswith("gate.weight"):
         return "adamw"
@@ -142,11 +169,23 @@ def test_defaults_are_the_documented_ones():
     assert (adamw.muon_lr, adamw.muon_weight_decay) == (None, None)  # unused by AdamW, logged as null
     for cfg in (muon, clip):
         assert (cfg.muon_lr, cfg.muon_weight_decay, cfg.momentum, cfg.nesterov, cfg.ns_steps) == (
-            0.02, 0.0, 0.95, True, 5)
+            0.02,
+            0.0,
+            0.95,
+            True,
+            5,
+        )
         assert cfg.muon_scaling == "original" and cfg.qk_clip_tau == 100.0
     doc = optimizers.__doc__
-    for text in ("lr 1e-3, betas (0.9, 0.99)", "weight_decay 0.1", "eps 1e-8", "muon_lr 0.02",
-                 "muon_weight_decay 0", "qk_clip_tau 100", "momentum 0.95"):
+    for text in (
+        "lr 1e-3, betas (0.9, 0.99)",
+        "weight_decay 0.1",
+        "eps 1e-8",
+        "muon_lr 0.02",
+        "muon_weight_decay 0",
+        "qk_clip_tau 100",
+        "momentum 0.95",
+    ):
         assert text in doc, text
 
 

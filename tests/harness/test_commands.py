@@ -21,12 +21,15 @@ def console() -> tuple[Console, io.StringIO]:
     return Console(file=buf, width=220, color_system=None, force_terminal=False), buf
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"device": "tpu"}, "--device: unknown device 'tpu'; use cpu, cuda, cuda:N or auto"),
-    ({"steps": 0}, "--steps: must be >= 1, got 0"),
-    ({"nproc": 0}, "--nproc: must be >= 1, got 0"),
-    ({"ray_address": "auto"}, "--ray-address: only with --executor ray"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"device": "tpu"}, "--device: unknown device 'tpu'; use cpu, cuda, cuda:N or auto"),
+        ({"steps": 0}, "--steps: must be >= 1, got 0"),
+        ({"nproc": 0}, "--nproc: must be >= 1, got 0"),
+        ({"ray_address": "auto"}, "--ray-address: only with --executor ray"),
+    ],
+)
 def test_bad_run_options_are_one_line_before_anything_runs(tmp_path, options, message):
     matrix = write_matrix(tmp_path / "m.toml", "cmd-bad")
     out, _ = console()
@@ -37,7 +40,11 @@ def test_bad_run_options_are_one_line_before_anything_runs(tmp_path, options, me
 
 def test_steps_replaces_every_budget_of_the_file():
     assert commands._train_overrides(RunOptions(matrix=Path("m"), steps=3)) == {
-        "device": None, "steps": 3, "tokens": None, "seconds": None}
+        "device": None,
+        "steps": 3,
+        "tokens": None,
+        "seconds": None,
+    }
     assert commands._train_overrides(RunOptions(matrix=Path("m"), device="cpu")) == {"device": "cpu"}
 
 
@@ -62,8 +69,10 @@ def test_dry_run_prints_every_trial_and_trains_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     matrix = write_matrix(tmp_path / "m.toml", "cmd-dry", variants=("gpt", "kimi"), seeds=(0, 1))
     out, buf = console()
-    code = commands.run(RunOptions(matrix=matrix, dry_run=True, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-                                   out=tmp_path / "runs"), out)
+    code = commands.run(
+        RunOptions(matrix=matrix, dry_run=True, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", out=tmp_path / "runs"),
+        out,
+    )
     text = buf.getvalue()
     assert code == 0 and "cmd-dry: 4 trials (dry run, nothing trained)" in text
     for name in ("gpt+adamw tiny s0", "gpt+adamw tiny s1", "kimi+adamw tiny s0", "kimi+adamw tiny s1"):
@@ -113,8 +122,9 @@ def test_a_two_step_run_trains_logs_and_prints_the_hints(tmp_path, monkeypatch):
     matrix = write_matrix(tmp_path / "m.toml", "cmd-run", train={"steps": 2, "eval_interval": 1, "log_interval": 1})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out, buf = console()
-    code = commands.run(RunOptions(matrix=matrix, tracking_uri=uri, out=tmp_path / "runs",
-                                   cache_dir=str(tmp_path / "cache")), out)
+    code = commands.run(
+        RunOptions(matrix=matrix, tracking_uri=uri, out=tmp_path / "runs", cache_dir=str(tmp_path / "cache")), out
+    )
     text = buf.getvalue()
     assert code == 0, text
     assert "finished gpt+adamw tiny s0 at step 2" in text

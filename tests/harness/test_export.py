@@ -25,8 +25,15 @@ def _save(tmp_path, variant: str, **overrides) -> tuple[torch.nn.Module, object]
             if name.endswith("gate.bias"):
                 buf.copy_(torch.randn_like(buf) * 0.1)
     path = tmp_path / "model.pt"
-    torch.save({"model": model.state_dict(), "variant": variant, "dims": dataclasses.asdict(dims),
-                "data": {"corpus": "python-stdlib", "tokenizer": "byte"}}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "variant": variant,
+            "dims": dataclasses.asdict(dims),
+            "data": {"corpus": "python-stdlib", "tokenizer": "byte"},
+        },
+        path,
+    )
     return model.eval(), path
 
 
@@ -138,14 +145,16 @@ def test_export_command_from_a_run_id_and_from_a_checkpoint(tmp_path):
     client = mlflow.MlflowClient(uri)
     run = client.create_run(client.create_experiment("e"), tags={TAG_MODEL_PATH: str(path)})
     runner = CliRunner()
-    res = runner.invoke(app, ["export", "--run", run.info.run_id, "--tracking-uri", uri, "--out",
-                              str(tmp_path / "a"), "--format", "hf"])
+    res = runner.invoke(
+        app, ["export", "--run", run.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "a"), "--format", "hf"]
+    )
     assert res.exit_code == 0, res.output
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
     idx = _idx()
     torch.testing.assert_close(hf(idx).logits.detach(), _ours(model, idx), rtol=1e-5, atol=1e-5)
-    res = runner.invoke(app, ["export", "--checkpoint", str(path), "--out", str(tmp_path / "b"),
-                              "--format", "safetensors"])
+    res = runner.invoke(
+        app, ["export", "--checkpoint", str(path), "--out", str(tmp_path / "b"), "--format", "safetensors"]
+    )
     assert res.exit_code == 0 and (tmp_path / "b" / "model.safetensors").is_file()
     res = runner.invoke(app, ["export", "--out", str(tmp_path / "c")])
     assert isinstance(res.exception, UserError) and "give exactly one" in str(res.exception)  # the CLI: one line
@@ -166,8 +175,9 @@ def _fake_gpt2(monkeypatch):
     ranks = {bytes([i]): i for i in range(256)}
     for merge in (b"de", b"def", b" a", b" b", b"re", b"ret", b"ur", b"urn"):
         ranks.setdefault(merge, len(ranks))
-    fake = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": len(ranks)})
+    fake = tiktoken.Encoding(
+        "gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)}
+    )
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake)
 
 
@@ -217,14 +227,12 @@ def _trained_like(tmp_path, variant: str, tokenizer: str):
     dims = resolve_dims("tiny", prepared.vocab_size, None)
     model = build_model(variant, dims)
     path = tmp_path / "model.pt"
-    torch.save({"model": model.state_dict(), "variant": variant, "dims": dataclasses.asdict(dims), "data": data},
-               path)
+    torch.save({"model": model.state_dict(), "variant": variant, "dims": dataclasses.asdict(dims), "data": data}, path)
     return path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("variant", "tokenizer"), [("gpt", "byte"), ("gpt", "char"), ("gpt", "bpe"),
-                                                    ("kimi", "char")])
+@pytest.mark.parametrize(("variant", "tokenizer"), [("gpt", "byte"), ("gpt", "char"), ("gpt", "bpe"), ("kimi", "char")])
 def test_hf_export_generates_what_kimi_bench_generate_does(tmp_path, variant, tokenizer):
     """The first thing a user writes: AutoTokenizer + AutoModelForCausalLM.generate on the exported folder,
     greedy, gives the tokens and the text of `kimi-bench generate --temperature 0` on the checkpoint."""

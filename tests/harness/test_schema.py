@@ -15,47 +15,58 @@ from harness.schema import strip_credentials
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize(("uri", "expected"), [
-    # userinfo goes, host and port stay
-    ("http://user:pass@h:5000", "http://h:5000"),
-    ("https://u:p@mlflow.example.com/path?x=1", "https://mlflow.example.com/path?x=1"),
-    ("https://ghp_abc123@github.com/o/r.git", "https://github.com/o/r.git"),  # a token as the user name
-    ("http://u:p@ss@h:5000/x", "http://h:5000/x"),  # unencoded "@" in the password: the last "@" ends it
-    # the case both old versions got wrong: "@" in the query is not userinfo
-    ("http://h:5000?token=x@y", "http://h:5000?token=***"),
-    ("http://h:5000/api?access_token=abc&experiment=3", "http://h:5000/api?access_token=***&experiment=3"),
-    ("https://h/x?X-Amz-Signature=deadbeef&X-Amz-Date=1#frag", "https://h/x?X-Amz-Signature=***&X-Amz-Date=1#frag"),
-    ("http://h:5000/?api_key=k;mode=fast", "http://h:5000/?api_key=***;mode=fast"),
-    # database URLs: the password (and the user) go, host, port and database stay
-    ("postgresql://u:pw@h:5432/db", "postgresql://h:5432/db"),
-    ("mysql+pymysql://root:secret@127.0.0.1:3306/optuna", "mysql+pymysql://127.0.0.1:3306/optuna"),
-    ("postgresql://h:5432/db?user=u&password=pw&sslmode=require",
-     "postgresql://h:5432/db?user=u&password=***&sslmode=require"),
-    ("postgresql://u:pw@[::1]:5432/db", "postgresql://[::1]:5432/db"),
-    # a token in the fragment (OAuth's implicit flow); MLflow UI fragments have no pairs and stay
-    ("https://h/cb#access_token=T&token_type=bearer", "https://h/cb#access_token=***&token_type=***"),
-    ("https://h/cb?state=1#id_token=T", "https://h/cb?state=1#id_token=***"),
-    ("http://h:5000/#/experiments/1/runs/ab12", "http://h:5000/#/experiments/1/runs/ab12"),
-    # ODBC connect strings, percent-encoded inside odbc_connect and raw
-    ("mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BODBC%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3DSECRET%3BEncrypt%3Dyes",
-     "mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BODBC%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3D***%3BEncrypt%3Dyes"),
-    ("mssql+pyodbc:///?odbc_connect=SERVER%3Dh%3bPassword%3d%7Bse%3Bcret%7D", "mssql+pyodbc:///?odbc_connect="
-     "SERVER%3Dh%3bPassword%3d***"),
-    ("Driver={ODBC Driver 18};Server=h;Uid=u;Pwd=SECRET;Encrypt=yes",
-     "Driver={ODBC Driver 18};Server=h;Uid=u;Pwd=***;Encrypt=yes"),
-    ("Server=h;Password={a;b}}c};Database=d", "Server=h;Password=***;Database=d"),  # }} escapes a brace
-    ("Server=h;sslpassword_file=/x;UidPwd=1", "Server=h;sslpassword_file=/x;UidPwd=1"),  # not a password key
-    # nothing to strip: unchanged
-    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
-    ("sqlite:///rel/optuna.db?timeout=30", "sqlite:///rel/optuna.db?timeout=30"),
-    ("sqlite:///C@t/mlflow.db", "sqlite:///C@t/mlflow.db"),  # "@" in a path is not userinfo
-    ("file:///home/me/mlruns", "file:///home/me/mlruns"),
-    ("journal:/tmp/optuna.log", "journal:/tmp/optuna.log"),
-    ("/home/me/runs/a@b", "/home/me/runs/a@b"),
-    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
-    ("python-stdlib", "python-stdlib"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        # userinfo goes, host and port stay
+        ("http://user:pass@h:5000", "http://h:5000"),
+        ("https://u:p@mlflow.example.com/path?x=1", "https://mlflow.example.com/path?x=1"),
+        ("https://ghp_abc123@github.com/o/r.git", "https://github.com/o/r.git"),  # a token as the user name
+        ("http://u:p@ss@h:5000/x", "http://h:5000/x"),  # unencoded "@" in the password: the last "@" ends it
+        # the case both old versions got wrong: "@" in the query is not userinfo
+        ("http://h:5000?token=x@y", "http://h:5000?token=***"),
+        ("http://h:5000/api?access_token=abc&experiment=3", "http://h:5000/api?access_token=***&experiment=3"),
+        ("https://h/x?X-Amz-Signature=deadbeef&X-Amz-Date=1#frag", "https://h/x?X-Amz-Signature=***&X-Amz-Date=1#frag"),
+        ("http://h:5000/?api_key=k;mode=fast", "http://h:5000/?api_key=***;mode=fast"),
+        # database URLs: the password (and the user) go, host, port and database stay
+        ("postgresql://u:pw@h:5432/db", "postgresql://h:5432/db"),
+        ("mysql+pymysql://root:secret@127.0.0.1:3306/optuna", "mysql+pymysql://127.0.0.1:3306/optuna"),
+        (
+            "postgresql://h:5432/db?user=u&password=pw&sslmode=require",
+            "postgresql://h:5432/db?user=u&password=***&sslmode=require",
+        ),
+        ("postgresql://u:pw@[::1]:5432/db", "postgresql://[::1]:5432/db"),
+        # a token in the fragment (OAuth's implicit flow); MLflow UI fragments have no pairs and stay
+        ("https://h/cb#access_token=T&token_type=bearer", "https://h/cb#access_token=***&token_type=***"),
+        ("https://h/cb?state=1#id_token=T", "https://h/cb?state=1#id_token=***"),
+        ("http://h:5000/#/experiments/1/runs/ab12", "http://h:5000/#/experiments/1/runs/ab12"),
+        # ODBC connect strings, percent-encoded inside odbc_connect and raw
+        (
+            "mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BODBC%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3DSECRET%3BEncrypt%3Dyes",
+            "mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BODBC%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3D***%3BEncrypt%3Dyes",
+        ),
+        (
+            "mssql+pyodbc:///?odbc_connect=SERVER%3Dh%3bPassword%3d%7Bse%3Bcret%7D",
+            "mssql+pyodbc:///?odbc_connect=SERVER%3Dh%3bPassword%3d***",
+        ),
+        (
+            "Driver={ODBC Driver 18};Server=h;Uid=u;Pwd=SECRET;Encrypt=yes",
+            "Driver={ODBC Driver 18};Server=h;Uid=u;Pwd=***;Encrypt=yes",
+        ),
+        ("Server=h;Password={a;b}}c};Database=d", "Server=h;Password=***;Database=d"),  # }} escapes a brace
+        ("Server=h;sslpassword_file=/x;UidPwd=1", "Server=h;sslpassword_file=/x;UidPwd=1"),  # not a password key
+        # nothing to strip: unchanged
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("sqlite:///rel/optuna.db?timeout=30", "sqlite:///rel/optuna.db?timeout=30"),
+        ("sqlite:///C@t/mlflow.db", "sqlite:///C@t/mlflow.db"),  # "@" in a path is not userinfo
+        ("file:///home/me/mlruns", "file:///home/me/mlruns"),
+        ("journal:/tmp/optuna.log", "journal:/tmp/optuna.log"),
+        ("/home/me/runs/a@b", "/home/me/runs/a@b"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("python-stdlib", "python-stdlib"),
+        ("", ""),
+    ],
+)
 def test_strip_credentials(uri, expected):
     assert strip_credentials(uri) == expected
     assert strip_credentials(expected) == expected  # idempotent
@@ -64,17 +75,24 @@ def test_strip_credentials(uri, expected):
 def test_strip_credentials_inside_text():
     """Tags such as kb.command hold URIs inside a command line: each one is cleaned, the rest kept."""
     cmd = "kimi-bench run --tracking-uri http://u:p@h:5000 --study-storage postgresql://a:b@db:5432/o --steps 5"
-    assert strip_credentials(cmd) == ("kimi-bench run --tracking-uri http://h:5000 --study-storage "
-                                      "postgresql://db:5432/o --steps 5")
+    assert strip_credentials(cmd) == (
+        "kimi-bench run --tracking-uri http://h:5000 --study-storage postgresql://db:5432/o --steps 5"
+    )
     assert strip_credentials('"http://u:p@h"') == '"http://h"'
 
 
 @pytest.mark.parametrize("secret", ["hunter2", "ghp_abc123", "pw"])
 def test_no_secret_survives(secret):
-    for uri in (f"http://user:{secret}@h:1/x", f"http://{secret}@h:1", f"http://h:1/?token={secret}",
-                f"postgresql://u:{secret}@h:5432/db", f"http://h:1?password={secret}@evil",
-                f"https://h:1/cb#access_token={secret}&x=1", f"mssql+pyodbc://h:1/?odbc_connect=PWD%3D{secret}",
-                f"Server=h:1;PWD={secret}"):
+    for uri in (
+        f"http://user:{secret}@h:1/x",
+        f"http://{secret}@h:1",
+        f"http://h:1/?token={secret}",
+        f"postgresql://u:{secret}@h:5432/db",
+        f"http://h:1?password={secret}@evil",
+        f"https://h:1/cb#access_token={secret}&x=1",
+        f"mssql+pyodbc://h:1/?odbc_connect=PWD%3D{secret}",
+        f"Server=h:1;PWD={secret}",
+    ):
         out = strip_credentials(uri)
         assert secret not in out and "h:" in out, out
 

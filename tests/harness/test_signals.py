@@ -35,10 +35,20 @@ def test_sigterm_on_run_marks_the_trial_killed_keeps_its_checkpoint_and_resumes(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     steps = 400
-    matrix = write_matrix(tmp_path / "m.toml", "sigterm", train={"steps": steps, "checkpoint_interval": 5,
-                                                                  "eval_interval": 200})
-    args = ["run", "--matrix", str(matrix), "--tracking-uri", uri, "--out", str(tmp_path / "runs"),
-            "--cache-dir", str(tmp_path / "cache")]
+    matrix = write_matrix(
+        tmp_path / "m.toml", "sigterm", train={"steps": steps, "checkpoint_interval": 5, "eval_interval": 200}
+    )
+    args = [
+        "run",
+        "--matrix",
+        str(matrix),
+        "--tracking-uri",
+        uri,
+        "--out",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     log = tmp_path / "run.log"
     proc = popen_cli(args, cwd=tmp_path, log=log)
     try:

@@ -17,16 +17,32 @@ def _fill(client) -> str:
     from mlflow.entities import Metric
 
     exp = client.create_experiment("st")
-    done = client.create_run(exp, run_name="gpt+adamw tiny s0", tags={
-        schema.KIND: schema.KIND_TRIAL, schema.TAG_STATUS: schema.FINISHED, schema.TAG_FINAL_STEP: "10",
-        schema.TAG_TRIAL_KEY: "k0"})
-    client.log_batch(done.info.run_id, metrics=[Metric(schema.TRAIN_LOSS, 5.0 - s / 10, 1000 + s, s)
-                                                for s in range(1, 11)] + [Metric(schema.VAL_PPL_FINAL, 12.5, 2000, 10)])
+    done = client.create_run(
+        exp,
+        run_name="gpt+adamw tiny s0",
+        tags={
+            schema.KIND: schema.KIND_TRIAL,
+            schema.TAG_STATUS: schema.FINISHED,
+            schema.TAG_FINAL_STEP: "10",
+            schema.TAG_TRIAL_KEY: "k0",
+        },
+    )
+    client.log_batch(
+        done.info.run_id,
+        metrics=[Metric(schema.TRAIN_LOSS, 5.0 - s / 10, 1000 + s, s) for s in range(1, 11)]
+        + [Metric(schema.VAL_PPL_FINAL, 12.5, 2000, 10)],
+    )
     client.set_terminated(done.info.run_id, "FINISHED")
-    running = client.create_run(exp, run_name="kimi+muon tiny s0", tags={
-        schema.KIND: schema.KIND_TRIAL, schema.TAG_STATUS: schema.RUNNING, schema.TAG_TRIAL_KEY: "k1"})
-    client.log_batch(running.info.run_id, metrics=[Metric(schema.TRAIN_LOSS, 4.0, 1000 + s, s) for s in range(1, 8)]
-                     + [Metric(schema.VAL_LOSS, 4.5, 1000, 0), Metric(schema.VAL_LOSS, 4.2, 1005, 5)])
+    running = client.create_run(
+        exp,
+        run_name="kimi+muon tiny s0",
+        tags={schema.KIND: schema.KIND_TRIAL, schema.TAG_STATUS: schema.RUNNING, schema.TAG_TRIAL_KEY: "k1"},
+    )
+    client.log_batch(
+        running.info.run_id,
+        metrics=[Metric(schema.TRAIN_LOSS, 4.0, 1000 + s, s) for s in range(1, 8)]
+        + [Metric(schema.VAL_LOSS, 4.5, 1000, 0), Metric(schema.VAL_LOSS, 4.2, 1005, 5)],
+    )
     client.create_run(exp, run_name="speed gpt", tags={schema.KIND: schema.KIND_SPEED})  # not a trial
     return exp
 
@@ -40,11 +56,14 @@ def test_rest_reader_equals_the_client_and_imports_no_mlflow(tmp_path):
         rest = _rest_records(url, "st")
         client = _client_records(MlflowClient(url), exp_id)
         assert _rest_records(url, "no-such-experiment") is None
-        probe = ("import sys; from harness.status import status_table; from rich.console import Console; "
-                 f"Console(width=200).print(status_table('st', None, {url!r})); "
-                 "assert 'mlflow' not in sys.modules, 'mlflow imported'")
-        shown = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=child_env(), capture_output=True,
-                               text=True, timeout=60)
+        probe = (
+            "import sys; from harness.status import status_table; from rich.console import Console; "
+            f"Console(width=200).print(status_table('st', None, {url!r})); "
+            "assert 'mlflow' not in sys.modules, 'mlflow imported'"
+        )
+        shown = subprocess.run(
+            [sys.executable, "-c", probe], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60
+        )
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "gpt+adamw tiny s0" in shown.stdout and "kimi+muon tiny s0" in shown.stdout
     key = lambda r: r.run_id  # noqa: E731
@@ -53,7 +72,7 @@ def test_rest_reader_equals_the_client_and_imports_no_mlflow(tmp_path):
         assert (a.run_id, a.start_ms, a.end_ms, a.metrics) == (b.run_id, b.start_ms, b.end_ms, b.metrics)
         assert a.tags == b.tags
     by_name = {r.name: r for r in rest}
-    assert by_name["kimi+muon tiny s0"].last_step == 7          # from the search answer's latest metrics
+    assert by_name["kimi+muon tiny s0"].last_step == 7  # from the search answer's latest metrics
     states = {t.name: t for t in trial_states(rest)}
     assert states["gpt+adamw tiny s0"].step == "10" and states["kimi+muon tiny s0"].step == "7"
     assert states["gpt+adamw tiny s0"].val_ppl == 12.5

@@ -21,8 +21,9 @@ def _dead_pid() -> int:
 
 
 def _rec(name: str, key: str, status: str, **tags: str) -> RunRecord:
-    return RunRecord(name, f"run-{key}-{status}", 0, None, {schema.TAG_TRIAL_KEY: key, schema.TAG_STATUS: status,
-                                                            **tags}, {}, 3)
+    return RunRecord(
+        name, f"run-{key}-{status}", 0, None, {schema.TAG_TRIAL_KEY: key, schema.TAG_STATUS: status, **tags}, {}, 3
+    )
 
 
 def test_stale_when_the_process_is_gone_on_this_machine():
@@ -46,16 +47,28 @@ def test_rows_follow_the_trial_key_not_the_name():
         _rec("gpt+adamw tiny s0", "other-lr", schema.FINISHED),
         _rec("gpt+adamw tiny s0", "k0", schema.KILLED),
         _rec("gpt+adamw tiny s0", "k0", schema.FINISHED),
-        _rec("gpt+adamw tiny s1", "k1", schema.RUNNING, **{schema.TAG_HOST: os.uname().nodename,
-                                                          schema.TAG_PID: str(_dead_pid())}),
+        _rec(
+            "gpt+adamw tiny s1",
+            "k1",
+            schema.RUNNING,
+            **{schema.TAG_HOST: os.uname().nodename, schema.TAG_PID: str(_dead_pid())},
+        ),
     ]
-    planned = [PlannedTrial("gpt+adamw tiny s0", frozenset({"k0"})), PlannedTrial("gpt+adamw tiny s1",
-               frozenset({"k1"})), PlannedTrial("gpt+adamw tiny s2", frozenset({"k2"}))]
+    planned = [
+        PlannedTrial("gpt+adamw tiny s0", frozenset({"k0"})),
+        PlannedTrial("gpt+adamw tiny s1", frozenset({"k1"})),
+        PlannedTrial("gpt+adamw tiny s2", frozenset({"k2"})),
+    ]
     states = trial_states(records, planned)
     assert [(t.name, t.status, t.trial_key) for t in states] == [
-        ("gpt+adamw tiny s0", "finished", "k0"), ("gpt+adamw tiny s1", "stale", "k1"),
-        ("gpt+adamw tiny s2", "pending", "")]
+        ("gpt+adamw tiny s0", "finished", "k0"),
+        ("gpt+adamw tiny s1", "stale", "k1"),
+        ("gpt+adamw tiny s2", "pending", ""),
+    ]
     assert "is gone" in states[1].note
     # without a matrix: one row per trial key (two trials share a name)
     assert sorted((t.name, t.trial_key) for t in trial_states(records)) == [
-        ("gpt+adamw tiny s0", "k0"), ("gpt+adamw tiny s0", "other-lr"), ("gpt+adamw tiny s1", "k1")]
+        ("gpt+adamw tiny s0", "k0"),
+        ("gpt+adamw tiny s0", "other-lr"),
+        ("gpt+adamw tiny s1", "k1"),
+    ]

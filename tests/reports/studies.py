@@ -31,6 +31,7 @@ def objective_for(space, best: dict[str, float]):
     def objective(trial: optuna.Trial) -> float:
         params = {d.name: d.suggest(trial) for d in space}
         return 3.0 + sum((math.log10(params[d.name]) - math.log10(best.get(d.name, centre(d)))) ** 2 for d in lrs)
+
     return objective
 
 
@@ -39,8 +40,17 @@ def tuned_from(arm: str, number: int = 0) -> str:
     return f"optuna:sqlite:///optuna.db#exp/{arm}/trial{number} value=3"
 
 
-def add_study(uri: str, experiment_id: str, root: Path, arm: str, n_trials: int, best: dict | None = None,
-              n_fail: int = 0, seed: int = 99, start: int = 1_750_010_000_000) -> str:
+def add_study(
+    uri: str,
+    experiment_id: str,
+    root: Path,
+    arm: str,
+    n_trials: int,
+    best: dict | None = None,
+    n_fail: int = 0,
+    seed: int = 99,
+    start: int = 1_750_010_000_000,
+) -> str:
     """One study run for `arm` with n_trials COMPLETE trials (+ n_fail FAIL ones), the first enqueued at the
     best lr values (`best`, else each lr range's centre); -> the study run id."""
     variant, optimizer = arm.split("+")
@@ -58,11 +68,20 @@ def add_study(uri: str, experiment_id: str, root: Path, arm: str, n_trials: int,
     client = MlflowClient(uri)
     best = study.best_trial
     counts = {"complete": n_trials, "pruned": 0, "fail": n_fail, "diverged": 0}
-    tags = {schema.KIND: schema.KIND_STUDY, schema.TAG_ARM: arm, schema.TAG_VARIANT: variant,
-            schema.TAG_OPTIMIZER: optimizer, schema.TAG_STUDY: f"exp/{arm}", schema.TAG_SEED: str(seed),
-            schema.TAG_SEARCH_SPACE: json.dumps(space_attr(space)), schema.TAG_STATUS: schema.FINISHED,
-            schema.TAG_N_TRIALS: str(n_trials + n_fail), schema.TAG_BEST_VALUE: f"{best.value:.6g}",
-            schema.TAG_BEST_TRIAL: str(best.number), schema.TAG_BEST_PARAMS: json.dumps(best.params)}
+    tags = {
+        schema.KIND: schema.KIND_STUDY,
+        schema.TAG_ARM: arm,
+        schema.TAG_VARIANT: variant,
+        schema.TAG_OPTIMIZER: optimizer,
+        schema.TAG_STUDY: f"exp/{arm}",
+        schema.TAG_SEED: str(seed),
+        schema.TAG_SEARCH_SPACE: json.dumps(space_attr(space)),
+        schema.TAG_STATUS: schema.FINISHED,
+        schema.TAG_N_TRIALS: str(n_trials + n_fail),
+        schema.TAG_BEST_VALUE: f"{best.value:.6g}",
+        schema.TAG_BEST_TRIAL: str(best.number),
+        schema.TAG_BEST_PARAMS: json.dumps(best.params),
+    }
     run = client.create_run(experiment_id, start_time=start, tags=tags, run_name=f"study exp/{arm}")
     rid = run.info.run_id
     client.log_batch(rid, metrics=[Metric(schema.study_count(k), float(v), start, 0) for k, v in counts.items()])
@@ -74,16 +93,28 @@ def add_study(uri: str, experiment_id: str, root: Path, arm: str, n_trials: int,
     for name in ("trials.csv", "importances.json", "search_space.json"):
         client.log_artifact(rid, str(folder / name))
     for t in study.trials:
-        child = client.create_run(experiment_id, start_time=start + 1 + t.number, tags={
-            schema.KIND: schema.KIND_TUNE_TRIAL, "mlflow.parentRunId": rid, schema.TAG_ARM: arm,
-            schema.TAG_STUDY: f"exp/{arm}", schema.TAG_OPTUNA_TRIAL: str(t.number),
-            schema.TAG_OPTUNA_STATE: t.state.name})
+        child = client.create_run(
+            experiment_id,
+            start_time=start + 1 + t.number,
+            tags={
+                schema.KIND: schema.KIND_TUNE_TRIAL,
+                "mlflow.parentRunId": rid,
+                schema.TAG_ARM: arm,
+                schema.TAG_STUDY: f"exp/{arm}",
+                schema.TAG_OPTUNA_TRIAL: str(t.number),
+                schema.TAG_OPTUNA_STATE: t.state.name,
+            },
+        )
         done = t.state == optuna.trial.TrialState.COMPLETE
         tokens = TOKENS_PER_TRIAL if done else TOKENS_PER_TRIAL / 4
-        client.log_batch(child.info.run_id, metrics=[
-            Metric(schema.TRAIN_TOKENS, tokens, start, 10),
-            Metric(schema.FLOPS_PER_TOKEN, FLOPS_PER_TOKEN[variant], start, 10)],
-            tags=[RunTag(schema.TAG_STATUS, schema.FINISHED if done else schema.FAILED)])
+        client.log_batch(
+            child.info.run_id,
+            metrics=[
+                Metric(schema.TRAIN_TOKENS, tokens, start, 10),
+                Metric(schema.FLOPS_PER_TOKEN, FLOPS_PER_TOKEN[variant], start, 10),
+            ],
+            tags=[RunTag(schema.TAG_STATUS, schema.FINISHED if done else schema.FAILED)],
+        )
         client.set_terminated(child.info.run_id, "FINISHED" if done else "FAILED")
     client.set_terminated(rid, "FINISHED")
     return rid

@@ -12,13 +12,31 @@ from tests.reports.conftest import COMMAND, GIT, STEPS
 @pytest.mark.slow
 def test_one_row_per_trial_with_the_right_columns(collected, store):
     runs = collected.runs
-    assert len(runs) == 7          # 2 arms x 3 seeds + 1 diverged; killed duplicate and tune runs dropped
-    assert list(zip(runs.arm, runs.seed, strict=True)) == [("gpt+adamw", s) for s in (0, 1, 2, 3)] + \
-        [("kimi+muon", s) for s in (0, 1, 2)]
-    for col in ["run_id", "arm", "variant", "optimizer", "preset", "seed", "status", "trial_key",
-                "start_time", "git_commit", "device", "torch_version", "data_hash", "tuned_from",
-                "parent_run_id", *FINAL_METRICS, "param.model.n_layer", "param.optim.lr",
-                "param.train.steps"]:
+    assert len(runs) == 7  # 2 arms x 3 seeds + 1 diverged; killed duplicate and tune runs dropped
+    assert list(zip(runs.arm, runs.seed, strict=True)) == [("gpt+adamw", s) for s in (0, 1, 2, 3)] + [
+        ("kimi+muon", s) for s in (0, 1, 2)
+    ]
+    for col in [
+        "run_id",
+        "arm",
+        "variant",
+        "optimizer",
+        "preset",
+        "seed",
+        "status",
+        "trial_key",
+        "start_time",
+        "git_commit",
+        "device",
+        "torch_version",
+        "data_hash",
+        "tuned_from",
+        "parent_run_id",
+        *FINAL_METRICS,
+        "param.model.n_layer",
+        "param.optim.lr",
+        "param.train.steps",
+    ]:
         assert col in runs, col
     assert set(runs.status) == {"finished", "diverged"}
     assert runs.seed.dtype.name == "Int64"
@@ -56,8 +74,9 @@ def test_history_returns_the_logged_steps(collected, store):
             continue
         got = h[(h.run_id == rid) & (h.key == "train/loss")]
         assert got.step.tolist() == steps["train/loss"]
-        assert got.value.tolist() == [m.value for m in sorted(client.get_metric_history(rid, "train/loss"),
-                                                              key=lambda m: m.step)]
+        assert got.value.tolist() == [
+            m.value for m in sorted(client.get_metric_history(rid, "train/loss"), key=lambda m: m.step)
+        ]
     fin = store.runs[("gpt+adamw", 0, "finished")]
     assert h[(h.run_id == fin) & (h.key == "val/loss")].step.tolist() == [0, 5, 10, 15, 19]
     div = store.runs[("gpt+adamw", 3, "diverged")]
@@ -66,7 +85,7 @@ def test_history_returns_the_logged_steps(collected, store):
 
 def test_history_fallback_matches_bulk(collected, monkeypatch):
     bulk = collected.history("grad/norm")
-    monkeypatch.setattr(collect_mod, "_bulk_history", lambda *a: None)   # as on a REST tracking server
+    monkeypatch.setattr(collect_mod, "_bulk_history", lambda *a: None)  # as on a REST tracking server
     per_run = collected.history("grad/norm")
     assert bulk.equals(per_run)
     assert len(bulk) == 6 * STEPS + 13
@@ -88,13 +107,16 @@ def test_matrix_run_and_tuning_provenance(collected, store):
     assert collected.experiment_id == store.experiment_id
 
 
-@pytest.mark.parametrize("uri, clean", [
-    ("http://user:pa55@mlflow.example.com:5000", "http://mlflow.example.com:5000"),
-    ("postgresql://kb:secret@db:5432/mlflow?sslmode=require", "postgresql://db:5432/mlflow?sslmode=require"),
-    ("https://token@host/path@x", "https://host/path@x"),
-    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
-    ("http://host:5000", "http://host:5000"),
-])
+@pytest.mark.parametrize(
+    "uri, clean",
+    [
+        ("http://user:pa55@mlflow.example.com:5000", "http://mlflow.example.com:5000"),
+        ("postgresql://kb:secret@db:5432/mlflow?sslmode=require", "postgresql://db:5432/mlflow?sslmode=require"),
+        ("https://token@host/path@x", "https://host/path@x"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("http://host:5000", "http://host:5000"),
+    ],
+)
 def test_strip_credentials(uri, clean):
     assert strip_credentials(uri) == clean
 

@@ -10,15 +10,29 @@ import pytest
 from reports.factorial import Block, blocks, decomposition, section
 
 # final val loss per arm and seed 0, 1, 2
-LOSS = {"gpt+adamw": (3.0, 3.1, 2.9), "gpt+muon": (2.8, 2.85, 2.75),
-        "kimi+adamw": (2.9, 3.0, 2.9), "kimi+muon": (2.6, 2.7, 2.7)}
+LOSS = {
+    "gpt+adamw": (3.0, 3.1, 2.9),
+    "gpt+muon": (2.8, 2.85, 2.75),
+    "kimi+adamw": (2.9, 3.0, 2.9),
+    "kimi+muon": (2.6, 2.7, 2.7),
+}
 INTERACTION = "interaction (architecture effect at muon - at adamw)"
 T2 = 4.302652729911275  # Student-t 97.5% quantile, 2 degrees of freedom
 
 
 def _runs() -> pd.DataFrame:
-    rows = [{"arm": arm, "variant": arm.split("+")[0], "optimizer": arm.split("+")[1], "seed": s,
-             "val/loss_final": v[s], "val/bpb": v[s] / math.log(2)} for arm, v in LOSS.items() for s in range(3)]
+    rows = [
+        {
+            "arm": arm,
+            "variant": arm.split("+")[0],
+            "optimizer": arm.split("+")[1],
+            "seed": s,
+            "val/loss_final": v[s],
+            "val/bpb": v[s] / math.log(2),
+        }
+        for arm, v in LOSS.items()
+        for s in range(3)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -30,8 +44,10 @@ def _curves() -> pd.DataFrame:
     for arm, fs in final.items():
         for seed, f in enumerate(fs):
             rid = f"{arm}-{seed}"
-            rows += [{"run_id": rid, "arm": arm, "seed": seed, "step": 0, "loss": 5.0, "tokens": 0.0},
-                     {"run_id": rid, "arm": arm, "seed": seed, "step": 10, "loss": f, "tokens": 100.0}]
+            rows += [
+                {"run_id": rid, "arm": arm, "seed": seed, "step": 0, "loss": 5.0, "tokens": 0.0},
+                {"run_id": rid, "arm": arm, "seed": seed, "step": 10, "loss": f, "tokens": 100.0},
+            ]
     return pd.DataFrame(rows)
 
 
@@ -53,8 +69,10 @@ def test_effects_and_interaction_by_hand():
     # interaction: (-0.2+0.1, -0.15+0.1, -0.05-0) = -0.1, -0.05, -0.05: mean -0.0667, sd 0.028868
     i = got[INTERACTION]["val_loss"]
     assert i.mean == pytest.approx(-0.2 / 3)
-    assert (i.low, i.high) == (pytest.approx(-0.2 / 3 - T2 * 0.0288675 / math.sqrt(3), abs=1e-6),
-                               pytest.approx(-0.2 / 3 + T2 * 0.0288675 / math.sqrt(3), abs=1e-6))
+    assert (i.low, i.high) == (
+        pytest.approx(-0.2 / 3 - T2 * 0.0288675 / math.sqrt(3), abs=1e-6),
+        pytest.approx(-0.2 / 3 + T2 * 0.0288675 / math.sqrt(3), abs=1e-6),
+    )
     assert got["both changes: kimi+muon vs gpt+adamw"]["val_loss"].mean == pytest.approx(-1.0 / 3)  # -0.4, -0.4, -0.2
     assert got[INTERACTION]["bpb"].mean == pytest.approx(-0.2 / 3 / math.log(2))
     # tokens to loss 4: gpt+adamw 100, gpt+muon 50, kimi+adamw 80, kimi+muon 40 (seed 0) and 50 (seed 1);

@@ -20,14 +20,20 @@ def test_edge_is_the_outer_tenth_of_the_log_range():
     assert at_edge(1.5e-4, 1e-4, 1e-2) and not at_edge(1.7e-4, 1e-4, 1e-2)
     assert at_edge(6.5e-3, 1e-4, 1e-2) and not at_edge(6.0e-3, 1e-4, 1e-2)
     assert not at_edge(1e-3, 1e-4, 1e-2)
-    space = [{"name": "lr", "low": 1e-4, "high": 1e-2, "log": True},
-             {"name": "weight_decay", "low": 0.0, "high": 0.3, "log": False}]
+    space = [
+        {"name": "lr", "low": 1e-4, "high": 1e-2, "log": True},
+        {"name": "weight_decay", "low": 0.0, "high": 0.3, "log": False},
+    ]
     assert fairness.edge_dims(space, {"lr": 1.2e-4, "weight_decay": 0.0}) == ["lr"]  # wd is not a learning rate
 
 
 def _tuned(arm: str, budget: int, edge: tuple[str, ...] = ()) -> ArmTuning:
-    return ArmTuning(arm, study=f"s/{arm}", counts={"complete": budget - 1, "diverged": 1, "pruned": 0,
-                                                   "fail": 2, "running": 0}, edge=list(edge))
+    return ArmTuning(
+        arm,
+        study=f"s/{arm}",
+        counts={"complete": budget - 1, "diverged": 1, "pruned": 0, "fail": 2, "running": 0},
+        edge=list(edge),
+    )
 
 
 def test_pair_status():
@@ -35,11 +41,17 @@ def test_pair_status():
     assert pair_status(a, b) == ("both on defaults", "untuned")
     assert pair_status(_tuned("kimi+muon", 8), b) == ("one tuned (kimi+muon, 8 trials)", "one arm untuned")
     assert pair_status(_tuned("kimi+muon", 8), _tuned("gpt+adamw", 5)) == (
-        "unequal budgets (8 vs 5 trials)", "unequal budgets")  # failed trials are not budget
+        "unequal budgets (8 vs 5 trials)",
+        "unequal budgets",
+    )  # failed trials are not budget
     assert pair_status(_tuned("kimi+muon", 8), _tuned("gpt+adamw", 8)) == (
-        "both tuned, equal budgets (8 trials each)", None)
+        "both tuned, equal budgets (8 trials each)",
+        None,
+    )
     assert pair_status(_tuned("kimi+muon", 8, ("muon_lr",)), _tuned("gpt+adamw", 8)) == (
-        "both tuned, equal budgets (8 trials each); optimum at the edge: kimi+muon muon_lr", "optimum at the edge")
+        "both tuned, equal budgets (8 trials each); optimum at the edge: kimi+muon muon_lr",
+        "optimum at the edge",
+    )
 
 
 def _row(kind: str, a: str, b: str, verdict: str) -> Row:
@@ -48,15 +60,23 @@ def _row(kind: str, a: str, b: str, verdict: str) -> Row:
 
 
 def test_annotate_makes_only_cross_optimizer_quality_and_compute_rows_provisional():
-    rows = [_row("stat", "kimi+muon", "gpt+adamw", "supported"),
-            _row("compute", "kimi+muon", "kimi+adamw", "not supported"),
-            _row("stat", "kimi+adamw", "gpt+adamw", "supported"),   # same optimizer: status shown, verdict kept
-            _row("stat", "kimi+muon", "gpt+adamw", "inconclusive"),
-            _row("exact", "kimi+muon", "gpt+adamw", "supported"),
-            _row("speed", "kimi+muon", "gpt+adamw", "supported")]
+    rows = [
+        _row("stat", "kimi+muon", "gpt+adamw", "supported"),
+        _row("compute", "kimi+muon", "kimi+adamw", "not supported"),
+        _row("stat", "kimi+adamw", "gpt+adamw", "supported"),  # same optimizer: status shown, verdict kept
+        _row("stat", "kimi+muon", "gpt+adamw", "inconclusive"),
+        _row("exact", "kimi+muon", "gpt+adamw", "supported"),
+        _row("speed", "kimi+muon", "gpt+adamw", "supported"),
+    ]
     annotate(rows, {})
-    assert [r.verdict for r in rows] == ["supported, untuned: provisional", "not supported, untuned: provisional",
-                                         "supported", "inconclusive", "supported", "supported"]
+    assert [r.verdict for r in rows] == [
+        "supported, untuned: provisional",
+        "not supported, untuned: provisional",
+        "supported",
+        "inconclusive",
+        "supported",
+        "supported",
+    ]
     assert [r.tuning for r in rows] == ["both on defaults"] * 4 + ["", ""]
     fair = [_row("stat", "kimi+muon", "gpt+adamw", "supported")]
     annotate(fair, {"kimi+muon": _tuned("kimi+muon", 8), "gpt+adamw": _tuned("gpt+adamw", 8)})
@@ -93,8 +113,10 @@ def test_untuned_report_says_defaults_and_calls_no_optimizer_row_plainly_support
 def test_equal_budget_report_has_plain_verdicts_budget_table_and_figures(tmp_path_factory, tmp_path):
     st = _store(tmp_path_factory, "equal", {"gpt+adamw": {"n_trials": 6}, "kimi+muon": {"n_trials": 6, "n_fail": 1}})
     md = write_report(collect(st.uri, st.experiment), tmp_path).read_text()
-    assert ("> **Tuning.** Every arm was tuned by its own study at seed 99, held out from the evaluation seeds, "
-            "with an equal budget of 6 trials each.") in md
+    assert (
+        "> **Tuning.** Every arm was tuned by its own study at seed 99, held out from the evaluation seeds, "
+        "with an equal budget of 6 trials each."
+    ) in md
     ppl = _claims(md)["Kimi has lower perplexity (val ppl; bits/byte beside it)"]
     assert ppl["tuning"] == "both tuned, equal budgets (6 trials each)"
     assert ppl["verdict"] == "**supported**"  # fair: both tuned, equal budgets, best lrs inside their ranges
@@ -116,8 +138,9 @@ def test_equal_budget_report_has_plain_verdicts_budget_table_and_figures(tmp_pat
 
 @pytest.mark.slow
 def test_unequal_budgets_and_an_edge_optimum_are_provisional(tmp_path_factory, tmp_path):
-    st = _store(tmp_path_factory, "edge", {"gpt+adamw": {"n_trials": 6, "best": {"lr": 1.1e-4}},
-                                           "kimi+muon": {"n_trials": 5}})
+    st = _store(
+        tmp_path_factory, "edge", {"gpt+adamw": {"n_trials": 6, "best": {"lr": 1.1e-4}}, "kimi+muon": {"n_trials": 5}}
+    )
     md = write_report(collect(st.uri, st.experiment), tmp_path, figures=False).read_text()
     ppl = _claims(md)["Kimi has lower perplexity (val ppl; bits/byte beside it)"]
     assert ppl["tuning"] == "unequal budgets (5 vs 6 trials)"

@@ -21,8 +21,15 @@ COMMON = REPO / "reports" / "gpu-common.sh"
 def bash(script: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 60, **kw):
     """script after `set -euo pipefail` and sourcing gpu-common.sh, as the GPU scripts run."""
     code = f"set -euo pipefail\nGC_NAME=test\n. {COMMON}\n{script}"
-    return subprocess.run(["bash", "-c", code], cwd=cwd, env=env or dict(os.environ), capture_output=True,
-                          text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        ["bash", "-c", code],
+        cwd=cwd,
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def wait_for(predicate, seconds: float) -> bool:
@@ -76,8 +83,11 @@ def test_a_pack_failed_by_an_appended_file_is_a_warning_and_the_loop_survives(tm
     out.mkdir()
     dest, log = out / "record.tgz", tmp_path / "loop.err"
     with open(log, "w") as err:
-        loop = subprocess.Popen(["bash", "-c", f"set -euo pipefail\nGC_NAME=test\n. {COMMON}\n"
-                                 f"gc_pack_loop {rec} {dest} 0.05"], stderr=err, start_new_session=True)
+        loop = subprocess.Popen(
+            ["bash", "-c", f"set -euo pipefail\nGC_NAME=test\n. {COMMON}\ngc_pack_loop {rec} {dest} 0.05"],
+            stderr=err,
+            start_new_session=True,
+        )
     try:
         with Appender(rec / "big.bin"):
             assert wait_for(lambda: "file changed as we read it" in log.read_text(), 60), log.read_text()
@@ -118,11 +128,14 @@ def test_foreground_and_background_packs_never_clobber_each_other(tmp_path):
     out.mkdir()
     dest = out / "record.tgz"
     # two background loops without pause and the foreground: every pack overlaps another one
-    done = bash(f"gc_pack_loop {rec} {dest} 0 & a=$!\ngc_pack_loop {rec} {dest} 0 & b=$!\n"
-                "trap 'kill $a $b 2>/dev/null || true' EXIT\n"
-                f"for i in $(seq 1 6); do gc_pack {rec} {dest}; done\n"
-                "kill -0 $a && kill -0 $b\nkill $a $b; wait $a $b 2>/dev/null || true\n"
-                f"gc_pack {rec} {dest}\necho done", timeout=120)
+    done = bash(
+        f"gc_pack_loop {rec} {dest} 0 & a=$!\ngc_pack_loop {rec} {dest} 0 & b=$!\n"
+        "trap 'kill $a $b 2>/dev/null || true' EXIT\n"
+        f"for i in $(seq 1 6); do gc_pack {rec} {dest}; done\n"
+        "kill -0 $a && kill -0 $b\nkill $a $b; wait $a $b 2>/dev/null || true\n"
+        f"gc_pack {rec} {dest}\necho done",
+        timeout=120,
+    )
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
     assert "warning" not in done.stderr, done.stderr  # nothing writes during a pack: every pack succeeds
     assert members(dest)["record/events.jsonl"] == (rec / "events.jsonl").read_bytes()
@@ -138,8 +151,9 @@ def test_the_local_python_is_the_active_venvs_or_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PY", "PYTHON", "VIRTUAL_ENV")}
     done = bash("gc_local_python json", cwd=tmp_path, env={**env, "VIRTUAL_ENV": str(tmp_path / "venv")})
     assert done.returncode == 0 and done.stdout.strip() == str(venv / "python")
-    done = bash("gc_local_python json", cwd=tmp_path, env={**env, "PY": sys.executable,
-                                                            "VIRTUAL_ENV": str(tmp_path / "venv")})
+    done = bash(
+        "gc_local_python json", cwd=tmp_path, env={**env, "PY": sys.executable, "VIRTUAL_ENV": str(tmp_path / "venv")}
+    )
     assert done.stdout.strip() == sys.executable  # PY wins
     done = bash("gc_local_python json", cwd=tmp_path, env=env)  # no venv active, no .venv here
     assert done.returncode == 2 and done.stderr.count("\n") == 1
@@ -175,8 +189,13 @@ def test_the_paper_run_without_its_carry_stops_with_one_line(tmp_path):
     (copy / "reports" / "results").mkdir(parents=True)
     for rel in ("reports/results/paper-h200-run.sh", "reports/gpu-common.sh"):
         (copy / rel).write_text((REPO / rel).read_text())
-    done = subprocess.run(["bash", str(copy / "reports/results/paper-h200-run.sh")], capture_output=True, text=True,
-                          env={**os.environ, "OUT": str(tmp_path / "out")}, timeout=60)
+    done = subprocess.run(
+        ["bash", str(copy / "reports/results/paper-h200-run.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(tmp_path / "out")},
+        timeout=60,
+    )
     assert done.returncode == 3
     assert "paper-h200-run.sh: error: .carry/wheels is missing or empty here" in done.stdout + done.stderr
     assert "--prepare', then name .carry in the run's carry" in done.stdout + done.stderr

@@ -11,7 +11,7 @@ from reports.markdown import fmt, fmt_pm, write_report
 from reports.stats import VERDICT_RULE, Estimate
 from tests.reports.conftest import COMMAND, GIT
 
-T2 = 0.95 * math.sqrt(2 / 0.0975)     # Student-t 0.975 quantile, 2 degrees of freedom (closed form)
+T2 = 0.95 * math.sqrt(2 / 0.0975)  # Student-t 0.975 quantile, 2 degrees of freedom (closed form)
 REPORT_CMD = "kimi-bench report --experiment paper-test"
 
 
@@ -40,8 +40,9 @@ def table_rows(md: str, title: str) -> dict[str, list[str]]:
     return {r[0]: dict(zip(header, r, strict=True)) for r in body}
 
 
-@pytest.mark.parametrize("key", ["val/ppl_final", "train/tokens_per_s", "val/bpb", "mem/optim_state_bytes",
-                                 "grad/norm_cv"])
+@pytest.mark.parametrize(
+    "key", ["val/ppl_final", "train/tokens_per_s", "val/bpb", "mem/optim_state_bytes", "grad/norm_cv"]
+)
 def test_summary_csv_equals_mlflow(report, store, key):
     summary = pd.read_csv(report[0].parent / "summary.csv").set_index("arm")
     for arm in ("gpt+adamw", "kimi+muon"):
@@ -63,18 +64,20 @@ def test_markdown_table_numbers_equal_mlflow(report, store):
     memory = table_rows(md, "### Memory (exact bytes")
     observed = table_rows(md, "### Throughput observed during training")
     for arm in ("gpt+adamw", "kimi+muon"):
-        for rows, col, key, scale in [(quality, "val ppl", "val/ppl_final", 1),
-                                      (quality, "val loss", "val/loss_final", 1),
-                                      (quality, "val bits/byte", "val/bpb", 1),
-                                      (quality, "total params (M)", "params/total", 1e6),
-                                      (memory, "optimizer state (MB)", "mem/optim_state_bytes", 1e6),
-                                      (observed, "train tok/s (observed during training)", "train/tokens_per_s", 1)]:
+        for rows, col, key, scale in [
+            (quality, "val ppl", "val/ppl_final", 1),
+            (quality, "val loss", "val/loss_final", 1),
+            (quality, "val bits/byte", "val/bpb", 1),
+            (quality, "total params (M)", "params/total", 1e6),
+            (memory, "optimizer state (MB)", "mem/optim_state_bytes", 1e6),
+            (observed, "train tok/s (observed during training)", "train/tokens_per_s", 1),
+        ]:
             shown = float(rows[arm][col].split(" ± ")[0])
             vals = mlflow_finals(store, arm, key)
             # documented rounding: 4 significant digits -> relative error at most 5e-4
             assert shown == pytest.approx(sum(vals) / 3 / scale, rel=5e-4), (arm, col)
     assert quality["gpt+adamw"]["trials"] == "3 finished, 1 diverged"
-    assert "peak, CUDA trial (MB)" not in memory["gpt+adamw"]      # CPU trials: process RSS is not shown
+    assert "peak, CUDA trial (MB)" not in memory["gpt+adamw"]  # CPU trials: process RSS is not shown
 
 
 def test_claims_table_verdicts(report):
@@ -85,11 +88,12 @@ def test_claims_table_verdicts(report):
     # the fixture scales both arms' perplexity by the same factor per seed: the log ratio has zero spread over
     # seeds, so there is no test (never p = 0)
     assert verdicts["Kimi has lower perplexity (val ppl; bits/byte beside it)"] == "**inconclusive**"
-    assert "zero spread" in claims["Kimi has lower perplexity (val ppl; bits/byte beside it)"][
-        "why (the rule's branch)"]
+    assert (
+        "zero spread" in claims["Kimi has lower perplexity (val ppl; bits/byte beside it)"]["why (the rule's branch)"]
+    )
     assert claims["Kimi has lower perplexity (val ppl; bits/byte beside it)"]["tuning"] == "one tuned (kimi+muon)"
     assert claims["Kimi is smaller on disk (checkpoint MB)"]["tuning"] == ""  # exact facts say nothing of tuning
-    assert verdicts["Same total parameters (M)"] == "**not matched**"        # the fixture logs no [match]
+    assert verdicts["Same total parameters (M)"] == "**not matched**"  # the fixture logs no [match]
     assert "+1.83%" in claims["Same total parameters (M)"]["A vs B"]
     assert verdicts["Kimi is smaller on disk (checkpoint MB)"] == "**supported**"
     assert verdicts["Kimi trains faster (controlled train step, tokens/s)"] == "**not supported**"
@@ -102,18 +106,23 @@ def test_claims_table_verdicts(report):
     # the verdict comes from the paired ratio; the train step's is logged on gpt's run and read inverted
     assert row["A vs B"] == "A/B ×1.500 [1.450, 1.550], 20 paired rounds (decode_tokens_per_s_b1)"
     assert claims["Kimi trains faster (controlled train step, tokens/s)"]["A vs B"] == (
-        "A/B ×0.833 [0.800, 0.862], 15 paired rounds (muon/train_tokens_per_s / adamw/train_tokens_per_s)")
-    assert "gpt+adamw: 200.0 (IQR 50.00, n=20) **noisy**" in \
-        claims["Kimi infers faster at larger batch (decode tokens/s, largest batch)"]["B measured"]
-    assert "not comparable" in claims["Kimi has lower perplexity (val ppl; bits/byte beside it)"][
-        "paper (Kimi vs GPT)"]
+        "A/B ×0.833 [0.800, 0.862], 15 paired rounds (muon/train_tokens_per_s / adamw/train_tokens_per_s)"
+    )
+    assert (
+        "gpt+adamw: 200.0 (IQR 50.00, n=20) **noisy**"
+        in claims["Kimi infers faster at larger batch (decode tokens/s, largest batch)"]["B measured"]
+    )
+    assert "not comparable" in claims["Kimi has lower perplexity (val ppl; bits/byte beside it)"]["paper (Kimi vs GPT)"]
     assert VERDICT_RULE.split(" A claim of equality")[0] in report[1]
     assert "Holm" in report[1].split("## Claims vs measured")[1].split("## ")[0]
 
 
 def test_paired_differences_section(report, store):
-    rows = [line for line in report[1].split("## Paired differences")[1].split("##")[0].splitlines()
-            if line.startswith("| kimi+muon − gpt+adamw | val/ppl_final |")]
+    rows = [
+        line
+        for line in report[1].split("## Paired differences")[1].split("##")[0].splitlines()
+        if line.startswith("| kimi+muon − gpt+adamw | val/ppl_final |")
+    ]
     assert len(rows) == 1
     seeds = {}
     for arm in ("kimi+muon", "gpt+adamw"):
@@ -138,8 +147,17 @@ def test_header_failed_trials_and_reproducibility(report, store, collected):
     assert failed["gpt+adamw"]["step (diverged at, else last logged)"] == "12"
     assert store.runs[("kimi+muon", 1, "killed")] in md
     repro = md.split("## Reproducibility")[1]
-    for text in (REPORT_CMD, COMMAND, GIT, "2.13.0", "`cpu`", "d00dfeed", store.uri,
-                 f"(id {store.experiment_id})", "study=kimi-tune trial=7"):
+    for text in (
+        REPORT_CMD,
+        COMMAND,
+        GIT,
+        "2.13.0",
+        "`cpu`",
+        "d00dfeed",
+        store.uri,
+        f"(id {store.experiment_id})",
+        "study=kimi-tune trial=7",
+    ):
         assert text in repro, text
 
 
@@ -147,9 +165,15 @@ def test_figures_are_written_and_linked(report):
     path, md = report
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     names = {link.split("/")[-1] for link in links}
-    assert {"val_loss_vs_step.png", "val_loss_vs_tokens.png", "val_loss_vs_seconds.png",
-            "train_loss_vs_step.png", "grad_norm_vs_step.png", "throughput.png",
-            "moe_load_kimi_muon.png"} <= names
+    assert {
+        "val_loss_vs_step.png",
+        "val_loss_vs_tokens.png",
+        "val_loss_vs_seconds.png",
+        "train_loss_vs_step.png",
+        "grad_norm_vs_step.png",
+        "throughput.png",
+        "moe_load_kimi_muon.png",
+    } <= names
     for link in links:
         assert not link.startswith("/")
         assert (path.parent / link).stat().st_size > 1000
@@ -187,19 +211,31 @@ def test_missing_arms_say_not_measured(collected, tmp_path):
 
 
 def test_optuna_figures(collected, tmp_path):
-    trials = pd.DataFrame({"number": [0, 1, 2, 3], "value": [3.0, 2.5, 2.7, 2.2],
-                           "state": ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]})
+    trials = pd.DataFrame(
+        {"number": [0, 1, 2, 3], "value": [3.0, 2.5, 2.7, 2.2], "state": ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]}
+    )
     from reports.plots import plot_optuna
+
     paths = plot_optuna(trials, tmp_path, {"optim.lr": 0.8, "optim.wd": 0.2})
     assert [p.name for p in paths] == ["optuna_history.png", "optuna_importances.png"]
     assert plot_optuna(trials.iloc[0:0], tmp_path / "none") == []
 
 
-@pytest.mark.parametrize("x, scale, text", [
-    (22.837999, 1, "22.84"), (3.13221, 1, "3.132"), (1001.67, 1, "1002"), (74_000_000, 1e6, "74.00"),
-    (0.000123, 1, "1.230e-04"), (0.0, 1, "0"), (float("nan"), 1, "n/a"), (float("inf"), 1, "inf"),
-    (1.7976931348623157e308, 1, "inf"), (-1.7976931348623157e308, 1, "-inf"),  # MLflow's stored inf
-])
+@pytest.mark.parametrize(
+    "x, scale, text",
+    [
+        (22.837999, 1, "22.84"),
+        (3.13221, 1, "3.132"),
+        (1001.67, 1, "1002"),
+        (74_000_000, 1e6, "74.00"),
+        (0.000123, 1, "1.230e-04"),
+        (0.0, 1, "0"),
+        (float("nan"), 1, "n/a"),
+        (float("inf"), 1, "inf"),
+        (1.7976931348623157e308, 1, "inf"),
+        (-1.7976931348623157e308, 1, "-inf"),  # MLflow's stored inf
+    ],
+)
 def test_fmt(x, scale, text):
     assert fmt(x, scale) == text
 
@@ -215,6 +251,7 @@ def test_each_row_states_the_branch_of_the_printed_rule_that_decided_it(collecte
     'p → Holm p' and the same numbers, compared with 0.05, in its 'why' cell. (Kimi's perplexity gets a per-seed
     wobble so that its log ratio has spread and a test.)"""
     from reports.stats import VERDICT_RULE
+
     runs = collected.runs.copy()
     kimi = runs.arm.eq("kimi+muon")
     runs.loc[kimi, "val/ppl_final"] *= 1 + 0.004 * runs.loc[kimi, "seed"].astype(float) ** 2
@@ -230,13 +267,15 @@ def test_each_row_states_the_branch_of_the_printed_rule_that_decided_it(collecte
         assert f"Holm p_diff {adj} " in why, (text, cell, why)
         below = float(adj) < 0.05
         verdict = re.sub(r", [^,]*: provisional\*\*$", "**", row["verdict"])  # the tuning marker (fairness)
-        assert (verdict in ("**supported**", "**not supported**") or "real, below" in verdict) == \
-            (below and "different sides" not in why), (text, row["verdict"], why)
+        assert (verdict in ("**supported**", "**not supported**") or "real, below" in verdict) == (
+            below and "different sides" not in why
+        ), (text, row["verdict"], why)
     assert tested >= 1
 
 
 def test_the_report_links_the_verdicts_page_when_written_in_the_repository(tmp_path):
     from reports.claims_table import _docs_link
+
     root = Path(__file__).resolve().parents[2]
     assert _docs_link(root / "reports" / "out" / "smoke") == "[How verdicts are decided](../../../docs/verdicts.md)"
     assert (root / "docs" / "verdicts.md").is_file()

@@ -9,19 +9,22 @@ from reports.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 KEY = "speed/ratio/decode_tokens_per_s_b1/vs/G/decode_tokens_per_s_b1"
 
 
-@pytest.mark.parametrize("low, high, n, direction, verdict", [
-    (1.45, 1.55, 20, +1, SUPPORTED),         # excludes 1 above, claimed A higher
-    (1.45, 1.55, 20, -1, NOT_SUPPORTED),     # ... claimed A lower
-    (0.80, 0.86, 20, +1, NOT_SUPPORTED),     # excludes 1 below
-    (0.80, 0.86, 20, -1, SUPPORTED),
-    (0.98, 1.02, 20, +1, EQUAL),             # inside [0.97, 1.03]
-    (1.005, 1.02, 20, +1, EQUAL),            # excludes 1 but inside ±3%: equal is checked first
-    (0.97, 1.03, 20, +1, EQUAL),             # the bounds themselves count as inside
-    (0.969, 1.02, 20, +1, INCONCLUSIVE),     # straddles 1, reaches past -3%
-    (0.95, 1.15, 20, +1, INCONCLUSIVE),
-    (1.45, 1.55, 5, +1, INCONCLUSIVE),       # 5 rounds: no 95% order-statistic interval
-    (float("nan"), float("nan"), 20, +1, INCONCLUSIVE),
-])
+@pytest.mark.parametrize(
+    "low, high, n, direction, verdict",
+    [
+        (1.45, 1.55, 20, +1, SUPPORTED),  # excludes 1 above, claimed A higher
+        (1.45, 1.55, 20, -1, NOT_SUPPORTED),  # ... claimed A lower
+        (0.80, 0.86, 20, +1, NOT_SUPPORTED),  # excludes 1 below
+        (0.80, 0.86, 20, -1, SUPPORTED),
+        (0.98, 1.02, 20, +1, EQUAL),  # inside [0.97, 1.03]
+        (1.005, 1.02, 20, +1, EQUAL),  # excludes 1 but inside ±3%: equal is checked first
+        (0.97, 1.03, 20, +1, EQUAL),  # the bounds themselves count as inside
+        (0.969, 1.02, 20, +1, INCONCLUSIVE),  # straddles 1, reaches past -3%
+        (0.95, 1.15, 20, +1, INCONCLUSIVE),
+        (1.45, 1.55, 5, +1, INCONCLUSIVE),  # 5 rounds: no 95% order-statistic interval
+        (float("nan"), float("nan"), 20, +1, INCONCLUSIVE),
+    ],
+)
 def test_ratio_verdict_rule(low, high, n, direction, verdict):
     assert ratio_verdict(PairedRatio(1.0, low, high, n), direction) == verdict  # the verdict reads the interval
 
@@ -31,13 +34,16 @@ def test_no_ratio_is_inconclusive():
 
 
 def test_ratio_read_from_a_or_inverted_from_b():
-    kimi = {"shape": "K", KEY.replace("/G/", "/X/"): 9.0}       # a ratio against another shape: not this pair
-    gpt = {"shape": "G", "speed/ratio/decode_tokens_per_s_b1/vs/K/decode_tokens_per_s_b1": 0.5,
-           "speed/ratio/decode_tokens_per_s_b1/vs/K/decode_tokens_per_s_b1_lo": 0.4,
-           "speed/ratio/decode_tokens_per_s_b1/vs/K/decode_tokens_per_s_b1_hi": 0.625,
-           "speed/ratio/decode_tokens_per_s_b1/vs/K/decode_tokens_per_s_b1_n": 12.0}
+    kimi = {"shape": "K", KEY.replace("/G/", "/X/"): 9.0}  # a ratio against another shape: not this pair
+    gpt = {
+        "shape": "G",
+        "speed/ratio/decode_tokens_per_s_b1/vs/K/decode_tokens_per_s_b1": 0.5,
+        "speed/ratio/decode_tokens_per_s_b1/vs/K/decode_tokens_per_s_b1_lo": 0.4,
+        "speed/ratio/decode_tokens_per_s_b1/vs/K/decode_tokens_per_s_b1_hi": 0.625,
+        "speed/ratio/decode_tokens_per_s_b1/vs/K/decode_tokens_per_s_b1_n": 12.0,
+    }
     m = "speed/decode_tokens_per_s_b1"
-    r = paired_ratio(kimi, gpt, m, m)                              # kimi/gpt from gpt's gpt/kimi
+    r = paired_ratio(kimi, gpt, m, m)  # kimi/gpt from gpt's gpt/kimi
     assert (r.median, r.low, r.high, r.n) == (2.0, 1.6, 2.5, 12)
     direct = {"shape": "K", KEY: 2.0, KEY + "_lo": 1.6, KEY + "_hi": 2.5, KEY + "_n": 12.0}
     assert paired_ratio(direct, {"shape": "G"}, m, m) == PairedRatio(2.0, 1.6, 2.5, 12)
@@ -48,16 +54,23 @@ def test_ratio_read_from_a_or_inverted_from_b():
 
 def test_speed_comparison_cells():
     m = "speed/decode_tokens_per_s_b1"
-    kimi = {"shape": "K", m: 45.0, m + "_iqr": 1.5, m + "_n": 20.0, KEY: 1.5, KEY + "_lo": 1.45,
-            KEY + "_hi": 1.55, KEY + "_n": 20.0}
+    kimi = {
+        "shape": "K",
+        m: 45.0,
+        m + "_iqr": 1.5,
+        m + "_n": 20.0,
+        KEY: 1.5,
+        KEY + "_lo": 1.45,
+        KEY + "_hi": 1.55,
+        KEY + "_n": 20.0,
+    }
     gpt = {"shape": "G", m: 30.0, m + "_iqr": 9.0, m + "_n": 20.0}
     c = speed_comparison("kimi+muon", "gpt+adamw", kimi, gpt, m, m, +1)
     assert c.a_text == "kimi+muon: 45.00 (IQR 1.500, n=20)"
-    assert c.b_text == "gpt+adamw: 30.00 (IQR 9.000, n=20) **noisy**"     # noisy stays as information
+    assert c.b_text == "gpt+adamw: 30.00 (IQR 9.000, n=20) **noisy**"  # noisy stays as information
     assert c.diff_text == "A/B ×1.500 [1.450, 1.550], 20 paired rounds (decode_tokens_per_s_b1)"
     assert c.verdict == SUPPORTED and c.measured
-    old = speed_comparison("kimi+muon", "gpt+adamw", {k: v for k, v in kimi.items() if "ratio" not in k}, gpt,
-                           m, m, +1)
+    old = speed_comparison("kimi+muon", "gpt+adamw", {k: v for k, v in kimi.items() if "ratio" not in k}, gpt, m, m, +1)
     assert old.diff_text == "medians +50.0% (decode_tokens_per_s_b1); no paired ratio logged"
     assert old.verdict == INCONCLUSIVE
     missing = speed_comparison("kimi+muon", "gpt+adamw", None, gpt, m, m, +1)

@@ -75,11 +75,20 @@ def test_bootstrap_is_deterministic_and_brackets_the_mean():
 
 
 def test_paired_differences_by_hand():
-    runs = frame([("kimi+muon", 0, 10.0), ("kimi+muon", 1, 12.0), ("kimi+muon", 2, 11.0),
-                  ("kimi+muon", 5, 99.0), ("gpt+adamw", 0, 8.0), ("gpt+adamw", 1, 11.0),
-                  ("gpt+adamw", 2, 7.0), ("gpt+adamw", 3, 1.0)])
+    runs = frame(
+        [
+            ("kimi+muon", 0, 10.0),
+            ("kimi+muon", 1, 12.0),
+            ("kimi+muon", 2, 11.0),
+            ("kimi+muon", 5, 99.0),
+            ("gpt+adamw", 0, 8.0),
+            ("gpt+adamw", 1, 11.0),
+            ("gpt+adamw", 2, 7.0),
+            ("gpt+adamw", 3, 1.0),
+        ]
+    )
     p = paired_differences(runs, "m", "kimi+muon", "gpt+adamw")
-    assert p.pairs.seed.tolist() == [0, 1, 2]             # seeds 3 and 5 are unpaired
+    assert p.pairs.seed.tolist() == [0, 1, 2]  # seeds 3 and 5 are unpaired
     assert p.pairs["diff"].tolist() == [2.0, 1.0, 4.0]
     d = [2.0, 1.0, 4.0]
     mean = sum(d) / 3
@@ -91,8 +100,13 @@ def test_paired_differences_by_hand():
 
 
 def test_pair_helpers():
-    runs = frame([(arm, s, v + s) for arm, v in [("kimi+muon", 1.0), ("gpt+muon", 3.0), ("gpt+adamw", 4.0),
-                                                  ("kimi+adamw", 2.5)] for s in range(3)])
+    runs = frame(
+        [
+            (arm, s, v + s)
+            for arm, v in [("kimi+muon", 1.0), ("gpt+muon", 3.0), ("gpt+adamw", 4.0), ("kimi+adamw", 2.5)]
+            for s in range(3)
+        ]
+    )
     kg = kimi_minus_gpt(runs, "m")
     assert [(p.a_arm, p.b_arm) for p in kg] == [("kimi+adamw", "gpt+adamw"), ("kimi+muon", "gpt+muon")]
     assert [p.diff.mean for p in kg] == [-1.5, -2.0]
@@ -113,7 +127,7 @@ def upper2(t: float) -> float:
 
 
 def test_t_and_tost_p_values_by_hand():
-    d = [0.1, 0.2, 0.3]                      # mean 0.2, sd 0.1, se 0.1/sqrt(3)
+    d = [0.1, 0.2, 0.3]  # mean 0.2, sd 0.1, se 0.1/sqrt(3)
     se = 0.1 / math.sqrt(3)
     assert t_p_value(d) == pytest.approx(p2(0.2 / se), rel=1e-9)
     # TOST at margin 0.25: H0 mean <= -0.25 (t = 0.45/se) and H0 mean >= 0.25 (t = -0.05/se); p = the larger
@@ -140,8 +154,8 @@ def _holm_pair(d, margin):
 def test_grad_norm_cv_case_ci_excludes_zero_but_holm_p_decides():
     """The smoke report's gpt+muon grad-norm CV: CI [-0.340, -0.110] excludes 0, raw p 0.0138, yet the row is
     inconclusive after Holm; the printed rule says so (p decides; the intervals are unadjusted)."""
-    m, sd = -0.225, 0.115 * math.sqrt(3) / T2          # half-width 0.115 with n = 3
-    d = [m - sd, m, m + sd]                              # sample sd = sd exactly
+    m, sd = -0.225, 0.115 * math.sqrt(3) / T2  # half-width 0.115 with n = 3
+    d = [m - sd, m, m + sd]  # sample sd = sd exactly
     e = estimate(d)
     assert (e.low, e.high) == (pytest.approx(-0.340, abs=1e-12), pytest.approx(-0.110, abs=1e-12))
     p = t_p_value(d)
@@ -167,8 +181,9 @@ def test_a_significant_one_percent_difference_is_never_not_supported(margin, wor
     e = estimate(d)
     assert (e.low, e.high) == (pytest.approx(-0.0295, abs=1e-12), pytest.approx(-0.0245, abs=1e-12))
     se = sd / math.sqrt(3)
-    assert tost_p_value(d, margin) == pytest.approx(max(upper2((m + margin) / se), 1 - upper2((m - margin) / se)),
-                                                    rel=1e-6)
+    assert tost_p_value(d, margin) == pytest.approx(
+        max(upper2((m + margin) / se), 1 - upper2((m - margin) / se)), rel=1e-6
+    )
     p_diff, p_eq = _holm_pair(d, margin)
     assert p_diff < 1e-3
     v = decide(side_of(-1, [m]), p_diff, p_eq, f"{margin:g} nats")
@@ -178,14 +193,14 @@ def test_a_significant_one_percent_difference_is_never_not_supported(margin, wor
 
 
 def test_equivalence_is_its_own_verdict():
-    d = [0.001, -0.002, 0.0015, -0.0005]                # tiny, noisy differences: no difference, equivalent
+    d = [0.001, -0.002, 0.0015, -0.0005]  # tiny, noisy differences: no difference, equivalent
     p_diff, p_eq = _holm_pair(d, 0.02)
     assert p_diff >= 0.05 and p_eq < 0.05
     v = decide(side_of(-1, [sum(d) / 4]), p_diff, p_eq, "0.02 nats")
     assert v.word == EQUIVALENT and v.text == "equivalent within ±0.02 nats"
     assert decide(+1, 0.2, 0.3, "0.02 nats").word == INCONCLUSIVE
-    assert decide(-1, 0.001, 0.3, "0.02 nats").word == NOT_SUPPORTED      # significant, other side
-    assert decide(0, 0.001, 0.3, "10%").word == INCONCLUSIVE              # measures on different sides
+    assert decide(-1, 0.001, 0.3, "0.02 nats").word == NOT_SUPPORTED  # significant, other side
+    assert decide(0, 0.001, 0.3, "10%").word == INCONCLUSIVE  # measures on different sides
 
 
 def test_side_of_needs_every_measure_on_one_side():
@@ -193,14 +208,17 @@ def test_side_of_needs_every_measure_on_one_side():
     assert side_of(-1, [-0.2, 0.1]) == 0 and side_of(+1, [0.0]) == 0
 
 
-@pytest.mark.parametrize("a, b, direction, threshold, word", [
-    (1.049, 1.051, -1, 0.01, EQUIVALENT),      # 0.19% apart: inside the 1% threshold
-    (1.01, 1.04, -1, 0.01, SUPPORTED),         # 2.88% apart on the claimed side
-    (1.04, 1.01, -1, 0.01, NOT_SUPPORTED),
-    (101.8, 100.0, 0, 0.03, SUPPORTED),        # equality within the match tolerance
-    (101.8, 100.0, 0, 0.01, NOT_SUPPORTED),
-    (float("nan"), 1.0, -1, 0.01, INCONCLUSIVE),
-])
+@pytest.mark.parametrize(
+    "a, b, direction, threshold, word",
+    [
+        (1.049, 1.051, -1, 0.01, EQUIVALENT),  # 0.19% apart: inside the 1% threshold
+        (1.01, 1.04, -1, 0.01, SUPPORTED),  # 2.88% apart on the claimed side
+        (1.04, 1.01, -1, 0.01, NOT_SUPPORTED),
+        (101.8, 100.0, 0, 0.03, SUPPORTED),  # equality within the match tolerance
+        (101.8, 100.0, 0, 0.01, NOT_SUPPORTED),
+        (float("nan"), 1.0, -1, 0.01, INCONCLUSIVE),
+    ],
+)
 def test_exact_verdict_unrounded(a, b, direction, threshold, word):
     v = exact_verdict(a, b, direction, threshold)
     assert v.word == word
@@ -209,6 +227,14 @@ def test_exact_verdict_unrounded(a, b, direction, threshold, word):
 
 
 def test_rule_text_names_every_outcome():
-    for word in ("supported", "not supported", "inconclusive", "equivalent within ±m", "real, below the margin",
-                 "Holm", "TOST", "unadjusted"):
+    for word in (
+        "supported",
+        "not supported",
+        "inconclusive",
+        "equivalent within ±m",
+        "real, below the margin",
+        "Holm",
+        "TOST",
+        "unadjusted",
+    ):
         assert word in VERDICT_RULE

@@ -11,7 +11,7 @@ from reports import claims as cl
 from reports.compute import ratio_estimate, reach, reach_or_bound, schedule_of, stable_evals, to_target
 from reports.stats import EXPLORATORY, INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Margins, t_p_value
 
-T2 = 0.95 * math.sqrt(2 / 0.0975)     # t(0.975, 2), closed form
+T2 = 0.95 * math.sqrt(2 / 0.0975)  # t(0.975, 2), closed form
 
 
 def p2(t: float) -> float:
@@ -28,8 +28,18 @@ def _runs(values: dict[str, list[float]], metric: str, extra: dict | None = None
     for arm, vals in values.items():
         variant, opt = arm.split("+")
         for s, v in enumerate(vals):
-            rows.append({"run_id": f"{arm}-{s}", "arm": arm, "variant": variant, "optimizer": opt, "seed": s,
-                         "preset": "tiny", metric: v, **(extra or {})})
+            rows.append(
+                {
+                    "run_id": f"{arm}-{s}",
+                    "arm": arm,
+                    "variant": variant,
+                    "optimizer": opt,
+                    "seed": s,
+                    "preset": "tiny",
+                    metric: v,
+                    **(extra or {}),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -46,6 +56,7 @@ def _rows(ctx, start):
 
 # ----------------------------------------------------------------------------- statistical claims
 
+
 @pytest.mark.parametrize("loss_margin, verdict", [(0.02, SUPPORTED), (0.05, "real, below the margin ±0.05 nats")])
 def test_one_percent_val_loss_difference_on_the_claims_path(loss_margin, verdict):
     """Muon - AdamW val loss: d = -0.027 +- sd with CI [-0.0295, -0.0245] on a loss near 2.7 (about -1% of B).
@@ -58,7 +69,7 @@ def test_one_percent_val_loss_difference_on_the_claims_path(loss_margin, verdict
     assert n == 2
     se = sd / math.sqrt(3)
     assert row.p == pytest.approx(p2(0.027 / se), rel=1e-4)
-    lo, hi = sorted((row.p, row.p_eq))                                 # Holm over the two by hand
+    lo, hi = sorted((row.p, row.p_eq))  # Holm over the two by hand
     assert row.p_adj == pytest.approx(2 * lo if row.p == lo else max(2 * lo, hi), rel=1e-9)
     assert row.verdict == verdict
     assert f"margin ±{loss_margin:g} nats" in row.diff_text and "unadjusted 95% CI" in row.diff_text
@@ -82,12 +93,13 @@ def test_stability_is_one_claim_with_two_measures():
 
 def test_stability_measures_on_different_sides_are_inconclusive():
     runs = _runs({"gpt+muon": [0.50, 0.52, 0.51], "gpt+adamw": [0.80, 0.82, 0.81]}, "grad/norm_cv")
-    runs["grad/norm_p99_over_median"] = [6.0, 6.2, 6.1, 3.0, 3.1, 3.05]      # p99/median worse with Muon
+    runs["grad/norm_p99_over_median"] = [6.0, 6.2, 6.1, 3.0, 3.1, 3.05]  # p99/median worse with Muon
     (row,), _ = _rows(_ctx(runs), "Muon gives more stable gradients")
     assert row.verdict == INCONCLUSIVE
 
 
 # ----------------------------------------------------------------------------- compute to target
+
 
 def test_last_crossing_not_first():
     x, loss = [0, 100, 200, 300, 400], [5.0, 3.0, 3.5, 3.1, 2.9]
@@ -106,9 +118,18 @@ def test_zero_spread_multiplier_has_no_p():
 
 
 def _curve(arm, seed, xs, losses, run_id=None):
-    return pd.DataFrame({"run_id": run_id or f"{arm}-{seed}", "arm": arm, "seed": seed, "step": range(len(xs)),
-                         "loss": losses, "tokens": np.asarray(xs, float), "flops": np.asarray(xs, float) * 10.0,
-                         "seconds": np.asarray(xs, float) / 1000})
+    return pd.DataFrame(
+        {
+            "run_id": run_id or f"{arm}-{seed}",
+            "arm": arm,
+            "seed": seed,
+            "step": range(len(xs)),
+            "loss": losses,
+            "tokens": np.asarray(xs, float),
+            "flops": np.asarray(xs, float) * 10.0,
+            "seconds": np.asarray(xs, float) / 1000,
+        }
+    )
 
 
 def _compute_runs(curves: pd.DataFrame, schedule="wsd") -> pd.DataFrame:
@@ -118,11 +139,11 @@ def _compute_runs(curves: pd.DataFrame, schedule="wsd") -> pd.DataFrame:
     if schedule:
         runs["param.train.schedule"] = schedule
         runs["param.train.cooldown_frac"] = "0.2"
-        runs["param.train.seconds"] = "null"          # as MLflow holds an unset budget
+        runs["param.train.seconds"] = "null"  # as MLflow holds an unset budget
     return runs.reset_index(drop=True)
 
 
-X = [0, 100, 200, 300, 400, 500]     # eval steps 0..5; WSD cooldown 0.2: stable evals are steps 0..4 (x <= 400)
+X = [0, 100, 200, 300, 400, 500]  # eval steps 0..5; WSD cooldown 0.2: stable evals are steps 0..4 (x <= 400)
 
 
 def test_stable_evals_drop_the_cooldown():
@@ -138,9 +159,10 @@ def test_an_arm_that_never_reaches_the_target_counts_against_it():
     not supported (the bound can only understate A's need). By hand: t = mean/se of the log ratios, 2 df."""
     b_need = [180.0, 190.0, 200.0]
     # B crosses 3.0 between (100, 4.0) and (200, l): x = 100 + 100 / (4 - l), so l = 4 - 100 / (x - 100)
-    cur = pd.concat([_curve("gpt+muon", s, X, [5, 4.5, 4, 3.6, 3.3, 1.0]) for s in range(3)]
-                    + [_curve("gpt+adamw", s, X, [5, 4, 4 - 100 / (x - 100), 2.9, 2.8, 2.5])
-                       for s, x in enumerate(b_need)])
+    cur = pd.concat(
+        [_curve("gpt+muon", s, X, [5, 4.5, 4, 3.6, 3.3, 1.0]) for s in range(3)]
+        + [_curve("gpt+adamw", s, X, [5, 4, 4 - 100 / (x - 100), 2.9, 2.8, 2.5]) for s, x in enumerate(b_need)]
+    )
     runs = _compute_runs(cur)
     t = to_target(stable_evals(cur, runs), "gpt+muon", "gpt+adamw", "tokens", 3.0)
     assert t.per_seed.b.tolist() == pytest.approx(b_need, rel=1e-12)
@@ -161,8 +183,10 @@ def test_a_censored_favoured_arm_cannot_be_supported():
     why."""
     kimi = [[5, 4.5, 4, 3.5, 2.9 + 0.05 * s, 2] for s in (0, 1)] + [[5, 4.5, 4, 3.5, 3.2, 2]]
     gpt = [[5, 4.5, 3.5, 3.5 - 50 / (x - 200), 2.7, 2.6] for x in (270, 280, 290)]
-    cur = pd.concat([_curve("kimi+muon", s, X, kimi[s]).assign(flops=lambda d: d.tokens * 3.0) for s in range(3)]
-                    + [_curve("gpt+adamw", s, X, gpt[s]) for s in range(3)])
+    cur = pd.concat(
+        [_curve("kimi+muon", s, X, kimi[s]).assign(flops=lambda d: d.tokens * 3.0) for s in range(3)]
+        + [_curve("gpt+adamw", s, X, gpt[s]) for s in range(3)]
+    )
     runs = _compute_runs(cur)
     t = to_target(stable_evals(cur, runs), "kimi+muon", "gpt+adamw", "flops", 3.0)
     a = [3 * (300 + 0.5 / 0.6 * 100), 3 * (300 + 0.5 / 0.55 * 100), 1200.0]
@@ -174,19 +198,25 @@ def test_a_censored_favoured_arm_cannot_be_supported():
 
 
 def test_compute_rows_with_a_cosine_schedule_or_no_fixed_target_are_exploratory():
-    cur = pd.concat([_curve("gpt+muon", s, X, [5, 3, 2.8, 2.7, 2.6, 2.5]) for s in range(3)]
-                    + [_curve("gpt+adamw", s, X, [5, 4, 3.5, 2.9, 2.8, 2.7]) for s in range(3)])
-    for runs, target, reason in ((_compute_runs(cur, schedule=None), 3.0, "cosine schedule"),
-                                 (_compute_runs(cur), None, "no target_loss set before the runs")):
+    cur = pd.concat(
+        [_curve("gpt+muon", s, X, [5, 3, 2.8, 2.7, 2.6, 2.5]) for s in range(3)]
+        + [_curve("gpt+adamw", s, X, [5, 4, 3.5, 2.9, 2.8, 2.7]) for s in range(3)]
+    )
+    for runs, target, reason in (
+        (_compute_runs(cur, schedule=None), 3.0, "cosine schedule"),
+        (_compute_runs(cur), None, "no target_loss set before the runs"),
+    ):
         (row,), n = _rows(_ctx(runs, cur, target=target), "Muon converges faster")
         assert row.verdict == EXPLORATORY and row.exploratory and reason in row.why and n == 0
 
 
 def test_tokens_flops_and_seconds_are_one_claim():
-    cur = pd.concat([_curve("gpt+muon", s, X, [5, 3.1 - 0.05 * s, 2.8, 2.7, 2.6, 2.5]) for s in range(3)]
-                    + [_curve("gpt+adamw", s, X, [5, 4, 3.5 - 0.1 * s, 2.9, 2.8, 2.7]) for s in range(3)])
+    cur = pd.concat(
+        [_curve("gpt+muon", s, X, [5, 3.1 - 0.05 * s, 2.8, 2.7, 2.6, 2.5]) for s in range(3)]
+        + [_curve("gpt+adamw", s, X, [5, 4, 3.5 - 0.1 * s, 2.9, 2.8, 2.7]) for s in range(3)]
+    )
     runs = _compute_runs(cur)
     rows, n = _rows(_ctx(runs, cur, target=3.0), "Muon converges faster")
-    assert len(rows) == 1 and n == 2                      # one p_diff and one p_eq: FLOPs/seconds not tested apart
+    assert len(rows) == 1 and n == 2  # one p_diff and one p_eq: FLOPs/seconds not tested apart
     assert "FLOPs ×" in rows[0].diff_text and "training seconds ×" in rows[0].diff_text
     assert rows[0].verdict == SUPPORTED

@@ -56,9 +56,18 @@ class Claims:
         ray = import_ray()
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.scope = hashlib.sha256(scope.encode()).hexdigest()[:16]
-        self.board = ray.remote(ClaimBoard).options(name=CLAIMS_ACTOR, namespace=NAMESPACE, lifetime="detached",
-                                                    get_if_exists=True, num_cpus=0,
-                                                    scheduling_strategy=driver_node()).remote()
+        self.board = (
+            ray.remote(ClaimBoard)
+            .options(
+                name=CLAIMS_ACTOR,
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                scheduling_strategy=driver_node(),
+            )
+            .remote()
+        )
         self.lock_dir = lock_dir / self.scope
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         self.locks: dict[str, Any] = {}

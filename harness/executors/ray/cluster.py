@@ -46,8 +46,10 @@ def connect(opts: RayOptions, secrets: dict[str, str] | None = None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         from harness.stores.tracking import first_line
 
-        raise UserError(f"--ray-address {address or 'local'}: cannot reach the Ray cluster ({first_line(e)}); "
-                        "start it with `ray start --head` or fix the address") from None
+        raise UserError(
+            f"--ray-address {address or 'local'}: cannot reach the Ray cluster ({first_line(e)}); "
+            "start it with `ray start --head` or fix the address"
+        ) from None
     return True
 
 
@@ -79,14 +81,18 @@ def check_shared_stores(hosts: dict[str, list[str]], **stores: str | None) -> No
     `stores`: option name -> URI (e.g. tracking_uri=..., storage=...)."""
     if len(hosts) <= 1:
         return
-    fixes = {"tracking_uri": "--tracking-uri http://MLFLOW-HOST:5000 (an MLflow server every node reaches)",
-             "storage": "--storage postgresql://USER@DB-HOST/optuna (an RDB every node reaches)"}
+    fixes = {
+        "tracking_uri": "--tracking-uri http://MLFLOW-HOST:5000 (an MLflow server every node reaches)",
+        "storage": "--storage postgresql://USER@DB-HOST/optuna (an RDB every node reaches)",
+    }
     for option, uri in stores.items():
         if uri and is_local_store(uri):
             flag = "--" + option.replace("_", "-")
-            raise UserError(f"{flag} {strip_credentials(uri)}: a local file store on a Ray cluster of "
-                            f"{len(hosts)} machines ({', '.join(sorted(hosts))}); the other machines cannot "
-                            f"reach it; use {fixes.get(option, 'a server every node reaches')}")
+            raise UserError(
+                f"{flag} {strip_credentials(uri)}: a local file store on a Ray cluster of "
+                f"{len(hosts)} machines ({', '.join(sorted(hosts))}); the other machines cannot "
+                f"reach it; use {fixes.get(option, 'a server every node reaches')}"
+            )
 
 
 def _sees_file(path: str) -> bool:
@@ -106,15 +112,21 @@ def check_shared_dir(folder: Path, hosts: dict[str, list[str]]) -> None:
     probe.write_text("kimi-bench")
     try:
         task = ray.remote(num_cpus=0)(_sees_file)
-        refs = {host: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(ids[0], soft=False))
-                .remote(str(probe.resolve())) for host, ids in hosts.items()}
+        refs = {
+            host: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(ids[0], soft=False)).remote(
+                str(probe.resolve())
+            )
+            for host, ids in hosts.items()
+        }
         blind = [host for host, ref in refs.items() if not ray.get(ref, timeout=120)]
     finally:
         probe.unlink(missing_ok=True)
     if blind:
-        raise UserError(f"--out {folder}: not visible from {', '.join(blind)}; checkpoints must be on a folder "
-                        "every node mounts at the same path (NFS, a cluster filesystem), or set [ray] "
-                        "checkpoint_dir")
+        raise UserError(
+            f"--out {folder}: not visible from {', '.join(blind)}; checkpoints must be on a folder "
+            "every node mounts at the same path (NFS, a cluster filesystem), or set [ray] "
+            "checkpoint_dir"
+        )
 
 
 def secret_arg(kind: str, uri: str | None) -> tuple[str | None, dict[str, str]]:
@@ -132,15 +144,21 @@ def resolve_secret(kind: str, shown: str | None, had_credentials: bool) -> str |
     env = os.environ.get(SECRET_ENV[kind])
     if env and strip_credentials(env) == shown:
         return env
-    raise RuntimeError(f"{SECRET_ENV[kind]} is not set on this node to the URI of {shown}; export it "
-                       "(with its credentials) before `ray start` on every node")
+    raise RuntimeError(
+        f"{SECRET_ENV[kind]} is not set on this node to the URI of {shown}; export it "
+        "(with its credentials) before `ray start` on every node"
+    )
 
 
 def where() -> dict:
     ray = import_ray()
     ctx = ray.get_runtime_context()
-    return {"node_id": ctx.get_node_id(), "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
-            "worker_id": ctx.get_worker_id()}
+    return {
+        "node_id": ctx.get_node_id(),
+        "node": ray.util.get_node_ip_address(),
+        "pid": os.getpid(),
+        "worker_id": ctx.get_worker_id(),
+    }
 
 
 def slots(ray) -> str:

@@ -51,8 +51,17 @@ def _remote_trial(ray, opts: RayOptions, resources: dict[str, float]):
     return ray.remote(train_trial).options(max_retries=opts.max_retries, retry_exceptions=False, **resources)
 
 
-def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_root: Path, console: Console,
-                   opts: RayOptions, peak_tflops: float | None = None, cache_dir: str | None = None):
+def run_matrix_ray(
+    matrix,
+    trials: list,
+    data,
+    tracking_uri: str | None,
+    out_root: Path,
+    console: Console,
+    opts: RayOptions,
+    peak_tflops: float | None = None,
+    cache_dir: str | None = None,
+):
     """run_matrix on Ray: every trial a task, as many at once as the cluster has slots. Same MatrixOutcome."""
     from harness.stores.tracking import Tracker, resolve_tracking_uri
 
@@ -64,8 +73,9 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
         hosts = cluster.cluster_hosts()  # through the module: tests stand in a cluster of several machines
         check_shared_stores(hosts, tracking_uri=uri)
         cuda = bool(trials) and resolve_device(trials[0].train.device).type == "cuda"
-        warn_sqlite_writers(console, uri, min(len(trials), parallel_slots(ray.cluster_resources(),
-                                                                          trial_resources(cuda, opts))))
+        warn_sqlite_writers(
+            console, uri, min(len(trials), parallel_slots(ray.cluster_resources(), trial_resources(cuda, opts)))
+        )
         out_root = Path(opts.checkpoint_dir) if opts.checkpoint_dir else Path(out_root)
         check_shared_dir(out_root, hosts)
         tracker = Tracker(uri)
@@ -76,11 +86,30 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
         outcome = MatrixOutcome(experiment_id, parent, [])
         claims = Claims(f"{strip_credentials(uri)}|{experiment_id}", claims_lock_dir(uri))
         board = ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=driver_node()).remote()
-        console.print(f"ray: {sum(len(v) for v in hosts.values())} node(s) on {len(hosts)} machine(s), "
-                      f"{slots(ray)}; {len(trials)} trial(s)")
+        console.print(
+            f"ray: {sum(len(v) for v in hosts.values())} node(s) on {len(hosts)} machine(s), "
+            f"{slots(ray)}; {len(trials)} trial(s)"
+        )
         try:
-            _drive(ray, trials, data, tracker, experiment_id, parent, common_tags, out_root, console, opts,
-                   peak_tflops, cache_dir, shown_uri, bool(secrets), claims, board, outcome)
+            _drive(
+                ray,
+                trials,
+                data,
+                tracker,
+                experiment_id,
+                parent,
+                common_tags,
+                out_root,
+                console,
+                opts,
+                peak_tflops,
+                cache_dir,
+                shown_uri,
+                bool(secrets),
+                claims,
+                board,
+                outcome,
+            )
             if device is not None:  # the controlled speed runs, on the driver, as the local executor does
                 from harness.measure.speed_runs import measure_matrix_speed
 
@@ -89,9 +118,11 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
             outcome.interrupted = True
             from harness.signals import interrupt_name
 
-            console.print(f"[yellow]interrupted ({interrupt_name()})[/]: running trials are cancelled and marked "
-                          "killed; finished trials are kept. Resume with the same command: "
-                          f"kimi-bench run --matrix {matrix.path}")
+            console.print(
+                f"[yellow]interrupted ({interrupt_name()})[/]: running trials are cancelled and marked "
+                "killed; finished trials are kept. Resume with the same command: "
+                f"kimi-bench run --matrix {matrix.path}"
+            )
         finally:
             claims.close()
             tracker.end_parent(parent, schema.KILLED if outcome.interrupted else schema.FINISHED)
@@ -103,8 +134,25 @@ def run_matrix_ray(matrix, trials: list, data, tracking_uri: str | None, out_roo
             ray.shutdown()
 
 
-def _drive(ray, trials, data, tracker, experiment_id, parent, common_tags, out_root, console, opts, peak_tflops,
-           cache_dir, shown_uri, secret: bool, claims: Claims, board, outcome) -> None:
+def _drive(
+    ray,
+    trials,
+    data,
+    tracker,
+    experiment_id,
+    parent,
+    common_tags,
+    out_root,
+    console,
+    opts,
+    peak_tflops,
+    cache_dir,
+    shown_uri,
+    secret: bool,
+    claims: Claims,
+    board,
+    outcome,
+) -> None:
     """Claim and submit every trial, then wait for them with live progress; Ctrl-C cancels them."""
     n = len(trials)
     results: dict[int, TrialResult | None] = {}
@@ -122,11 +170,21 @@ def _drive(ray, trials, data, tracker, experiment_id, parent, common_tags, out_r
             console.print(f"[dim][{i}/{n}] {spec.name}: claimed by another driver, skipped[/]")
             results[i] = None
             continue
-        job = TrialJob(spec, i, data_fields=dict(spec.data), cache_dir=cache_dir, tracking_uri=shown_uri,
-                       tracking_secret=secret,
-                       experiment_id=experiment_id, parent_run_id=parent, common_tags=common_tags,
-                       out_dir=str((out_root / spec.experiment / key).resolve()), nproc=opts.nproc,
-                       peak_tflops=peak_tflops, board=board)
+        job = TrialJob(
+            spec,
+            i,
+            data_fields=dict(spec.data),
+            cache_dir=cache_dir,
+            tracking_uri=shown_uri,
+            tracking_secret=secret,
+            experiment_id=experiment_id,
+            parent_run_id=parent,
+            common_tags=common_tags,
+            out_dir=str((out_root / spec.experiment / key).resolve()),
+            nproc=opts.nproc,
+            peak_tflops=peak_tflops,
+            board=board,
+        )
         on_cuda = resolve_device(spec.train.device).type == "cuda"
         ref = _remote_trial(ray, opts, trial_resources(on_cuda, opts)).remote(job)
         running.append(Running(spec, key, ref, i, experiment_id))
@@ -139,14 +197,24 @@ def _drive(ray, trials, data, tracker, experiment_id, parent, common_tags, out_r
         outcome.results.extend((trials[i - 1], results.get(i)) for i in sorted(results))
 
 
-def _wait_all(ray, running: list[Running], results: dict, board, console: Console, opts: RayOptions, n: int,
-              tracker, claims: Claims) -> None:
+def _wait_all(
+    ray,
+    running: list[Running],
+    results: dict,
+    board,
+    console: Console,
+    opts: RayOptions,
+    n: int,
+    tracker,
+    claims: Claims,
+) -> None:
     bar, task = progress_view(n, console)
     done_before = sum(1 for v in results.values() if v is None)
     bar.update(task, completed=done_before)
     last_line = 0.0
-    with Live(Group(bar), console=console, refresh_per_second=4, transient=False,
-              redirect_stdout=False, redirect_stderr=False) as live:
+    with Live(
+        Group(bar), console=console, refresh_per_second=4, transient=False, redirect_stdout=False, redirect_stderr=False
+    ) as live:
         while running:
             ready, _ = ray.wait([r.ref for r in running], num_returns=1, timeout=opts.poll_s)
             rows_now = snapshot(ray, board)
@@ -163,8 +231,10 @@ def _wait_all(ray, running: list[Running], results: dict, board, console: Consol
                 last_line = time.time()  # a log file gets a line every 30 s instead of a live view
                 for r in running:
                     row = rows_now.get(r.key, {})
-                    console.print(f"[{r.index}/{n}] {r.spec.name} on {row.get('node', 'queued')} step "
-                                  f"{row.get('step', 0)}/{row.get('total') or '?'}")
+                    console.print(
+                        f"[{r.index}/{n}] {r.spec.name} on {row.get('node', 'queued')} step "
+                        f"{row.get('step', 0)}/{row.get('total') or '?'}"
+                    )
 
 
 def _collect(ray, r: Running, row: dict, tracker, console: Console):
@@ -181,8 +251,9 @@ def _collect(ray, r: Running, row: dict, tracker, console: Console):
     if out["status"] == "skipped":
         console.print(f"[dim]{r.spec.name}: already ended, skipped[/]")
         return None
-    result = TrialResult(out["status"], out["trial_key"], out["step"], out["metrics"], out["run_id"],
-                         out["error"], Path(out["out_dir"]))
+    result = TrialResult(
+        out["status"], out["trial_key"], out["step"], out["metrics"], out["run_id"], out["error"], Path(out["out_dir"])
+    )
     n_retries = out["attempt"] - 1
     retried = f" after {n_retries} retr{'y' if n_retries == 1 else 'ies'}" if n_retries > 0 else ""
     console.print(trial_line(r.spec.name, result, f" on {out['node']}{retried}"))
@@ -197,7 +268,7 @@ def _end_if_running(tracker, experiment_id: str, key: str, status: str, error: s
         if run is not None and run.data.tags.get(schema.TAG_STATUS) == schema.RUNNING:
             run_id = run.info.run_id
             tracker.client.set_tag(run_id, schema.TAG_STATUS, status)
-            tracker.client.set_tag(run_id, schema.TAG_ERROR, error[:schema.ERROR_CHARS])
+            tracker.client.set_tag(run_id, schema.TAG_ERROR, error[: schema.ERROR_CHARS])
             tracker.client.set_terminated(run_id, MLFLOW_RUN_STATUS.get(status, "FAILED"))
 
 

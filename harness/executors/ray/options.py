@@ -46,11 +46,19 @@ class RayOptions:
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            msg = "unknown field; use num_cpus, num_gpus, max_retries or checkpoint_dir" \
-                if err["type"] == "extra_forbidden" else err["msg"]
+            msg = (
+                "unknown field; use num_cpus, num_gpus, max_retries or checkpoint_dir"
+                if err["type"] == "extra_forbidden"
+                else err["msg"]
+            )
             raise UserError(f"{path}: ray.{where}: {msg}") from None
-        return cls(num_cpus=section.num_cpus, num_gpus=section.num_gpus, max_retries=section.max_retries,
-                   checkpoint_dir=section.checkpoint_dir, **kwargs)
+        return cls(
+            num_cpus=section.num_cpus,
+            num_gpus=section.num_gpus,
+            max_retries=section.max_retries,
+            checkpoint_dir=section.checkpoint_dir,
+            **kwargs,
+        )
 
 
 def import_ray():

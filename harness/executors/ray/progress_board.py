@@ -42,8 +42,10 @@ class BoardReporter:
             self._send(step, total, info)
 
     def _send(self, step: int, total: int | None, info: dict) -> None:
-        self.board.update.remote(self.key, {"step": step, "total": total, "loss": info.get("loss"),
-                                            "tok_s": info.get("tok/s"), "time": time.time()})
+        self.board.update.remote(
+            self.key,
+            {"step": step, "total": total, "loss": info.get("loss"), "tok_s": info.get("tok/s"), "time": time.time()},
+        )
 
 
 def board_start(board, key: str, info: dict) -> int:
@@ -65,8 +67,16 @@ def snapshot(ray, board) -> dict:
 
 
 def progress_view(n: int, console: Console) -> tuple[Progress, Any]:
-    bar = Progress(TextColumn("[bold]matrix[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
-                   TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn(), console=console)
+    bar = Progress(
+        TextColumn("[bold]matrix[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trials"),
+        TimeElapsedColumn(),
+        TextColumn("remaining"),
+        TimeRemainingColumn(),
+        console=console,
+    )
     return bar, bar.add_task("matrix", total=n)
 
 
@@ -79,6 +89,13 @@ def running_table(rows: list[tuple[Any, dict]]) -> Table:
         step = f"{row.get('step', 0)}/{row.get('total') or '?'}"
         loss = f"{row['loss']:.3f}" if row.get("loss") is not None else "-"
         tps = f"{row['tok_s']:,.0f}" if row.get("tok_s") else "-"
-        table.add_row(f"[{r.index}] {r.spec.name}", r.spec.arm, str(row.get("node", "queued")), step, loss, tps,
-                      str(row.get("attempts", 0)))
+        table.add_row(
+            f"[{r.index}] {r.spec.name}",
+            r.spec.arm,
+            str(row.get("node", "queued")),
+            step,
+            loss,
+            tps,
+            str(row.get("attempts", 0)),
+        )
     return table

@@ -68,9 +68,17 @@ def train_trial(job: TrialJob) -> dict:
         run.log_dataset(data.corpus_name, data.data_hash, str(data.path))
         progress = BoardReporter(job.board, key) if job.board else None
         result = run_trial(job.spec, data, Path(job.out_dir), run, progress=progress, peak_tflops=job.peak_tflops)
-    return {"status": result.status, "trial_key": key, "step": result.step, "metrics": result.metrics,
-            "run_id": result.run_id, "error": result.error, "out_dir": str(result.out_dir), "attempt": attempt,
-            **node}
+    return {
+        "status": result.status,
+        "trial_key": key,
+        "step": result.step,
+        "metrics": result.metrics,
+        "run_id": result.run_id,
+        "error": result.error,
+        "out_dir": str(result.out_dir),
+        "attempt": attempt,
+        **node,
+    }
 
 
 def _ddp_worker_loop(config: dict) -> None:
@@ -92,11 +100,15 @@ def _ddp_worker_loop(config: dict) -> None:
         if run is not None:
             run.log_dataset(data.corpus_name, data.data_hash, str(data.path))
     progress = BoardReporter(job.board, key) if job.board and info.is_main else None
-    result = run_trial(job.spec, data, Path(job.out_dir), run, info, progress=progress,
-                       peak_tflops=job.peak_tflops)
+    result = run_trial(job.spec, data, Path(job.out_dir), run, info, progress=progress, peak_tflops=job.peak_tflops)
     if info.is_main:  # the trial folder is shared: the task that launched the trainer reads it back
-        out = {"status": result.status, "step": result.step, "error": result.error, "run_id": result.run_id,
-               "metrics": result.metrics}
+        out = {
+            "status": result.status,
+            "step": result.step,
+            "error": result.error,
+            "run_id": result.run_id,
+            "metrics": result.metrics,
+        }
         (Path(job.out_dir) / DDP_RESULT).write_text(json.dumps(out, default=float))
     ray.train.report({"status": result.status})  # every rank: a collective in Ray Train
 
@@ -111,15 +123,28 @@ def _train_ddp(job: TrialJob, key: str):
 
     use_gpu = resolve_device(job.spec.train.device).type == "cuda"
     trainer = TorchTrainer(
-        _ddp_worker_loop, train_loop_config={"job": job},
+        _ddp_worker_loop,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=job.nproc, use_gpu=use_gpu),
-        run_config=RunConfig(name=f"kb-{key}", storage_path=str(Path(job.out_dir).parent.resolve()),
-                             failure_config=FailureConfig(max_failures=0)))
+        run_config=RunConfig(
+            name=f"kb-{key}",
+            storage_path=str(Path(job.out_dir).parent.resolve()),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
     result_file = Path(job.out_dir) / DDP_RESULT
     result_file.unlink(missing_ok=True)
     trainer.fit()
-    out = json.loads(result_file.read_text()) if result_file.is_file() else {
-        "status": schema.FAILED, "step": 0, "error": "the DDP workers ended without a result", "run_id": None,
-        "metrics": {}}
+    out = (
+        json.loads(result_file.read_text())
+        if result_file.is_file()
+        else {
+            "status": schema.FAILED,
+            "step": 0,
+            "error": "the DDP workers ended without a result",
+            "run_id": None,
+            "metrics": {},
+        }
+    )
     status, step, error, run_id, numeric = out["status"], out["step"], out["error"], out["run_id"], out["metrics"]
     return TrialResult(status, key, step, numeric, run_id, error, Path(job.out_dir))

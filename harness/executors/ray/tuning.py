@@ -50,13 +50,27 @@ def _tune_task(config: dict, worker_id: int, secret_storage: bool, secret_tracki
     kwargs["tracking_uri"] = resolve_secret("tracking", kwargs.get("tracking_uri"), secret_tracking)
     kwargs["console"] = _Console(quiet=True)
     outcome = run_tune_worker({**config, "kwargs": kwargs}, worker_id)
-    return {"added": {arm: s.added for arm, s in outcome.studies.items()}, "interrupted": outcome.interrupted,
-            **where()}
+    return {
+        "added": {arm: s.added for arm, s in outcome.studies.items()},
+        "interrupted": outcome.interrupted,
+        **where(),
+    }
 
 
-def tune_ray(matrix, *, n_workers: int, opts: RayOptions, n_trials: int | None, total_trials: int | None,
-             storage: str | None, tracking_uri: str | None, console: Console, arms: list[str] | None = None,
-             study_prefix: str | None = None, **tune_kwargs: Any):
+def tune_ray(
+    matrix,
+    *,
+    n_workers: int,
+    opts: RayOptions,
+    n_trials: int | None,
+    total_trials: int | None,
+    storage: str | None,
+    tracking_uri: str | None,
+    console: Console,
+    arms: list[str] | None = None,
+    study_prefix: str | None = None,
+    **tune_kwargs: Any,
+):
     """`kimi-bench tune --executor ray --n-workers N`: N workers share the studies; together they add exactly
     --n-trials per arm (split between them; --total-trials caps every worker, retried ones included)."""
     from harness.spec.matrix import Matrix, load_matrix
@@ -68,8 +82,13 @@ def tune_ray(matrix, *, n_workers: int, opts: RayOptions, n_trials: int | None, 
     if n_workers < 1:
         raise UserError(f"--n-workers: must be >= 1, got {n_workers}")
     matrix = matrix if isinstance(matrix, Matrix) else load_matrix(matrix)
-    checked = TuneConfig(matrix, n_trials=n_trials, total_trials=total_trials,  # one-line errors, the defaults
-                         timeout=tune_kwargs.get("timeout"), heartbeat_s=tune_kwargs.get("heartbeat_s", 60))
+    checked = TuneConfig(
+        matrix,
+        n_trials=n_trials,
+        total_trials=total_trials,  # one-line errors, the defaults
+        timeout=tune_kwargs.get("timeout"),
+        heartbeat_s=tune_kwargs.get("heartbeat_s", 60),
+    )
     n_trials, total_trials = checked.n_trials, checked.total_trials
     selected = _parse_arms(matrix, arms)
     url = _storage_url(storage)
@@ -90,16 +109,25 @@ def tune_ray(matrix, *, n_workers: int, opts: RayOptions, n_trials: int | None, 
         task = ray.remote(_tune_task).options(max_retries=opts.max_retries, retry_exceptions=False, **resources)
         refs = []
         for worker_id, quota in enumerate(quotas):
-            kwargs = {**tune_kwargs, "n_trials": quota, "total_trials": cap, "storage": shown_storage,
-                      "tracking_uri": shown_uri, "arms": arms, "study_prefix": study_prefix}
-            refs.append(task.remote({"matrix": matrix, "kwargs": kwargs}, worker_id, bool(env_storage),
-                                    bool(env_uri)))
-        console.print(f"ray: {len(refs)} Optuna worker(s) on {sum(len(v) for v in hosts.values())} node(s); "
-                      f"{n_trials or total_trials} trial(s) per arm; storage {strip_credentials(url)}")
+            kwargs = {
+                **tune_kwargs,
+                "n_trials": quota,
+                "total_trials": cap,
+                "storage": shown_storage,
+                "tracking_uri": shown_uri,
+                "arms": arms,
+                "study_prefix": study_prefix,
+            }
+            refs.append(task.remote({"matrix": matrix, "kwargs": kwargs}, worker_id, bool(env_storage), bool(env_uri)))
+        console.print(
+            f"ray: {len(refs)} Optuna worker(s) on {sum(len(v) for v in hosts.values())} node(s); "
+            f"{n_trials or total_trials} trial(s) per arm; storage {strip_credentials(url)}"
+        )
         prefix = study_prefix or matrix.name
         names = [f"{prefix}/{v}+{o}" for v, o in selected]
-        interrupted = _wait_tune(ray, refs, names, url, tracking_uri, (n_trials or total_trials) * len(names),
-                                 console, opts)
+        interrupted = _wait_tune(
+            ray, refs, names, url, tracking_uri, (n_trials or total_trials) * len(names), console, opts
+        )
         outcome = _tune_outcome(names, url, tracking_uri, matrix, refs, ray, interrupted)
         return outcome if outcome is not None else TuneOutcome(strip_credentials(url), {}, interrupted)
     finally:
@@ -126,16 +154,33 @@ def _study_counts(url: str, tracking_uri: str | None, names: list[str]) -> dict[
     return out
 
 
-def _wait_tune(ray, refs: list, names: list[str], url: str, tracking_uri: str | None, total: int,
-               console: Console, opts: RayOptions) -> bool:
+def _wait_tune(
+    ray,
+    refs: list,
+    names: list[str],
+    url: str,
+    tracking_uri: str | None,
+    total: int,
+    console: Console,
+    opts: RayOptions,
+) -> bool:
     """Wait for the workers with one bar (trials that ended, all arms) and a row per study; Ctrl-C cancels."""
-    bar = Progress(TextColumn("[bold]study[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
-                   TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn(), console=console)
+    bar = Progress(
+        TextColumn("[bold]study[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trials"),
+        TimeElapsedColumn(),
+        TextColumn("remaining"),
+        TimeRemainingColumn(),
+        console=console,
+    )
     task = bar.add_task("study", total=total)
     pending = list(refs)
     try:
-        with Live(Group(bar), console=console, refresh_per_second=2, redirect_stdout=False,
-                  redirect_stderr=False) as live:
+        with Live(
+            Group(bar), console=console, refresh_per_second=2, redirect_stdout=False, redirect_stderr=False
+        ) as live:
             while pending:
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=max(opts.poll_s, 1.0))
                 with contextlib.suppress(Exception):
@@ -157,13 +202,14 @@ def _wait_tune(ray, refs: list, names: list[str], url: str, tracking_uri: str | 
                 ray.cancel(ref, force=False)  # KeyboardInterrupt in tune(): its trial FAIL, its run killed
         with contextlib.suppress(Exception):
             ray.wait(pending, num_returns=len(pending), timeout=30)
-        console.print("[yellow]interrupted[/]: the workers' current trials are failed in Optuna and killed in "
-                      "MLflow; run the same command to go on")
+        console.print(
+            "[yellow]interrupted[/]: the workers' current trials are failed in Optuna and killed in "
+            "MLflow; run the same command to go on"
+        )
         return True
 
 
-def _tune_outcome(names: list[str], url: str, tracking_uri: str | None, matrix, refs: list, ray,
-                  interrupted: bool):
+def _tune_outcome(names: list[str], url: str, tracking_uri: str | None, matrix, refs: list, ray, interrupted: bool):
     """The workers' studies, read back from the storage, for the CLI's summary (added = all workers)."""
     import optuna
 

@@ -23,8 +23,11 @@ def sdpa_backends(device: torch.device) -> list[tuple[str, Any]]:
     """("default", None) and each named backend torch has for this device type."""
     from torch.nn.attention import SDPBackend
 
-    names = (["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"] if device.type == "cuda"
-             else ["FLASH_ATTENTION", "MATH"])
+    names = (
+        ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]
+        if device.type == "cuda"
+        else ["FLASH_ATTENTION", "MATH"]
+    )
     return [("default", None)] + [(n.lower(), getattr(SDPBackend, n)) for n in names if hasattr(SDPBackend, n)]
 
 
@@ -33,8 +36,14 @@ def refusal_reason(caught: list[warnings.WarningMessage], error: Exception) -> s
     return "not eligible" + (f": {reasons[0][:200]}" if reasons else f": {str(error)[:80]}")
 
 
-def bench_attention(preset: str, device: str | torch.device, *, micro_batch: int | None = None,
-                    timing: TimingSettings = TimingSettings(), seed: int = 0) -> list[dict[str, Any]]:
+def bench_attention(
+    preset: str,
+    device: str | torch.device,
+    *,
+    micro_batch: int | None = None,
+    timing: TimingSettings = TimingSettings(),
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Causal SDPA fwd+bwd per backend and shape. bf16 on CUDA, fp32 on CPU. TFLOP/s counts the causal half
     of 3 x 2*B*H*T^2*(d_qk + d_v) (forward + backward, model FLOPs)."""
     from torch.nn.attention import sdpa_kernel
@@ -44,19 +53,30 @@ def bench_attention(preset: str, device: str | torch.device, *, micro_batch: int
     B, T, H = micro_batch_for(preset, micro_batch), d.block_size, d.n_heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dqk_mla = d.qk_nope_head_dim + d.qk_rope_head_dim
-    shapes = [("mha", d.dim // H, d.dim // H, False), ("mla", dqk_mla, d.v_head_dim, False),
-              ("mla sdpa_pad_v", dqk_mla, d.v_head_dim, True)]
+    shapes = [
+        ("mha", d.dim // H, d.dim // H, False),
+        ("mla", dqk_mla, d.v_head_dim, False),
+        ("mla sdpa_pad_v", dqk_mla, d.v_head_dim, True),
+    ]
     gen = torch.Generator(device=device).manual_seed(seed)
     rows = []
     for kind, dqk, dv, pad_v in shapes:
-        q, k = (torch.randn(B, H, T, dqk, device=device, dtype=dtype, generator=gen).requires_grad_()
-                for _ in range(2))
+        q, k = (torch.randn(B, H, T, dqk, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(2))
         v = torch.randn(B, H, T, dv, device=device, dtype=dtype, generator=gen).requires_grad_()
         grad = torch.randn(B, H, T, dv, device=device, dtype=dtype, generator=gen)
         flops = 3 * 2 * B * H * T * T * (dqk + dv) / 2
         for backend_name, backend in sdpa_backends(device):
-            row = {"preset": preset, "kind": kind, "d_qk": dqk, "d_v": dv, "backend": backend_name,
-                   "batch": B, "seq": T, "heads": H, "status": "ok"}
+            row = {
+                "preset": preset,
+                "kind": kind,
+                "d_qk": dqk,
+                "d_v": dv,
+                "backend": backend_name,
+                "batch": B,
+                "seq": T,
+                "heads": H,
+                "status": "ok",
+            }
             ctx = (lambda b=backend: sdpa_kernel([b])) if backend is not None else contextlib.nullcontext
 
             def run(ctx=ctx, q=q, k=k, v=v, grad=grad, pad_v=pad_v):

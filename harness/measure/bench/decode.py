@@ -18,10 +18,19 @@ from harness.measure.bench.timing import time_interleaved
 from harness.spec.registry import build_model
 
 
-def bench_decode(variant: str, preset: str, device: str | torch.device, *, batch_sizes: Sequence[int] = (1, 32, 128),
-                 prompt_len: int | None = None, new_tokens: int | None = None,
-                 timing: TimingSettings = TimingSettings(), vocab_size: int | None = None,
-                 profile_batch: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def bench_decode(
+    variant: str,
+    preset: str,
+    device: str | torch.device,
+    *,
+    batch_sizes: Sequence[int] = (1, 32, 128),
+    prompt_len: int | None = None,
+    new_tokens: int | None = None,
+    timing: TimingSettings = TimingSettings(),
+    vocab_size: int | None = None,
+    profile_batch: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Prefill prompt_len tokens, then time new_tokens single-token steps (one timed call = all of them; the
     cache position is rewound between calls, so every call decodes the same positions). Prefill and decode
     are timed in interleaved rounds. `profile_batch`: that batch's decode top kernels go into its row."""
@@ -30,8 +39,7 @@ def bench_decode(variant: str, preset: str, device: str | torch.device, *, batch
     P = prompt_len or dims.block_size // 2
     N = new_tokens or min(32, dims.block_size // 4)
     if dims.block_size < P + N:
-        raise UserError(f"decode: prompt_len + new_tokens = {P + N} exceeds block_size {dims.block_size}; "
-                        "shorten them")
+        raise UserError(f"decode: prompt_len + new_tokens = {P + N} exceeds block_size {dims.block_size}; shorten them")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(seed)
     model = build_model(variant, dims).to(device=device, dtype=dtype).eval()
@@ -40,9 +48,17 @@ def bench_decode(variant: str, preset: str, device: str | torch.device, *, batch
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for b in batch_sizes:
-            row: dict[str, Any] = {"preset": preset, "variant": variant, "impl": "default", "batch": b,
-                                   "prompt": P, "new_tokens": N, "dtype": str(dtype).replace("torch.", ""),
-                                   "status": "ok", "kv_bytes_per_token_counted": kv_counted}
+            row: dict[str, Any] = {
+                "preset": preset,
+                "variant": variant,
+                "impl": "default",
+                "batch": b,
+                "prompt": P,
+                "new_tokens": N,
+                "dtype": str(dtype).replace("torch.", ""),
+                "status": "ok",
+                "kv_bytes_per_token_counted": kv_counted,
+            }
             cache = None
             try:
                 cache = model.make_cache(b, P + N)
@@ -58,13 +74,23 @@ def bench_decode(variant: str, preset: str, device: str | torch.device, *, batch
                     for _ in range(N):
                         model(token, cache=cache)
 
-                t = time_interleaved({"prefill": prefill, "decode": decode}, rounds=timing.rounds,
-                                     min_run_time=timing.min_run_time, warmup=max(1, timing.warmup // 2))
+                t = time_interleaved(
+                    {"prefill": prefill, "decode": decode},
+                    rounds=timing.rounds,
+                    min_run_time=timing.min_run_time,
+                    warmup=max(1, timing.warmup // 2),
+                )
                 st = t["decode"]
                 cache_bytes = sum(layer.num_bytes() for layer in cache.layers)
-                row.update(prefill_tokens_per_s=b * P / t["prefill"].median_s, step_ms=ms(st.median_s) / N,
-                           step_iqr_ms=ms(st.iqr_s) / N, noisy=st.noisy, tokens_per_s=b * N / st.median_s,
-                           kv_bytes_per_token=cache_bytes / (b * (P + N)), cache_mib=cache_bytes / 2**20)
+                row.update(
+                    prefill_tokens_per_s=b * P / t["prefill"].median_s,
+                    step_ms=ms(st.median_s) / N,
+                    step_iqr_ms=ms(st.iqr_s) / N,
+                    noisy=st.noisy,
+                    tokens_per_s=b * N / st.median_s,
+                    kv_bytes_per_token=cache_bytes / (b * (P + N)),
+                    cache_mib=cache_bytes / 2**20,
+                )
                 if b == profile_batch:
                     row["top_kernels"] = top_kernels(decode, device)
             except Exception as e:

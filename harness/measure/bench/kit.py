@@ -36,8 +36,10 @@ class TimingSettings:
 
     def check(self) -> None:
         if self.repeats < 1 or self.warmup < 0 or self.rounds < 1 or self.min_run_time <= 0:
-            raise UserError("--repeats/--warmup/--rounds/--min-run-time: need repeats >= 1, warmup >= 0, "
-                            "rounds >= 1 and min-run-time > 0")
+            raise UserError(
+                "--repeats/--warmup/--rounds/--min-run-time: need repeats >= 1, warmup >= 0, "
+                "rounds >= 1 and min-run-time > 0"
+            )
 
 
 def check_choices(field: str, values: Iterable[str], choices: Sequence[str]) -> list[str]:
@@ -71,6 +73,7 @@ def under_autocast(fn: Callable[[], Any], device: torch.device) -> Callable[[], 
     def run() -> None:
         with autocast(device):
             fn()
+
     return run
 
 
@@ -136,5 +139,12 @@ def top_kernels(fn: Callable[[], Any], device: torch.device, calls: int = 3, top
     events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return [{"name": e.key[:100], "calls": e.count // calls, "ms_per_call": getattr(e, key) / 1e3 / calls,
-             "share": getattr(e, key) / total} for e in events[:top]]
+    return [
+        {
+            "name": e.key[:100],
+            "calls": e.count // calls,
+            "ms_per_call": getattr(e, key) / 1e3 / calls,
+            "share": getattr(e, key) / total,
+        }
+        for e in events[:top]
+    ]

@@ -59,6 +59,7 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
             p.grad = None
         x.grad = None
         module(x).float().square().mean().backward()
+
     return run
 
 
@@ -66,6 +67,7 @@ def fwd_only(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad():
             module(x)
+
     return run
 
 
@@ -76,9 +78,16 @@ def n_params(module: nn.Module) -> int:
 def layers_to_time(preset: str, device: torch.device, x: torch.Tensor) -> list[tuple[str, nn.Module, int]]:
     """(name, module, active params per token): each supported dispatch, dense-active, all-experts."""
     d = preset_dims(preset)
-    cfg = dict(dim=d.dim, n_routed_experts=d.n_routed_experts, n_activated_experts=d.n_activated_experts,
-               moe_inter_dim=d.moe_inter_dim, n_shared_experts=d.n_shared_experts,
-               shared_inter_dim=d.shared_inter_dim, score_func=d.score_func, route_scale=d.route_scale)
+    cfg = dict(
+        dim=d.dim,
+        n_routed_experts=d.n_routed_experts,
+        n_activated_experts=d.n_activated_experts,
+        moe_inter_dim=d.moe_inter_dim,
+        n_shared_experts=d.n_shared_experts,
+        shared_inter_dim=d.shared_inter_dim,
+        score_func=d.score_func,
+        route_scale=d.route_scale,
+    )
     with autocast(device):
         dispatches = ["loop"] + (["grouped_mm"] if grouped_mm_supported(x, d.dim, d.moe_inter_dim) else [])
     base = MoE(MoEConfig(**cfg, dispatch="loop")).to(device)
@@ -96,9 +105,15 @@ def layers_to_time(preset: str, device: torch.device, x: torch.Tensor) -> list[t
     return layers
 
 
-def bench_moe_layer(preset: str, device: str | torch.device, *, micro_batch: int | None = None,
-                    timing: TimingSettings = TimingSettings(), profile: bool = False,
-                    seed: int = 0) -> list[dict[str, Any]]:
+def bench_moe_layer(
+    preset: str,
+    device: str | torch.device,
+    *,
+    micro_batch: int | None = None,
+    timing: TimingSettings = TimingSettings(),
+    profile: bool = False,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """The preset's MoE layer on one micro-batch of tokens (micro_batch x block_size), fwd and fwd+bwd, all
     rows timed in interleaved rounds. bf16 autocast over fp32 weights on CUDA (the trainer's recipe), fp32
     on CPU. `profile`: the best sparse dispatch's fwd+bwd top kernels go into its row."""
@@ -109,10 +124,18 @@ def bench_moe_layer(preset: str, device: str | torch.device, *, micro_batch: int
     x = torch.randn(B, T, d.dim, device=device, requires_grad=True)  # backward includes the input gradient
     try:
         layers = layers_to_time(preset, device, x)
-        fb = time_interleaved({name: under_autocast(fwd_bwd(m, x), device) for name, m, _ in layers},
-                              rounds=timing.rounds, min_run_time=timing.min_run_time, warmup=timing.warmup)
-        fo = time_interleaved({name: under_autocast(fwd_only(m, x), device) for name, m, _ in layers},
-                              rounds=timing.rounds, min_run_time=timing.min_run_time, warmup=timing.warmup)
+        fb = time_interleaved(
+            {name: under_autocast(fwd_bwd(m, x), device) for name, m, _ in layers},
+            rounds=timing.rounds,
+            min_run_time=timing.min_run_time,
+            warmup=timing.warmup,
+        )
+        fo = time_interleaved(
+            {name: under_autocast(fwd_only(m, x), device) for name, m, _ in layers},
+            rounds=timing.rounds,
+            min_run_time=timing.min_run_time,
+            warmup=timing.warmup,
+        )
     except Exception as e:
         return [{"preset": preset, "layer": "moe", "status": error_status(e)}]
     dense_s = next(fb[name].median_s for name, _, _ in layers if name.startswith("dense"))
@@ -121,11 +144,24 @@ def bench_moe_layer(preset: str, device: str | torch.device, *, micro_batch: int
     rows = []
     for name, module, active in layers:
         t = fb[name]
-        rows.append({"preset": preset, "layer": name, "tokens": tokens, "params": n_params(module),
-                     "active_params": active, "fwd_ms": ms(fo[name].median_s), "fwd_bwd_ms": ms(t.median_s),
-                     "fwd_bwd_iqr_ms": ms(t.iqr_s), "noisy": t.noisy, "tokens_per_s": tokens / t.median_s,
-                     "vs_dense": t.median_s / dense_s, "vs_all_experts": t.median_s / all_s, "status": "ok",
-                     "dtype": "bf16 autocast" if device.type == "cuda" else "fp32"})
+        rows.append(
+            {
+                "preset": preset,
+                "layer": name,
+                "tokens": tokens,
+                "params": n_params(module),
+                "active_params": active,
+                "fwd_ms": ms(fo[name].median_s),
+                "fwd_bwd_ms": ms(t.median_s),
+                "fwd_bwd_iqr_ms": ms(t.iqr_s),
+                "noisy": t.noisy,
+                "tokens_per_s": tokens / t.median_s,
+                "vs_dense": t.median_s / dense_s,
+                "vs_all_experts": t.median_s / all_s,
+                "status": "ok",
+                "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+            }
+        )
     if profile:
         best = min((r for r in rows if r["layer"].startswith("moe/")), key=lambda r: r["fwd_bwd_ms"])
         module = next(m for name, m, _ in layers if name == best["layer"])

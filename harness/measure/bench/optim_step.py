@@ -29,6 +29,7 @@ def fill_grads(model: nn.Module, seed: int = 0) -> None:
 
 def split_muon(opt: Muon) -> tuple[Muon, Muon]:
     """Two optimizers over the same groups (all keys already filled): Muon groups only, AdamW only."""
+
     def sub(use_muon: bool) -> Muon:
         return Muon([dict(g) for g in opt.param_groups if g["use_muon"] == use_muon], batched_ns=opt.batched_ns)
 
@@ -57,14 +58,25 @@ def ns_gflop(opt: Muon) -> float:
 
 def _time_steps(opts: dict[str, torch.optim.Optimizer], timing: TimingSettings) -> dict[str, float]:
     """Median ms of each optimizer's step(), in interleaved rounds."""
-    t = time_interleaved({name: opt.step for name, opt in opts.items()}, rounds=timing.rounds,
-                         min_run_time=timing.min_run_time, warmup=timing.warmup)
+    t = time_interleaved(
+        {name: opt.step for name, opt in opts.items()},
+        rounds=timing.rounds,
+        min_run_time=timing.min_run_time,
+        warmup=timing.warmup,
+    )
     return {name: ms(v.median_s) for name, v in t.items()}
 
 
-def bench_optimizer_step(variant: str, preset: str, device: str | torch.device, *,
-                         timing: TimingSettings = TimingSettings(), vocab_size: int | None = None,
-                         batched: bool = True, seed: int = 0) -> list[dict[str, Any]]:
+def bench_optimizer_step(
+    variant: str,
+    preset: str,
+    device: str | torch.device,
+    *,
+    timing: TimingSettings = TimingSettings(),
+    vocab_size: int | None = None,
+    batched: bool = True,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Rows: AdamW (fused on CUDA), then Muon with its groups apart and (batched) with batched_ns on."""
     device = torch.device(device)
     dims = preset_dims(preset, vocab_size)
@@ -75,8 +87,7 @@ def bench_optimizer_step(variant: str, preset: str, device: str | torch.device, 
     total = sum(p.numel() for p in model.parameters())
     rows = []
     for name in ("adamw", "muon"):
-        row: dict[str, Any] = {"preset": preset, "variant": variant, "optimizer": name, "params": total,
-                               "status": "ok"}
+        row: dict[str, Any] = {"preset": preset, "variant": variant, "optimizer": name, "params": total, "status": "ok"}
         try:
             opt = resolve_optimizer(name).build(model)
             if name == "adamw":

@@ -67,7 +67,7 @@ NO_RATIO = Ratio(math.nan, math.nan, math.nan, 0)
 
 def binomial_cdf(k: int, n: int) -> float:
     """P(Binomial(n, 1/2) <= k), exact."""
-    return sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if k >= 0 else 0.0
+    return sum(math.comb(n, i) for i in range(k + 1)) / 2**n if k >= 0 else 0.0
 
 
 def interval_rank(n: int, level: float = LEVEL) -> int | None:
@@ -109,8 +109,9 @@ def ratio_of(pair: Pair, times: Mapping[str, Sequence[float | None]], level: flo
     return Ratio(math.exp(med), math.exp(lo), math.exp(hi), len(logs))
 
 
-def unsettled(pairs: Iterable[Pair], times: Mapping[str, Sequence[float | None]],
-              target: float = TARGET_HALF_WIDTH) -> list[str]:
+def unsettled(
+    pairs: Iterable[Pair], times: Mapping[str, Sequence[float | None]], target: float = TARGET_HALF_WIDTH
+) -> list[str]:
     """The callables of every pair whose interval is still wider than `target` (or has none), in order."""
     names: dict[str, None] = {}
     for p in pairs:

@@ -47,7 +47,9 @@ def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on: device, driver, CUDA, torch, date, code version."""
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "cuda_runtime": torch.version.cuda or "none",
         "grouped_mm": "F.grouped_mm" if hasattr(F, "grouped_mm") else "missing (MoE falls back to loop)",
     }
@@ -59,8 +61,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env["device"] = torch.cuda.get_device_name(device)
-        env["device_detail"] = (f"sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-                                f"{p.total_memory / 2**30:.0f} GiB")
+        env["device_detail"] = f"sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB"
         smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         env["driver"] = smi.splitlines()[0] if smi else f"unknown (no nvidia-smi); CUDA runtime {torch.version.cuda}"
     else:
@@ -93,52 +94,71 @@ def _pct(value: float | None) -> str:
 
 def _spread(r: dict, median: str, iqr: str, spec: str = "{:,.2f}") -> str:
     noisy = " noisy" if r.get("noisy") else ""
-    return f"{fmt(r.get(median), spec)} ±{fmt(r.get(iqr), spec)}{noisy}" if r.get(iqr) is not None \
+    return (
+        f"{fmt(r.get(median), spec)} ±{fmt(r.get(iqr), spec)}{noisy}"
+        if r.get(iqr) is not None
         else fmt(r.get(median), spec)
+    )
 
 
 # Columns per section: (header, row -> cell text). One definition feeds the console and the markdown.
 COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     "train": [
-        ("preset", lambda r: r["preset"]), ("variant", lambda r: r["variant"]), ("optim", lambda r: r["optimizer"]),
-        ("compile", lambda r: "yes" if r["compile"] else "no"), ("impl", lambda r: r.get("impl", "default")),
+        ("preset", lambda r: r["preset"]),
+        ("variant", lambda r: r["variant"]),
+        ("optim", lambda r: r["optimizer"]),
+        ("compile", lambda r: "yes" if r["compile"] else "no"),
+        ("impl", lambda r: r.get("impl", "default")),
         ("B x T", lambda r: f"{r['batch']}x{r['seq']}"),
         ("step ms (IQR)", lambda r: _spread(r, "step_ms", "step_iqr_ms")),
-        ("fwd+bwd ms", lambda r: fmt(r.get("fwd_bwd_ms"))), ("opt ms", lambda r: fmt(r.get("opt_ms"))),
+        ("fwd+bwd ms", lambda r: fmt(r.get("fwd_bwd_ms"))),
+        ("opt ms", lambda r: fmt(r.get("opt_ms"))),
         ("tokens/s", lambda r: fmt(r.get("tokens_per_s"), "{:,.0f}")),
-        ("TFLOP/s", lambda r: fmt(r.get("model_tflops"), "{:.3g}")), ("MFU", lambda r: _pct(r.get("mfu"))),
+        ("TFLOP/s", lambda r: fmt(r.get("model_tflops"), "{:.3g}")),
+        ("MFU", lambda r: _pct(r.get("mfu"))),
         ("MFU fwd+bwd", lambda r: _pct(r.get("mfu_fwd_bwd"))),
         ("of matmul peak", lambda r: _pct(r.get("of_matmul_peak"))),
         ("mem GiB", lambda r: fmt(r.get("peak_mem_gib"), "{:.1f}")),
         ("syncs/step", lambda r: fmt(r.get("host_syncs"), "{}")),
         ("MoE dispatch", lambda r: r.get("moe_dispatch") or ""),
-        ("1st step s", lambda r: fmt(r.get("first_step_s"), "{:.1f}")), ("status", lambda r: r["status"]),
+        ("1st step s", lambda r: fmt(r.get("first_step_s"), "{:.1f}")),
+        ("status", lambda r: r["status"]),
     ],
     "moe": [
-        ("preset", lambda r: r["preset"]), ("layer", lambda r: r["layer"]),
-        ("tokens", lambda r: fmt(r.get("tokens"), "{:,}")), ("params", lambda r: fmt(r.get("params"), "{:,}")),
+        ("preset", lambda r: r["preset"]),
+        ("layer", lambda r: r["layer"]),
+        ("tokens", lambda r: fmt(r.get("tokens"), "{:,}")),
+        ("params", lambda r: fmt(r.get("params"), "{:,}")),
         ("active/token", lambda r: fmt(r.get("active_params"), "{:,}")),
         ("fwd ms", lambda r: fmt(r.get("fwd_ms"))),
         ("fwd+bwd ms (IQR)", lambda r: _spread(r, "fwd_bwd_ms", "fwd_bwd_iqr_ms")),
         ("tokens/s", lambda r: fmt(r.get("tokens_per_s"), "{:,.0f}")),
         ("vs dense", lambda r: fmt(r.get("vs_dense"), "{:.2f}x")),
-        ("vs all-experts", lambda r: fmt(r.get("vs_all_experts"), "{:.2f}x")), ("dtype", lambda r: r.get("dtype", "")),
+        ("vs all-experts", lambda r: fmt(r.get("vs_all_experts"), "{:.2f}x")),
+        ("dtype", lambda r: r.get("dtype", "")),
         ("status", lambda r: r["status"]),
     ],
     "decode": [
-        ("preset", lambda r: r["preset"]), ("variant", lambda r: r["variant"]), ("impl", lambda r: r["impl"]),
-        ("batch", lambda r: str(r["batch"])), ("prompt+new", lambda r: f"{r['prompt']}+{r['new_tokens']}"),
+        ("preset", lambda r: r["preset"]),
+        ("variant", lambda r: r["variant"]),
+        ("impl", lambda r: r["impl"]),
+        ("batch", lambda r: str(r["batch"])),
+        ("prompt+new", lambda r: f"{r['prompt']}+{r['new_tokens']}"),
         ("ms/step (IQR)", lambda r: _spread(r, "step_ms", "step_iqr_ms", "{:.3f}")),
         ("tokens/s", lambda r: fmt(r.get("tokens_per_s"), "{:,.0f}")),
         ("prefill tokens/s", lambda r: fmt(r.get("prefill_tokens_per_s"), "{:,.0f}")),
         ("KV B/token", lambda r: fmt(r.get("kv_bytes_per_token"), "{:,.0f}")),
         ("KV B/token (counting)", lambda r: fmt(r.get("kv_bytes_per_token_counted"), "{:,}")),
-        ("cache MiB", lambda r: fmt(r.get("cache_mib"), "{:.3g}")), ("dtype", lambda r: r["dtype"]),
+        ("cache MiB", lambda r: fmt(r.get("cache_mib"), "{:.3g}")),
+        ("dtype", lambda r: r["dtype"]),
         ("status", lambda r: r["status"]),
     ],
     "optim": [
-        ("preset", lambda r: r["preset"]), ("variant", lambda r: r["variant"]), ("optimizer", lambda r: r["optimizer"]),
-        ("params", lambda r: fmt(r.get("params"), "{:,}")), ("step ms", lambda r: fmt(r.get("step_ms"))),
+        ("preset", lambda r: r["preset"]),
+        ("variant", lambda r: r["variant"]),
+        ("optimizer", lambda r: r["optimizer"]),
+        ("params", lambda r: fmt(r.get("params"), "{:,}")),
+        ("step ms", lambda r: fmt(r.get("step_ms"))),
         ("Muon groups ms", lambda r: fmt(r.get("muon_groups_ms"))),
         ("AdamW groups ms", lambda r: fmt(r.get("adamw_groups_ms"))),
         ("Muon groups ms, batched_ns", lambda r: fmt(r.get("batched_muon_groups_ms"))),
@@ -147,20 +167,28 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("status", lambda r: r["status"]),
     ],
     "attention": [
-        ("preset", lambda r: r["preset"]), ("kind", lambda r: r["kind"]),
+        ("preset", lambda r: r["preset"]),
+        ("kind", lambda r: r["kind"]),
         ("d_qk/d_v", lambda r: f"{r['d_qk']}/{r['d_v']}"),
         ("B x H x T", lambda r: f"{r['batch']}x{r['heads']}x{r['seq']}"),
-        ("backend", lambda r: r["backend"]), ("fwd+bwd ms", lambda r: fmt(r.get("fwd_bwd_ms"), "{:.3f}")),
-        ("TFLOP/s", lambda r: fmt(r.get("tflops"), "{:.3g}")), ("status", lambda r: r["status"]),
+        ("backend", lambda r: r["backend"]),
+        ("fwd+bwd ms", lambda r: fmt(r.get("fwd_bwd_ms"), "{:.3f}")),
+        ("TFLOP/s", lambda r: fmt(r.get("tflops"), "{:.3g}")),
+        ("status", lambda r: r["status"]),
     ],
     "targets": [
-        ("target", lambda r: r["target"]), ("scope", lambda r: r["scope"]), ("measured", lambda r: r["measured_text"]),
+        ("target", lambda r: r["target"]),
+        ("scope", lambda r: r["scope"]),
+        ("measured", lambda r: r["measured_text"]),
         ("threshold", lambda r: r["threshold_text"]),
-        ("met", lambda r: {True: "yes", False: "NO", None: "n/a"}[r["met"]]), ("note", lambda r: r["note"]),
+        ("met", lambda r: {True: "yes", False: "NO", None: "n/a"}[r["met"]]),
+        ("note", lambda r: r["note"]),
     ],
     "kernels": [
-        ("op / kernel", lambda r: r["name"]), ("calls", lambda r: str(r["calls"])),
-        ("ms per call", lambda r: fmt(r["ms_per_call"], "{:.3f}")), ("share", lambda r: _pct(r["share"])),
+        ("op / kernel", lambda r: r["name"]),
+        ("calls", lambda r: str(r["calls"])),
+        ("ms per call", lambda r: fmt(r["ms_per_call"], "{:.3f}")),
+        ("share", lambda r: _pct(r["share"])),
     ],
 }
 
@@ -176,25 +204,25 @@ TITLES = {
 
 NOTES = {
     "train": "One step = forward (bf16 autocast on CUDA) + MoE aux loss, backward, grad clip 1.0, optimizer "
-             "step, zero_grad, MoE bias update (harness/trial/loop.py's step without data loading). MFU = "
-             "flops_per_token (arch/counting.py: 6 x active matmul params + attention at full T^2, nanoGPT's "
-             "convention) x tokens/s / datasheet dense bf16 peak. 'MFU fwd+bwd' leaves out clip/optimizer. "
-             "'of matmul peak': the same FLOP/s over the measured large-matmul rate. impl: the arch/ switches "
-             "on (sdpa_pad_v: MLA's v padded so flash attention takes it; batched_ns: one Newton-Schulz per "
-             "same-shape bucket). Muon rows run eager only (the optimizer step is never compiled). syncs/step: "
-             "synchronizing CUDA calls in one step (torch sync debug mode).",
+    "step, zero_grad, MoE bias update (harness/trial/loop.py's step without data loading). MFU = "
+    "flops_per_token (arch/counting.py: 6 x active matmul params + attention at full T^2, nanoGPT's "
+    "convention) x tokens/s / datasheet dense bf16 peak. 'MFU fwd+bwd' leaves out clip/optimizer. "
+    "'of matmul peak': the same FLOP/s over the measured large-matmul rate. impl: the arch/ switches "
+    "on (sdpa_pad_v: MLA's v padded so flash attention takes it; batched_ns: one Newton-Schulz per "
+    "same-shape bucket). Muon rows run eager only (the optimizer step is never compiled). syncs/step: "
+    "synchronizing CUDA calls in one step (torch sync debug mode).",
     "moe": "Same router and expert weights for every MoE row. dense-active: one SwiGLU of width "
-           "top_k x inter + shared width, i.e. the MoE's active parameters without the router. all-experts: "
-           "every expert on every token times a mostly-zero gate (nanoKimi's dispatch).",
+    "top_k x inter + shared width, i.e. the MoE's active parameters without the router. all-experts: "
+    "every expert on every token times a mostly-zero gate (nanoKimi's dispatch).",
     "decode": "Tokens/s counts all sequences' tokens: batch x new tokens / time of the new-token steps. KV "
-              "B/token: bytes of the allocated cache / (batch x positions), all layers; 'counting' is "
-              "arch.counting.kv_cache_bytes_per_token in the same dtype.",
+    "B/token: bytes of the allocated cache / (batch x positions), all layers; 'counting' is "
+    "arch.counting.kv_cache_bytes_per_token in the same dtype.",
     "optim": "Fixed random gradients; only optimizer.step() is timed. Muon/AdamW groups: the Muon optimizer's "
-             "two kinds of groups stepped by two separate optimizers. NS GFLOP: exact Newton-Schulz matmul "
-             "FLOPs per step.",
+    "two kinds of groups stepped by two separate optimizers. NS GFLOP: exact Newton-Schulz matmul "
+    "FLOPs per step.",
     "attention": "Random q, k, v (bf16 on CUDA, fp32 on CPU) at the training shape (micro-batch x heads x "
-                 "block). 'not eligible': the backend refused the shape (reason from torch's warning). "
-                 "'mla sdpa_pad_v': arch.mla.attention_sdpa with v zero-padded to d_qk.",
+    "block). 'not eligible': the backend refused the shape (reason from torch's warning). "
+    "'mla sdpa_pad_v': arch.mla.attention_sdpa with v zero-padded to d_qk.",
 }
 
 
@@ -221,26 +249,45 @@ def _kernel_tables(targets: list[dict]) -> list[str]:
     out = []
     for t in targets:
         if t.get("top_kernels"):
-            out += [f"### {t['target']} ({t['scope']}): {t['measured_text']}, target {t['threshold_text']}", "",
-                    f"Profiled: {t['profiled']} (torch.profiler: self time per call; CUDA kernels on GPU, ops on "
-                    "CPU).", "",
-                    md_table(*table_cells("kernels", t["top_kernels"])), ""]
+            out += [
+                f"### {t['target']} ({t['scope']}): {t['measured_text']}, target {t['threshold_text']}",
+                "",
+                f"Profiled: {t['profiled']} (torch.profiler: self time per call; CUDA kernels on GPU, ops on CPU).",
+                "",
+                md_table(*table_cells("kernels", t["top_kernels"])),
+                "",
+            ]
     missed = [t for t in targets if t.get("missed_by_over_margin") and not t.get("top_kernels")]
     for t in missed:
-        out += [f"- {t['target']} ({t['scope']}) missed by more than {MISS_MARGIN:.0%}; no profile was taken "
-                "(run the section with --profile).", ""]
+        out += [
+            f"- {t['target']} ({t['scope']}) missed by more than {MISS_MARGIN:.0%}; no profile was taken "
+            "(run the section with --profile).",
+            "",
+        ]
     return out
 
 
 def render_markdown(results: dict[str, Any]) -> str:
     env, settings = results["env"], results["settings"]
-    out = [f"# Benchmarks: {env['device']}, {env['date']}", "",
-           "Written by `harness/measure/bench` (`kimi-bench bench`); see reports/benchmarks/README.md for how to "
-           "run it and what each target means.", "", "## Environment", ""]
+    out = [
+        f"# Benchmarks: {env['device']}, {env['date']}",
+        "",
+        "Written by `harness/measure/bench` (`kimi-bench bench`); see reports/benchmarks/README.md for how to "
+        "run it and what each target means.",
+        "",
+        "## Environment",
+        "",
+    ]
     env_rows = [[k, str(v)] for k, v in env.items()]
-    env_rows += [["datasheet peak (MFU denominator)", fmt(settings.get("peak_flops"), "{:.4g} FLOP/s")
-                  if settings.get("peak_flops") else "n/a (no datasheet entry for this device; --peak-tflops)"],
-                 ["measured matmul peak", fmt(settings.get("matmul_peak"), "{:.4g} FLOP/s")]]
+    env_rows += [
+        [
+            "datasheet peak (MFU denominator)",
+            fmt(settings.get("peak_flops"), "{:.4g} FLOP/s")
+            if settings.get("peak_flops")
+            else "n/a (no datasheet entry for this device; --peak-tflops)",
+        ],
+        ["measured matmul peak", fmt(settings.get("matmul_peak"), "{:.4g} FLOP/s")],
+    ]
     out += [md_table(["what", "value"], env_rows), "", "## Commands", "", "```bash", results["command"], "```", ""]
     for i, run in enumerate(results.get("runs", [{"settings": settings}]), 1):
         shown = {k: v for k, v in run["settings"].items() if k not in ("peak_flops", "matmul_peak")}
@@ -255,23 +302,31 @@ def render_markdown(results: dict[str, Any]) -> str:
             out += ["Not run (section not selected).", ""]
             continue
         if not rows:
-            out += ["No rows yet (the run stopped before this section finished)." if section != "targets" else
-                    "No targets evaluated.", ""]
+            out += [
+                "No rows yet (the run stopped before this section finished)."
+                if section != "targets"
+                else "No targets evaluated.",
+                "",
+            ]
             continue
         out += [md_table(*table_cells(section, rows)), ""]
         if section in NOTES:
             out += [NOTES[section], ""]
         if section == "targets":
             out += _kernel_tables(rows)
-    out += ["## Method", "",
-            "harness/measure/bench/timing.py: torch.utils.benchmark blocks (the timer synchronizes the device around "
-            "each block), the arms of a comparison in interleaved rounds; median and IQR over the blocks, "
-            "'noisy' where IQR/median > 10%. Train steps: CUDA events recorded on the stream at each phase "
-            "boundary (no host sync between timed steps), after warm-up steps; the first step (compilation, "
-            "autotuning) is timed apart as '1st step s'. On CPU the same code reads time.perf_counter. TF32 is "
-            "allowed for fp32 matmuls on CUDA (the trainer's setting); the models run bf16 autocast over fp32 "
-            "weights except decode, which casts the model to bf16. Token ids are random (uniform over the "
-            "vocabulary), so MoE routing is that of random inputs.", ""]
+    out += [
+        "## Method",
+        "",
+        "harness/measure/bench/timing.py: torch.utils.benchmark blocks (the timer synchronizes the device around "
+        "each block), the arms of a comparison in interleaved rounds; median and IQR over the blocks, "
+        "'noisy' where IQR/median > 10%. Train steps: CUDA events recorded on the stream at each phase "
+        "boundary (no host sync between timed steps), after warm-up steps; the first step (compilation, "
+        "autotuning) is timed apart as '1st step s'. On CPU the same code reads time.perf_counter. TF32 is "
+        "allowed for fp32 matmuls on CUDA (the trainer's setting); the models run bf16 autocast over fp32 "
+        "weights except decode, which casts the model to bf16. Token ids are random (uniform over the "
+        "vocabulary), so MoE routing is that of random inputs.",
+        "",
+    ]
     return "\n".join(out)
 
 

@@ -88,10 +88,20 @@ def _train_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
                 switches = switches[1:]
             for switch in switches:
                 for compiled in modes:
-                    yield bench_train_step(variant, preset, s.device, compile_model=compiled, optimizer=optimizer,
-                                           micro_batch=s.micro_batch, timing=s.timing, vocab_size=s.vocab_size,
-                                           peak_flops=s.peak_flops, matmul_peak=s.matmul_peak, profile=s.profile,
-                                           **switch)
+                    yield bench_train_step(
+                        variant,
+                        preset,
+                        s.device,
+                        compile_model=compiled,
+                        optimizer=optimizer,
+                        micro_batch=s.micro_batch,
+                        timing=s.timing,
+                        vocab_size=s.vocab_size,
+                        peak_flops=s.peak_flops,
+                        matmul_peak=s.matmul_peak,
+                        profile=s.profile,
+                        **switch,
+                    )
 
 
 def _moe_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
@@ -104,25 +114,53 @@ def _decode_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
         # the batch the decode verdict reads: the target's, else the largest measured
         target_batch = TARGET_DECODE_BATCH if TARGET_DECODE_BATCH in s.decode_batches else max(s.decode_batches)
         profile_batch = target_batch if s.profile and variant in MLA_VARIANTS else None
-        yield from bench_decode(variant, preset, s.device, batch_sizes=s.decode_batches, prompt_len=s.prompt_len,
-                                new_tokens=s.new_tokens, timing=s.timing, vocab_size=s.vocab_size,
-                                profile_batch=profile_batch)
+        yield from bench_decode(
+            variant,
+            preset,
+            s.device,
+            batch_sizes=s.decode_batches,
+            prompt_len=s.prompt_len,
+            new_tokens=s.new_tokens,
+            timing=s.timing,
+            vocab_size=s.vocab_size,
+            profile_batch=profile_batch,
+        )
 
 
 def _optim_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
     for variant in s.variants:
-        yield from bench_optimizer_step(variant, preset, s.device, timing=s.timing, vocab_size=s.vocab_size,
-                                        batched=s.proposed)
+        yield from bench_optimizer_step(
+            variant, preset, s.device, timing=s.timing, vocab_size=s.vocab_size, batched=s.proposed
+        )
 
 
 def _attention_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
     yield from bench_attention(preset, s.device, micro_batch=s.micro_batch, timing=s.timing)
 
 
-SECTION_ROWS = {"train": _train_rows, "moe": _moe_rows, "decode": _decode_rows, "optim": _optim_rows,
-                "attention": _attention_rows}
-PROGRESS_KEYS = ("preset", "variant", "optimizer", "compile", "impl", "batch", "layer", "kind", "backend", "step_ms",
-                 "tokens_per_s", "mfu", "fwd_bwd_ms", "status")
+SECTION_ROWS = {
+    "train": _train_rows,
+    "moe": _moe_rows,
+    "decode": _decode_rows,
+    "optim": _optim_rows,
+    "attention": _attention_rows,
+}
+PROGRESS_KEYS = (
+    "preset",
+    "variant",
+    "optimizer",
+    "compile",
+    "impl",
+    "batch",
+    "layer",
+    "kind",
+    "backend",
+    "step_ms",
+    "tokens_per_s",
+    "mfu",
+    "fwd_bwd_ms",
+    "status",
+)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -146,14 +184,29 @@ def _default_command() -> str:
     return shlex.join(head + argv[1:])
 
 
-def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequence[str],
-              compile_modes: Sequence[bool] = (False, True), out_md: Path | None = None, *,
-              sections: Sequence[str] = SECTIONS, optimizers: Sequence[str] = ("adamw", "muon"),
-              timing: TimingSettings = TimingSettings(), micro_batch: int | None = None,
-              decode_batches: Sequence[int] = (1, 32, 128), prompt_len: int | None = None,
-              new_tokens: int | None = None, vocab_size: int | None = None, peak_tflops: float | None = None,
-              proposed: bool = True, proposed_only: bool = False, profile: bool = False, append: bool = False,
-              command: str | None = None, console: Console | None = None) -> dict[str, Any]:
+def run_suite(
+    device: str | torch.device,
+    presets: Sequence[str],
+    variants: Sequence[str],
+    compile_modes: Sequence[bool] = (False, True),
+    out_md: Path | None = None,
+    *,
+    sections: Sequence[str] = SECTIONS,
+    optimizers: Sequence[str] = ("adamw", "muon"),
+    timing: TimingSettings = TimingSettings(),
+    micro_batch: int | None = None,
+    decode_batches: Sequence[int] = (1, 32, 128),
+    prompt_len: int | None = None,
+    new_tokens: int | None = None,
+    vocab_size: int | None = None,
+    peak_tflops: float | None = None,
+    proposed: bool = True,
+    proposed_only: bool = False,
+    profile: bool = False,
+    append: bool = False,
+    command: str | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
     """Run the selected sections for every preset (and variant where it applies); print each section's table
     as it completes and rewrite the record (+ JSON) after each, so a run cut short keeps what it measured.
     out_md None: reports/benchmarks/<date>-<device-slug>.md. append: merge into the record already at out_md
@@ -178,25 +231,53 @@ def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequ
     env = environment(dev)
     peak = device_peak_flops(dev, peak_tflops)
     matmul_peak = measure_matmul_peak(dev)
-    settings = {"device": str(dev), "presets": ",".join(presets), "variants": ",".join(variants),
-                "compile_modes": ",".join("compiled" if c else "eager" for c in modes),
-                "sections": ",".join(sections), "optimizers": ",".join(optimizers),
-                **dataclasses.asdict(timing), "micro_batch": micro_batch or "preset default",
-                "decode_batches": ",".join(map(str, decode_batches)), "vocab_size": vocab_size or "preset default",
-                "proposed_rows": "only" if proposed_only else proposed, "profile": profile, "peak_flops": peak,
-                "matmul_peak": matmul_peak}
+    settings = {
+        "device": str(dev),
+        "presets": ",".join(presets),
+        "variants": ",".join(variants),
+        "compile_modes": ",".join("compiled" if c else "eager" for c in modes),
+        "sections": ",".join(sections),
+        "optimizers": ",".join(optimizers),
+        **dataclasses.asdict(timing),
+        "micro_batch": micro_batch or "preset default",
+        "decode_batches": ",".join(map(str, decode_batches)),
+        "vocab_size": vocab_size or "preset default",
+        "proposed_rows": "only" if proposed_only else proposed,
+        "profile": profile,
+        "peak_flops": peak,
+        "matmul_peak": matmul_peak,
+    }
     run = {"command": command or _default_command(), "settings": settings, "seconds": None}
     results: dict[str, Any] = {"env": env, "settings": settings, "command": run["command"], "runs": [run]}
     path = out_md or default_record_path(env)
-    previous = load_record(path.with_suffix(".json"), "--append") if append and path.with_suffix(".json").exists() \
-        else None
-    s = SuiteSettings(dev, tuple(variants), modes, tuple(optimizers), timing, micro_batch, tuple(decode_batches),
-                      prompt_len, new_tokens, vocab_size, peak, matmul_peak, proposed or proposed_only, proposed_only,
-                      profile)
-    console.print(f"[bold]kimi-bench suite[/] on {env['device']} ({env['device_detail']}), torch {env['torch']}, "
-                  f"driver {env['driver']}; record: {path}" + (" (appending)" if previous else ""))
-    console.print(f"measured matmul peak {matmul_peak / 1e12:.3g} TFLOP/s; datasheet peak (MFU denominator) "
-                  + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "n/a: MFU columns stay empty (--peak-tflops)"))
+    previous = (
+        load_record(path.with_suffix(".json"), "--append") if append and path.with_suffix(".json").exists() else None
+    )
+    s = SuiteSettings(
+        dev,
+        tuple(variants),
+        modes,
+        tuple(optimizers),
+        timing,
+        micro_batch,
+        tuple(decode_batches),
+        prompt_len,
+        new_tokens,
+        vocab_size,
+        peak,
+        matmul_peak,
+        proposed or proposed_only,
+        proposed_only,
+        profile,
+    )
+    console.print(
+        f"[bold]kimi-bench suite[/] on {env['device']} ({env['device_detail']}), torch {env['torch']}, "
+        f"driver {env['driver']}; record: {path}" + (" (appending)" if previous else "")
+    )
+    console.print(
+        f"measured matmul peak {matmul_peak / 1e12:.3g} TFLOP/s; datasheet peak (MFU denominator) "
+        + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "n/a: MFU columns stay empty (--peak-tflops)")
+    )
 
     def save() -> dict[str, Any]:
         run["seconds"] = time.perf_counter() - started
@@ -211,8 +292,11 @@ def run_suite(device: str | torch.device, presets: Sequence[str], variants: Sequ
             for row in SECTION_ROWS[section](s, preset):
                 rows.append(row)
                 shown = {k: row[k] for k in PROGRESS_KEYS if k in row}
-                console.print(f"  {section}: " + ", ".join(f"{k}={fmt(v, '{:.4g}') if isinstance(v, float) else v}"
-                                                           for k, v in shown.items()), highlight=False)
+                console.print(
+                    f"  {section}: "
+                    + ", ".join(f"{k}={fmt(v, '{:.4g}') if isinstance(v, float) else v}" for k, v in shown.items()),
+                    highlight=False,
+                )
                 results[section] = rows
                 save()  # after every row: a run killed mid-section keeps the rows it finished
         results[section] = rows
@@ -259,15 +343,19 @@ def bench_command(
     new_tokens: Annotated[int | None, typer.Option(help="decode steps per timed call (default 32)")] = None,
     vocab_size: Annotated[int | None, typer.Option(help="override the vocabulary (default: preset's or 50304)")] = None,
     peak_tflops: Annotated[float | None, typer.Option(help="MFU denominator (default: datasheet peak)")] = None,
-    proposed: Annotated[bool, typer.Option("--proposed/--no-proposed",
-                                           help="also time the arch/ switches that are off by default")] = True,
+    proposed: Annotated[
+        bool, typer.Option("--proposed/--no-proposed", help="also time the arch/ switches that are off by default")
+    ] = True,
     proposed_only: Annotated[bool, typer.Option("--proposed-only", help="train rows with the switches only")] = False,
-    profile: Annotated[bool, typer.Option("--profile/--no-profile",
-                                          help="top kernels (torch.profiler) of targets missed by >20%")] = False,
+    profile: Annotated[
+        bool, typer.Option("--profile/--no-profile", help="top kernels (torch.profiler) of targets missed by >20%")
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="record (default reports/benchmarks/<date>-<device>.md)")] = None,
     append: Annotated[bool, typer.Option("--append/--no-append", help="add to the record at --out")] = False,
-    merge: Annotated[str | None, typer.Option(help="comma-separated .json of earlier runs: merge them into --out "
-                                                   "instead of measuring")] = None,
+    merge: Annotated[
+        str | None,
+        typer.Option(help="comma-separated .json of earlier runs: merge them into --out instead of measuring"),
+    ] = None,
 ) -> None:
     """Benchmark suite: train-step tokens/s and MFU, MoE layer, MLA decode, Muon step, attention; writes a record."""
     if merge:
@@ -276,11 +364,26 @@ def bench_command(
         merge_records([Path(p) for p in _csv(merge)], out)
         return
     modes = [False] * eager + [True] * compile_
-    run_suite(device, _csv(presets), _csv(variants), modes, out, sections=_csv(sections),
-              optimizers=_csv(optimizers), timing=TimingSettings(repeats, warmup, rounds, min_run_time),
-              micro_batch=micro_batch, decode_batches=_csv_ints("--decode-batches", decode_batches),
-              prompt_len=prompt_len, new_tokens=new_tokens, vocab_size=vocab_size, peak_tflops=peak_tflops,
-              proposed=proposed, proposed_only=proposed_only, profile=profile, append=append)
+    run_suite(
+        device,
+        _csv(presets),
+        _csv(variants),
+        modes,
+        out,
+        sections=_csv(sections),
+        optimizers=_csv(optimizers),
+        timing=TimingSettings(repeats, warmup, rounds, min_run_time),
+        micro_batch=micro_batch,
+        decode_batches=_csv_ints("--decode-batches", decode_batches),
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        vocab_size=vocab_size,
+        peak_tflops=peak_tflops,
+        proposed=proposed,
+        proposed_only=proposed_only,
+        profile=profile,
+        append=append,
+    )
 
 
 def main() -> None:

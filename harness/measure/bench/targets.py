@@ -36,11 +36,21 @@ class Target:
 TARGETS = (
     Target("mfu_gpt2", "dense GPT-2 124M (gpt @ gpt2-124m) train-step MFU, AdamW, best compile mode", ">=", 0.45),
     Target("mfu_kimi", "kimi @ paper train-step MFU, active FLOPs, AdamW, best compile mode", ">=", 0.30),
-    Target("moe_vs_dense", "MoE layer fwd+bwd (best sparse dispatch) / dense SwiGLU of equal active params", "<=",
-           1.5, "{:.2f}x"),
+    Target(
+        "moe_vs_dense",
+        "MoE layer fwd+bwd (best sparse dispatch) / dense SwiGLU of equal active params",
+        "<=",
+        1.5,
+        "{:.2f}x",
+    ),
     Target("muon_share", "Muon optimizer step / train step (fastest fwd+bwd of the variant)", "<=", 0.05),
-    Target("mla_decode", f"MLA decode tokens/s / MHA decode tokens/s (gpt-mla vs gpt) at batch {TARGET_DECODE_BATCH}",
-           ">=", 1.0, "{:.2f}x"),
+    Target(
+        "mla_decode",
+        f"MLA decode tokens/s / MHA decode tokens/s (gpt-mla vs gpt) at batch {TARGET_DECODE_BATCH}",
+        ">=",
+        1.0,
+        "{:.2f}x",
+    ),
     Target("mla_kv", "MLA KV bytes/token / MHA KV bytes/token (gpt-mla vs gpt)", "<=", 0.25, "{:.3f}", profiled=False),
 )
 BY_KEY = {t.key: t for t in TARGETS}
@@ -54,10 +64,17 @@ def verdict(key: str, scope: str, value: float | None, note: str = "", source: d
     t = BY_KEY[key]
     met = None if value is None else t.met(value)
     missed_far = value is not None and t.missed_by_more_than(value) and t.profiled
-    out = {"key": key, "target": t.text, "scope": scope, "measured": value,
-           "measured_text": "not measured" if value is None else t.fmt.format(value),
-           "threshold_text": f"{t.op} {t.fmt.format(t.threshold)}", "met": met, "note": note,
-           "missed_by_over_margin": missed_far}
+    out = {
+        "key": key,
+        "target": t.text,
+        "scope": scope,
+        "measured": value,
+        "measured_text": "not measured" if value is None else t.fmt.format(value),
+        "threshold_text": f"{t.op} {t.fmt.format(t.threshold)}",
+        "met": met,
+        "note": note,
+        "missed_by_over_margin": missed_far,
+    }
     if missed_far and source is not None and source.get("top_kernels"):
         out["top_kernels"] = source["top_kernels"]
         out["profiled"] = describe_row(source)
@@ -83,12 +100,16 @@ def _default(rows: list[dict]) -> list[dict]:
 def _mfu_verdicts(train: list[dict]) -> list[dict]:
     out = []
     for key, preset, variant in (("mfu_gpt2", "gpt2-124m", "gpt"), ("mfu_kimi", "paper", "kimi")):
-        rows = [r for r in train if (r["preset"], r["variant"], r["optimizer"]) == (preset, variant, "adamw")
-                and r.get("mfu") is not None]
+        rows = [
+            r
+            for r in train
+            if (r["preset"], r["variant"], r["optimizer"]) == (preset, variant, "adamw") and r.get("mfu") is not None
+        ]
         best = max(_default(rows), key=lambda r: r["mfu"], default=None)
         if best is None:
-            out.append(verdict(key, f"{variant} @ {preset}", None, "needs a CUDA run with a known peak "
-                                                                   "(or --peak-tflops)"))
+            out.append(
+                verdict(key, f"{variant} @ {preset}", None, "needs a CUDA run with a known peak (or --peak-tflops)")
+            )
             continue
         note = f"{'compiled' if best['compile'] else 'eager'}; fwd+bwd alone {best['mfu_fwd_bwd']:.1%}"
         for r in rows:
@@ -124,16 +145,25 @@ def _muon_verdicts(train: list[dict], optim: list[dict]) -> list[dict]:
         same = _default([x for x in train if (x["preset"], x["variant"]) == (r["preset"], r["variant"])])
         fastest = min(x["fwd_bwd_ms"] for x in same)
         note = f"eager Muon row: {r['opt_ms'] / r['step_ms']:.1%} of its own step"
-        batched = [x for x in muon_rows if "batched_ns" in x.get("impl", "")
-                   and (x["preset"], x["variant"]) == (r["preset"], r["variant"])]
+        batched = [
+            x
+            for x in muon_rows
+            if "batched_ns" in x.get("impl", "") and (x["preset"], x["variant"]) == (r["preset"], r["variant"])
+        ]
         for x in batched:
             note += f"; batched_ns: {_muon_share(x, fastest):.1%}"
-        opt_rows = [o for o in optim if o.get("batched_muon_groups_ms") is not None
-                    and (o["preset"], o["variant"]) == (r["preset"], r["variant"])]
+        opt_rows = [
+            o
+            for o in optim
+            if o.get("batched_muon_groups_ms") is not None
+            and (o["preset"], o["variant"]) == (r["preset"], r["variant"])
+        ]
         if opt_rows:
             o = opt_rows[0]
-            note += (f"; optimizer.step() alone: Muon groups {o['muon_groups_ms']:.2f} ms, batched_ns "
-                     f"{o['batched_muon_groups_ms']:.2f} ms")
+            note += (
+                f"; optimizer.step() alone: Muon groups {o['muon_groups_ms']:.2f} ms, batched_ns "
+                f"{o['batched_muon_groups_ms']:.2f} ms"
+            )
         out.append(verdict("muon_share", f"{r['variant']} @ {r['preset']}", _muon_share(r, fastest), note, r))
     return out or [verdict("muon_share", "Muon", None)]
 
@@ -141,6 +171,7 @@ def _muon_verdicts(train: list[dict], optim: list[dict]) -> list[dict]:
 def _decode_verdicts(decode: list[dict]) -> list[dict]:
     out = []
     for preset in dict.fromkeys(r["preset"] for r in decode):
+
         def pick(variant, impl="default", preset=preset):
             return {r["batch"]: r for r in decode if (r["preset"], r["variant"], r["impl"]) == (preset, variant, impl)}
 
@@ -150,17 +181,32 @@ def _decode_verdicts(decode: list[dict]) -> list[dict]:
             continue
         b = TARGET_DECODE_BATCH if TARGET_DECODE_BATCH in common else common[-1]
         note = "" if b == TARGET_DECODE_BATCH else f"at batch {b}: batch {TARGET_DECODE_BATCH} not measured"
-        out.append(verdict("mla_decode", f"gpt-mla vs gpt @ {preset}, batch {b}",
-                           mla[b]["tokens_per_s"] / mha[b]["tokens_per_s"], note, mla[b]))
-        out.append(verdict("mla_kv", f"gpt-mla vs gpt @ {preset}",
-                           mla[b]["kv_bytes_per_token"] / mha[b]["kv_bytes_per_token"],
-                           f"{mla[b]['kv_bytes_per_token']:,.0f} vs {mha[b]['kv_bytes_per_token']:,.0f} B/token"))
+        out.append(
+            verdict(
+                "mla_decode",
+                f"gpt-mla vs gpt @ {preset}, batch {b}",
+                mla[b]["tokens_per_s"] / mha[b]["tokens_per_s"],
+                note,
+                mla[b],
+            )
+        )
+        out.append(
+            verdict(
+                "mla_kv",
+                f"gpt-mla vs gpt @ {preset}",
+                mla[b]["kv_bytes_per_token"] / mha[b]["kv_bytes_per_token"],
+                f"{mla[b]['kv_bytes_per_token']:,.0f} vs {mha[b]['kv_bytes_per_token']:,.0f} B/token",
+            )
+        )
     return out or [verdict("mla_decode", "gpt-mla vs gpt", None), verdict("mla_kv", "gpt-mla vs gpt", None)]
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One verdict per target and scope; a target whose rows were not measured reads "not measured"."""
     train = ok_rows(results.get("train", []))
-    return (_mfu_verdicts(train) + _moe_verdicts(ok_rows(results.get("moe", [])))
-            + _muon_verdicts(train, ok_rows(results.get("optim", [])))
-            + _decode_verdicts(ok_rows(results.get("decode", []))))
+    return (
+        _mfu_verdicts(train)
+        + _moe_verdicts(ok_rows(results.get("moe", [])))
+        + _muon_verdicts(train, ok_rows(results.get("optim", [])))
+        + _decode_verdicts(ok_rows(results.get("decode", [])))
+    )

@@ -68,8 +68,13 @@ def time_fn(fn: Callable[[], object], min_run_time: float = 0.2, warmup: int = 1
     return time_interleaved({"fn": fn}, rounds=1, min_run_time=min_run_time, warmup=warmup)["fn"]
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], object]], rounds: int = 5, min_run_time: float = 0.1,
-                     warmup: int = 1, num_threads: int | None = None) -> dict[str, Timing]:
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int = 5,
+    min_run_time: float = 0.1,
+    warmup: int = 1,
+    num_threads: int | None = None,
+) -> dict[str, Timing]:
     """Time each callable in `rounds` interleaved rounds; each round is one `blocked_autorange` per callable.
 
     The result per name pools the block times of all its rounds (median and IQR over them). `num_threads`
@@ -80,8 +85,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], rounds: int = 5, m
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-              for name, fn in fns.items()}
+    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for name, fn in fns.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, timer in timers.items():
@@ -112,10 +116,17 @@ def block_size(seconds_per_call: float, sample_s: float) -> int:
     return max(1, math.ceil(sample_s / max(seconds_per_call, 1e-9)))
 
 
-def time_rounds(fns: Mapping[str, Callable[[], object]], select: Callable[[RoundTimes], Collection[str]],
-                min_rounds: int = 8, max_rounds: int = 400, max_seconds: float = 30.0, sample_s: float = 0.01,
-                warmup: int = 2, on_round: Callable[[RoundTimes], None] | None = None,
-                numbers: Mapping[str, int] | None = None) -> RoundTimes:
+def time_rounds(
+    fns: Mapping[str, Callable[[], object]],
+    select: Callable[[RoundTimes], Collection[str]],
+    min_rounds: int = 8,
+    max_rounds: int = 400,
+    max_seconds: float = 30.0,
+    sample_s: float = 0.01,
+    warmup: int = 2,
+    on_round: Callable[[RoundTimes], None] | None = None,
+    numbers: Mapping[str, int] | None = None,
+) -> RoundTimes:
     """Time `fns` in interleaved rounds until `select` names nothing more to time.
 
     Warm-up: `warmup` untimed calls each (the last one, timed, sizes the callable's block: `block_size`,
@@ -178,8 +189,13 @@ class _Marks:
         return [b - a for a, b in pairs]
 
 
-def time_phases(step: Callable[[Callable[[], None]], object], phases: Sequence[str], repeats: int,
-                warmup: int = 1, device: torch.device | str = "cpu") -> dict[str, Timing]:
+def time_phases(
+    step: Callable[[Callable[[], None]], object],
+    phases: Sequence[str],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, Timing]:
     """Seconds per phase of a call that marks the end of each phase: `step(mark)` calls `mark()` once after
     each of `phases`, in order. The start is marked before each call; "total" is the whole call. On CUDA
     the marks are events on the current stream, so the `repeats` timed calls run without a host sync

@@ -50,21 +50,40 @@ def build_optimizer(name: str, model: nn.Module, batched_ns: bool = False) -> to
     return opt
 
 
-def bench_train_step(variant: str, preset: str, device: str | torch.device, *, compile_model: bool = False,
-                     optimizer: str = "adamw", micro_batch: int | None = None,
-                     timing: TimingSettings = TimingSettings(), vocab_size: int | None = None,
-                     peak_flops: float | None = None, matmul_peak: float | None = None, sdpa_pad_v: bool = False,
-                     batched_ns: bool = False, profile: bool = False, seed: int = 0,
-                     n_batches: int = 4) -> dict[str, Any]:
+def bench_train_step(
+    variant: str,
+    preset: str,
+    device: str | torch.device,
+    *,
+    compile_model: bool = False,
+    optimizer: str = "adamw",
+    micro_batch: int | None = None,
+    timing: TimingSettings = TimingSettings(),
+    vocab_size: int | None = None,
+    peak_flops: float | None = None,
+    matmul_peak: float | None = None,
+    sdpa_pad_v: bool = False,
+    batched_ns: bool = False,
+    profile: bool = False,
+    seed: int = 0,
+    n_batches: int = 4,
+) -> dict[str, Any]:
     """One training step (forward + aux loss, backward, clip 1.0, step, zero_grad, MoE bias update) on
     n_batches random token blocks used in turn. `sdpa_pad_v`/`batched_ns` build with those arch/ switches;
     `profile` adds the step's top kernels (torch.profiler) to the row. A failure is a row status."""
     device = torch.device(device)
     dims = preset_dims(preset, vocab_size)
     B, T = micro_batch_for(preset, micro_batch), dims.block_size
-    row: dict[str, Any] = {"preset": preset, "variant": variant, "optimizer": optimizer,
-                           "compile": bool(compile_model), "impl": impl_name(sdpa_pad_v, batched_ns),
-                           "batch": B, "seq": T, "status": "ok"}
+    row: dict[str, Any] = {
+        "preset": preset,
+        "variant": variant,
+        "optimizer": optimizer,
+        "compile": bool(compile_model),
+        "impl": impl_name(sdpa_pad_v, batched_ns),
+        "batch": B,
+        "seq": T,
+        "status": "ok",
+    }
     free_memory(device)
     try:
         torch.manual_seed(seed)
@@ -79,16 +98,22 @@ def bench_train_step(variant: str, preset: str, device: str | torch.device, *, c
         moes = moe_modules(model)
         amp = autocast_dtype("auto", device)  # the trainer's rule: bf16 on CUDA, fp32 on CPU
         gen = torch.Generator().manual_seed(seed)
-        batches = [(torch.randint(0, dims.vocab_size, (B, T), generator=gen).to(device),
-                    torch.randint(0, dims.vocab_size, (B, T), generator=gen).to(device)) for _ in range(n_batches)]
+        batches = [
+            (
+                torch.randint(0, dims.vocab_size, (B, T), generator=gen).to(device),
+                torch.randint(0, dims.vocab_size, (B, T), generator=gen).to(device),
+            )
+            for _ in range(n_batches)
+        ]
         fpt = flops_per_token(model, T)
         counts = count_params(model)
         row.update(params_total=counts.total, params_active=counts.active, flops_per_token=fpt)
         calls = iter(range(10**9))
 
         def step(mark) -> None:  # the trainer's step (harness.trial.step.train_step), clip 1.0, phases marked
-            train_step(model, opt, [batches[next(calls) % n_batches]], amp, 1.0, forward=train_model, moe=moes,
-                       mark=mark)
+            train_step(
+                model, opt, [batches[next(calls) % n_batches]], amp, 1.0, forward=train_model, moe=moes, mark=mark
+            )
 
         t0 = time.perf_counter()
         step(lambda: None)  # compilation happens here when compile_model
@@ -99,9 +124,15 @@ def bench_train_step(variant: str, preset: str, device: str | torch.device, *, c
         phase = time_phases(step, PHASES, repeats=timing.repeats, warmup=timing.warmup, device=device)
         st = phase["total"]
         tokens_per_s = B * T / st.median_s
-        row.update(step_ms=ms(st.median_s), step_iqr_ms=ms(st.iqr_s), repeats=st.n, noisy=st.noisy,
-                   **{f"{name}_ms": ms(phase[name].median_s) for name in PHASES},
-                   tokens_per_s=tokens_per_s, model_tflops=fpt * tokens_per_s / 1e12)
+        row.update(
+            step_ms=ms(st.median_s),
+            step_iqr_ms=ms(st.iqr_s),
+            repeats=st.n,
+            noisy=st.noisy,
+            **{f"{name}_ms": ms(phase[name].median_s) for name in PHASES},
+            tokens_per_s=tokens_per_s,
+            model_tflops=fpt * tokens_per_s / 1e12,
+        )
         row["mfu"] = fpt * tokens_per_s / peak_flops if peak_flops else None
         row["mfu_fwd_bwd"] = fpt * B * T / phase["fwd_bwd"].median_s / peak_flops if peak_flops else None
         row["of_matmul_peak"] = fpt * tokens_per_s / matmul_peak if matmul_peak else None

@@ -9,6 +9,7 @@ from harness.errors import UserError
 
 TOKENS = (np.arange(10_000) * 7 % 60_000).astype(np.uint16)
 
+
 def test_batches_deterministic_shifted_and_seeded():
     b = TokenBatches(TOKENS, block_size=16, micro_batch_size=4, seed=1)
     x, y = b.get(3)
@@ -17,8 +18,8 @@ def test_batches_deterministic_shifted_and_seeded():
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
     for row, start in enumerate(b.offsets(3)[:4]):  # rows are the windows at the step's offsets
-        assert torch.equal(x[row], torch.from_numpy(TOKENS[start:start + 16].astype(np.int64)))
-        assert torch.equal(y[row], torch.from_numpy(TOKENS[start + 1:start + 17].astype(np.int64)))
+        assert torch.equal(x[row], torch.from_numpy(TOKENS[start : start + 16].astype(np.int64)))
+        assert torch.equal(y[row], torch.from_numpy(TOKENS[start + 1 : start + 17].astype(np.int64)))
     assert not torch.equal(x, TokenBatches(TOKENS, 16, 4, seed=2).get(3)[0])
     assert not torch.equal(x, b.get(4)[0])
 
@@ -31,7 +32,7 @@ def test_grad_accum_equals_ranks():
             assert torch.equal(one.get(step, micro=m)[0], two.get(step, micro=0, rank=m)[0])
     # 2 ranks x 2 micro-steps: rank r, micro m takes global rows (m * 2 + r) * B
     four = TokenBatches(TOKENS, 8, 3, grad_accum=2, seed=5, world_size=2)
-    rows = np.concatenate([four.offsets(7)[(m * 2 + r) * 3:][:3] for m in range(2) for r in range(2)])
+    rows = np.concatenate([four.offsets(7)[(m * 2 + r) * 3 :][:3] for m in range(2) for r in range(2)])
     np.testing.assert_array_equal(np.sort(rows), np.sort(four.offsets(7)))
 
 

@@ -38,8 +38,17 @@ def test_user_errors_are_one_line_with_suggestions(tmp_path):
     one_line_user_error(e, "vocab_size:")
 
 
-@pytest.mark.parametrize("field,value", [("vocab_size", True), ("max_chars", "5"), ("max_chars", 0),
-                                         ("vocab_size", 2.0), ("val_fraction", "0.1"), ("corpus", 3)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("vocab_size", True),
+        ("max_chars", "5"),
+        ("max_chars", 0),
+        ("vocab_size", 2.0),
+        ("val_fraction", "0.1"),
+        ("corpus", 3),
+    ],
+)
 def test_strict_types(field, value):
     with pytest.raises(UserError, match=f"^{field}: "):
         DataConfig(**{field: value})
@@ -47,8 +56,13 @@ def test_strict_types(field, value):
 
 def test_same_fields_and_defaults_as_the_matrix_section():
     """model_dump is what enters trial keys and MLflow data.* params: the five fields, never cache_dir."""
-    assert DataConfig().model_dump() == {"corpus": "python-stdlib", "tokenizer": "byte", "vocab_size": None,
-                                         "max_chars": None, "val_fraction": 0.1}
+    assert DataConfig().model_dump() == {
+        "corpus": "python-stdlib",
+        "tokenizer": "byte",
+        "vocab_size": None,
+        "max_chars": None,
+        "val_fraction": 0.1,
+    }
     assert "cache_dir" not in DataConfig(cache_dir="/tmp/elsewhere").model_dump()
     assert DataConfig(val_fraction=0.25, max_chars=10).model_dump()["val_fraction"] == 0.25
 

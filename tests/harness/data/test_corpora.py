@@ -54,7 +54,7 @@ def test_tinyshakespeare_offline_then_from_cache_dir(tmp_path, monkeypatch):
     d = prepare(cfg)
     n = len(text)
     assert d.tokenizer.decode(d.train) == text[: int(n * 0.9)]  # nanoGPT's shakespeare_char split
-    assert d.tokenizer.decode(d.val) == text[int(n * 0.9):]
+    assert d.tokenizer.decode(d.val) == text[int(n * 0.9) :]
 
 
 def test_tinystories_offline_error_and_official_split(tmp_path, monkeypatch):
@@ -138,12 +138,19 @@ def test_python_site_is_stdlib_plus_site_packages(tmp_path, monkeypatch):
     write(site, "pkg/__init__.py", "pkg/mod.py", "pkg/__pycache__/mod.py", ".hidden/x.py", "top.py")
     write(extra, "other/a.py", "top.py")  # top.py also in the first folder: the first one's file is used
     (site / "pkg" / "data.txt").write_text("not python")
-    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(std), "purelib": str(site),
-                                                         "platlib": str(site)})
+    monkeypatch.setattr(
+        sysconfig, "get_paths", lambda: {"stdlib": str(std), "purelib": str(site), "platlib": str(site)}
+    )
     monkeypatch.setattr(sys, "path", [str(std), str(site), str(extra)])
     files = C._site_files()
-    assert [n for n, _ in files] == ["site/other/a.py", "site/pkg/__init__.py", "site/pkg/mod.py", "site/top.py",
-                                     "stdlib/json/__init__.py", "stdlib/os.py"]
+    assert [n for n, _ in files] == [
+        "site/other/a.py",
+        "site/pkg/__init__.py",
+        "site/pkg/mod.py",
+        "site/top.py",
+        "stdlib/json/__init__.py",
+        "stdlib/os.py",
+    ]
     assert dict(files)["site/top.py"] == (site / "top.py").resolve()
     corpus = load_corpus(make_cfg(tmp_path, "python-site", val_fraction=0.3))
     train, val = {d.name for d in corpus.train_docs}, {d.name for d in corpus.val_docs}

@@ -62,8 +62,9 @@ def test_gpt2_offline_error_and_wrapper(tmp_path, monkeypatch):
     one_line_user_error(e, "tokenizer:", "TIKTOKEN_CACHE_DIR")
 
     # with an encoding available the wrapper encodes/decodes through tiktoken (a byte-level stand-in here)
-    fake = tiktoken.Encoding("fake", pat_str=r"\s+|\S+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                             special_tokens={})
+    fake = tiktoken.Encoding(
+        "fake", pat_str=r"\s+|\S+", mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={}
+    )
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake)
     tok = GPT2Tokenizer()
     assert tok.decode(tok.encode(SAMPLE)) == SAMPLE and tok.identity == "tiktoken:gpt2"

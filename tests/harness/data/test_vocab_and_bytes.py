@@ -79,7 +79,7 @@ def _single_file(tmp_path, text=TEXT):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
-    return path, text[int(len(text) * 0.9):]  # a single file splits by characters: the last 10% is val
+    return path, text[int(len(text) * 0.9) :]  # a single file splits by characters: the last 10% is val
 
 
 def test_val_bytes_byte_tokenizer_is_the_token_count(tmp_path):
@@ -123,8 +123,12 @@ def test_val_bytes_bpe_by_hand(tmp_path):
 def test_gpt2_special_tokens_count_zero_bytes(monkeypatch):
     import tiktoken
 
-    fake = tiktoken.Encoding("fake", pat_str=r"\s+|\S+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                             special_tokens={"<|endoftext|>": 256})
+    fake = tiktoken.Encoding(
+        "fake",
+        pat_str=r"\s+|\S+",
+        mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={"<|endoftext|>": 256},
+    )
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake)
     sizes = GPT2Tokenizer().token_bytes()
     assert len(sizes) == 257 and sizes[256] == 0 and (sizes[:256] == 1).all()

@@ -21,8 +21,13 @@ from tests.helpers import write_matrix
 
 @pytest.fixture
 def matrix(tmp_path):
-    path = write_matrix(tmp_path / "m.toml", "runner", variants=("gpt", "kimi"), seeds=(0, 1),
-                        train={"steps": 2, "eval_interval": 1, "log_interval": 1})
+    path = write_matrix(
+        tmp_path / "m.toml",
+        "runner",
+        variants=("gpt", "kimi"),
+        seeds=(0, 1),
+        train={"steps": 2, "eval_interval": 1, "log_interval": 1},
+    )
     return load_matrix(path)
 
 
@@ -65,8 +70,14 @@ def test_a_matrix_without_trials_is_one_line():
 
 def test_summary_table_shows_results_skips_and_state_megabytes(matrix):
     trials = matrix.expand(256)[:2]
-    metrics = {schema.PARAMS_TOTAL: 120576.0, schema.PARAMS_ACTIVE: 120576.0, schema.VAL_PPL_FINAL: 12.3456,
-               schema.MEM_PARAM: 1_000_000.0, schema.MEM_GRAD: 2_000_000.0, schema.MEM_OPTIM: 500_000.0}
+    metrics = {
+        schema.PARAMS_TOTAL: 120576.0,
+        schema.PARAMS_ACTIVE: 120576.0,
+        schema.VAL_PPL_FINAL: 12.3456,
+        schema.MEM_PARAM: 1_000_000.0,
+        schema.MEM_GRAD: 2_000_000.0,
+        schema.MEM_OPTIM: 500_000.0,
+    }
     done = TrialResult(status=schema.FINISHED, trial_key="k", step=2, error=None, metrics=metrics)
     out, buf = _console()
     out.print(summary_table(MatrixOutcome("1", None, [(trials[0], done), (trials[1], None)])))
@@ -85,14 +96,15 @@ def test_run_matrix_trains_logs_and_a_rerun_skips(matrix, tmp_path, monkeypatch)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
-    small = load_matrix(write_matrix(tmp_path / "one.toml", "runner-one",
-                                     train={"steps": 2, "eval_interval": 1, "log_interval": 1}))
+    small = load_matrix(
+        write_matrix(tmp_path / "one.toml", "runner-one", train={"steps": 2, "eval_interval": 1, "log_interval": 1})
+    )
     out, buf = _console()
     data = prepare_data(small.data_fields(), str(tmp_path / "cache"), out)
     trials = small.expand(data.vocab_size)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     first = run_matrix(small, trials, data, uri, tmp_path / "runs", out)
-    (spec, result), = first.results
+    ((spec, result),) = first.results
     assert result.status == schema.FINISHED and result.step == 2 and not first.interrupted
     key = spec.key(data.data_hash)
     folder = tmp_path / "runs" / "runner-one" / trial_dir_name(spec, key)

@@ -52,8 +52,15 @@ FAST_HEALTH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 3000, 
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "node_ip_address": "127.0.0.1", "_system_config": FAST_HEALTH})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "node_ip_address": "127.0.0.1",
+            "_system_config": FAST_HEALTH,
+        },
+    )
     for _ in range(2):
         c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     ray.init(address=c.address, namespace="kimi-bench", log_to_driver=False)
@@ -77,8 +84,16 @@ def _console() -> Console:
     return Console(file=io.StringIO(), width=160)
 
 
-def drive(matrix_path: Path, store: dict, out: Path, cluster, observer=None, max_retries: int = 3,
-          executor: str = "ray", nproc: int = 1):
+def drive(
+    matrix_path: Path,
+    store: dict,
+    out: Path,
+    cluster,
+    observer=None,
+    max_retries: int = 3,
+    executor: str = "ray",
+    nproc: int = 1,
+):
     """One in-process driver of a matrix (the CLI's run, minus argument parsing)."""
     from harness.data.bar import prepare_data
     from harness.executors import run_matrix
@@ -89,8 +104,9 @@ def drive(matrix_path: Path, store: dict, out: Path, cluster, observer=None, max
     data = prepare_data(matrix.data_fields(), store["cache"], console)
     trials = matrix.expand(data.vocab_size)
     opts = RayOptions(address=cluster.address, observer=observer, max_retries=max_retries, poll_s=0.2, nproc=nproc)
-    outcome = run_matrix(matrix, trials, data, store["uri"], out, console, executor=executor, ray_options=opts,
-                         cache_dir=store["cache"])
+    outcome = run_matrix(
+        matrix, trials, data, store["uri"], out, console, executor=executor, ray_options=opts, cache_dir=store["cache"]
+    )
     return outcome, console.file.getvalue()
 
 
@@ -164,8 +180,13 @@ def test_cluster_is_pinned_to_loopback(cluster):
 
 @pytest.mark.slow
 def test_four_trials_on_two_nodes_overlap_and_a_second_driver_trains_nothing_twice(cluster, store, tmp_path):
-    matrix = write_matrix(tmp_path / "m.toml", "ray-four", variants=("gpt", "kimi"), optimizers=("adamw", "muon"),
-                          train={"steps": 30, "checkpoint_interval": 10})
+    matrix = write_matrix(
+        tmp_path / "m.toml",
+        "ray-four",
+        variants=("gpt", "kimi"),
+        optimizers=("adamw", "muon"),
+        train={"steps": 30, "checkpoint_interval": 10},
+    )
     out = tmp_path / "runs"
     seen: dict[str, dict] = {}
 
@@ -176,9 +197,26 @@ def test_four_trials_on_two_nodes_overlap_and_a_second_driver_trains_nothing_twi
     t, box = in_thread(drive, matrix, store, out, cluster, observe)
     wait_for(lambda: any(r.get("step", 0) > 0 for r in seen.values()), 180, "a trial to train")
     # a second driver, another process, on the same matrix, store and cluster, while the first one trains
-    second = run_cli(["run", "--matrix", str(matrix), "--executor", "ray", "--ray-address", cluster.address,
-                      "--tracking-uri", store["uri"], "--out", str(out), "--cache-dir", store["cache"]],
-                     cwd=tmp_path, timeout=240, env=child_env({LOOPBACK_ENV: "0"}))
+    second = run_cli(
+        [
+            "run",
+            "--matrix",
+            str(matrix),
+            "--executor",
+            "ray",
+            "--ray-address",
+            cluster.address,
+            "--tracking-uri",
+            store["uri"],
+            "--out",
+            str(out),
+            "--cache-dir",
+            store["cache"],
+        ],
+        cwd=tmp_path,
+        timeout=240,
+        env=child_env({LOOPBACK_ENV: "0"}),
+    )
     outcome, _ = joined(t, box, 300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     skipped = [ln for ln in second.stdout.splitlines() if "claimed by another driver" in ln or "already" in ln]
@@ -216,9 +254,12 @@ def test_ray_and_local_executor_leave_the_same_keys(cluster, store, tmp_path):
 
     def keys(name: str) -> dict[str, set]:
         (run,) = trial_runs(client, name)
-        return {"metrics": {k for k in run.data.metrics if not k.startswith("system/")},
-                "params": set(run.data.params), "tags": set(run.data.tags),
-                "artifacts": {a.path for a in client.list_artifacts(run.info.run_id)}}
+        return {
+            "metrics": {k for k in run.data.metrics if not k.startswith("system/")},
+            "params": set(run.data.params),
+            "tags": set(run.data.tags),
+            "artifacts": {a.path for a in client.list_artifacts(run.info.run_id)},
+        }
 
     assert keys(names["ray"]) == keys(names["local"])
     frames = {e: collect(store["uri"], n).runs for e, n in names.items()}
@@ -259,9 +300,17 @@ def _kill_worker(pid: int) -> None:
 @pytest.mark.slow
 def test_lost_node_or_worker_is_retried_and_resumes_from_checkpoint(cluster, store, tmp_path):
     steps = 150  # micro-batches of 32 rows: ~10 steps/s here, so a kill lands within a few steps of its moment
-    matrix = write_matrix(tmp_path / "f.toml", "ray-faults",
-                          train={"steps": steps, "micro_batch_size": 32, "checkpoint_interval": 5, "log_interval": 5,
-                                 "eval_interval": 50})
+    matrix = write_matrix(
+        tmp_path / "f.toml",
+        "ray-faults",
+        train={
+            "steps": steps,
+            "micro_batch_size": 32,
+            "checkpoint_interval": 5,
+            "log_interval": 5,
+            "eval_interval": 50,
+        },
+    )
     latest: dict[str, dict] = {}
     t, box = in_thread(drive, matrix, store, tmp_path / "runs", cluster, lambda s: latest.update(s), 3)
     seed = random.randrange(2**31)
@@ -269,6 +318,7 @@ def test_lost_node_or_worker_is_retried_and_resumes_from_checkpoint(cluster, sto
     moments = [rng.randint(lo, hi) for lo, hi in ((10, 40), (55, 90), (105, 135))]
     kills = []
     for attempt, (moment, kind) in enumerate(zip(moments, ("node", "worker", "node"), strict=True), 1):
+
         def at_moment(attempt=attempt, moment=moment):
             rows = list(latest.values())
             return rows and rows[0].get("attempts") == attempt and rows[0].get("step", 0) >= moment and rows[0]
@@ -288,8 +338,10 @@ def test_lost_node_or_worker_is_retried_and_resumes_from_checkpoint(cluster, sto
     dups = duplicate_steps(client, run)
     attempts = list(latest.values())[0]["attempts"]
     n_dups = sum(map(len, dups.values()))
-    print(f"\nfault test (seed {seed}): kills {kills}, attempts {attempts} (retries {attempts - 1}), runs "
-          f"{len(runs)}, train/loss steps logged {len(logged)} of {steps}, duplicate steps {n_dups}")
+    print(
+        f"\nfault test (seed {seed}): kills {kills}, attempts {attempts} (retries {attempts - 1}), runs "
+        f"{len(runs)}, train/loss steps logged {len(logged)} of {steps}, duplicate steps {n_dups}"
+    )
     assert all(step < steps for _, step, _ in kills), f"a kill came after training ended: {kills}"
     assert result.status == "finished" and result.step == steps, log[-3000:]
     assert attempts == 4, f"expected 3 retries, got {attempts - 1}"
@@ -301,14 +353,33 @@ def test_lost_node_or_worker_is_retried_and_resumes_from_checkpoint(cluster, sto
 
 @pytest.mark.slow
 def test_ctrl_c_on_the_driver_cancels_the_trials_and_marks_them_killed(cluster, store, tmp_path):
-    matrix = write_matrix(tmp_path / "c.toml", "ray-ctrl-c", variants=("gpt", "kimi"),
-                          train={"steps": 400, "checkpoint_interval": 20})
+    matrix = write_matrix(
+        tmp_path / "c.toml", "ray-ctrl-c", variants=("gpt", "kimi"), train={"steps": 400, "checkpoint_interval": 20}
+    )
     client = MlflowClient(store["uri"])
     log = tmp_path / "driver.log"
-    proc = popen_cli(["run", "--matrix", str(matrix), "--executor", "ray", "--ray-address", cluster.address,
-                      "--tracking-uri", store["uri"], "--out", str(tmp_path / "runs"), "--cache-dir",
-                      store["cache"]], cwd=tmp_path, env=child_env({LOOPBACK_ENV: "0"}), log=log)
+    proc = popen_cli(
+        [
+            "run",
+            "--matrix",
+            str(matrix),
+            "--executor",
+            "ray",
+            "--ray-address",
+            cluster.address,
+            "--tracking-uri",
+            store["uri"],
+            "--out",
+            str(tmp_path / "runs"),
+            "--cache-dir",
+            store["cache"],
+        ],
+        cwd=tmp_path,
+        env=child_env({LOOPBACK_ENV: "0"}),
+        log=log,
+    )
     try:
+
         def training() -> bool:
             if client.get_experiment_by_name("ray-ctrl-c") is None:
                 return False
@@ -339,12 +410,28 @@ def test_tune_two_workers_adds_exactly_four_per_arm_two_at_once(cluster, store, 
 
     from harness.executors.ray.tuning import tune_ray
 
-    matrix = write_matrix(tmp_path / "t.toml", "ray-tune", variants=("gpt",), optimizers=("adamw", "muon"),
-                          train={"steps": 6, "eval_interval": 3, "log_interval": 3})
+    matrix = write_matrix(
+        tmp_path / "t.toml",
+        "ray-tune",
+        variants=("gpt",),
+        optimizers=("adamw", "muon"),
+        train={"steps": 6, "eval_interval": 3, "log_interval": 3},
+    )
     storage = f"journal:{tmp_path}/study.journal"
-    outcome = tune_ray(matrix, n_workers=2, opts=RayOptions(address=cluster.address, poll_s=0.5), n_trials=4,
-                       total_trials=None, storage=storage, tracking_uri=store["uri"], console=_console(),
-                       cache_dir=store["cache"], out=tmp_path / "runs", pruner="none", system_metrics=False)
+    outcome = tune_ray(
+        matrix,
+        n_workers=2,
+        opts=RayOptions(address=cluster.address, poll_s=0.5),
+        n_trials=4,
+        total_trials=None,
+        storage=storage,
+        tracking_uri=store["uri"],
+        console=_console(),
+        cache_dir=store["cache"],
+        out=tmp_path / "runs",
+        pruner="none",
+        system_metrics=False,
+    )
     assert set(outcome.studies) == {"gpt+adamw", "gpt+muon"}
     from harness.tune import open_storage
 

@@ -15,15 +15,24 @@ CPU = torch.device("cpu")
 
 
 def tiny(variant: str, optimizer: str = "adamw"):
-    return (f"{variant}@tiny:{optimizer}",
-            lambda: bench_arm(variant, "tiny", optimizer, CPU, vocab_size=256, micro_batch=2, decode_batch=2))
+    return (
+        f"{variant}@tiny:{optimizer}",
+        lambda: bench_arm(variant, "tiny", optimizer, CPU, vocab_size=256, micro_batch=2, decode_batch=2),
+    )
 
 
 def test_parse_arms_checks_every_name_and_drops_duplicates():
-    assert parse_arms("kimi@paper:muon, gpt@tiny:adamw,kimi@paper:muon,") == [("kimi", "paper", "muon"),
-                                                                              ("gpt", "tiny", "adamw")]
-    for text, field in (("kimi@paper", "variant@preset:optimizer"), ("kimmi@paper:muon", "variant"),
-                        ("kimi@huge:muon", "preset"), ("kimi@paper:sgd", "optimizer"), (" , ", "empty")):
+    assert parse_arms("kimi@paper:muon, gpt@tiny:adamw,kimi@paper:muon,") == [
+        ("kimi", "paper", "muon"),
+        ("gpt", "tiny", "adamw"),
+    ]
+    for text, field in (
+        ("kimi@paper", "variant@preset:optimizer"),
+        ("kimmi@paper:muon", "variant"),
+        ("kimi@huge:muon", "preset"),
+        ("kimi@paper:sgd", "optimizer"),
+        (" , ", "empty"),
+    ):
         with pytest.raises(UserError, match=field):
             parse_arms(text)
 
@@ -32,8 +41,9 @@ def test_kimi_arm_takes_a_bf16_step_and_reports_grouped_mm(capsys):
     assert run_preflight([tiny("kimi", "muon"), tiny("gpt-mla")], CPU) == 0
     out = capsys.readouterr().out.splitlines()
     assert "bf16 CPU autocast" in out[0] and "F.grouped_mm present" in out[0]
-    assert any(line.startswith("preflight kimi@tiny:muon: train step ok") and "MoE dispatch grouped_mm" in line
-               for line in out)
+    assert any(
+        line.startswith("preflight kimi@tiny:muon: train step ok") and "MoE dispatch grouped_mm" in line for line in out
+    )
     assert "preflight: MoE dispatch: grouped_mm" in out
     assert out[-1].startswith("preflight ok: 2 arms")
 
@@ -71,8 +81,10 @@ def test_a_nonfinite_decode_fails(monkeypatch, capsys):
 
 
 def test_cli_bad_input_is_one_line(capsys):
-    for args, message in ((["--device", "tpu", "--arms", "gpt@tiny:adamw"], "--device: 'tpu'"),
-                          (["--device", "cpu", "--arms", "gpt@tiny"], "variant@preset:optimizer")):
+    for args, message in (
+        (["--device", "tpu", "--arms", "gpt@tiny:adamw"], "--device: 'tpu'"),
+        (["--device", "cpu", "--arms", "gpt@tiny"], "variant@preset:optimizer"),
+    ):
         with pytest.raises(SystemExit) as done:
             preflight.main(args)
         err = capsys.readouterr().err

@@ -36,10 +36,18 @@ BATCH_SIZES = (1, 2)
 
 def make_spec(variant="gpt", optimizer="adamw", micro_batch_size=4, **dims) -> TrialSpec:
     d = dataclasses.replace(resolve_dims("tiny", VOCAB), block_size=32, **dims)
-    return TrialSpec(experiment="m", variant=variant, optimizer=optimizer, preset="tiny", seed=0, dims=d,
-                     optim=resolve_optimizer(optimizer, {"lr": 3e-3}),
-                     train=TrainConfig(steps=2, micro_batch_size=micro_batch_size, infer_batch_sizes=BATCH_SIZES,
-                                       infer_new_tokens=4))
+    return TrialSpec(
+        experiment="m",
+        variant=variant,
+        optimizer=optimizer,
+        preset="tiny",
+        seed=0,
+        dims=d,
+        optim=resolve_optimizer(optimizer, {"lr": 3e-3}),
+        train=TrainConfig(
+            steps=2, micro_batch_size=micro_batch_size, infer_batch_sizes=BATCH_SIZES, infer_new_tokens=4
+        ),
+    )
 
 
 def batch(spec: TrialSpec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,21 +157,27 @@ def test_matrix_measures_each_shape_once_and_cpu_peak_does_not_depend_on_order()
         assert m["speed/kv_bytes_per_token"] == kv_cache_bytes_per_token(model, 4)  # fp32 cache on CPU
         expected = ["speed/prefill_tokens_per_s", "speed/ttft_s"]
         expected += [f"speed/decode_tokens_per_s_b{b}" for b in BATCH_SIZES]
-        expected += [f"speed/{o}/{k}" for o in ("adamw", "muon")
-                     for k in ("step_s", "fwd_bwd_s", "optim_s", "train_tokens_per_s")]
+        expected += [
+            f"speed/{o}/{k}"
+            for o in ("adamw", "muon")
+            for k in ("step_s", "fwd_bwd_s", "optim_s", "train_tokens_per_s")
+        ]
         for key in expected:
             assert m[key] > 0 and m[f"{key}_iqr"] >= 0 and m[f"{key}_n"] >= 1, key
         tokens = trials[0].train.micro_batch_size * trials[0].dims.block_size
         assert m["speed/adamw/train_tokens_per_s"] == pytest.approx(tokens / m["speed/adamw/step_s"])
         assert m["speed/prefill_tokens_per_s"] == pytest.approx(r.settings["prompt_len"] / m["speed/ttft_s"])
-        assert r.threads == 1 and m["speed/rounds"] == 2 and m["speed/timing_s"] > 0   # CPU: one thread
+        assert r.threads == 1 and m["speed/rounds"] == 2 and m["speed/timing_s"] > 0  # CPU: one thread
         # ratios against the other shape, n = 2 rounds (no interval yet): one per kind, steps of any optimizer
         other = next(o.group.key for o in forward if o is not r)
         ratios = {k for k in m if k.startswith("speed/ratio/") and not k.endswith(("_n", "_lo", "_hi"))}
         kinds = ["prefill_tokens_per_s"] + [f"decode_tokens_per_s_b{b}" for b in BATCH_SIZES]
         expected_ratios = {f"speed/ratio/{k}/vs/{other}/{k}" for k in kinds}
-        expected_ratios |= {f"speed/ratio/{a}/train_tokens_per_s/vs/{other}/{b}/train_tokens_per_s"
-                            for a in ("adamw", "muon") for b in ("adamw", "muon")}
+        expected_ratios |= {
+            f"speed/ratio/{a}/train_tokens_per_s/vs/{other}/{b}/train_tokens_per_s"
+            for a in ("adamw", "muon")
+            for b in ("adamw", "muon")
+        }
         assert ratios == expected_ratios
         for k in ratios:
             assert m[k] > 0 and m[k + "_n"] == 2 and k + "_lo" not in m
@@ -217,8 +231,7 @@ def test_speed_runs_are_children_of_the_matrix_run(tmp_path):
     from harness.stores.tracking import Tracker
 
     trials = [make_spec("gpt", "adamw"), make_spec("gpt", "muon")]
-    results = measure_speed(trials, VOCAB, torch.device("cpu"), min_rounds=1, max_seconds=0.0, warmup=1,
-                            memory=False)
+    results = measure_speed(trials, VOCAB, torch.device("cpu"), min_rounds=1, max_seconds=0.0, warmup=1, memory=False)
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = tracker.ensure_experiment("m")
     parent = tracker.start_parent(exp, "m", "kimi-bench run", {"kb.device": "cpu"})

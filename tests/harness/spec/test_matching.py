@@ -92,9 +92,12 @@ def test_aligned_gpt_moves_depth_only_as_far_as_one_percent_needs():
     preset = dims["gpt"]
 
     def reachable(n_layer):
-        return [w for w in range(64, 1537, 64)
-                if abs(param_count("gpt", dataclasses.replace(preset, dim=w, n_heads=1, n_layer=n_layer), "total")
-                       - budget) <= 0.01 * budget]
+        return [
+            w
+            for w in range(64, 1537, 64)
+            if abs(param_count("gpt", dataclasses.replace(preset, dim=w, n_heads=1, n_layer=n_layer), "total") - budget)
+            <= 0.01 * budget
+        ]
 
     assert not reachable(preset.n_layer)
     assert abs(solved.n_layer - preset.n_layer) == 1 and solved.dim in reachable(solved.n_layer)

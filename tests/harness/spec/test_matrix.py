@@ -44,9 +44,11 @@ def test_valid_matrix_expands_product(tmp_path):
 
 
 def test_explicit_arms_and_overrides(tmp_path):
-    text = VALID.replace('variants = ["gpt", "kimi"]\noptimizers = ["adamw", "muon"]',
-                         'arms = [{variant = "gpt-moe", optimizer = "muonclip"}]')
-    text += '[model]\nn_layer = 3\n[model.gpt-moe]\nmoe_inter_dim = 48\n[optim.muonclip]\nqk_clip_tau = 30.0\n'
+    text = VALID.replace(
+        'variants = ["gpt", "kimi"]\noptimizers = ["adamw", "muon"]',
+        'arms = [{variant = "gpt-moe", optimizer = "muonclip"}]',
+    )
+    text += "[model]\nn_layer = 3\n[model.gpt-moe]\nmoe_inter_dim = 48\n[optim.muonclip]\nqk_clip_tau = 30.0\n"
     trials = load_matrix(write(tmp_path, text)).expand(vocab_size=256)
     assert len(trials) == 2
     t = trials[0]
@@ -68,15 +70,18 @@ def test_matching_sizes_arms_within_one_percent(tmp_path):
 
 BAD = [
     # (replace this, with that, the field the one-line error must name)
-    ('variants = ["gpt", "kimi"]', 'variants = ["gpt", "kimmi"]',
-     "matrix.variants[1]: unknown name 'kimmi'; did you mean 'kimi'"),
+    (
+        'variants = ["gpt", "kimi"]',
+        'variants = ["gpt", "kimmi"]',
+        "matrix.variants[1]: unknown name 'kimmi'; did you mean 'kimi'",
+    ),
     ('optimizers = ["adamw", "muon"]', 'optimizers = ["adamw", "moun"]', "matrix.optimizers[1]"),
     ("steps = 10", "steps = -5", "train.steps"),
     ("steps = 10", 'steps = "ten"', "train.steps"),
     ("steps = 10", "micro_batch_size = 4", "train: "),  # no budget at all
     ("steps = 10", "steps = 10\ntokens = 100", "train: "),  # two budgets
     ('name = "t"', "", "name: missing"),
-    ('seeds = [0, 1]', 'seeds = [0, 0]', "matrix.seeds"),
+    ("seeds = [0, 1]", "seeds = [0, 0]", "matrix.seeds"),
     ('presets = ["tiny"]', 'presets = ["huge"]', "matrix.presets[0]"),
     ("[train]", "[train]\nlearning_rate = 1", "train.learning_rate: unknown field"),
     ('corpus = "python-stdlib"', "corpus = 3", "data.corpus"),
@@ -130,9 +135,14 @@ def _trial_records(name: str) -> list[dict]:
     new file, so it still compares the old definitions with the new ones.)"""
     vocab = {"byte": 256, "char": 66, "gpt2": 50257}
     m = load_matrix(ROOT / "experiments" / f"{name}.toml")
-    return [{"name": s.name, "key": s.key("frozen-data-hash"),
-             "params": {k: json.dumps(v, default=str) for k, v in s.flat_params().items()}}
-            for s in m.expand(vocab[m.spec.data.tokenizer])]
+    return [
+        {
+            "name": s.name,
+            "key": s.key("frozen-data-hash"),
+            "params": {k: json.dumps(v, default=str) for k, v in s.flat_params().items()},
+        }
+        for s in m.expand(vocab[m.spec.data.tokenizer])
+    ]
 
 
 @pytest.mark.parametrize("name", ["smoke", "tune-smoke", "ablation", "nanogpt-shakespeare-char", "paper", "scaling"])
@@ -150,9 +160,18 @@ def test_arch_configs_derived_from_dims_unchanged():
     from harness.spec import registry as r
 
     frozen = json.loads((FROZEN / "arch_configs.json").read_text())
-    cases = {"plain": {}, "overrides": {"shared_inter_dim": 48, "dense_inter_dim": 40, "tie_embeddings": True,
-                                        "dropout": 0.1, "score_func": "softmax", "aux_loss_alpha": 0.01,
-                                        "bias": False}}
+    cases = {
+        "plain": {},
+        "overrides": {
+            "shared_inter_dim": 48,
+            "dense_inter_dim": 40,
+            "tie_embeddings": True,
+            "dropout": 0.1,
+            "score_func": "softmax",
+            "aux_loss_alpha": 0.01,
+            "bias": False,
+        },
+    }
 
     def subset(now, then):
         if isinstance(then, dict) and isinstance(now, dict):
@@ -162,8 +181,11 @@ def test_arch_configs_derived_from_dims_unchanged():
     for key, then in frozen.items():
         preset, case, variant = key.split("/")
         d = r.resolve_dims(preset, 256, cases[case])
-        config = r._kimi_config(d) if variant == "kimi" else r._gpt_config(
-            d, "mla" if variant == "gpt-mla" else "mha", "moe" if variant == "gpt-moe" else "dense")
+        config = (
+            r._kimi_config(d)
+            if variant == "kimi"
+            else r._gpt_config(d, "mla" if variant == "gpt-mla" else "mha", "moe" if variant == "gpt-moe" else "dense")
+        )
         assert subset(json.loads(json.dumps(dataclasses.asdict(config))), then) == then, key
 
 
@@ -176,8 +198,9 @@ def test_optimizer_defaults_live_on_the_dataclass():
 
     for name in ("adamw", "muon", "muonclip"):
         assert resolve_optimizer(name) == OptimizerConfig(name=name)
-        assert OPTIMIZER_DEFAULTS[name] == {k: v for k, v in dataclasses.asdict(OptimizerConfig(name=name)).items()
-                                            if k != "name"}
+        assert OPTIMIZER_DEFAULTS[name] == {
+            k: v for k, v in dataclasses.asdict(OptimizerConfig(name=name)).items() if k != "name"
+        }
     assert resolve_optimizer("adamw").betas == (0.9, 0.99) and resolve_optimizer("adamw").lr == 1e-3
     assert resolve_optimizer("muon").muon_weight_decay == 0.0
 
@@ -193,23 +216,44 @@ def test_train_table_is_the_trial_config(tmp_path):
     assert m.train_config(steps=3).steps == 3 and m.train_config(tokens=640).steps is None  # budget replaced
 
 
-@pytest.mark.parametrize(("old", "new", "suggestion"), [
-    ("steps = 10", "stpes = 10", "train.stpes: unknown field; did you mean 'steps'"),
-    ('corpus = "python-stdlib"', 'corpsu = "python-stdlib"', "data.corpsu: unknown field; did you mean 'corpus'?"),
-    ("seeds = [0, 1]", "seeds = [0, 1]\n[match]\nreference = 'kimi'\nbyy = 'total'",
-     "match.byy: unknown field; did you mean 'by'?"),
-    ('name = "t"', 'nmae = "t"', "nmae: unknown field; did you mean 'name'"),
-    ("seeds = [0, 1]", "seeds = [0, 1]\n[optim.adamw]\nlrr = 1e-3",
-     "optim.adamw.lrr: unknown optimizer field; did you mean 'lr'?"),
-    ("seeds = [0, 1]", "seeds = [0, 1]\n[optim.muon]\nmuon_scaling = 'match_rms'",
-     "optim.muon.muon_scaling: unknown name 'match_rms'; did you mean 'match_rms_adamw'?"),
-    ("seeds = [0, 1]", "seeds = [0, 1]\n[optim.adamw]\nlr = '1e-3'",
-     "optim.adamw.lr: input should be a valid number (got '1e-3')"),
-    ("seeds = [0, 1]", "seeds = [0, 1]\n[model]\nn_layer = true",
-     "model.n_layer: input should be a valid integer (got True)"),
-    ("seeds = [0, 1]", "seeds = [0, 1]\n[model.kimi]\nn_layr = 3",
-     "model.kimi.n_layr: unknown model field; did you mean 'n_layer'"),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "suggestion"),
+    [
+        ("steps = 10", "stpes = 10", "train.stpes: unknown field; did you mean 'steps'"),
+        ('corpus = "python-stdlib"', 'corpsu = "python-stdlib"', "data.corpsu: unknown field; did you mean 'corpus'?"),
+        (
+            "seeds = [0, 1]",
+            "seeds = [0, 1]\n[match]\nreference = 'kimi'\nbyy = 'total'",
+            "match.byy: unknown field; did you mean 'by'?",
+        ),
+        ('name = "t"', 'nmae = "t"', "nmae: unknown field; did you mean 'name'"),
+        (
+            "seeds = [0, 1]",
+            "seeds = [0, 1]\n[optim.adamw]\nlrr = 1e-3",
+            "optim.adamw.lrr: unknown optimizer field; did you mean 'lr'?",
+        ),
+        (
+            "seeds = [0, 1]",
+            "seeds = [0, 1]\n[optim.muon]\nmuon_scaling = 'match_rms'",
+            "optim.muon.muon_scaling: unknown name 'match_rms'; did you mean 'match_rms_adamw'?",
+        ),
+        (
+            "seeds = [0, 1]",
+            "seeds = [0, 1]\n[optim.adamw]\nlr = '1e-3'",
+            "optim.adamw.lr: input should be a valid number (got '1e-3')",
+        ),
+        (
+            "seeds = [0, 1]",
+            "seeds = [0, 1]\n[model]\nn_layer = true",
+            "model.n_layer: input should be a valid integer (got True)",
+        ),
+        (
+            "seeds = [0, 1]",
+            "seeds = [0, 1]\n[model.kimi]\nn_layr = 3",
+            "model.kimi.n_layr: unknown model field; did you mean 'n_layer'",
+        ),
+    ],
+)
 def test_unknown_or_mistyped_fields_suggest(tmp_path, old, new, suggestion):
     path = write(tmp_path, VALID.replace(old, new))
     with pytest.raises(UserError) as e:
@@ -224,11 +268,18 @@ def test_unknown_or_mistyped_fields_suggest(tmp_path, old, new, suggestion):
 def test_set_changes_the_trial_and_its_key(tmp_path):
     path = write(tmp_path, VALID)
     before = load_matrix(path).expand(vocab_size=256)
-    m = load_matrix(path, sets=["train.steps=5", "optim.adamw.lr=3e-4", "model.kimi.n_layer=3",
-                                "matrix.seeds=[0]", "train.device=cpu"])
+    m = load_matrix(
+        path,
+        sets=["train.steps=5", "optim.adamw.lr=3e-4", "model.kimi.n_layer=3", "matrix.seeds=[0]", "train.device=cpu"],
+    )
     after = m.expand(vocab_size=256)
-    assert m.sets == ("train.steps=5", "optim.adamw.lr=3e-4", "model.kimi.n_layer=3", "matrix.seeds=[0]",
-                      "train.device=cpu")
+    assert m.sets == (
+        "train.steps=5",
+        "optim.adamw.lr=3e-4",
+        "model.kimi.n_layer=3",
+        "matrix.seeds=[0]",
+        "train.device=cpu",
+    )
     assert len(after) == 4 and all(t.train.steps == 5 and t.train.device == "cpu" for t in after)
     assert {t.optim.lr for t in after if t.optimizer == "adamw"} == {3e-4}
     assert {t.dims.n_layer for t in after if t.variant == "kimi"} == {3}
@@ -247,19 +298,22 @@ def test_set_budget_and_match(tmp_path):
     assert m.name == "renamed" and m.spec.match.reference == "kimi" and m.spec.match.tolerance == 0.05
 
 
-@pytest.mark.parametrize(("sets", "needle"), [
-    (["train.stpes=5"], "--set train.stpes: unknown field; did you mean 'steps'"),
-    (["train.steps=five"], "--set train.steps: Input should be a valid integer (got 'five')"),
-    (["train.steps=0"], "--set train.steps: Input should be greater than 0"),
-    (["optim.adamw.lrr=1"], "--set optim.adamw.lrr: unknown optimizer field; did you mean 'lr'?"),
-    (["optim.adamw.lr=fast"], "--set optim.adamw.lr: input should be a valid number (got 'fast')"),
-    (["model.kimi.n_layr=3"], "--set model.kimi.n_layr: unknown model field; did you mean 'n_layer'"),
-    (["matrix.seeds=0"], "--set matrix.seeds: Input should be a valid list"),
-    (["train.steps"], "--set: 'train.steps' is not section.key=value"),
-    (["=5"], "--set: '=5' is not section.key=value"),
-    (["train..steps=5"], "--set: 'train..steps=5' is not section.key=value"),
-    (["train.steps.x=5"], "--set train.steps.x: train.steps is a value, not a table"),
-])
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["train.stpes=5"], "--set train.stpes: unknown field; did you mean 'steps'"),
+        (["train.steps=five"], "--set train.steps: Input should be a valid integer (got 'five')"),
+        (["train.steps=0"], "--set train.steps: Input should be greater than 0"),
+        (["optim.adamw.lrr=1"], "--set optim.adamw.lrr: unknown optimizer field; did you mean 'lr'?"),
+        (["optim.adamw.lr=fast"], "--set optim.adamw.lr: input should be a valid number (got 'fast')"),
+        (["model.kimi.n_layr=3"], "--set model.kimi.n_layr: unknown model field; did you mean 'n_layer'"),
+        (["matrix.seeds=0"], "--set matrix.seeds: Input should be a valid list"),
+        (["train.steps"], "--set: 'train.steps' is not section.key=value"),
+        (["=5"], "--set: '=5' is not section.key=value"),
+        (["train..steps=5"], "--set: 'train..steps=5' is not section.key=value"),
+        (["train.steps.x=5"], "--set train.steps.x: train.steps is a value, not a table"),
+    ],
+)
 def test_bad_set_is_one_line_naming_set(tmp_path, sets, needle):
     with pytest.raises(UserError) as e:
         load_matrix(write(tmp_path, VALID), sets=sets)
@@ -287,7 +341,7 @@ def test_verdicts_section_and_wsd_schedule(tmp_path):
     assert judged.spec.verdicts.target_loss == 2.5 and judged.spec.verdicts.ratio_margin is None
     assert [t.key("h") for t in judged.expand(256)] == [t.key("h") for t in plain]
     assert "train.schedule" not in plain[0].flat_params()
-    wsd = load_matrix(write(tmp_path, VALID.replace("steps = 10", "steps = 10\nschedule = \"wsd\""))).expand(256)
+    wsd = load_matrix(write(tmp_path, VALID.replace("steps = 10", 'steps = 10\nschedule = "wsd"'))).expand(256)
     assert wsd[0].flat_params()["train.schedule"] == "wsd" and wsd[0].flat_params()["train.cooldown_frac"] == 0.2
     assert wsd[0].key("h") != plain[0].key("h")
     with pytest.raises(UserError) as e:

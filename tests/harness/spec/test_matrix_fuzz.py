@@ -29,11 +29,21 @@ from harness.spec.matrix import Matrix, load_matrix
 from harness.spec.registry import build_model
 from tests.helpers import REPO, assert_one_line_error, matrix_text, run_cli
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 SMOKE = tomllib.loads((REPO / "experiments" / "smoke.toml").read_text())
-TINY = tomllib.loads(matrix_text("fuzz-tiny", optimizers=("adamw", "muonclip"), variants=("gpt", "kimi"),
-                                 optim={"adamw": {"lr": 3e-3}, "muonclip": {"muon_lr": 0.02}}))
+TINY = tomllib.loads(
+    matrix_text(
+        "fuzz-tiny",
+        optimizers=("adamw", "muonclip"),
+        variants=("gpt", "kimi"),
+        optim={"adamw": {"lr": 3e-3}, "muonclip": {"muon_lr": 0.02}},
+    )
+)
 _DIR = Path(tempfile.mkdtemp(prefix="kb-fuzz-"))
 PATH = _DIR / "matrix.toml"  # rewritten by every example (hypothesis runs them one at a time)
 
@@ -60,8 +70,7 @@ def toml_value(v: Any) -> str:
     if isinstance(v, list | tuple):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_str(str(k))} = {toml_value(x)}"
-                               for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_toml_str(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(type(v))
 
 
@@ -102,21 +111,68 @@ def check_expand(matrix: Matrix) -> None:
 
 
 # --------------------------------------------------------------------------- strategies
-NAMES = ["name", "description", "data", "train", "matrix", "match", "model", "optim", "corpus", "tokenizer",
-         "vocab_size", "max_chars", "val_fraction", "steps", "tokens", "seconds", "micro_batch_size",
-         "grad_accum", "eval_interval", "eval_tokens", "checkpoint_interval", "infer_batch_sizes", "presets",
-         "variants", "optimizers", "seeds", "arms", "variant", "optimizer", "budget", "reference", "by", "lr",
-         "muon_lr", "betas", "dim", "n_layer", "n_heads", "kimi", "gpt", "adamw", "muon", "muonclip", "tiny"]
+NAMES = [
+    "name",
+    "description",
+    "data",
+    "train",
+    "matrix",
+    "match",
+    "model",
+    "optim",
+    "corpus",
+    "tokenizer",
+    "vocab_size",
+    "max_chars",
+    "val_fraction",
+    "steps",
+    "tokens",
+    "seconds",
+    "micro_batch_size",
+    "grad_accum",
+    "eval_interval",
+    "eval_tokens",
+    "checkpoint_interval",
+    "infer_batch_sizes",
+    "presets",
+    "variants",
+    "optimizers",
+    "seeds",
+    "arms",
+    "variant",
+    "optimizer",
+    "budget",
+    "reference",
+    "by",
+    "lr",
+    "muon_lr",
+    "betas",
+    "dim",
+    "n_layer",
+    "n_heads",
+    "kimi",
+    "gpt",
+    "adamw",
+    "muon",
+    "muonclip",
+    "tiny",
+]
 keys = st.one_of(st.sampled_from(NAMES), st.text(min_size=1, max_size=12))
 scalars = st.one_of(
-    st.integers(), st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+    st.integers(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
     st.text(max_size=20),
     st.sampled_from(["tiny", "gpt", "kimi", "kimmi", "adamw", "muon", "byte", "", "-1"]),
-    st.dates(), st.datetimes(),
+    st.dates(),
+    st.datetimes(),
 )
 values = st.recursive(
-    scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)),
-    max_leaves=12)
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
@@ -141,8 +197,14 @@ def mutated(draw, base: dict[str, Any], small: bool = False) -> dict[str, Any]:
     unknown name, an unknown key."""
     doc = copy.deepcopy(base)
     number = st.integers(-3, 300) if small else st.one_of(st.integers(), st.floats())
-    wrong = st.one_of(number, st.booleans(), st.text(max_size=8), st.lists(st.integers(-2, 64), max_size=3),
-                      st.dictionaries(st.sampled_from(NAMES), st.integers(-2, 64), max_size=2), st.dates())
+    wrong = st.one_of(
+        number,
+        st.booleans(),
+        st.text(max_size=8),
+        st.lists(st.integers(-2, 64), max_size=3),
+        st.dictionaries(st.sampled_from(NAMES), st.integers(-2, 64), max_size=2),
+        st.dates(),
+    )
     for _ in range(draw(st.integers(1, 3))):
         paths = _paths(doc)
         kind = draw(st.sampled_from(["delete", "wrong", "negate", "unknown-name", "unknown-key", "zero"]))
@@ -282,8 +344,21 @@ CLI_BAD = {
 def test_cli_bad_matrix_is_one_line_and_creates_no_run(tmp_path, content):
     (tmp_path / "bad.toml").write_bytes(content)
     db = tmp_path / "mlflow.db"
-    proc = run_cli(["run", "--matrix", "bad.toml", "--tracking-uri", f"sqlite:///{db}", "--out", "runs",
-                    "--cache-dir", str(tmp_path / "cache")], cwd=tmp_path, timeout=120)
+    proc = run_cli(
+        [
+            "run",
+            "--matrix",
+            "bad.toml",
+            "--tracking-uri",
+            f"sqlite:///{db}",
+            "--out",
+            "runs",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert_one_line_error(proc, "bad.toml")
     assert not db.exists(), "an MLflow store was created for a matrix that does not validate"
     assert not (tmp_path / "runs").exists()

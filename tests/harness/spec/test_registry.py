@@ -57,12 +57,15 @@ def test_tiny_kimi_has_the_hand_counted_parameters():
 
 
 @pytest.mark.slow  # seconds even on the meta device
-@pytest.mark.parametrize("variant,preset,expected", [
-    # arch/kimi.py: the nanoKimi paper's config has 75,118,080 parameters here (nanoKimi reports 75,351,936)
-    ("kimi", "paper", 75_118_080),
-    # GPT-2 124M: 124,439,808 at vocabulary 50257 (Hugging Face's gpt2), + 47*768 for nanoGPT's 50304
-    ("gpt", "gpt2-124m", 124_439_808 + 47 * 768),
-])
+@pytest.mark.parametrize(
+    "variant,preset,expected",
+    [
+        # arch/kimi.py: the nanoKimi paper's config has 75,118,080 parameters here (nanoKimi reports 75,351,936)
+        ("kimi", "paper", 75_118_080),
+        # GPT-2 124M: 124,439,808 at vocabulary 50257 (Hugging Face's gpt2), + 47*768 for nanoGPT's 50304
+        ("gpt", "gpt2-124m", 124_439_808 + 47 * 768),
+    ],
+)
 def test_big_presets_have_their_published_counts(variant, preset, expected):
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = build_model(variant, resolve_dims(preset, 256))
@@ -122,12 +125,15 @@ def test_resolve_dims_takes_the_tokenizer_vocabulary_unless_the_preset_has_one()
         resolve_dims("paper", 60000)
 
 
-@pytest.mark.parametrize("preset,overrides,message", [
-    ("tinny", {}, "preset: unknown name 'tinny'; did you mean 'tiny'"),
-    ("tiny", {"n_layers": 2}, "model.n_layers: unknown model field; did you mean 'n_layer'"),
-    ("tiny", {"n_layer": "2"}, "model.n_layer: "),
-    ("tiny", {"dim": 0}, "model.dim: must be > 0 (got 0)"),
-])
+@pytest.mark.parametrize(
+    "preset,overrides,message",
+    [
+        ("tinny", {}, "preset: unknown name 'tinny'; did you mean 'tiny'"),
+        ("tiny", {"n_layers": 2}, "model.n_layers: unknown model field; did you mean 'n_layer'"),
+        ("tiny", {"n_layer": "2"}, "model.n_layer: "),
+        ("tiny", {"dim": 0}, "model.dim: must be > 0 (got 0)"),
+    ],
+)
 def test_bad_dims_are_one_line(preset, overrides, message):
     with pytest.raises(UserError) as e:
         resolve_dims(preset, 256, overrides)
@@ -156,8 +162,16 @@ def test_train_budget_in_steps_tokens_or_seconds():
 
 
 def test_trial_key_follows_what_the_trial_computes():
-    spec = TrialSpec(experiment="e", variant="gpt", optimizer="adamw", preset="tiny", seed=0,
-                     dims=resolve_dims("tiny", 256), optim=OptimizerConfig(name="adamw"), train=TrainConfig(steps=5))
+    spec = TrialSpec(
+        experiment="e",
+        variant="gpt",
+        optimizer="adamw",
+        preset="tiny",
+        seed=0,
+        dims=resolve_dims("tiny", 256),
+        optim=OptimizerConfig(name="adamw"),
+        train=TrainConfig(steps=5),
+    )
     key = spec.key("data-hash")
     assert key == dataclasses.replace(spec).key("data-hash")  # deterministic
     assert key != dataclasses.replace(spec, seed=1).key("data-hash")

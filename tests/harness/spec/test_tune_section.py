@@ -26,22 +26,33 @@ def _load(tmp_path, tune: str):
     return load_matrix(path)
 
 
-@pytest.mark.parametrize(("tune", "message"), [
-    ("[tune]\ntrails = 4\n", "tune.trails: unknown field; did you mean 'trials'"),
-    ("[tune]\ntrials = 0\n", "tune.trials: Input should be greater than 0 (got 0)"),
-    ("[tune]\ntrials = -3\n", "tune.trials: Input should be greater than 0 (got -3)"),
-    ("[tune]\nseed = 3\n", "tune.trials: missing"),
-    ("[tune]\ntrials = 2\npruner = \"medain\"\n", "tune.pruner:"),
-    ('[tune]\ntrials = 2\n[tune.ranges."gpt+adamw"]\nlr = [1e-2, 1e-3]\n',
-     "tune.ranges.gpt+adamw.lr: low 0.01 is above high 0.001; write [low, high]"),
-    ('[tune]\ntrials = 2\n[tune.ranges."gpt+adam"]\nlr = [1e-4, 1e-3]\n',
-     "tune.ranges.gpt+adam: 'gpt+adam' is not an arm of this matrix; did you mean 'gpt+adamw'"),
-    ('[tune]\ntrials = 2\n[tune.ranges."gpt+adamw"]\nmuon_lr = [1e-4, 1e-3]\n',
-     "tune.ranges.gpt+adamw.muon_lr: gpt+adamw does not search 'muon_lr'"),
-    ('[tune]\ntrials = 2\n[tune.ranges."gpt+adamw"]\nlr = [0, 1e-3]\n',
-     "tune.ranges.gpt+adamw.lr: searched on a log scale, so low must be > 0"),
-    ('[tune]\ntrials = 2\n[tune.ranges."gpt+adamw"]\nlr = [1e-4]\n', "tune.ranges.gpt+adamw.lr:"),
-])
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ("[tune]\ntrails = 4\n", "tune.trails: unknown field; did you mean 'trials'"),
+        ("[tune]\ntrials = 0\n", "tune.trials: Input should be greater than 0 (got 0)"),
+        ("[tune]\ntrials = -3\n", "tune.trials: Input should be greater than 0 (got -3)"),
+        ("[tune]\nseed = 3\n", "tune.trials: missing"),
+        ('[tune]\ntrials = 2\npruner = "medain"\n', "tune.pruner:"),
+        (
+            '[tune]\ntrials = 2\n[tune.ranges."gpt+adamw"]\nlr = [1e-2, 1e-3]\n',
+            "tune.ranges.gpt+adamw.lr: low 0.01 is above high 0.001; write [low, high]",
+        ),
+        (
+            '[tune]\ntrials = 2\n[tune.ranges."gpt+adam"]\nlr = [1e-4, 1e-3]\n',
+            "tune.ranges.gpt+adam: 'gpt+adam' is not an arm of this matrix; did you mean 'gpt+adamw'",
+        ),
+        (
+            '[tune]\ntrials = 2\n[tune.ranges."gpt+adamw"]\nmuon_lr = [1e-4, 1e-3]\n',
+            "tune.ranges.gpt+adamw.muon_lr: gpt+adamw does not search 'muon_lr'",
+        ),
+        (
+            '[tune]\ntrials = 2\n[tune.ranges."gpt+adamw"]\nlr = [0, 1e-3]\n',
+            "tune.ranges.gpt+adamw.lr: searched on a log scale, so low must be > 0",
+        ),
+        ('[tune]\ntrials = 2\n[tune.ranges."gpt+adamw"]\nlr = [1e-4]\n', "tune.ranges.gpt+adamw.lr:"),
+    ],
+)
 def test_bad_tune_sections_are_one_line_naming_the_field(tmp_path, tune, message):
     with pytest.raises(UserError) as e:
         _load(tmp_path, tune)

@@ -23,16 +23,19 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.mark.parametrize(("uri", "clean", "env"), [
-    ("http://kbuser:s3cret@127.0.0.1:5000", "http://127.0.0.1:5000", {USER_ENV: "kbuser", PASSWORD_ENV: "s3cret"}),
-    ("https://u:p%40ss%3Aw@h/mlflow?x=1", "https://h/mlflow?x=1", {USER_ENV: "u", PASSWORD_ENV: "p@ss:w"}),
-    ("https://u:p@ss@h:1/x", "https://h:1/x", {USER_ENV: "u", PASSWORD_ENV: "p@ss"}),  # unencoded "@"
-    ("https://dapi123@h", "https://h", {TOKEN_ENV: "dapi123"}),  # a bare token
-    ("http://h:5000", "http://h:5000", {}),
-    ("http://h:5000/?token=x@y", "http://h:5000/?token=x@y", {}),  # "@" in the query is not userinfo
-    ("postgresql://u:pw@db/mlflow", "postgresql://u:pw@db/mlflow", {}),  # SQLAlchemy needs it in the URL
-    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db", {}),
-])
+@pytest.mark.parametrize(
+    ("uri", "clean", "env"),
+    [
+        ("http://kbuser:s3cret@127.0.0.1:5000", "http://127.0.0.1:5000", {USER_ENV: "kbuser", PASSWORD_ENV: "s3cret"}),
+        ("https://u:p%40ss%3Aw@h/mlflow?x=1", "https://h/mlflow?x=1", {USER_ENV: "u", PASSWORD_ENV: "p@ss:w"}),
+        ("https://u:p@ss@h:1/x", "https://h:1/x", {USER_ENV: "u", PASSWORD_ENV: "p@ss"}),  # unencoded "@"
+        ("https://dapi123@h", "https://h", {TOKEN_ENV: "dapi123"}),  # a bare token
+        ("http://h:5000", "http://h:5000", {}),
+        ("http://h:5000/?token=x@y", "http://h:5000/?token=x@y", {}),  # "@" in the query is not userinfo
+        ("postgresql://u:pw@db/mlflow", "postgresql://u:pw@db/mlflow", {}),  # SQLAlchemy needs it in the URL
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db", {}),
+    ],
+)
 def test_split_userinfo(uri, clean, env):
     assert split_userinfo(uri) == (clean, env)
 

@@ -14,25 +14,28 @@ from tests.harness.trial.test_loop import FakeRun, make_spec
 
 
 def test_thin_keeps_first_last_and_eval_steps_by_hand():
-    pts = [(s, float(s) / 10) for s in range(1, 101)]           # steps 1..100
+    pts = [(s, float(s) / 10) for s in range(1, 101)]  # steps 1..100
     kept = thin(pts, 11, keep_steps=[33, 67])
     # stride ceil(100 / 10) = 10: indices 0, 10, ..., 90 -> steps 1, 11, ..., 91; plus the last (100) and 33, 67
     assert [s for s, _ in kept] == [1, 11, 21, 31, 33, 41, 51, 61, 67, 71, 81, 91, 100]
     assert all(v == s / 10 for s, v in kept)
-    assert thin(pts[:11], 11) == pts[:11]                         # short enough: every point
+    assert thin(pts[:11], 11) == pts[:11]  # short enough: every point
 
 
 def test_payload_keeps_every_eval_and_lines_up_the_train_keys_on_them():
     steps = range(1, 2001)
-    history = {schema.TRAIN_LOSS: [(s, 1.0 / s) for s in steps], schema.TRAIN_TOKENS: [(s, 64.0 * s) for s in steps],
-               schema.VAL_LOSS: [(s, 2.0 / (s + 1)) for s in [0, *range(250, 2001, 250)]]}
+    history = {
+        schema.TRAIN_LOSS: [(s, 1.0 / s) for s in steps],
+        schema.TRAIN_TOKENS: [(s, 64.0 * s) for s in steps],
+        schema.VAL_LOSS: [(s, 2.0 / (s + 1)) for s in [0, *range(250, 2001, 250)]],
+    }
     doc = curves_payload(history, n=100)
     evals = doc["keys"][schema.VAL_LOSS]["step"]
     assert evals == [0, 250, 500, 750, 1000, 1250, 1500, 1750, 2000]
     for key in (schema.TRAIN_LOSS, schema.TRAIN_TOKENS):
         got = doc["keys"][key]["step"]
         assert got[0] == 1 and got[-1] == 2000 and len(got) <= 100 + len(evals)
-        assert set(evals[1:]) <= set(got)                        # tokens at every eval: compute-to-target exact
+        assert set(evals[1:]) <= set(got)  # tokens at every eval: compute-to-target exact
     assert doc["keys"][schema.TRAIN_TOKENS]["value"] == [64.0 * s for s in doc["keys"][schema.TRAIN_TOKENS]["step"]]
 
 
@@ -91,7 +94,7 @@ def test_killed_then_resumed_trial_has_every_step_once(data, tmp_path):
     killed = ArtifactRun()
     with pytest.raises(KeyboardInterrupt):
         run_trial(spec, data, tmp_path, run=killed, progress=kill_after_the_checkpoint, resume=False)
-    _, partial = read_curves(tmp_path / schema.ARTIFACT_CURVES)   # a killed run has its curves too
+    _, partial = read_curves(tmp_path / schema.ARTIFACT_CURVES)  # a killed run has its curves too
     assert [s for s, _ in partial[schema.TRAIN_LOSS]] == [1, 2, 3, 4, 5]
 
     resumed = ArtifactRun()
@@ -124,20 +127,29 @@ def test_a_report_reads_the_artifact_and_gets_the_history(data, tmp_path, monkey
         exp = tracker.ensure_experiment("curves")
         for optimizer in ("adamw", "muon"):
             spec = make_spec("gpt", optimizer, steps=8)
-            run = tracker.start_trial(exp, None, spec.name, trial_tags(spec, spec.key(data.data_hash)),
-                                      spec.flat_params(), system_metrics=False)
+            run = tracker.start_trial(
+                exp,
+                None,
+                spec.name,
+                trial_tags(spec, spec.key(data.data_hash)),
+                spec.flat_params(),
+                system_metrics=False,
+            )
             assert run_trial(spec, data, tmp_path / optimizer, run=run, resume=False).status == "finished"
 
         c = collect_mod.collect(uri, "curves")
         assert c.runs.curves_artifact.eq(schema.ARTIFACT_CURVES).all()
         asked, real = [], collect_mod._interval_history
-        monkeypatch.setattr(collect_mod, "_interval_history",
-                            lambda client, key, ids, *a: asked.append((key, list(ids))) or real(client, key, ids, *a))
+        monkeypatch.setattr(
+            collect_mod,
+            "_interval_history",
+            lambda client, key, ids, *a: asked.append((key, list(ids))) or real(client, key, ids, *a),
+        )
         stored = c.curves(HISTORY_KEYS)
-        assert not [(key, ids) for key, ids in asked if ids], asked      # every key of every run from its artifact
-        c.runs["curves_artifact"] = None                                  # as for a run logged without the artifact
+        assert not [(key, ids) for key, ids in asked if ids], asked  # every key of every run from its artifact
+        c.runs["curves_artifact"] = None  # as for a run logged without the artifact
         read = c.curves(HISTORY_KEYS)
-        assert [ids for key, ids in asked if ids]                         # now the history was read
+        assert [ids for key, ids in asked if ids]  # now the history was read
 
     cols = ["run_id", "arm", "seed", "key", "step", "value"]
     # the history has the final value of train/tokens a second time at the last step: the same value

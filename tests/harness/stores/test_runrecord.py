@@ -38,9 +38,26 @@ def recorded(tmp_path_factory):
     matrix = write_matrix(tmp / "m.toml", "rec", variants=("gpt", "kimi"), train={"steps": 6, "eval_interval": 3})
     record = tmp / "rec"
     proc = subprocess.run(
-        [sys.executable, "-c", NO_MLFLOW_RUN, "run", "--matrix", str(matrix), "--tracking-uri", f"record:{record}",
-         "--out", str(tmp / "runs"), "--cache-dir", str(tmp / "cache")],
-        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-c",
+            NO_MLFLOW_RUN,
+            "run",
+            "--matrix",
+            str(matrix),
+            "--tracking-uri",
+            f"record:{record}",
+            "--out",
+            str(tmp / "runs"),
+            "--cache-dir",
+            str(tmp / "cache"),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, record, proc.stdout
 
@@ -194,16 +211,24 @@ def test_rehearsal_runs_the_device_path_on_cpu_then_imports_and_reports(tmp_path
     """paper-h200-run.sh --rehearse: size on the device's code path, run seed by seed into a record, pack it,
     import it twice into a temp sqlite MLflow (the second adds nothing), write the report."""
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "reports/results/paper-h200-run.sh"), "--rehearse"], cwd=REPO,
-                          env=child_env({"OUT": str(out), "PY": sys.executable}), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        ["bash", str(REPO / "reports/results/paper-h200-run.sh"), "--rehearse"],
+        cwd=REPO,
+        env=child_env({"OUT": str(out), "PY": sys.executable}),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the preflight (a bf16 train + decode step per arm) ran before the sizing, the first timed work
     assert proc.stdout.index("preflight ok: 4 arms") < proc.stdout.index("sizing the budget")
     assert "preflight: MoE dispatch: grouped_mm" in proc.stdout
     size = json.loads((out / "size.json").read_text())
-    assert size["steps"] >= 4 and size["steps"] % 4 == 0 and set(size["arms"]) == {
-        "gpt+adamw", "gpt+muon", "kimi+adamw", "kimi+muon"}
+    assert (
+        size["steps"] >= 4
+        and size["steps"] % 4 == 0
+        and set(size["arms"]) == {"gpt+adamw", "gpt+muon", "kimi+adamw", "kimi+muon"}
+    )
     # 8 trials + 2 matrix runs (one invocation per seed) + 4 speed runs (2 model shapes per invocation)
     assert "imported 14 runs" in proc.stdout and "imported 0 runs, skipped 14" in proc.stdout
     report = (out / "report.md").read_text()

@@ -68,8 +68,7 @@ def test_a_full_buffer_flushes_itself(tracker):
 @pytest.mark.slow  # the store migration takes seconds
 def test_a_resumed_run_skips_the_steps_it_had_and_logs_only_missing_params(tracker):
     exp = tracker.ensure_experiment("exp-resume")
-    run = tracker.start_trial(exp, None, "t", {schema.TAG_TRIAL_KEY: "k-resume"}, {"seed": 0},
-                              system_metrics=False)
+    run = tracker.start_trial(exp, None, "t", {schema.TAG_TRIAL_KEY: "k-resume"}, {"seed": 0}, system_metrics=False)
     for step in range(3):
         run.log(step, {"train/loss": float(10 - step)})
     run.end(schema.KILLED)
@@ -78,8 +77,9 @@ def test_a_resumed_run_skips_the_steps_it_had_and_logs_only_missing_params(track
     found = tracker.find_trial(exp, "k-resume")
     assert found.info.run_id == run.run_id
     # same params again plus one new: MLflow refuses to change a logged param, so only the new one is sent
-    again = tracker.start_trial(exp, None, "t", {}, {"seed": 0, "resumed_at": 2}, resume_run_id=run.run_id,
-                                system_metrics=False)
+    again = tracker.start_trial(
+        exp, None, "t", {}, {"seed": 0, "resumed_at": 2}, resume_run_id=run.run_id, system_metrics=False
+    )
     again.min_step = 2
     for step in range(1, 5):  # steps 1 and 2 were logged by the killed run
         again.log(step, {"train/loss": float(100 + step)})
@@ -135,8 +135,10 @@ def test_a_store_in_a_missing_folder_is_one_clear_error(tmp_path):
 
 
 def test_links_and_source_tags():
-    assert runs_page_url("http://127.0.0.1:5000/", "7") == \
-        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert (
+        runs_page_url("http://127.0.0.1:5000/", "7")
+        == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
     tags = source_tags("abc123-dirty")
     assert tags[schema.TAG_SOURCE_GIT] == "abc123" and tags[schema.TAG_SOURCE_NAME] == "kimi-bench"
     assert schema.TAG_SOURCE_GIT not in source_tags("unknown")

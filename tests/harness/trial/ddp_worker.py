@@ -14,8 +14,9 @@ corpus, cache, out, variant, optimizer, grad_accum = sys.argv[1:7]
 torch.set_num_threads(1)
 info = init_distributed()
 data = prepare(DataConfig(corpus=f"text:{corpus}", tokenizer="byte", cache_dir=cache))
-spec = make_spec(variant, optimizer, steps=5, grad_accum=int(grad_accum), micro_batch_size=2, grad_clip=1.0,
-                 eval_interval=100)
+spec = make_spec(
+    variant, optimizer, steps=5, grad_accum=int(grad_accum), micro_batch_size=2, grad_clip=1.0, eval_interval=100
+)
 trainer = Trainer(spec, data, __import__("pathlib").Path(out).parent / f"rank{info.rank}", None, info)
 trainer.train()
 if info.is_main:

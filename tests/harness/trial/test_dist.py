@@ -14,9 +14,20 @@ ROOT = Path(__file__).parents[3]
 
 def train(tmp_path, corpus, nproc: int, grad_accum: int, variant: str, optimizer: str) -> dict:
     out = tmp_path / f"{variant}-{optimizer}-{nproc}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "tests/harness/trial/ddp_worker.py"), str(corpus), str(tmp_path / "cache"), str(out), variant,
-           optimizer, str(grad_accum)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "tests/harness/trial/ddp_worker.py"),
+        str(corpus),
+        str(tmp_path / "cache"),
+        str(out),
+        variant,
+        optimizer,
+        str(grad_accum),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,5 +45,4 @@ def test_two_process_ddp_equals_one_process_same_global_batch(tmp_path, variant,
     for a, b in zip(one["losses"], two["losses"], strict=True):
         assert abs(a - b) <= 1e-5, (one["losses"], two["losses"])
     for key, value in one["params"].items():
-        torch.testing.assert_close(torch.tensor(two["params"][key]), torch.tensor(value), rtol=0, atol=1e-5,
-                                   msg=key)
+        torch.testing.assert_close(torch.tensor(two["params"][key]), torch.tensor(value), rtol=0, atol=1e-5, msg=key)

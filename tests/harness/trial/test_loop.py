@@ -19,17 +19,32 @@ def data(tmp_path_factory):
     words = ["alpha", "beta", "gamma", "delta", "kimi", "muon", "latent", "expert"]
     text = " ".join(words[int(i)] for i in torch.randint(0, len(words), (20000,), generator=rng))
     corpus.write_text(text)
-    return prepare(DataConfig(corpus=f"text:{corpus}", tokenizer="byte",
-                              cache_dir=tmp_path_factory.mktemp("cache")))
+    return prepare(DataConfig(corpus=f"text:{corpus}", tokenizer="byte", cache_dir=tmp_path_factory.mktemp("cache")))
 
 
 def make_spec(variant="kimi", optimizer="adamw", steps=6, **train) -> TrialSpec:
-    fields = dict(steps=steps, micro_batch_size=4, eval_interval=3, eval_tokens=1024, log_interval=2,
-                  infer_batch_sizes=(1,), infer_new_tokens=4, warmup_steps=1)
+    fields = dict(
+        steps=steps,
+        micro_batch_size=4,
+        eval_interval=3,
+        eval_tokens=1024,
+        log_interval=2,
+        infer_batch_sizes=(1,),
+        infer_new_tokens=4,
+        warmup_steps=1,
+    )
     fields.update(train)
     dims = dataclasses.replace(resolve_dims("tiny", 256), block_size=32)
-    return TrialSpec(experiment="t", variant=variant, optimizer=optimizer, preset="tiny", seed=0, dims=dims,
-                     optim=resolve_optimizer(optimizer, {"lr": 3e-3}), train=TrainConfig(**fields))
+    return TrialSpec(
+        experiment="t",
+        variant=variant,
+        optimizer=optimizer,
+        preset="tiny",
+        seed=0,
+        dims=dims,
+        optim=resolve_optimizer(optimizer, {"lr": 3e-3}),
+        train=TrainConfig(**fields),
+    )
 
 
 def test_val_ppl_is_exp_of_mean_token_nll_by_hand(data, tmp_path):
@@ -70,7 +85,7 @@ def test_lr_schedule_wsd_by_hand():
     assert lr_factor(0.9, 0.1, 0.1, **wsd) == pytest.approx(0.55, abs=1e-12)
     assert lr_factor(0.95, 0.1, 0.1, **wsd) == pytest.approx(1 - 0.9 * 0.75, abs=1e-12)
     assert lr_factor(1.0, 0.1, 0.1, **wsd) == pytest.approx(0.1, abs=1e-12)
-    assert lr_factor(0.9, 0.1, 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 9)))   # default
+    assert lr_factor(0.9, 0.1, 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 9)))  # default
 
 
 @pytest.mark.parametrize("variant,optimizer", [("kimi", "muonclip"), ("gpt", "adamw")])
@@ -97,10 +112,25 @@ def test_resume_from_checkpoint_equals_uninterrupted(data, tmp_path, variant, op
 def test_final_metrics_cover_the_design_names(data, tmp_path):
     result = run_trial(make_spec("kimi", "muonclip"), data, tmp_path, resume=False)
     assert result.status == "finished", result.error
-    for key in ("params/total", "params/active", "params/embedding", "ckpt/bytes", "mem/param_bytes",
-                "mem/grad_bytes", "mem/optim_state_bytes", "train/tokens_per_s", "grad/norm_median",
-                "grad/norm_p99_over_median", "grad/norm_cv", "grad/norm_spikes", "val/ppl_final", "val/bpb_final",
-                "moe/load_cv", "moe/max_load", "attn/max_logit"):
+    for key in (
+        "params/total",
+        "params/active",
+        "params/embedding",
+        "ckpt/bytes",
+        "mem/param_bytes",
+        "mem/grad_bytes",
+        "mem/optim_state_bytes",
+        "train/tokens_per_s",
+        "grad/norm_median",
+        "grad/norm_p99_over_median",
+        "grad/norm_cv",
+        "grad/norm_spikes",
+        "val/ppl_final",
+        "val/bpb_final",
+        "moe/load_cv",
+        "moe/max_load",
+        "attn/max_logit",
+    ):
         assert key in result.metrics and math.isfinite(result.metrics[key]), key
     assert result.metrics["params/active"] < result.metrics["params/total"]
     assert result.metrics["ckpt/bytes"] == (tmp_path / "model.pt").stat().st_size
@@ -155,8 +185,9 @@ def test_bits_per_byte_equals_a_hand_computation_on_a_multibyte_corpus(tmp_path)
     corpus = tmp_path / "text.txt"
     rng = torch.Generator().manual_seed(0)
     words = ["a", "é", "λόγος", "日本", "🙂", "kimi", "ß"]
-    corpus.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (6000,), generator=rng)),
-                      encoding="utf-8")
+    corpus.write_text(
+        " ".join(words[int(i)] for i in torch.randint(0, len(words), (6000,), generator=rng)), encoding="utf-8"
+    )
     prepared = prepare(DataConfig(corpus=f"text:{corpus}", tokenizer="char", cache_dir=tmp_path / "cache"))
     spec = make_spec("gpt")
     spec = dataclasses.replace(spec, dims=dataclasses.replace(spec.dims, vocab_size=prepared.vocab_size))

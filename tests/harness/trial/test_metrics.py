@@ -62,9 +62,18 @@ def test_mfu_is_model_flops_per_second_over_the_peak():
     assert metrics.mfu(6e6, 1000.0, None) is None
 
 
-@pytest.mark.parametrize("name,peak", [("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                       ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
-                                       ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("Some Future GPU", None)])
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("Some Future GPU", None),
+    ],
+)
 def test_device_peak_flops_reads_the_specific_name_first(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert metrics.device_peak_flops(torch.device("cuda")) == peak

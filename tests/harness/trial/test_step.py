@@ -21,7 +21,7 @@ class Tiny(nn.Module):
 
     def forward(self, x, y):
         logits = self.head(self.emb(x))
-        self.aux_loss = self.aux_scale * (self.emb.weight ** 2).sum()
+        self.aux_loss = self.aux_scale * (self.emb.weight**2).sum()
         return logits, nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
@@ -53,7 +53,7 @@ def test_two_micro_batches_equal_the_mean_loss_step_by_hand():
         _, lm = b(x, y)
         ((lm + b.aux_loss) / 2).backward()
         by_hand.append(lm.item())
-    hand_norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in b.parameters()))
+    hand_norm = math.sqrt(sum(float((p.grad**2).sum()) for p in b.parameters()))
     opt_b.step()
     assert abs(loss.item() - sum(by_hand) / 2) < 1e-6
     assert abs(norm.item() - hand_norm) < 1e-5

@@ -20,7 +20,7 @@ def write_matrix(env, tmp_path: Path, name: str, arms: str = ARMS_2, extra: str 
     path.write_text(f"""
 name = "{name}"
 [data]
-corpus = "text:{env['corpus']}"
+corpus = "text:{env["corpus"]}"
 tokenizer = "byte"
 [train]
 steps = {steps}
@@ -45,15 +45,17 @@ n_layer = 1
 
 def tune_here(env, tmp_path, matrix, **kw) -> TuneOutcome:
     kw.setdefault("storage", f"sqlite:///{tmp_path}/optuna.db")
-    return run_tune(TuneConfig(matrix, tracking_uri=env["uri"], cache_dir=env["cache"], out=tmp_path / "runs",
-                               system_metrics=False, **kw))
+    return run_tune(
+        TuneConfig(
+            matrix, tracking_uri=env["uri"], cache_dir=env["cache"], out=tmp_path / "runs", system_metrics=False, **kw
+        )
+    )
 
 
 def runs_of(env, experiment: str, kind: str) -> list:
     client = MlflowClient(env["uri"])
     exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`kb.kind` = '{kind}'",
-                              max_results=1000)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`kb.kind` = '{kind}'", max_results=1000)
 
 
 def artifact_json(env, run_id: str, name: str):

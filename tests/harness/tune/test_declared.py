@@ -24,8 +24,13 @@ muon_lr = [3e-3, 3e-2]
 
 def _run(env, tmp_path, matrix, monkeypatch) -> int:
     monkeypatch.setattr(harness.measure, "measure_matrix_speed", lambda *a, **k: [])  # not under test here
-    opts = RunOptions(matrix, tracking_uri=env["uri"], out=tmp_path / "runs", cache_dir=env["cache"],
-                      study_storage=f"sqlite:///{tmp_path}/optuna.db")
+    opts = RunOptions(
+        matrix,
+        tracking_uri=env["uri"],
+        out=tmp_path / "runs",
+        cache_dir=env["cache"],
+        study_storage=f"sqlite:///{tmp_path}/optuna.db",
+    )
     return run(opts, Console(width=200, record=True))
 
 
@@ -47,7 +52,11 @@ def test_run_tunes_each_arm_then_evaluates_held_out_seeds_and_resumes(env, tmp_p
     assert all(3e-3 <= t.params["muon_lr"] <= 3e-2 for t in muon.trials)  # the arm's range override
     trials = runs_of(env, "declared", schema.KIND_TRIAL)
     assert sorted((r.data.tags[schema.TAG_ARM], r.data.tags[schema.TAG_SEED]) for r in trials) == [
-        ("gpt+adamw", "0"), ("gpt+adamw", "1"), ("kimi+muon", "0"), ("kimi+muon", "1")]
+        ("gpt+adamw", "0"),
+        ("gpt+adamw", "1"),
+        ("kimi+muon", "0"),
+        ("kimi+muon", "1"),
+    ]
     assert all(r.data.tags[schema.TAG_TUNED_FROM].startswith("optuna:") for r in trials)
     caption = status_table(None, matrix, env["uri"]).caption
     assert "study 1/2 declared/gpt+adamw: 2/2 trials (2 complete)" in caption
@@ -79,8 +88,10 @@ def test_an_arm_whose_every_trial_fails_stops_alone(env, tmp_path, monkeypatch):
     assert [t.state.name for t in kimi.trials] == ["FAIL"] * 3
 
 
-ARMS_4 = ('[{ variant = "gpt", optimizer = "adamw" }, { variant = "gpt", optimizer = "muon" }, '
-          '{ variant = "kimi", optimizer = "adamw" }, { variant = "kimi", optimizer = "muon" }]')
+ARMS_4 = (
+    '[{ variant = "gpt", optimizer = "adamw" }, { variant = "gpt", optimizer = "muon" }, '
+    '{ variant = "kimi", optimizer = "adamw" }, { variant = "kimi", optimizer = "muon" }]'
+)
 
 
 @pytest.mark.slow
@@ -102,6 +113,7 @@ def test_tiny_factorial_matrix_with_tune_end_to_end_report(env, tmp_path, monkey
     block = md.split("## Claims vs measured", 1)[1].split("\n\n", 2)[1].splitlines()[2:]
     cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in block]
     from reports.claims import CLAIMS
+
     kinds = {c.text: c.kind for c in CLAIMS}
     measured = [c for c in cells if c[-1] != "not measured"]
     assert measured

@@ -46,8 +46,13 @@ def test_diverged_is_inf_and_repeated_failures_stop_the_arm(env, tmp_path, monke
     def fake_run_trial(spec, data, out_dir, run, progress=None, on_eval=None, resume=True, **kw):
         status = "diverged" if spec.optimizer == "adamw" else "failed"
         run.end(status)
-        return TrialResult(status=status, trial_key="k", step=3, error="RuntimeError: boom",
-                           metrics={"train/diverged_step": 3} if status == "diverged" else {})
+        return TrialResult(
+            status=status,
+            trial_key="k",
+            step=3,
+            error="RuntimeError: boom",
+            metrics={"train/diverged_step": 3} if status == "diverged" else {},
+        )
 
     monkeypatch.setattr(harness.trial.loop, "run_trial", fake_run_trial)
     path = write_matrix(env, tmp_path, "diverge")

@@ -13,8 +13,11 @@ from tests.harness.tune.common import write_matrix
 
 
 def _add(study, params, dists, value=None, state=TrialState.COMPLETE, inter=None):
-    study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, state=state,
-                                              intermediate_values=inter or {}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=params, distributions=dists, value=value, state=state, intermediate_values=inter or {}
+        )
+    )
 
 
 def test_best_params_for_arms_and_expand(env, tmp_path):
@@ -23,8 +26,14 @@ def test_best_params_for_arms_and_expand(env, tmp_path):
     st = open_storage(storage)
     for variant, opt in matrix.arms():
         space = search_space(variant, opt)
-        dists = {d.name: (optuna.distributions.CategoricalDistribution(list(d.choices)) if d.choices else
-                          optuna.distributions.FloatDistribution(d.low, d.high, log=d.log)) for d in space}
+        dists = {
+            d.name: (
+                optuna.distributions.CategoricalDistribution(list(d.choices))
+                if d.choices
+                else optuna.distributions.FloatDistribution(d.low, d.high, log=d.log)
+            )
+            for d in space
+        }
         study = optuna.create_study(study_name=study_name("best", f"{variant}+{opt}"), storage=st.storage)
 
         def params(lr, space=space):

@@ -25,6 +25,7 @@ def _objective(shift=0.0):
     def f(trial):
         p = {d.name: d.suggest(trial) for d in SPACE}
         return (math.log10(p["lr"]) + 3 + shift) ** 2 + (p["momentum"] - 0.95) ** 2 + (p["muon_scaling"] == "original")
+
     return f
 
 

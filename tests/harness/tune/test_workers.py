@@ -41,8 +41,18 @@ def test_two_workers_share_one_study_and_add_their_trials(env, tmp_path):
     envvars = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = str(tmp_path / "runs")
     args = [sys.executable, "-c", WORKER, str(path), storage, env["uri"], env["cache"], out]
-    workers = [subprocess.Popen(args, cwd=tmp_path, env=envvars, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            args,
+            cwd=tmp_path,
+            env=envvars,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=die_with_parent,
+        )
+        for _ in range(2)
+    ]
     for w in workers:
         output, _ = w.communicate(timeout=300)
         assert w.returncode == 0, output[-3000:]
@@ -62,8 +72,9 @@ def test_two_workers_share_one_study_and_add_their_trials(env, tmp_path):
         history = MlflowClient(env["uri"]).get_metric_history(r.info.run_id, "val/loss")
         assert sorted(m.step for m in history) == [0, 3, 6]  # curves logged like matrix trials
         assert float(r.data.params["optim.lr"]) == float(r.data.params["tune.lr"])
-    run = MlflowClient(env["uri"]).get_run(study.user_attrs[next(k for k in study.user_attrs
-                                                                 if k.startswith("mlflow_study_run:"))])
+    run = MlflowClient(env["uri"]).get_run(
+        study.user_attrs[next(k for k in study.user_attrs if k.startswith("mlflow_study_run:"))]
+    )
     assert run.data.tags["kb.kind"] == "study" and run.info.run_name == "study shared/gpt+adamw"
     assert float(run.data.tags["kb.best_value"]) == pytest.approx(study.best_value, rel=1e-5)
     imp = artifact_json(env, run.info.run_id, "importances.json")
@@ -139,8 +150,16 @@ def test_killed_worker_trial_fails_and_its_run_is_killed(env, tmp_path, monkeypa
     open_storage(storage)
     envvars = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-c", KILLED_WORKER, str(path), storage, env["uri"], env["cache"], str(tmp_path / "r")]
-    worker = subprocess.Popen(args, cwd=tmp_path, env=envvars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True, preexec_fn=die_with_parent)
+    worker = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        env=envvars,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     try:
         deadline, dead = time.monotonic() + 240, None
         while dead is None and time.monotonic() < deadline and worker.poll() is None:
@@ -148,8 +167,11 @@ def test_killed_worker_trial_fails_and_its_run_is_killed(env, tmp_path, monkeypa
             dead = _running_trial_with_run(storage, f"{name}/gpt+adamw")
         assert dead is not None, worker.communicate(timeout=30)[0][-3000:] if worker.poll() is not None else "no trial"
         client = MlflowClient(env["uri"])
-        while not client.get_metric_history(dead.user_attrs[RUN_ATTR], "train/loss") and worker.poll() is None \
-                and time.monotonic() < deadline:  # killed mid-training, not in its setup
+        while (
+            not client.get_metric_history(dead.user_attrs[RUN_ATTR], "train/loss")
+            and worker.poll() is None
+            and time.monotonic() < deadline
+        ):  # killed mid-training, not in its setup
             time.sleep(0.5)
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)
@@ -182,8 +204,16 @@ def test_killed_worker_trial_fails_and_its_run_is_killed(env, tmp_path, monkeypa
 def test_run_worker_reports_only_through_its_callback(env, tmp_path, capsys):
     path = write_matrix(env, tmp_path, "events", arms=ARM_GPT)
     events: list[TuneEvent] = []
-    config = TuneConfig(path, n_trials=1, storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=env["uri"],
-                        cache_dir=env["cache"], out=tmp_path / "runs", pruner="none", system_metrics=False)
+    config = TuneConfig(
+        path,
+        n_trials=1,
+        storage=f"sqlite:///{tmp_path}/optuna.db",
+        tracking_uri=env["uri"],
+        cache_dir=env["cache"],
+        out=tmp_path / "runs",
+        pruner="none",
+        system_metrics=False,
+    )
     outcome = run_worker(config, worker_id=5, on_event=events.append)
     assert capsys.readouterr().out == ""  # nothing printed: a Ray task's output stays clean
     kinds = [e.kind for e in events]
@@ -194,9 +224,16 @@ def test_run_worker_reports_only_through_its_callback(env, tmp_path, capsys):
     assert [e.step for e in events if e.kind == "step"][-1] == 6
 
 
-@pytest.mark.parametrize("options,flag", [({"n_trials": 0}, "--n-trials"), ({"total_trials": -1}, "--total-trials"),
-                                          ({"timeout": 0}, "--timeout"), ({"pruner": "medain"}, "--pruner"),
-                                          ({"heartbeat_s": 0}, "--heartbeat")])
+@pytest.mark.parametrize(
+    "options,flag",
+    [
+        ({"n_trials": 0}, "--n-trials"),
+        ({"total_trials": -1}, "--total-trials"),
+        ({"timeout": 0}, "--timeout"),
+        ({"pruner": "medain"}, "--pruner"),
+        ({"heartbeat_s": 0}, "--heartbeat"),
+    ],
+)
 def test_config_errors_are_one_line(options, flag):
     with pytest.raises(UserError) as e:
         TuneConfig("unused.toml", **options)

@@ -14,32 +14,59 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[4]
 SCRIPT = REPO / "reports" / "benchmarks" / "gpu-run.sh"
-STEPS = ("tests", "train-gpt2", "train-kimi", "moe", "decode", "muon-kimi", "muon-gpt2", "optim", "attention",
-         "proposals")
+STEPS = (
+    "tests",
+    "train-gpt2",
+    "train-kimi",
+    "moe",
+    "decode",
+    "muon-kimi",
+    "muon-gpt2",
+    "optim",
+    "attention",
+    "proposals",
+)
 
 
 @pytest.mark.slow
 def test_cpu_rehearsal_writes_one_record(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "KIMI_BENCH_GIT_COMMIT": "rehearsal", "SITE": str(tmp_path / "site")}
-    done = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--preset", "tiny", "--budget", "900"], env=env,
-                          capture_output=True, text=True, timeout=1200, cwd=REPO)
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "KIMI_BENCH_GIT_COMMIT": "rehearsal",
+        "SITE": str(tmp_path / "site"),
+    }
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--device", "cpu", "--preset", "tiny", "--budget", "900"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = done.stdout[done.stdout.index("== summary"):]
+    summary = done.stdout[done.stdout.index("== summary") :]
     for name in STEPS:
         assert f"  {name}: ok" in summary, summary
     # the preflight came first, before any timed step, and the summary says which MoE dispatch ran
     assert "  preflight: ok" in summary and "MoE dispatch: grouped_mm" in summary, summary
     assert done.stdout.index("preflight ok: 5 arms") < done.stdout.index("== tests")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["record.json", "record.md", "run.log",
-                                                                          "test_cuda.log"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        "record.json",
+        "record.md",
+        "run.log",
+        "test_cuda.log",
+    ]
     assert "skipped" in (tmp_path / "test_cuda.log").read_text()  # no GPU here: every CUDA test skips
     raw = json.loads((tmp_path / "record.json").read_text())
     assert len(raw["runs"]) == len(STEPS) - 1 and raw["env"]["git_commit"] == "rehearsal"
     assert {r["impl"] for r in raw["train"]} == {"default", "sdpa_pad_v", "batched_ns"}
     for section in ("train", "moe", "decode", "optim", "attention"):
-        assert raw[section] and all(r["status"] == "ok" or r["status"].startswith("not eligible")
-                                    for r in raw[section]), section
+        assert raw[section] and all(
+            r["status"] == "ok" or r["status"].startswith("not eligible") for r in raw[section]
+        ), section
     assert "| target | scope |" in summary  # the targets table closes the output the device tool returns
 
 
@@ -54,8 +81,14 @@ exec {sys.executable} "$@"
 """)
     python.chmod(0o755)
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python), "KIMI_BENCH_GIT_COMMIT": "rehearsal"}
-    done = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--preset", "tiny"], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--device", "cpu", "--preset", "tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert done.returncode == 4, done.stdout[-2000:] + done.stderr[-2000:]
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu-run.sh: stopped: the preflight failed (rc=1") and "nothing timed has run" in last
@@ -68,8 +101,13 @@ def test_prepare_says_so_when_no_python_environment_is_there(tmp_path):
     (copy / "reports" / "benchmarks").mkdir(parents=True)
     for rel in ("reports/benchmarks/gpu-run.sh", "reports/gpu-common.sh"):
         (copy / rel).write_text((REPO / rel).read_text())
-    done = subprocess.run(["bash", str(copy / "reports/benchmarks/gpu-run.sh"), "--prepare"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(copy / "reports/benchmarks/gpu-run.sh"), "--prepare"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "no Python environment: none is active and .venv/bin/python is missing" in done.stderr
 
@@ -85,18 +123,49 @@ def test_bad_options_are_one_line_errors(tmp_path):
 
 
 # What the H200 image's python3 has (docs/gpu-image.md) plus the wheels carried in .whl/.
-IMAGE_MODULES = {"torch", "typer", "click", "rich", "markdown_it", "mdurl", "pygments", "shellingham", "numpy",
-                 "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec", "triton", "packaging",
-                 "typing_extensions", "yaml", "annotated_doc", "pydantic", "pydantic_core", "annotated_types",
-                 "typing_inspection", "torchgen", "setuptools", "pkg_resources", "tqdm",
-                 # setuptools' vendored packages, importable top-level once pkg_resources has loaded (newer setuptools)
-                 "jaraco", "more_itertools", "backports"}
+IMAGE_MODULES = {
+    "torch",
+    "typer",
+    "click",
+    "rich",
+    "markdown_it",
+    "mdurl",
+    "pygments",
+    "shellingham",
+    "numpy",
+    "sympy",
+    "mpmath",
+    "networkx",
+    "jinja2",
+    "markupsafe",
+    "filelock",
+    "fsspec",
+    "triton",
+    "packaging",
+    "typing_extensions",
+    "yaml",
+    "annotated_doc",
+    "pydantic",
+    "pydantic_core",
+    "annotated_types",
+    "typing_inspection",
+    "torchgen",
+    "setuptools",
+    "pkg_resources",
+    "tqdm",
+    # setuptools' vendored packages, importable top-level once pkg_resources has loaded (newer setuptools)
+    "jaraco",
+    "more_itertools",
+    "backports",
+}
 
 
 @pytest.mark.slow
 def test_bench_imports_only_what_the_gpu_image_has():
-    code = ("import sys, harness.measure.bench.suite, harness.measure.bench.kit, harness.measure.preflight;"
-            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
+    code = (
+        "import sys, harness.measure.bench.suite, harness.measure.bench.kit, harness.measure.preflight;"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
     imported = set(done.stdout.split()) - {"harness", "arch", "reports", "tests", "_distutils_hack"}

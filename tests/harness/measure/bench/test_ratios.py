@@ -37,7 +37,7 @@ def test_interval_rank(n, k):
 def test_median_interval_by_hand():
     assert median_interval([float(x) for x in range(10, 0, -1)]) == (5.5, 2.0, 9.0)  # k = 2 of 10
     med, lo, hi = median_interval([3.0, 1.0, 2.0, 5.0, 4.0])
-    assert med == 3.0 and math.isnan(lo) and math.isnan(hi)                        # n = 5: no interval
+    assert med == 3.0 and math.isnan(lo) and math.isnan(hi)  # n = 5: no interval
     assert all(math.isnan(x) for x in median_interval([]))
 
 
@@ -85,6 +85,7 @@ def test_inverse_is_the_same_interval_from_the_other_side():
 # The machinery harness.measure uses (one pinned CPU thread, time_rounds, stop when the pair's interval is
 # within ±3%), on the tiny preset's train step. Slow: up to a minute each on a loaded machine.
 
+
 def _tiny_step():
     import dataclasses
 
@@ -98,8 +99,9 @@ def _tiny_step():
     model = build_model("gpt", dims)
     rows = torch.randint(0, 256, (8, dims.block_size + 1), generator=torch.Generator().manual_seed(0))
     optimizer = frozen_optimizer(resolve_optimizer("adamw", {"lr": 1e-3}), model)
-    return train_step_fns(model, optimizer, rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), None, 1.0,
-                          False)["step"]
+    return train_step_fns(model, optimizer, rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), None, 1.0, False)[
+        "step"
+    ]
 
 
 def _paired(fns: dict, max_seconds: float = 90.0, numbers: dict | None = None) -> tuple[Ratio, int, float]:
@@ -112,8 +114,10 @@ def _paired(fns: dict, max_seconds: float = 90.0, numbers: dict | None = None) -
     with _pinned(torch.device("cpu"), 1):
         rounds = time_rounds(fns, lambda r: unsettled([pair], r.times), max_seconds=max_seconds, numbers=numbers)
     r = ratio_of(pair, rounds.times)
-    print(f"A/B = {r.median:.4f} [{r.low:.4f}, {r.high:.4f}], ±{math.expm1(r.half_width):.2%}, {r.n} rounds, "
-          f"{rounds.seconds:.1f} s")
+    print(
+        f"A/B = {r.median:.4f} [{r.low:.4f}, {r.high:.4f}], ±{math.expm1(r.half_width):.2%}, {r.n} rounds, "
+        f"{rounds.seconds:.1f} s"
+    )
     return r, r.n, rounds.seconds
 
 

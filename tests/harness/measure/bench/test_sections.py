@@ -22,16 +22,26 @@ FAST = TimingSettings(repeats=1, warmup=0, rounds=1, min_run_time=0.001)
 
 @pytest.mark.slow
 def test_train_step_rows_on_cpu():
-    gpt = bench_train_step("gpt", "tiny", "cpu", micro_batch=2, vocab_size=VOCAB, peak_flops=1e12,
-                           matmul_peak=1e10, timing=FAST)
+    gpt = bench_train_step(
+        "gpt", "tiny", "cpu", micro_batch=2, vocab_size=VOCAB, peak_flops=1e12, matmul_peak=1e10, timing=FAST
+    )
     assert gpt["status"] == "ok", gpt["status"]
     assert gpt["tokens_per_s"] == pytest.approx(2 * 64 / (gpt["step_ms"] / 1e3))
     assert gpt["mfu"] == pytest.approx(gpt["flops_per_token"] * gpt["tokens_per_s"] / 1e12)
     assert gpt["of_matmul_peak"] == pytest.approx(gpt["mfu"] * 100)
     assert gpt["host_syncs"] is None and gpt["peak_mem_gib"] is None  # CUDA-only columns
     assert gpt["impl"] == "default" and "top_kernels" not in gpt
-    kimi = bench_train_step("kimi", "tiny", "cpu", optimizer="muon", micro_batch=2, vocab_size=VOCAB, timing=FAST,
-                            batched_ns=True, profile=True)
+    kimi = bench_train_step(
+        "kimi",
+        "tiny",
+        "cpu",
+        optimizer="muon",
+        micro_batch=2,
+        vocab_size=VOCAB,
+        timing=FAST,
+        batched_ns=True,
+        profile=True,
+    )
     assert kimi["status"] == "ok", kimi["status"]
     assert kimi["mfu"] is None  # no datasheet peak on CPU
     assert kimi["moe_dispatch"] in ("grouped_mm", "loop") and kimi["impl"] == "batched_ns"
@@ -79,10 +89,20 @@ def test_moe_layer_rows():
 
 @pytest.mark.slow
 def test_decode_rows_measure_the_cache():
-    rows = bench_decode("gpt", "tiny", "cpu", batch_sizes=(1, 2), prompt_len=8, new_tokens=2, vocab_size=VOCAB,
-                        timing=FAST)
-    mla = bench_decode("gpt-mla", "tiny", "cpu", batch_sizes=(2,), prompt_len=8, new_tokens=2, vocab_size=VOCAB,
-                       timing=FAST, profile_batch=2)
+    rows = bench_decode(
+        "gpt", "tiny", "cpu", batch_sizes=(1, 2), prompt_len=8, new_tokens=2, vocab_size=VOCAB, timing=FAST
+    )
+    mla = bench_decode(
+        "gpt-mla",
+        "tiny",
+        "cpu",
+        batch_sizes=(2,),
+        prompt_len=8,
+        new_tokens=2,
+        vocab_size=VOCAB,
+        timing=FAST,
+        profile_batch=2,
+    )
     for r in rows + mla:
         assert r["status"] == "ok", r["status"]
         assert r["kv_bytes_per_token"] == r["kv_bytes_per_token_counted"]  # fp32 on CPU: 4 bytes a value
@@ -100,8 +120,10 @@ def test_optimizer_rows():
     assert adamw["status"] == muon["status"] == "ok"
     for key in ("step_ms", "muon_groups_ms", "adamw_groups_ms", "batched_muon_groups_ms", "ns_gflop"):
         assert muon[key] > 0, key
-    assert "batched_muon_groups_ms" not in bench_optimizer_step("gpt", "tiny", "cpu", vocab_size=VOCAB, timing=FAST,
-                                                                batched=False)[1]
+    assert (
+        "batched_muon_groups_ms"
+        not in bench_optimizer_step("gpt", "tiny", "cpu", vocab_size=VOCAB, timing=FAST, batched=False)[1]
+    )
 
 
 def test_split_muon_and_ns_gflop():

@@ -24,12 +24,33 @@ FAST = dict(timing=TimingSettings(repeats=1, warmup=0, rounds=1, min_run_time=0.
 @pytest.mark.slow
 def test_run_suite_writes_a_complete_record(tmp_path):
     out = tmp_path / "rec.md"
-    results = run_suite("cpu", ["tiny"], ["gpt", "gpt-mla", "kimi"], [False], out, micro_batch=2,
-                        decode_batches=(1, 2), prompt_len=8, new_tokens=2, vocab_size=VOCAB, peak_tflops=1.0,
-                        command="kimi-bench bench --device cpu --presets tiny", **FAST)
+    results = run_suite(
+        "cpu",
+        ["tiny"],
+        ["gpt", "gpt-mla", "kimi"],
+        [False],
+        out,
+        micro_batch=2,
+        decode_batches=(1, 2),
+        prompt_len=8,
+        new_tokens=2,
+        vocab_size=VOCAB,
+        peak_tflops=1.0,
+        command="kimi-bench bench --device cpu --presets tiny",
+        **FAST,
+    )
     text = out.read_text()
-    for heading in ("## Environment", "## Commands", "## Targets", "## Train step", "## MoE layer", "## MLA decode",
-                    "## Muon step", "## Attention kernels", "## Method"):
+    for heading in (
+        "## Environment",
+        "## Commands",
+        "## Targets",
+        "## Train step",
+        "## MoE layer",
+        "## MLA decode",
+        "## Muon step",
+        "## Attention kernels",
+        "## Method",
+    ):
         assert heading in text, heading
     assert "kimi-bench bench --device cpu --presets tiny" in text
     assert "torch" in text and "driver" in text and "Not run" not in text
@@ -50,8 +71,18 @@ def test_run_suite_keeps_finished_sections_when_one_fails(tmp_path, monkeypatch)
     monkeypatch.setitem(suite.SECTION_ROWS, "attention", boom)
     out = tmp_path / "partial.md"
     with pytest.raises(RuntimeError, match="device lost"):
-        run_suite("cpu", ["tiny"], ["gpt"], [False], out, sections=["train", "attention"], optimizers=["adamw"],
-                  micro_batch=2, vocab_size=VOCAB, **FAST)
+        run_suite(
+            "cpu",
+            ["tiny"],
+            ["gpt"],
+            [False],
+            out,
+            sections=["train", "attention"],
+            optimizers=["adamw"],
+            micro_batch=2,
+            vocab_size=VOCAB,
+            **FAST,
+        )
     text = out.read_text()
     assert "| tiny | gpt | adamw |" in text
     assert "No rows yet" in text and "Not run (section not selected)" in text
@@ -60,10 +91,35 @@ def test_run_suite_keeps_finished_sections_when_one_fails(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_append_builds_one_record_from_steps(tmp_path):
     out = tmp_path / "record.md"
-    run_suite("cpu", ["tiny"], ["gpt"], [False], out, sections=["train"], optimizers=["adamw"], micro_batch=2,
-              vocab_size=VOCAB, command="step 1", append=True, **FAST)
-    merged = run_suite("cpu", ["tiny"], ["gpt", "gpt-mla"], [False], out, sections=["decode"], decode_batches=(1,),
-                       prompt_len=8, new_tokens=2, vocab_size=VOCAB, command="step 2", append=True, **FAST)
+    run_suite(
+        "cpu",
+        ["tiny"],
+        ["gpt"],
+        [False],
+        out,
+        sections=["train"],
+        optimizers=["adamw"],
+        micro_batch=2,
+        vocab_size=VOCAB,
+        command="step 1",
+        append=True,
+        **FAST,
+    )
+    merged = run_suite(
+        "cpu",
+        ["tiny"],
+        ["gpt", "gpt-mla"],
+        [False],
+        out,
+        sections=["decode"],
+        decode_batches=(1,),
+        prompt_len=8,
+        new_tokens=2,
+        vocab_size=VOCAB,
+        command="step 2",
+        append=True,
+        **FAST,
+    )
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["command"] == "step 1\nstep 2" and len(raw["runs"]) == 2
     assert len(raw["train"]) == 1 and len(raw["decode"]) == 2 and merged["decode"] == raw["decode"]
@@ -77,17 +133,41 @@ def test_append_builds_one_record_from_steps(tmp_path):
 @pytest.mark.slow
 def test_merge_records_combines_runs(tmp_path):
     first, second = tmp_path / "a.md", tmp_path / "b.md"
-    run_suite("cpu", ["tiny"], ["gpt"], [False], first, sections=["train"], optimizers=["adamw"], micro_batch=2,
-              vocab_size=VOCAB, command="run a", **FAST)
-    run_suite("cpu", ["tiny"], ["gpt"], [False], second, sections=["train", "attention"], optimizers=["muon"],
-              micro_batch=2, vocab_size=VOCAB, command="run b", proposed=False, **FAST)
+    run_suite(
+        "cpu",
+        ["tiny"],
+        ["gpt"],
+        [False],
+        first,
+        sections=["train"],
+        optimizers=["adamw"],
+        micro_batch=2,
+        vocab_size=VOCAB,
+        command="run a",
+        **FAST,
+    )
+    run_suite(
+        "cpu",
+        ["tiny"],
+        ["gpt"],
+        [False],
+        second,
+        sections=["train", "attention"],
+        optimizers=["muon"],
+        micro_batch=2,
+        vocab_size=VOCAB,
+        command="run b",
+        proposed=False,
+        **FAST,
+    )
     merged = merge_records([first.with_suffix(".json"), second.with_suffix(".json")], tmp_path / "m.md")
     assert [r["optimizer"] for r in merged["train"]] == ["adamw", "muon"]
     share = next(t for t in merged["targets"] if t["key"] == "muon_share")
     fastest = min(r["fwd_bwd_ms"] for r in merged["train"])  # the adamw row of run a may be the faster one
     muon = merged["train"][1]
-    assert share["measured"] == pytest.approx(muon["opt_ms"] / (fastest + muon["clip_ms"] + muon["opt_ms"]
-                                                                 + muon["rest_ms"]))
+    assert share["measured"] == pytest.approx(
+        muon["opt_ms"] / (fastest + muon["clip_ms"] + muon["opt_ms"] + muon["rest_ms"])
+    )
     text = (tmp_path / "m.md").read_text()
     assert "run a\nrun b" in text and "## Attention kernels" in text and "Not run" in text  # moe, decode, optim
     with pytest.raises(UserError, match="--merge"):
@@ -117,25 +197,56 @@ def _app() -> typer.Typer:
 @pytest.mark.slow
 def test_bench_command_options(tmp_path):
     out = tmp_path / "cli.md"
-    result = CliRunner().invoke(_app(), [
-        "bench", "--device", "cpu", "--presets", "tiny", "--variants", "gpt", "--no-compile", "--repeats", "1",
-        "--warmup", "0", "--rounds", "1", "--min-run-time", "0.001", "--sections", "train,attention",
-        "--optimizers", "adamw", "--micro-batch", "2", "--vocab-size", str(VOCAB), "--no-proposed", "--out", str(out)])
+    result = CliRunner().invoke(
+        _app(),
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--presets",
+            "tiny",
+            "--variants",
+            "gpt",
+            "--no-compile",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--min-run-time",
+            "0.001",
+            "--sections",
+            "train,attention",
+            "--optimizers",
+            "adamw",
+            "--micro-batch",
+            "2",
+            "--vocab-size",
+            str(VOCAB),
+            "--no-proposed",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert "## Train step" in text and "Not run (section not selected)" in text
     assert "proposed_rows=False" in text and "rounds=1" in text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--presets", "tinyy"], "did you mean 'tiny'"),
-    (["--variants", "gpt,kimmi"], "variants"),
-    (["--sections", "train,speed"], "sections"),
-    (["--decode-batches", "1,x"], "decode-batches"),
-    (["--no-eager", "--no-compile"], "--eager"),
-    (["--rounds", "0"], "--rounds"),
-    (["--merge", "a.json"], "--out"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--presets", "tinyy"], "did you mean 'tiny'"),
+        (["--variants", "gpt,kimmi"], "variants"),
+        (["--sections", "train,speed"], "sections"),
+        (["--decode-batches", "1,x"], "decode-batches"),
+        (["--no-eager", "--no-compile"], "--eager"),
+        (["--rounds", "0"], "--rounds"),
+        (["--merge", "a.json"], "--out"),
+    ],
+)
 def test_bench_command_bad_input_is_a_user_error(args, message):
     result = CliRunner().invoke(_app(), ["bench", "--device", "cpu", *args])
     assert isinstance(result.exception, UserError), result.output

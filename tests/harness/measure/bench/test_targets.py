@@ -8,14 +8,34 @@ from harness.measure.bench.targets import BY_KEY, TARGETS, evaluate_targets
 
 
 def train(variant, preset, optimizer, compile_, mfu, fb, opt, impl="default", **extra):
-    return dict(preset=preset, variant=variant, optimizer=optimizer, compile=compile_, mfu=mfu, mfu_fwd_bwd=mfu,
-                fwd_bwd_ms=fb, clip_ms=1.0, opt_ms=opt, rest_ms=0.0, step_ms=fb + 1.0 + opt, status="ok", impl=impl,
-                **extra)
+    return dict(
+        preset=preset,
+        variant=variant,
+        optimizer=optimizer,
+        compile=compile_,
+        mfu=mfu,
+        mfu_fwd_bwd=mfu,
+        fwd_bwd_ms=fb,
+        clip_ms=1.0,
+        opt_ms=opt,
+        rest_ms=0.0,
+        step_ms=fb + 1.0 + opt,
+        status="ok",
+        impl=impl,
+        **extra,
+    )
 
 
 def decode(variant, batch, tps, kv):
-    return dict(preset="paper", variant=variant, impl="default", batch=batch, tokens_per_s=tps,
-                kv_bytes_per_token=kv, status="ok")
+    return dict(
+        preset="paper",
+        variant=variant,
+        impl="default",
+        batch=batch,
+        tokens_per_s=tps,
+        kv_bytes_per_token=kv,
+        status="ok",
+    )
 
 
 KERNELS = [{"name": "sm90_gemm", "calls": 3, "ms_per_call": 1.0, "share": 0.5}]
@@ -23,18 +43,26 @@ KERNELS = [{"name": "sm90_gemm", "calls": 3, "ms_per_call": 1.0, "share": 0.5}]
 
 def results():
     return {
-        "train": [train("gpt", "gpt2-124m", "adamw", False, 0.30, 50.0, 2.0),
-                  train("gpt", "gpt2-124m", "adamw", True, 0.50, 40.0, 2.0),
-                  train("kimi", "paper", "adamw", True, 0.20, 10.0, 1.0, top_kernels=KERNELS),
-                  train("kimi", "paper", "adamw", True, 0.35, 9.0, 1.0, impl="sdpa_pad_v"),
-                  train("kimi", "paper", "muon", False, None, 20.0, 4.0),
-                  train("kimi", "paper", "muon", False, None, 20.0, 2.0, impl="batched_ns")],
-        "moe": [dict(preset="paper", layer="moe/grouped_mm", fwd_bwd_ms=3.0, vs_dense=1.2, status="ok"),
-                dict(preset="paper", layer="moe/loop", fwd_bwd_ms=6.0, vs_dense=2.4, status="ok"),
-                dict(preset="paper", layer="dense-active", fwd_bwd_ms=2.5, vs_dense=1.0, status="ok"),
-                dict(preset="paper", layer="all-experts (nanoKimi)", fwd_bwd_ms=9.0, vs_dense=3.6, status="ok")],
-        "decode": [decode("gpt", 1, 100.0, 9216), decode("gpt", 32, 1000.0, 9216),
-                   decode("gpt-mla", 1, 90.0, 1920), decode("gpt-mla", 32, 1100.0, 1920)],
+        "train": [
+            train("gpt", "gpt2-124m", "adamw", False, 0.30, 50.0, 2.0),
+            train("gpt", "gpt2-124m", "adamw", True, 0.50, 40.0, 2.0),
+            train("kimi", "paper", "adamw", True, 0.20, 10.0, 1.0, top_kernels=KERNELS),
+            train("kimi", "paper", "adamw", True, 0.35, 9.0, 1.0, impl="sdpa_pad_v"),
+            train("kimi", "paper", "muon", False, None, 20.0, 4.0),
+            train("kimi", "paper", "muon", False, None, 20.0, 2.0, impl="batched_ns"),
+        ],
+        "moe": [
+            dict(preset="paper", layer="moe/grouped_mm", fwd_bwd_ms=3.0, vs_dense=1.2, status="ok"),
+            dict(preset="paper", layer="moe/loop", fwd_bwd_ms=6.0, vs_dense=2.4, status="ok"),
+            dict(preset="paper", layer="dense-active", fwd_bwd_ms=2.5, vs_dense=1.0, status="ok"),
+            dict(preset="paper", layer="all-experts (nanoKimi)", fwd_bwd_ms=9.0, vs_dense=3.6, status="ok"),
+        ],
+        "decode": [
+            decode("gpt", 1, 100.0, 9216),
+            decode("gpt", 32, 1000.0, 9216),
+            decode("gpt-mla", 1, 90.0, 1920),
+            decode("gpt-mla", 32, 1100.0, 1920),
+        ],
     }
 
 
@@ -60,9 +88,17 @@ def test_a_far_miss_carries_the_deciding_rows_profile():
     assert not v["mfu_gpt2"]["missed_by_over_margin"] and "top_kernels" not in v["mfu_gpt2"]
 
 
-@pytest.mark.parametrize("key, value, far", [("mfu_gpt2", 0.37, False), ("mfu_gpt2", 0.35, True),
-                                             ("moe_vs_dense", 1.79, False), ("moe_vs_dense", 1.81, True),
-                                             ("muon_share", 0.059, False), ("muon_share", 0.061, True)])
+@pytest.mark.parametrize(
+    "key, value, far",
+    [
+        ("mfu_gpt2", 0.37, False),
+        ("mfu_gpt2", 0.35, True),
+        ("moe_vs_dense", 1.79, False),
+        ("moe_vs_dense", 1.81, True),
+        ("muon_share", 0.059, False),
+        ("muon_share", 0.061, True),
+    ],
+)
 def test_miss_margin_is_twenty_percent_of_the_threshold(key, value, far):
     assert BY_KEY[key].missed_by_more_than(value) is far
     assert BY_KEY[key].met(value) is False
@@ -83,6 +119,8 @@ def test_partial_rows_of_a_cut_run_still_give_verdicts():
 
 
 def test_kv_bytes_miss_asks_for_no_profile():
-    v = {t["key"]: t for t in evaluate_targets({"decode": [decode("gpt", 32, 1.0, 1000), decode("gpt-mla", 32, 1.0,
-                                                                                                 900)]})}
+    v = {
+        t["key"]: t
+        for t in evaluate_targets({"decode": [decode("gpt", 32, 1.0, 1000), decode("gpt-mla", 32, 1.0, 900)]})
+    }
     assert v["mla_kv"]["met"] is False and not v["mla_kv"]["missed_by_over_margin"]

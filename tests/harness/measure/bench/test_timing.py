@@ -21,8 +21,9 @@ def test_noisy_flag_threshold():
 
 
 def test_interleaved_ranks_a_slower_call_slower():
-    out = time_interleaved({"slow": lambda: time.sleep(0.004), "fast": lambda: time.sleep(0.001)},
-                           rounds=2, min_run_time=0.02)
+    out = time_interleaved(
+        {"slow": lambda: time.sleep(0.004), "fast": lambda: time.sleep(0.001)}, rounds=2, min_run_time=0.02
+    )
     assert out["slow"].median_s > 2 * out["fast"].median_s
     assert out["slow"].median_s == pytest.approx(0.004, rel=0.5)
     assert all(t.n >= 2 for t in out.values())
@@ -65,13 +66,13 @@ def test_time_rounds_times_everything_for_min_rounds_then_what_select_names():
         return ["a", "c"] if rounds.rounds < 5 else []
 
     out = time_rounds(fns, select, min_rounds=3, max_seconds=60, sample_s=0.0, warmup=2)
-    assert out.rounds == 5 and asked == [3, 4, 5]            # asked after each round past the minimum
+    assert out.rounds == 5 and asked == [3, 4, 5]  # asked after each round past the minimum
     assert [t is None for t in out.times["b"]] == [False, False, False, True, True]
     assert all(t is not None and t > 0 for t in out.times["a"] + out.times["c"])
     # warm-up: 2 calls each (block size 1 here); then a, b, c forward and reversed every other round
     assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
     assert calls[6:15] == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
-    assert calls[15:] == ["c", "a", "a", "c"]                 # rounds 4 and 5: b skipped
+    assert calls[15:] == ["c", "a", "a", "c"]  # rounds 4 and 5: b skipped
     assert out.timing("b").n == 3 and out.seconds > 0
 
 
@@ -85,7 +86,8 @@ def test_time_rounds_stops_at_the_time_cap_and_sizes_blocks():
     took = time.perf_counter() - start
     assert 0.3 <= took < 1.5 and out.seconds == pytest.approx(took, abs=0.05)
     assert 2 < out.rounds < 30
-    assert out.numbers["slow"] == 1 and out.numbers["fast"] >= 3    # 1 ms calls: blocks of >= 5 ms
+    assert out.numbers["slow"] == 1 and out.numbers["fast"] >= 3  # 1 ms calls: blocks of >= 5 ms
     assert out.timing("slow").median_s == pytest.approx(0.01, rel=0.5)
-    assert time_rounds(fns, lambda rounds: ["fast"], min_rounds=1, max_rounds=4, max_seconds=60,
-                       sample_s=0.0).rounds == 4
+    assert (
+        time_rounds(fns, lambda rounds: ["fast"], min_rounds=1, max_rounds=4, max_seconds=60, sample_s=0.0).rounds == 4
+    )
