@@ -160,43 +160,14 @@ def run(
     terminate_like_ctrl_c()  # schedulers stop jobs with SIGTERM: mark the trial killed, as Ctrl-C does
 
     if nproc > 1 and "LOCAL_RANK" not in os.environ and not dry_run and executor == "local":
-        _relaunch_with_torchrun(nproc)  # --executor ray runs multi-process trials through Ray Train instead
+        from harness.commands import relaunch_with_torchrun
+
+        raise typer.Exit(
+            relaunch_with_torchrun(nproc, sys.argv[1:])
+        )  # --executor ray runs multi-process trials through Ray Train instead
     code = run_matrix_command(RunOptions.of(options), console)
     if code:
         raise typer.Exit(code)
-
-
-def _relaunch_with_torchrun(nproc: int) -> None:
-    import subprocess
-
-    args, skip = [], False
-    for a in sys.argv[1:]:  # drop --nproc: torchrun would read it as an abbreviation of its own option
-        if skip or a == "--nproc" or a.startswith("--nproc="):
-            skip = a == "--nproc"
-            continue
-        args.append(a)
-    from harness.stores.tracking import resolve_tracking_uri
-
-    # the ranks inherit the login through MLflow's variables: no password on their command lines
-    args = [
-        a.partition("=")[0] + "=" + resolve_tracking_uri(a.partition("=")[2])
-        if a.startswith("--tracking-uri=")
-        else resolve_tracking_uri(a)
-        if a.startswith(("http://", "https://"))
-        else a
-        for a in args
-    ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "cli",
-        *args,
-    ]
-    raise typer.Exit(subprocess.call(cmd))
 
 
 @app.command("tune", context_settings=CONTEXT)

@@ -4,6 +4,7 @@ run (and --dry-run), params, list, data prepare|info."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -332,3 +333,37 @@ def tune(
     from harness.tune import tune as tune_local
 
     return tune_local(spec, console=console, **tune_kwargs)
+
+
+def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """This command again under torchrun on `nproc` processes (without --nproc); its exit code."""
+    import subprocess
+
+    args, skip = [], False
+    for a in argv:  # drop --nproc: torchrun would read it as an abbreviation of its own option
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc"
+            continue
+        args.append(a)
+    from harness.stores.tracking import resolve_tracking_uri
+
+    # the ranks inherit the login through MLflow's variables: no password on their command lines
+    args = [
+        a.partition("=")[0] + "=" + resolve_tracking_uri(a.partition("=")[2])
+        if a.startswith("--tracking-uri=")
+        else resolve_tracking_uri(a)
+        if a.startswith(("http://", "https://"))
+        else a
+        for a in args
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "cli",
+        *args,
+    ]
+    return subprocess.call(cmd)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,8 +23,28 @@ import pandas as pd
 
 from harness.mdformat import fmt, fmt_ci
 from reports import names
+from reports.fitted import fitted_rows, fitted_text  # noqa: F401
+from reports.paper_claims import (  # noqa: F401
+    CLAIMS,
+    HEADLINE_NEEDS,
+    IN_WORDS,
+    NOT_MATCHED,
+    NOT_MEASURED,
+    OPT_NEEDS,
+    OTHER_TOKENIZER,
+    Claim,
+    Row,
+    _headline,
+    _headline_and_same_opt,
+    _muon_vs_adamw,
+    arm_of,
+    headline_pair,
+    optimizer_pairs,
+    row_verdict,
+    same_optimizer_pairs,
+    set_verdict,
+)
 from reports.stats import (
-    EXACT_THRESHOLD,
     EXPLORATORY,
     INCONCLUSIVE,
     NOT_SUPPORTED,
@@ -42,207 +61,7 @@ from reports.stats import (
     tost_p_value,
 )
 
-NOT_MEASURED = "not measured"
-NOT_MATCHED = "not matched"
-IN_WORDS = "(in words)"
-OTHER_TOKENIZER = " (GPT-2 BPE tokens on other data: not comparable)"
-
-
 # ----------------------------------------------------------------------------- pairs of arms
-
-
-def arm_of(runs: pd.DataFrame, variant: str, optimizer: str) -> str | None:
-    arms = runs.loc[runs.variant.eq(variant) & runs.optimizer.eq(optimizer), "arm"].dropna().unique()
-    return sorted(arms)[0] if len(arms) else None
-
-
-def headline_pair(runs: pd.DataFrame) -> tuple[str | None, str | None]:
-    """The paper's table pair: Kimi (muon, else muonclip) vs GPT with AdamW."""
-    kimi = arm_of(runs, "kimi", "muon") or arm_of(runs, "kimi", "muonclip")
-    return kimi, arm_of(runs, "gpt", "adamw")
-
-
-def same_optimizer_pairs(runs: pd.DataFrame, a_variant: str = "kimi", b_variant: str = "gpt") -> list:
-    out = []
-    for opt in sorted(runs.optimizer.dropna().unique()):
-        a, b = arm_of(runs, a_variant, opt), arm_of(runs, b_variant, opt)
-        if a and b:
-            out.append((a, b))
-    return out
-
-
-def optimizer_pairs(runs: pd.DataFrame, a_opt: str, b_opt: str = "adamw") -> list:
-    out = []
-    for var in sorted(runs.variant.dropna().unique()):
-        a, b = arm_of(runs, var, a_opt), arm_of(runs, var, b_opt)
-        if a and b:
-            out.append((a, b))
-    return out
-
-
-def _headline(runs):
-    return [headline_pair(runs)]
-
-
-def _headline_and_same_opt(runs):
-    return list(dict.fromkeys(_headline(runs) + same_optimizer_pairs(runs)))
-
-
-def _muon_vs_adamw(runs):
-    return optimizer_pairs(runs, "muon") + optimizer_pairs(runs, "muonclip")
-
-
-HEADLINE_NEEDS = "kimi+muon (or kimi+muonclip) and gpt+adamw"
-OPT_NEEDS = "one variant trained with both muon (or muonclip) and adamw"
-
-
-@dataclass(frozen=True)
-class Claim:
-    text: str
-    paper: str  # the paper's numbers "Kimi vs GPT", or "(in words)"
-    kind: str  # "stat" | "exact" | "speed" | "compute"
-    metric: str  # stat/exact: a trial metric; speed: a speed metric (may hold {optimizer});
-    direction: int  # compute: the axis (tokens, flops, seconds). +1: A higher, -1: lower, 0: equal
-    scale: float
-    pairs: Callable[[pd.DataFrame], list[tuple[str | None, str | None]]]
-    needs: str
-    fallback: tuple[str, ...] = field(default_factory=tuple)  # exact: older metric names to read instead
-    also: tuple[str, ...] = ()  # stat: the claim's other measures (one claim, each must agree)
-    test: str = "diff"  # stat: "diff" (A - B in the metric's units) or "log" (log A - log B: a ratio)
-    margin: str = "loss"  # stat: "loss" (Margins.loss_nats, in nats) or "ratio" (Margins.ratio, relative)
-    threshold: float = EXACT_THRESHOLD  # exact: relative gap that counts as a difference (equality: match tol.)
-
-
-CLAIMS: list[Claim] = [
-    Claim(
-        "Kimi infers faster (decode tokens/s, batch 1)",
-        "45.2 vs 30.3",
-        "speed",
-        names.speed_decode(1),
-        +1,
-        1.0,
-        _headline,
-        HEADLINE_NEEDS,
-    ),
-    # log ppl = the val loss in nats: the ratio of perplexities is tested, with the loss margin
-    Claim(
-        "Kimi has lower perplexity (val ppl; bits/byte beside it)",
-        "18.1 vs 22.8" + OTHER_TOKENIZER,
-        "stat",
-        names.VAL_PPL_FINAL,
-        -1,
-        1.0,
-        _headline,
-        HEADLINE_NEEDS,
-        test="log",
-        margin="loss",
-    ),
-    Claim("Same total parameters (M)", "75 vs 74", "exact", names.PARAMS_TOTAL, 0, 1e6, _headline, HEADLINE_NEEDS),
-    Claim(
-        "Kimi is smaller on disk (checkpoint MB)",
-        "580 vs 620 (0.58 vs 0.62 GB)",
-        "exact",
-        names.CKPT_BYTES,
-        -1,
-        1e6,
-        _headline,
-        HEADLINE_NEEDS,
-    ),
-    Claim(
-        "Kimi activates fewer parameters per token (M)",
-        IN_WORDS,
-        "exact",
-        names.PARAMS_ACTIVE,
-        -1,
-        1e6,
-        _headline,
-        HEADLINE_NEEDS,
-    ),
-    Claim(
-        "Kimi needs fewer FLOPs per token (MFLOP)",
-        IN_WORDS,
-        "exact",
-        names.FLOPS_PER_TOKEN,
-        -1,
-        1e6,
-        _headline,
-        HEADLINE_NEEDS,
-    ),
-    Claim(
-        "Kimi caches fewer KV bytes per token",
-        IN_WORDS,
-        "exact",
-        names.SPEED_KV_BYTES,
-        -1,
-        1.0,
-        _headline,
-        HEADLINE_NEEDS,
-        fallback=(names.INFER_KV_BYTES,),
-    ),
-    Claim(
-        "Muon reaches lower loss than AdamW (val loss)",
-        IN_WORDS,
-        "stat",
-        names.VAL_LOSS_FINAL,
-        -1,
-        1.0,
-        _muon_vs_adamw,
-        OPT_NEEDS,
-    ),
-    Claim(
-        "Muon converges faster (tokens to the target val loss, A/B; FLOPs, seconds beside)",
-        IN_WORDS,
-        "compute",
-        "tokens",
-        -1,
-        1.0,
-        _muon_vs_adamw,
-        OPT_NEEDS,
-    ),
-    Claim(
-        "Muon gives more stable gradients (grad-norm CV and p99/median, A/B)",
-        IN_WORDS,
-        "stat",
-        names.GRAD_NORM_CV,
-        -1,
-        1.0,
-        _muon_vs_adamw,
-        OPT_NEEDS,
-        also=(names.GRAD_NORM_P99_OVER_MEDIAN,),
-        test="log",
-        margin="ratio",
-    ),
-    Claim(
-        "Kimi infers faster at larger batch (decode tokens/s, largest batch)",
-        IN_WORDS,
-        "speed",
-        "decode:max",
-        +1,
-        1.0,
-        _headline,
-        HEADLINE_NEEDS,
-    ),
-    Claim(
-        "Kimi trains faster (controlled train step, tokens/s)",
-        IN_WORDS,
-        "speed",
-        names.speed_opt("{optimizer}", "train_tokens_per_s"),
-        +1,
-        1.0,
-        _headline_and_same_opt,
-        HEADLINE_NEEDS,
-    ),
-    Claim(
-        "Kimi is more compute-efficient (FLOPs to the target val loss, A/B; tokens, seconds beside)",
-        IN_WORDS,
-        "compute",
-        "flops",
-        -1,
-        1.0,
-        _headline_and_same_opt,
-        HEADLINE_NEEDS,
-    ),
-]
 
 
 # ----------------------------------------------------------------------------- folding identical arms
@@ -271,36 +90,6 @@ def identical_arms(curves: pd.DataFrame) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- rows
-
-
-@dataclass
-class Row:
-    claim: Claim
-    label: str
-    a: str
-    b: str
-    a_text: str
-    b_text: str
-    diff_text: str
-    p: float = math.nan  # raw p of the difference test (stat / compute rows); NaN: no p-value
-    verdict: str = INCONCLUSIVE  # the verdict as shown (Verdict.text)
-    decide: Callable[..., Verdict | str] | None = None  # (p_adj[, p_eq_adj]) -> verdict, after Holm
-    p_adj: float = math.nan
-    p_eq: float = math.nan  # raw p of the equivalence test (TOST); NaN: none
-    p_eq_adj: float = math.nan
-    why: str = ""  # the branch of the rule that decided the row, with its numbers
-    exploratory: bool = False  # outside the Holm family: no verdict word from the rule
-    tuning: str = ""  # the pair's tuning status (reports/fairness.py); "" on exact / speed rows
-
-
-def row_verdict(row: Row) -> Verdict:
-    """The final verdict of a row (after apply_holm for rows with a p-value): word and the rule text applied."""
-    return Verdict(row.verdict, row.why)
-
-
-def set_verdict(row: Row, v: Verdict | str) -> None:
-    v = v if isinstance(v, Verdict) else Verdict(v, row.why)
-    row.verdict, row.why = v.text, v.rule
 
 
 @dataclass
@@ -613,74 +402,3 @@ def apply_holm(rows: list[Row]) -> int:
         two = len(inspect.signature(r.decide).parameters) >= 2
         set_verdict(r, r.decide(r.p_adj, r.p_eq_adj) if two else r.decide(r.p_adj))
     return len(fam)
-
-
-def fitted_rows(
-    runs: pd.DataFrame, curves: pd.DataFrame, folded: dict[str, str], target: float | None = None
-) -> list[Row]:
-    """With three or more sizes: the FLOPs multiplier read off fitted loss-vs-compute curves (each run's last eval),
-    cluster bootstrap over shared seed ids. Exploratory rows (no p-value, outside the Holm family); fewer than
-    MIN_SIZES sizes: not read (a 3-parameter curve through 3 sizes has no residual degrees of freedom)."""
-    from reports.compute import MIN_SIZES, fitted_multiplier, scaling_points
-
-    if runs.preset.nunique() < 3:
-        return []
-    points = scaling_points(curves, runs, "flops")
-    rows = []
-    for claim in CLAIMS:
-        if claim.kind != "compute":
-            continue
-        for a, b in claim.pairs(runs):
-            if not a or not b or a in folded or b in folded:
-                continue
-            sizes = min(points.loc[points.arm.eq(arm), "size"].nunique() for arm in (a, b))
-            head = (claim, f"fit over {sizes} sizes", a, b, f"{a}: L = a C^-b + c", f"{b}: L = a C^-b + c")
-            if sizes < MIN_SIZES:
-                rows.append(
-                    Row(
-                        *head,
-                        f"not read: {sizes} sizes (needs {MIN_SIZES}: L = a C^-b + c has 3 "
-                        "parameters, so 3 sizes leave no residual degree of freedom)",
-                        verdict=EXPLORATORY,
-                        why="fewer than 4 sizes",
-                        exploratory=True,
-                    )
-                )
-                continue
-            f = fitted_multiplier(points, a, b, target)
-            if not math.isfinite(f.multiplier):
-                continue
-            rows.append(
-                Row(
-                    *head,
-                    fitted_text(f),
-                    verdict=EXPLORATORY,
-                    why="no p-value: outside the Holm family",
-                    exploratory=True,
-                )
-            )
-    return rows
-
-
-def fitted_text(f) -> str:
-    """The fitted multiplier as the row states it: point, interval, and how many resamples miss or extrapolate."""
-    has_ci = not math.isnan(f.low)
-    ci = f"[{fmt(f.low)}, {fmt(f.high)}]" if has_ci else "(no interval: fewer than 2 shared seeds)"
-    notes = [f"cluster bootstrap over seed ids {', '.join(map(str, f.seeds))} (both arms, all sizes)"]
-    if f.n_unreached:
-        notes.append(f"{f.n_unreached} of {f.n_resamples} resamples: a refitted curve never reaches the target")
-    if f.n_extrapolated:
-        notes.append(
-            f"{f.n_extrapolated} of {f.n_resamples} resamples extrapolate (a refit reaches the target "
-            "outside its measured compute range)"
-        )
-    if f.extrapolated:
-        notes.append(f"the point fit extrapolates: {f.extrapolated} reaches the target outside its measured range")
-    reading = "no reading"
-    if has_ci and not f.n_extrapolated and not f.extrapolated and f.low > 0 and f.high < math.inf:
-        reading = "interval below 1" if f.high < 1 else "interval above 1" if f.low > 1 else "interval spans 1"
-    return (
-        f"FLOPs ×{fmt(f.multiplier)} {ci} at val loss {fmt(f.target)}; "
-        + "; ".join(notes)
-        + f"; exploratory reading: {reading}"
-    )

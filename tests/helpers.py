@@ -109,10 +109,7 @@ def cli_command(*args: str) -> list[str]:
 
 
 def run_cli(
-    args: Sequence[str],
-    cwd: Path,
-    timeout: float = 240,
-    env: dict[str, str] | None = None,
+    args: Sequence[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """`kimi-bench ARGS` in a subprocess; raises with the captured output if it runs past `timeout`."""
     try:

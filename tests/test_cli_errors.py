@@ -172,11 +172,7 @@ def test_unwritable_out_dir(tmp_path, cache_dir):
 # --------------------------------------------------------------------------- options
 @pytest.mark.parametrize(
     ("args", "words"),
-    [
-        (["--steps", "0"], ["--steps"]),
-        (["--steps", "-3"], ["--steps"]),
-        (["--device", "tpu"], ["--device", "tpu"]),
-    ],
+    [(["--steps", "0"], ["--steps"]), (["--steps", "-3"], ["--steps"]), (["--device", "tpu"], ["--device", "tpu"])],
 )
 def test_bad_options(tmp_path, cache_dir, capsys, args, words):
     m = write_matrix(tmp_path / "m.toml", "options")

@@ -22,16 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import (
-    REPO,
-    duplicate_steps,
-    finish,
-    kill_group,
-    metric_steps,
-    popen_cli,
-    trial_runs,
-    write_matrix,
-)
+from tests.helpers import REPO, duplicate_steps, finish, kill_group, metric_steps, popen_cli, trial_runs, write_matrix
 
 pytestmark = pytest.mark.slow
 

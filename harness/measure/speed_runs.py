@@ -46,7 +46,7 @@ from arch.moe import moe_modules
 from arch.muon import enable_max_logit_tracking
 from arch.optimizers import OptimizerConfig
 from harness import schema
-from harness.measure.bench.ratios import TARGET_HALF_WIDTH, Pair, ratio_of, unsettled
+from harness.measure.bench.ratios import TARGET_HALF_WIDTH, Pair, unsettled
 from harness.measure.bench.timing import RoundTimes, Timing, time_rounds
 from harness.measure.inference import (
     InferenceShape,
@@ -57,6 +57,7 @@ from harness.measure.inference import (
     timed_metrics,
 )
 from harness.measure.memory import live_bytes, peak_delta_bytes
+from harness.measure.speed_pairs import compared_callables, ratio_metrics, ratio_pairs, timing_order, widest
 from harness.measure.speed_tables import ratio_table, speed_table
 from harness.spec.registry import ModelDims, TrainConfig, TrialSpec, build_model, shape_key, variant_params
 from harness.trial.step import autocast_dtype, forward_backward, train_step
@@ -252,70 +253,6 @@ def _metrics(p: _Prepared, timings: dict[str, Timing]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- paired ratios between shapes
-
-
-@dataclass(frozen=True)
-class Compared:
-    """A timed callable whose rate speed claims compare between shapes, and the metric it is logged as."""
-
-    name: str  # its key in the timed callables
-    shape: str
-    kind: str  # "prefill", "decode_b{B}", "step": only callables of one kind are compared
-    metric: str
-    work: float  # tokens one call processes
-
-
-def compared_callables(p: _Prepared) -> list[Compared]:
-    key = p.group.key
-    out = [Compared(f"{key}/prefill", key, "prefill", schema.SPEED_PREFILL, p.shape.prompt_len)]
-    out += [
-        Compared(f"{key}/decode_b{b}", key, f"decode_b{b}", schema.speed_decode(b), b * p.shape.new_tokens)
-        for b in p.batch_sizes
-    ]
-    out += [
-        Compared(f"{key}/{o}/step", key, "step", schema.speed_opt(o, "train_tokens_per_s"), p.tokens)
-        for o in p.group.optims
-    ]
-    return out
-
-
-def ratio_pairs(compared: list[Compared]) -> list[tuple[Compared, Compared]]:
-    """Every pair of callables of one kind from different shapes (a train step with any optimizer against any
-    other shape's with any optimizer): every pair a speed claim can compare (reports/claims.py pairs arms of
-    different variants), so the report finds its ratio whichever arms a matrix holds."""
-    return [
-        (a, b) for i, a in enumerate(compared) for b in compared[i + 1 :] if a.kind == b.kind and a.shape != b.shape
-    ]
-
-
-def timing_order(names: list[str], compared: list[Compared]) -> list[str]:
-    """The compared callables first, grouped by kind so that the two sides of a pair are timed close together
-    in a round (steps by optimizer, then shape); then the rest (fwd+bwd and optimizer parts)."""
-    kinds = list(dict.fromkeys(c.kind for c in compared))
-    shapes = list(dict.fromkeys(c.shape for c in compared))
-    first = sorted(compared, key=lambda c: (kinds.index(c.kind), c.name.split("/", 1)[1], shapes.index(c.shape)))
-    head = [c.name for c in first]
-    return head + [n for n in names if n not in set(head)]
-
-
-def ratio_metrics(pairs: list[tuple[Compared, Compared]], rounds: RoundTimes) -> dict[str, dict[str, float]]:
-    """{shape: its ratio metrics}: A/B on A's run and B/A on B's run, each with _lo, _hi (when an interval
-    exists) and _n."""
-    out: dict[str, dict[str, float]] = {}
-    for a, b in pairs:
-        r = ratio_of(Pair(a.name, b.name, a.work, b.work), rounds.times)
-        for this, other, ratio in ((a, b, r), (b, a, r.inverse() if r.n else r)):
-            key = schema.speed_ratio(this.metric, other.shape, other.metric)
-            m = out.setdefault(this.shape, {})
-            m[key], m[schema.n_of(key)] = ratio.median, float(ratio.n)
-            if math.isfinite(ratio.half_width):
-                m[key + schema.LO_SUFFIX], m[key + schema.HI_SUFFIX] = ratio.low, ratio.high
-    return out
-
-
-def widest(pairs: list[tuple[Compared, Compared]], rounds: RoundTimes) -> float:
-    """The largest half-width (ln) over the pairs; inf while one has no interval."""
-    return max((ratio_of(Pair(a.name, b.name, a.work, b.work), rounds.times).half_width for a, b in pairs), default=0.0)
 
 
 # ----------------------------------------------------------------------------- threads and CPU pinning

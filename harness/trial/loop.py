@@ -19,13 +19,11 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -41,16 +39,11 @@ from harness.stores.curves import write_curves
 from harness.stores.tracking import TrackingLost, TrialRun
 from harness.trial.dist import DistInfo, all_reduce_
 from harness.trial.evaluation import LoadMeter, evaluate
-from harness.trial.metrics import (
-    device_peak_flops,
-    grad_norm_summary,
-    loss_spike_count,
-    memory_facts,
-    mfu,
-)
+from harness.trial.files import HISTORY_KEYS, TrainState, atomic_save, save_loss_curve
+from harness.trial.metrics import device_peak_flops, grad_norm_summary, loss_spike_count, memory_facts, mfu
+from harness.trial.schedule import lr_factor
 from harness.trial.step import autocast_dtype, resolve_device, synchronize, train_step
 
-HISTORY_KEYS = (schema.TRAIN_LOSS, schema.TRAIN_ELAPSED, schema.VAL_LOSS)  # kept per step in TrainState
 STATE_FILE = "trial_state.pt"  # resume point: model, optimizer, step, RNG, histories
 MODEL_FILE = "model.pt"  # final weights + config: what `ckpt/bytes` measures and `generate` loads
 
@@ -74,71 +67,6 @@ class TrialResult:
     run_id: str | None = None
     error: str | None = None
     out_dir: Path | None = None
-
-
-def lr_factor(
-    progress: float, warmup: float, min_ratio: float, schedule: str = "cosine", cooldown: float = 0.2
-) -> float:
-    """Linear warmup over the first `warmup` fraction, then cosine from 1 to min_ratio (nanoGPT's shape), or with
-    schedule="wsd" (warmup-stable-decay) 1 until the last `cooldown` fraction, then linear down to min_ratio: every
-    arm sits at the same constant learning rate through the stable phase, so losses read there compare across
-    arms and token counts (reports/compute.py reads compute to target there)."""
-    if progress < warmup:
-        return (progress + 1e-12) / warmup if warmup > 0 else 1.0
-    if schedule == "wsd":
-        start = 1.0 - cooldown
-        if progress <= start:
-            return 1.0
-        return 1.0 - (1.0 - min_ratio) * min(1.0, (progress - start) / max(cooldown, 1e-12))
-    span = max(1e-12, 1.0 - warmup)
-    decay = min(1.0, (progress - warmup) / span)
-    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * decay))
-
-
-def atomic_save(obj: Any, path: Path) -> int:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def _save_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    for key, style in ((schema.TRAIN_LOSS, "-"), (schema.VAL_LOSS, "o-")):
-        if history.get(key):
-            steps, values = zip(*history[key], strict=True)
-            ax.plot(steps, values, style, label=key, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-@dataclass
-class TrainState:
-    """Everything a resumed trial needs besides model and optimizer weights."""
-
-    step: int = 0
-    tokens: int = 0
-    train_seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
-    # (step, value) of train/loss, train/elapsed_s, val/loss; grad norms and tokens follow from losses' steps
-    history: dict[str, list] = field(default_factory=lambda: {key: [] for key in HISTORY_KEYS})
-    moe_rows: list[tuple[int, int, int, float]] = field(default_factory=list)
-    last_eval: dict[str, float] = field(default_factory=dict)
-    window_rates: list[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -444,7 +372,7 @@ class Trainer:
         )
         self.run.log_artifact(config)
         curve = self.out_dir / "loss_curve.png"
-        _save_loss_curve(self.state.history, curve, f"{self.spec.name}")
+        save_loss_curve(self.state.history, curve, f"{self.spec.name}")
         self.run.log_artifact(curve)
         if self.state.moe_rows:
             csv = self.out_dir / schema.ARTIFACT_MOE_LOAD

@@ -10,17 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch.common import (
-    Cache,
-    KVCache,
-    RMSNorm,
-    Rotary,
-    SwiGLU,
-    apply_rope,
-    generate,
-    init_normal_,
-    precompute_rope,
-)
+from arch.common import Cache, KVCache, RMSNorm, Rotary, SwiGLU, apply_rope, generate, init_normal_, precompute_rope
 from arch.mla import MLA, MLAConfig
 
 
