@@ -32,9 +32,16 @@ SKIP: list[tuple[str, str]] = [
     (r"^mlflow (ui|server)\b", "a long-running server (tests/test_servers.py starts one)"),
     (r"^export MLFLOW_TRACKING_URI=http", "points later commands at a server that is not started here"),
     (r"--nproc \d", "several GPUs of one node"),
-    (r"postgresql://", "a PostgreSQL server"),
+    (
+        r"postgresql://|^(initdb|pg_ctl|createdb|psql)\b|PGDATA",
+        "a PostgreSQL server (tests/test_team_setup.py starts one)",
+    ),
     (r"^(export RAY_AUTH_MODE|export KB_OPTUNA_STORAGE|ray (start|get-auth-token))", "a multi-machine Ray cluster"),
     (r"--ray-address auto", "a multi-machine Ray cluster"),
+    (
+        r"team\.toml|--tracking-uri http|--storage postgresql",
+        "the tested team setup: tests/test_team_setup.py runs it on PostgreSQL",
+    ),
     (
         r"^kimi-bench run --matrix experiments/paper\.toml(?!.*--dry-run)",
         "the paper's scale: a GPU and the TinyStories download",

@@ -23,9 +23,9 @@ muon_lr = [3e-3, 3e-2]
 
 
 def _run(env, tmp_path, matrix, monkeypatch) -> int:
-    monkeypatch.setattr(harness.measure, "measure_matrix_speed", lambda *a, **k: [])  # not under test here
+    monkeypatch.setattr(harness.measure.speed_runs, "measure_matrix_speed", lambda *a, **k: [])  # not under test here
     opts = RunOptions(
-        matrix,
+        matrix=matrix,
         tracking_uri=env["uri"],
         out=tmp_path / "runs",
         cache_dir=env["cache"],
@@ -79,7 +79,7 @@ def test_an_arm_whose_every_trial_fails_stops_alone(env, tmp_path, monkeypatch):
             return harness.trial.loop.TrialResult(schema.FAILED, spec.key(data.data_hash), error="RuntimeError: boom")
         return real(spec, data, out_dir, run, **kw)
 
-    monkeypatch.setattr(harness.trial, "run_trial", kimi_crashes)
+    monkeypatch.setattr(harness.trial.loop, "run_trial", kimi_crashes)
     matrix = write_matrix(env, tmp_path, "declared-fail", extra=TUNE)
     assert _run(env, tmp_path, matrix, monkeypatch) == 1
     trials = runs_of(env, "declared-fail", schema.KIND_TRIAL)
@@ -115,13 +115,13 @@ def test_tiny_factorial_matrix_with_tune_end_to_end_report(env, tmp_path, monkey
     from reports.claims import CLAIMS
 
     kinds = {c.text: c.kind for c in CLAIMS}
-    measured = [c for c in cells if c[-1] != "not measured"]
+    measured = [c for c in cells if c[-2] != "not measured"]  # columns end: tuning, verdict, why
     assert measured
     for c in measured:
         kind = kinds[c[0].split(" [")[0]]
-        assert (c[-2] != "") == (kind in ("stat", "compute")), c  # the tuning column
+        assert (c[-3] != "") == (kind in ("stat", "compute")), c  # the tuning column
         if kind in ("stat", "compute"):
-            assert c[-2] == "both tuned, equal budgets (2 trials each)" or "optimum at the edge" in c[-2], c
+            assert c[-3] == "both tuned, equal budgets (2 trials each)" or "optimum at the edge" in c[-3], c
     for name in ("tuning_best_so_far.png", "tuning_lr_gpt_adamw.png", "tuning_lr_kimi_muon.png"):
         assert f"(figures/{name})" in md and (tmp_path / "report" / "figures" / name).is_file(), name
     section = md.split("## Which change made the difference", 1)[1]
