@@ -177,7 +177,8 @@ def tune_command(
     n_trials: Annotated[
         int | None,
         typer.Option(
-            "--n-trials", help="trials this worker adds to each arm's study (default 20 unless --total-trials is given)"
+            "--n-trials",
+            help="trials this worker adds to each arm's study (default: until each holds [tune] trials, else 20)",
         ),
     ] = None,
     total_trials: Annotated[

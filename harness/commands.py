@@ -326,6 +326,13 @@ def tune(
     if ray_options is None and n_workers != 1:
         raise UserError("--n-workers: only with --executor ray; add --executor ray or start more workers by hand")
     spec = load_matrix(matrix, sets)
+    declared = spec.spec.tune
+    if declared is not None and tune_kwargs.get("n_trials") is None and tune_kwargs.get("total_trials") is None:
+        # the matrix's own budget: each study ends holding [tune].trials, as `run --matrix` would leave it
+        tune_kwargs["total_trials"] = declared.trials
+        console.print(
+            f"tuning until each study holds {declared.trials} trials ([tune] trials of {spec.name})", markup=False
+        )
     if ray_options is not None:
         from harness.executors.ray.tuning import tune_ray
 

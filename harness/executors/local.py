@@ -17,7 +17,7 @@ from harness.data import PreparedData
 from harness.executors.matrix_run import (
     MatrixOutcome,
     StoreLost,
-    command_line,
+    print_interrupted,
     skipped_line,
     start_matrix_run,
     trial_line,
@@ -26,7 +26,7 @@ from harness.schema import MLFLOW_RUN_STATUS, TERMINAL
 from harness.spec.matrix import Matrix
 from harness.spec.registry import TrialSpec
 from harness.stores.runrecord import open_tracker
-from harness.stores.tracking import Tracker, TrackingLost, strip_credentials
+from harness.stores.tracking import Tracker, TrackingLost
 from harness.trial.dist import DistInfo, barrier, broadcast_object
 from harness.trial.loop import STATE_FILE, TrialResult, run_trial
 from harness.trial.runs import run_tags, start_trial_run, trial_dir_name
@@ -82,8 +82,6 @@ def run_matrix_local(
 
             measure_matrix_speed(trials, data, device, tracker, experiment_id, parent, common_tags, console)
     except KeyboardInterrupt:
-        from harness.signals import interrupt_name
-
         outcome.interrupted = True
         done = len(outcome.results)
         stopped = (
@@ -91,11 +89,7 @@ def run_matrix_local(
             if done < len(trials)
             else "the speed measurement stopped"
         )
-        console.print(
-            f"[yellow]interrupted ({interrupt_name()})[/]: {stopped}; {done} trial(s) before it are "
-            "kept. Resume with the same command:"
-        )
-        console.print(strip_credentials(command_line()), markup=False, highlight=False)
+        print_interrupted(console, f"{stopped}; {done} trial(s) before it are kept")
     except StoreLost:  # the store went away mid-trial: it cannot take the parent's end status either
         lost = True
         raise

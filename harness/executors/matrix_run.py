@@ -59,6 +59,15 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["kimi-bench", *sys.argv[1:]])
 
 
+def print_interrupted(console, what_stopped: str) -> None:
+    """The Ctrl-C / SIGTERM report of either executor: what stopped, then the exact command that resumes it
+    (with its --set overrides, which are part of every trial key; credentials stripped)."""
+    from harness.signals import interrupt_name
+
+    console.print(f"[yellow]interrupted ({interrupt_name()})[/]: {what_stopped}. Resume with the same command:")
+    console.print(strip_credentials(command_line()), markup=False, highlight=False)
+
+
 def start_matrix_run(
     tracker,
     experiment_id: str,

@@ -13,7 +13,13 @@ from rich.console import Console, Group
 from rich.live import Live
 
 from harness import schema
-from harness.executors.matrix_run import MatrixOutcome, skipped_line, start_matrix_run, trial_line
+from harness.executors.matrix_run import (
+    MatrixOutcome,
+    print_interrupted,
+    skipped_line,
+    start_matrix_run,
+    trial_line,
+)
 from harness.executors.ray import cluster
 from harness.executors.ray.claim_board import Claims, claims_lock_dir
 from harness.executors.ray.cluster import (
@@ -116,13 +122,7 @@ def run_matrix_ray(
                 measure_matrix_speed(trials, data, device, tracker, experiment_id, parent, common_tags, console)
         except KeyboardInterrupt:
             outcome.interrupted = True
-            from harness.signals import interrupt_name
-
-            console.print(
-                f"[yellow]interrupted ({interrupt_name()})[/]: running trials are cancelled and marked "
-                "killed; finished trials are kept. Resume with the same command: "
-                f"kimi-bench run --matrix {matrix.path}"
-            )
+            print_interrupted(console, "running trials are cancelled and marked killed; finished trials are kept")
         finally:
             claims.close()
             tracker.end_parent(parent, schema.KILLED if outcome.interrupted else schema.FINISHED)

@@ -12,7 +12,14 @@ from rich.console import Console
 from harness import schema
 from harness.errors import UserError
 from harness.executors import run_matrix
-from harness.executors.matrix_run import MatrixOutcome, check_trials, matrix_params, summary_table, trial_list
+from harness.executors.matrix_run import (
+    MatrixOutcome,
+    check_trials,
+    matrix_params,
+    print_interrupted,
+    summary_table,
+    trial_list,
+)
 from harness.spec.matrix import load_matrix
 from harness.trial.loop import TrialResult
 from harness.trial.runs import trial_dir_name, trial_tags
@@ -34,6 +41,17 @@ def matrix(tmp_path):
 def _console() -> tuple[Console, io.StringIO]:
     buf = io.StringIO()
     return Console(file=buf, width=250, color_system=None), buf
+
+
+def test_an_interrupt_prints_the_exact_resume_command_without_its_secrets(monkeypatch):
+    # the --set overrides are part of every trial key: a resume line without them would train other trials
+    argv = ["kimi-bench", "run", "--matrix", "m.toml", "--set", "train.steps=5", "--executor", "ray"]
+    monkeypatch.setattr("sys.argv", [*argv, "--tracking-uri", "postgresql://alice:s3cret@db:5432/mlflow"])
+    console, buf = _console()
+    print_interrupted(console, "running trials are cancelled")
+    first, resume = buf.getvalue().splitlines()
+    assert first.startswith("interrupted (") and "running trials are cancelled. Resume with the same command:" in first
+    assert resume == " ".join(argv) + " --tracking-uri postgresql://db:5432/mlflow"
 
 
 def test_trial_folder_names_are_readable_and_unique_by_key(matrix):

@@ -145,3 +145,21 @@ def test_progress_shows_study_k_of_n_trial_j_of_m_and_the_total():
     assert shown["study 1/2 gpt+adamw"] == (1, 3) and shown["study 2/2 kimi+muon"] == (0, 3)
     assert shown["tuning, all studies"] == (1, 6)  # the ETA column reads this task's rate
     assert shown["  trial 1/3 kimi+muon (#4)"] == (0, 100)
+
+
+@pytest.mark.slow
+def test_tune_command_fills_each_study_to_the_matrix_budget_and_no_further(env, tmp_path):
+    from harness.commands import tune
+    from tests.harness.tune.common import ARM_GPT
+
+    matrix = write_matrix(env, tmp_path, "declared-tune", arms=ARM_GPT, extra="[tune]\ntrials = 2\n")
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    kw = dict(tracking_uri=env["uri"], cache_dir=env["cache"], out=tmp_path / "runs", storage=storage)
+    console = Console(width=200, record=True)
+    for _ in range(2):  # the rerun finds both trials and adds none: [tune] trials is what a study holds
+        tune(matrix, [], console, **kw)
+        study = optuna.load_study(study_name="declared-tune/gpt+adamw", storage=storage)
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert "tuning until each study holds 2 trials ([tune] trials of declared-tune)" in console.export_text()
+    tune(matrix, [], console, n_trials=1, **kw)  # an explicit --n-trials still adds that many
+    assert len(optuna.load_study(study_name="declared-tune/gpt+adamw", storage=storage).trials) == 3
