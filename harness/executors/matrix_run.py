@@ -12,6 +12,7 @@ from rich.table import Table
 from harness import schema
 from harness.data import PreparedData
 from harness.errors import UserError
+from harness.signals import interrupt_name
 from harness.spec.matrix import Matrix
 from harness.spec.registry import TrialSpec
 from harness.stores.tracking import strip_credentials
@@ -62,8 +63,6 @@ def command_line() -> str:
 def print_interrupted(console, what_stopped: str) -> None:
     """The Ctrl-C / SIGTERM report of either executor: what stopped, then the exact command that resumes it
     (with its --set overrides, which are part of every trial key; credentials stripped)."""
-    from harness.signals import interrupt_name
-
     console.print(f"[yellow]interrupted ({interrupt_name()})[/]: {what_stopped}. Resume with the same command:")
     console.print(strip_credentials(command_line()), markup=False, highlight=False)
 
