@@ -60,7 +60,8 @@ def forward_backward(
     """Forward (through `forward`: the DDP or compiled wrapper of `model`, when there is one) under autocast,
     the LM loss plus the model's MoE aux loss, and the backward of its 1/share part; -> the LM loss."""
     with autocast(x.device, amp):
-        _, loss = (forward or model)(x, y)
+        # `is None`, not `or`: torch.compile's wrapper proxies len() to the module, so bool() on it raises
+        _, loss = (model if forward is None else forward)(x, y)
         total = loss + model.aux_loss
     (total / share if share > 1 else total).backward()
     return loss

@@ -236,3 +236,16 @@ def test_cuda_trial_logs_its_own_peak_memory(data, tmp_path):
     assert result.status == "finished", result.error
     m = result.metrics
     assert m["mem/peak_bytes"] > m["mem/param_bytes"] + m["mem/grad_bytes"] + m["mem/optim_state_bytes"]
+
+
+def test_a_compiled_trial_trains_through_the_wrapper(data, tmp_path, monkeypatch):
+    """train.compile = true wraps the model in torch.compile's OptimizedModule; on CPU the eager backend builds
+    that wrapper without inductor's minutes of codegen, and the trial must train through it to the eager
+    trial's val loss (the wrapper once broke every compiled step: bool() on it raised). gpt: on CPU, tracing
+    the MoE's grouped_mm with fake tensors has no meta kernel; tests/test_cuda.py compiles the MoE on a GPU."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager"))
+    compiled = run_trial(make_spec("gpt", "muon", steps=4, compile=True), data, tmp_path / "c", resume=False)
+    eager = run_trial(make_spec("gpt", "muon", steps=4), data, tmp_path / "e", resume=False)
+    assert compiled.status == "finished", compiled.error
+    assert compiled.metrics["val/loss_final"] == pytest.approx(eager.metrics["val/loss_final"], abs=1e-5)
