@@ -246,14 +246,17 @@ def _speed_metric(claim: Claim, ctx: Context, arm: str) -> str:
 
 def _speed_row(claim: Claim, ctx: Context, a: str, b: str, label: str) -> Row:
     """reports/speed.py judges it: per-arm medians beside, the verdict from the paired ratio A/B."""
-    from reports.speed import row_for, speed_comparison
+    from reports.speed import row_for_arm, speed_comparison
 
-    rows = []
-    for arm in (a, b):
-        variant = ctx.runs.loc[ctx.runs.arm.eq(arm), "variant"]
-        rows.append(row_for(ctx.speed_rows, variant.iloc[0], None) if len(variant) else None)
     c = speed_comparison(
-        a, b, *rows, _speed_metric(claim, ctx, a), _speed_metric(claim, ctx, b), claim.direction, claim.scale
+        a,
+        b,
+        row_for_arm(ctx.speed_rows, a),
+        row_for_arm(ctx.speed_rows, b),
+        _speed_metric(claim, ctx, a),
+        _speed_metric(claim, ctx, b),
+        claim.direction,
+        claim.scale,
     )
     return Row(claim, label, a, b, c.a_text, c.b_text, c.diff_text, verdict=c.verdict if c.measured else NOT_MEASURED)
 

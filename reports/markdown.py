@@ -406,7 +406,7 @@ def _block(
         ROUNDING_NOTE,
         *_main_tables(runs),
         f"{heading}Speed and memory (controlled measurements)",
-        speed_section(speed_rows, runs),
+        speed_section(speed_rows),
         f"{heading}Paired differences",
         "Per seed A − B over the seeds both arms finished (same seed = same data order), mean and 95% "
         "Student-t CI of the differences; relative = mean difference / B's mean. Only the comparisons the "

@@ -12,8 +12,8 @@ from reports import names
 from reports.collect import Collected, strip_credentials
 
 
-def speed_section(speed_rows: pd.DataFrame, runs: pd.DataFrame) -> str:
-    from reports.speed import SPEED_RULE, decode_batches, fmt_measured, measured, noisy_threshold
+def speed_section(speed_rows: pd.DataFrame) -> str:
+    from reports.speed import SPEED_RULE, decode_batches, fmt_measured, measured, noisy_threshold, shape_label
 
     if speed_rows.empty:
         return (
@@ -32,7 +32,7 @@ def speed_section(speed_rows: pd.DataFrame, runs: pd.DataFrame) -> str:
     for r in speed_rows.to_dict("records"):
         rows.append(
             [
-                r.get("variant"),
+                shape_label(r, speed_rows),
                 r.get("preset"),
                 r.get("shape") or "?",
                 f"{r.get('device') or '?'}, {r.get('threads') or '?'}"
@@ -47,7 +47,7 @@ def speed_section(speed_rows: pd.DataFrame, runs: pd.DataFrame) -> str:
     step_rows = []
     for r in speed_rows.to_dict("records"):
         opts = [o for o in str(r.get("optimizers") or "").split(",") if o] or sorted(
-            runs.loc[runs.variant.eq(r.get("variant")), "optimizer"].dropna().unique()
+            {arm.split("+")[-1] for arm in str(r.get("arms") or "").split(",") if arm}
         )
         for o in opts:
             step_rows.append(

@@ -186,31 +186,43 @@ def speed_comparison(
 
 
 def speed_rows_for(speed: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """The speed runs that measured the shapes of `runs`: by the trials' kb.shape tag where logged, else by
-    (variant, preset); where a shape was measured in several invocations, the one whose matrix run holds these
-    trials, else the newest."""
+    """The speed runs that measured the shapes of `runs`, one row per shape: by the trials' kb.shape tag where
+    logged (two arms of one variant whose tuned settings change the model, the MoE's bias_update_speed say,
+    trained two shapes), else by (variant, preset); where a shape was measured in several invocations, the one
+    whose matrix run holds these trials, else the newest. Each row names the arms that trained it (`arms`)."""
     if speed is None or speed.empty or runs.empty:
         return pd.DataFrame()
     parents = set(runs.parent_run_id.dropna())
     out = []
     for (variant, preset), g in runs.groupby(["variant", "preset"], sort=True, dropna=False):
-        shapes = set(g["shape"].dropna()) if "shape" in g else set()
-        cand = (
-            speed[speed["shape"].isin(shapes)] if shapes else speed[speed.variant.eq(variant) & speed.preset.eq(preset)]
-        )
-        if cand.empty:
-            continue
-        mine = cand[cand.parent_run_id.isin(parents)]
-        pick = (mine if len(mine) else cand).sort_values("start_time").iloc[-1]
-        out.append(pick.to_dict() | {"variant": variant, "preset": preset})
+        shapes = sorted(set(g["shape"].dropna())) if "shape" in g else []
+        if shapes:
+            groups = [(speed[speed["shape"].eq(s)], g[g["shape"].eq(s)]) for s in shapes]
+        else:
+            groups = [(speed[speed.variant.eq(variant) & speed.preset.eq(preset)], g)]
+        for cand, trained in groups:
+            if cand.empty:
+                continue
+            mine = cand[cand.parent_run_id.isin(parents)]
+            pick = (mine if len(mine) else cand).sort_values("start_time").iloc[-1]
+            arms = ",".join(sorted(trained["arm"].dropna().unique())) if "arm" in trained else ""
+            out.append(pick.to_dict() | {"variant": variant, "preset": preset, "arms": arms})
     return pd.DataFrame(out)
 
 
-def row_for(speed_rows: pd.DataFrame, variant: str, preset: str | None) -> dict | None:
-    if speed_rows.empty:
+def row_for_arm(speed_rows: pd.DataFrame, arm: str) -> dict | None:
+    """The speed row of the shape `arm` trained, None where no speed run measured it."""
+    if speed_rows.empty or "arms" not in speed_rows:
         return None
-    sel = speed_rows[speed_rows.variant.eq(variant) & (speed_rows.preset.eq(preset) if preset else True)]
+    sel = speed_rows[speed_rows["arms"].map(lambda arms: arm in str(arms).split(","))]
     return sel.iloc[0].to_dict() if len(sel) else None
+
+
+def shape_label(row: dict, speed_rows: pd.DataFrame) -> str:
+    """The variant, or 'variant (its arms)' where the variant trained more than one shape."""
+    variant = str(row.get("variant"))
+    same = speed_rows[speed_rows.variant.eq(row.get("variant")) & speed_rows.preset.eq(row.get("preset"))]
+    return f"{variant} ({row['arms'].replace(',', ', ')})" if len(same) > 1 and row.get("arms") else variant
 
 
 def decode_batches(speed_rows: pd.DataFrame) -> list[int]:
@@ -224,16 +236,17 @@ def decode_batches(speed_rows: pd.DataFrame) -> list[int]:
     return sorted(out)
 
 
-def _arm_label(variant, metric_tail: str) -> str:
-    """'kimi+muon' for a train-step metric ('muon/train_tokens_per_s'), else the variant (a shape's figure)."""
-    return f"{variant}+{metric_tail.split('/')[0]}" if "/" in metric_tail else str(variant)
+def _arm_label(shape: str, metric_tail: str) -> str:
+    """'kimi+muon' for a train-step metric ('muon/train_tokens_per_s'; shape: the shape's variant), else the
+    shape's label (a shape's figure)."""
+    return f"{shape.split(' (')[0]}+{metric_tail.split('/')[0]}" if "/" in metric_tail else shape
 
 
 def ratio_table_rows(speed_rows: pd.DataFrame) -> list[list[str]]:
     """[A, B, measure, A/B with interval and rounds] for every paired ratio the speed runs logged, each pair of
     arms once (as logged on the first run that holds it)."""
     prefix = names.SPEED_RATIO.split("{")[0]
-    variant_of = {r.get("shape"): r.get("variant") for r in speed_rows.to_dict("records")}
+    label_of = {r.get("shape"): shape_label(r, speed_rows) for r in speed_rows.to_dict("records")}
     out, seen = [], set()
     for r in speed_rows.to_dict("records"):
         for key in sorted(
@@ -253,8 +266,8 @@ def ratio_table_rows(speed_rows: pd.DataFrame) -> list[list[str]]:
                 continue
             out.append(
                 [
-                    _arm_label(r.get("variant"), what),
-                    _arm_label(variant_of.get(shape, shape), other),
+                    _arm_label(label_of[r.get("shape")], what),
+                    _arm_label(label_of.get(shape, shape), other),
                     what.split("/")[-1],
                     fmt_ratio(ratio),
                 ]

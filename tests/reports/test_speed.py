@@ -1,9 +1,21 @@
 """Speed verdicts from paired ratios: the rule on hand-made intervals, the ratio read from either arm's run
 (inverted from B's), and the fallback for speed runs that logged no ratio."""
 
+import pandas as pd
 import pytest
 
-from reports.speed import EQUAL, PairedRatio, fmt_ratio, paired_ratio, ratio_verdict, speed_comparison
+from reports import names
+from reports.sections import speed_section
+from reports.speed import (
+    EQUAL,
+    PairedRatio,
+    fmt_ratio,
+    paired_ratio,
+    ratio_verdict,
+    row_for_arm,
+    speed_comparison,
+    speed_rows_for,
+)
 from reports.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
 KEY = "speed/ratio/decode_tokens_per_s_b1/vs/G/decode_tokens_per_s_b1"
@@ -75,3 +87,60 @@ def test_speed_comparison_cells():
     assert old.verdict == INCONCLUSIVE
     missing = speed_comparison("kimi+muon", "gpt+adamw", None, gpt, m, m, +1)
     assert not missing.measured
+
+
+def test_two_shapes_of_one_variant_each_keep_their_speed_run():
+    """fair-cpu's tuned kimi+adamw and kimi+muon chose different MoE bias_update_speed: two model shapes, each
+    timed by the speed run under its own optimizer. Picking one speed row per variant lost kimi+adamw's
+    train step ("no controlled speed run for this shape") while its ratio to gpt+adamw sat in the table
+    under a bare shape hash; each arm must find its own shape's row and the tables must name both."""
+    train = names.speed_opt("adamw", "train_tokens_per_s")
+    ratio = names.speed_ratio(train, "K1", train)
+    runs = pd.DataFrame(
+        [
+            dict(
+                arm=arm,
+                variant=arm.split("+")[0],
+                optimizer=arm.split("+")[1],
+                preset="tiny",
+                shape=shape,
+                parent_run_id="P",
+            )
+            for arm, shape in (("gpt+adamw", "G"), ("kimi+adamw", "K1"), ("kimi+muon", "K2"))
+            for _seed in range(2)
+        ]
+    )
+    base = dict(variant=None, preset="tiny", parent_run_id="P", start_time=1, device="cpu", threads=1)
+    speed = pd.DataFrame(
+        [
+            base
+            | dict(
+                variant="gpt",
+                shape="G",
+                optimizers="adamw",
+                **{train: 1100.0, ratio: 1.107, ratio + "_lo": 1.077, ratio + "_hi": 1.126, ratio + "_n": 17.0},
+            ),
+            base | dict(variant="kimi", shape="K1", optimizers="adamw", **{train: 1000.0}),
+            base
+            | dict(
+                variant="kimi", shape="K2", optimizers="muon", **{names.speed_opt("muon", "train_tokens_per_s"): 900.0}
+            ),
+        ]
+    )
+    rows = speed_rows_for(speed, runs)
+    assert sorted(zip(rows["shape"], rows["arms"], strict=True)) == [
+        ("G", "gpt+adamw"),
+        ("K1", "kimi+adamw"),
+        ("K2", "kimi+muon"),
+    ]
+    assert row_for_arm(rows, "kimi+adamw")["shape"] == "K1" and row_for_arm(rows, "kimi+muon")["shape"] == "K2"
+    assert row_for_arm(rows, "gpt+muon") is None
+    c = speed_comparison(
+        "kimi+adamw", "gpt+adamw", row_for_arm(rows, "kimi+adamw"), row_for_arm(rows, "gpt+adamw"), train, train, +1
+    )
+    assert c.measured and c.verdict == NOT_SUPPORTED
+    assert c.diff_text.startswith("A/B ×0.903 [0.888, 0.929], 17 paired rounds")  # 1/1.107, from gpt's run
+    section = speed_section(rows)
+    assert "| kimi (kimi+adamw) | tiny | K1 |" in section and "| kimi (kimi+muon) | tiny | K2 |" in section
+    assert "| gpt | tiny | G |" in section  # one shape: the variant alone
+    assert "| gpt+adamw | kimi+adamw | train_tokens_per_s | ×1.107 [1.077, 1.126], 17 paired rounds |" in section
