@@ -16,7 +16,7 @@ applied after attention: o_h = (attn_h @ c_kv) W_UV^T.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,6 @@ class MLAConfig:
     max_seq_len: int
     rope_theta: float = 10000.0
     dropout: float = 0.0
-    # SDPA with v zero-padded to the q/k head dim (cut back after): the same result, and eligible for the
-    # flash kernel, which needs equal q/k/v head dims (MLA's d_qk = nope + rope differs from d_v).
-    # Off by default until a GPU run shows it faster; tests/arch/test_mla.py checks the equivalence.
-    sdpa_pad_v: bool = False
 
     def __post_init__(self):
         for name in ("dim", "n_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_seq_len"):
@@ -56,25 +52,6 @@ class MLAConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-
-def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pad_v: bool = False, **kwargs) -> torch.Tensor:
-    """F.scaled_dot_product_attention; with pad_v, v is zero-padded to q's head dim and the output cut back.
-
-    Exact: the padded value columns only produce output columns that are dropped, and the attention weights
-    do not depend on v. Only a v narrower than q is padded (a wider one is passed as is)."""
-    dv, dqk = v.size(-1), q.size(-1)
-    if not pad_v or dv >= dqk:
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    return F.scaled_dot_product_attention(q, k, F.pad(v, (0, dqk - dv)), **kwargs)[..., :dv]
-
-
-def use_sdpa_pad_v(model: nn.Module, on: bool = True) -> int:
-    """Set MLAConfig.sdpa_pad_v on every MLA module of a built model; returns how many were set."""
-    modules = [m for m in model.modules() if isinstance(m, MLA)]
-    for m in modules:
-        m.config = replace(m.config, sdpa_pad_v=on)
-    return len(modules)
 
 
 class MLACache:
@@ -178,11 +155,12 @@ class MLA(nn.Module):
             k, v = self._expand_kv(c_kv, k_rope)
             if layer_cache is None and self.track_max_logit:
                 self.max_logit = self._max_logit(q, k)
-            y = attention_sdpa(
+            # d_qk != d_v rules out the flash kernel, yet torch's default dispatch (cuDNN attention on an H200)
+            # beat v zero-padded to d_qk on every backend (reports/benchmarks/2026-12-04-nvidia-h200.md)
+            y = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                pad_v=self.config.sdpa_pad_v,
                 is_causal=T > 1,
                 scale=self.softmax_scale,
                 dropout_p=self.config.dropout if self.training else 0.0,

@@ -12,15 +12,18 @@ One optimizer, two kinds of param groups (flag `use_muon`), as in Keller Jordan'
   adjust "original" (Keller Jordan): lr * max(1, rows/cols)**0.5, lr ~0.02.
   adjust "match_rms_adamw" (Moonlight, arXiv 2502.16982): lr * 0.2 * sqrt(max(rows, cols)), which gives
   the update the RMS of a typical AdamW update (0.2), so AdamW's lr and weight decay carry over.
-  With the NS run in bf16 this is torch.optim.Muon's step op for op (bit-identical on 2-D weights).
+  With the NS run in bf16 and `batched_ns=False` this is torch.optim.Muon's step op for op (bit-identical
+  on 2-D weights).
 - AdamW groups (embeddings, head, router, gains, biases): torch's own functional AdamW, so the update
   is torch.optim.AdamW's exactly (same state keys: step, exp_avg, exp_avg_sq).
 
-Batched Newton-Schulz (`Muon(..., batched_ns=True)`, single process only; off by default): the Muon
-groups' matrices are bucketed by shape (and NS dtype/steps/eps), and each bucket is orthogonalized by one
-batched NS call on the stacked [k, m, n] matrices instead of one call (about 16 kernel launches) per matrix.
-Same math per matrix (tests/arch/test_muon.py: equal to the per-matrix path within 1e-6 in fp32); it holds
-a bucket's updates at once, where the per-matrix path holds one.
+Batched Newton-Schulz (the single-process default): the Muon groups' matrices are bucketed by shape (and NS
+dtype/steps/eps), and each bucket is orthogonalized by one batched NS call on the stacked [k, m, n] matrices
+instead of one call (about 16 kernel launches) per matrix. The first H200 record
+(reports/benchmarks/2026-12-04-nvidia-h200.md) measured kimi @ paper's Muon groups at 8.3 ms batched against
+32.7 ms per matrix. Same math per matrix (tests/arch/test_muon.py: equal to the per-matrix path within 1e-6 in
+fp32); it holds a bucket's updates at once. `batched_ns=False` runs one NS call per parameter, holding one
+update at a time: torch.optim.Muon's order of operations, and the reference the batched path is tested against.
 
 Distributed (torch.distributed initialized, world size > 1): the momentum update runs on every rank
 (cheap, elementwise, and it keeps every rank's state_dict complete, so a rank-0 checkpoint holds all
@@ -129,7 +132,7 @@ class Muon(torch.optim.Optimizer):
     qk_clip_model: if given, `step()` ends with `qk_clip_(qk_clip_model, qk_clip_tau)` (MuonClip) and
     stores its stats in `self.last_qk_clip`.
     batched_ns: one Newton-Schulz call per bucket of same-shape matrices (single process; see the module
-    docstring); False runs one call per parameter.
+    docstring); False runs one call per parameter (torch.optim.Muon's order, one update alive at a time).
     """
 
     def __init__(
@@ -150,7 +153,7 @@ class Muon(torch.optim.Optimizer):
         fused: bool | None = None,
         qk_clip_model: nn.Module | None = None,
         qk_clip_tau: float = 100.0,
-        batched_ns: bool = False,
+        batched_ns: bool = True,
     ):
         self._muon_defaults = dict(
             lr=lr,
@@ -292,7 +295,7 @@ class Muon(torch.optim.Optimizer):
         return (rows, cols), dtype, group["ns_steps"], group["ns_eps"], p.device
 
     def _muon_step_batched(self, jobs: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-        """Single process, batched_ns: momentum per parameter, then one NS call per bucket of same-shape
+        """Single process (the default path): momentum per parameter, then one NS call per bucket of same-shape
         matrices (a 2-D weight is one matrix, a split weight `split` matrices, a 3-D weight E matrices)."""
         buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]]] = {}
         for p, g in jobs:

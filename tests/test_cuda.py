@@ -1,7 +1,7 @@
 """CUDA checks (skipped without a GPU by tests/conftest.py): bf16 and torch.compile against fp32 / eager,
 grouped_mm MoE dispatch against the loop, MLA cached decode against the full forward, Newton-Schulz in bf16
-against fp32, the arch/ speed switches (Muon batched_ns, MLAConfig.sdpa_pad_v) against their default path, the
-CUDA-event phase timer, and the benchmark suite's CUDA path end to end at the tiny preset.
+against fp32, Muon's batched Newton-Schulz (the default) against its per-matrix path, the CUDA-event phase
+timer, and the benchmark suite's CUDA path end to end at the tiny preset.
 
 Errors are relative Frobenius norms, ||out - ref|| / ||ref||, on fresh random inputs. Bounds: fp32 with TF32
 off (the reference) lands far under 1e-4; bf16 operands give 1e-3..1e-2 per matmul, a few layers deep a few
@@ -18,15 +18,14 @@ import copy
 import pytest
 import torch
 
-from arch.mla import attention_sdpa, use_sdpa_pad_v
 from arch.moe import MoE, MoEConfig
 from arch.muon import zeropower_via_newtonschulz5
 from harness.measure.bench.kit import TimingSettings, preset_dims
 from harness.measure.bench.optim_step import fill_grads
 from harness.measure.bench.suite import run_suite
 from harness.measure.bench.timing import time_phases
-from harness.measure.bench.train_step import bench_train_step, build_optimizer
-from harness.spec.registry import build_model
+from harness.measure.bench.train_step import bench_train_step
+from harness.spec.registry import build_model, resolve_optimizer
 
 pytestmark = pytest.mark.cuda
 
@@ -199,37 +198,6 @@ def test_mla_cached_decode_matches_full_forward(variant):
     assert decode_errors(variant, "cuda", torch.bfloat16) < 3e-2
 
 
-# ---------------------------------------------------------------------------- MLA sdpa_pad_v (flash attention)
-
-
-def test_padded_v_is_flash_eligible_and_equal():
-    """MLA's paper head dims (qk 128, v 96) in bf16: the flash kernel refuses them as they are and takes them
-    with v padded, and the padded result equals the default backend's unpadded one to bf16 precision."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k = (torch.randn(2, 4, 256, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-    v = torch.randn(2, 4, 256, 96, device="cuda", dtype=torch.bfloat16, generator=g)
-    ref = attention_sdpa(q.float(), k.float(), v.float(), is_causal=True)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        with pytest.raises(RuntimeError):
-            attention_sdpa(q, k, v, is_causal=True)
-        padded = attention_sdpa(q, k, v, pad_v=True, is_causal=True)
-    assert padded.shape == v.shape and rel(padded, ref) < 1e-2
-
-
-@pytest.mark.parametrize("variant", ["gpt-mla", "kimi"])
-def test_sdpa_pad_v_model_matches_default_bf16(variant):
-    a = tiny_model(variant, "cuda")
-    b = copy.deepcopy(a)
-    assert use_sdpa_pad_v(b) > 0
-    x, y = batch("cuda")
-    logits_a, _, g_a = forward_backward(a, x, y, torch.bfloat16, "cuda")
-    logits_b, _, g_b = forward_backward(b, x, y, torch.bfloat16, "cuda")
-    assert rel(logits_b, logits_a) < 1e-2
-    assert rel(g_b, g_a) < 5e-2
-
-
 # ---------------------------------------------------------------------------- Newton-Schulz / Muon
 
 
@@ -247,10 +215,13 @@ def test_newton_schulz_bf16_matches_fp32(shape):
 
 @pytest.mark.parametrize("variant", ["gpt", "kimi"])
 def test_batched_ns_muon_step_matches_muon(variant):
+    """The harness's Muon (batched Newton-Schulz, the default) against the same groups on the per-matrix path."""
     a = tiny_model(variant, "cuda")
     b = copy.deepcopy(a)
     start = torch.cat([p.detach().flatten() for p in a.parameters()])
-    opt_a, opt_b = build_optimizer("muon", a), build_optimizer("muon", b, batched_ns=True)
+    opt_a, opt_b = resolve_optimizer("muon").build(a), resolve_optimizer("muon").build(b)
+    assert opt_b.batched_ns
+    opt_a.batched_ns = False
     for step in range(3):
         fill_grads(a, step)
         fill_grads(b, step)

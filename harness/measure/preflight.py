@@ -34,9 +34,8 @@ from arch.moe import moe_modules
 from harness.errors import UserError
 from harness.measure.bench.kit import check_choices, free_memory, micro_batch_for, preset_dims
 from harness.measure.bench.timing import synchronize
-from harness.measure.bench.train_step import build_optimizer
 from harness.measure.inference import InferenceShape, random_prompt, serving_copy
-from harness.spec.registry import PRESETS, VARIANTS, build_model
+from harness.spec.registry import PRESETS, VARIANTS, build_model, resolve_optimizer
 
 AMP = torch.bfloat16
 OPTIMIZERS = ("adamw", "muon", "muonclip")
@@ -196,7 +195,7 @@ def bench_arm(
     dims = preset_dims(preset, vocab_size)
     torch.manual_seed(0)
     model = build_model(variant, dims).to(device).train()
-    opt = build_optimizer(optimizer, model)
+    opt = resolve_optimizer(optimizer).build(model)
     B, T = micro_batch_for(preset, micro_batch), dims.block_size
     x, y = (torch.randint(0, dims.vocab_size, (B, T), device=device) for _ in range(2))
 

@@ -22,7 +22,7 @@
 #   --budget SECONDS    wall-clock budget for all steps (default 450); a step gets min(its cap, what is left)
 #                       and is skipped when less than its minimum is left
 #   --steps LIST        comma-separated subset of: tests,train-gpt2,train-kimi,moe,decode,muon-kimi,muon-gpt2,
-#                       optim,attention,proposals (default: all, in that order)
+#                       optim,attention (default: all, in that order)
 #   --no-compile        leave out the compiled train steps
 #   --no-preflight      skip the preflight (a rerun of some steps right after a run whose preflight passed)
 # Environment: OUT (required), PYTHON (default python3), KIMI_BENCH_GIT_COMMIT (the commit measured; default
@@ -58,6 +58,12 @@ done
 : "${OUT:?gpu-run.sh: error: OUT is not set; set it to the folder the record goes to}"
 case "$device" in cuda|cpu) ;; *) echo "gpu-run.sh: error: --device $device; use cuda or cpu" >&2; exit 2 ;; esac
 case "$preset" in real|tiny) ;; *) echo "gpu-run.sh: error: --preset $preset; use real or tiny" >&2; exit 2 ;; esac
+STEP_NAMES=tests,train-gpt2,train-kimi,moe,decode,muon-kimi,muon-gpt2,optim,attention
+if [ "$steps" != all ]; then
+    for s in ${steps//,/ }; do
+        [[ ",$STEP_NAMES," == *",$s,"* ]] || { echo "gpu-run.sh: error: --steps: unknown step $s; use all or some of $STEP_NAMES" >&2; exit 2; }
+    done
+fi
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 LOG=$OUT/run.log
@@ -148,8 +154,8 @@ if [ "$device" = cuda ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4
 STEP_LOG=$OUT/test_cuda.log step tests 150 30 \
     "$PY" -m pytest -m cuda tests/test_cuda.py -q -ra --durations=10 -p no:cacheprovider "${XDIST[@]}"
 
-step train-gpt2 130 40 "${suite[@]}" --presets "$GPT2" --variants gpt --sections train --optimizers adamw --no-proposed "${MODES[@]}"
-step train-kimi 150 40 "${suite[@]}" --presets "$PAPER" --variants kimi --sections train --optimizers adamw --no-proposed "${MODES[@]}"
+step train-gpt2 130 40 "${suite[@]}" --presets "$GPT2" --variants gpt --sections train --optimizers adamw "${MODES[@]}"
+step train-kimi 150 40 "${suite[@]}" --presets "$PAPER" --variants kimi --sections train --optimizers adamw "${MODES[@]}"
 step moe 45 15 "${suite[@]}" --presets "$PAPER" --variants kimi --sections moe
 step decode 60 20 "${suite[@]}" --presets "$PAPER" --variants gpt,gpt-mla --sections decode --decode-batches "$DECODE"
 step muon-kimi 40 15 "${suite[@]}" --presets "$PAPER" --variants kimi --sections train --optimizers muon --no-compile
@@ -158,11 +164,6 @@ step optim 40 15 "${suite[@]}" --presets "$PAPER" --variants gpt,kimi --sections
 ATTENTION=$PAPER,$GPT2
 [ "$PAPER" != "$GPT2" ] || ATTENTION=$PAPER
 step attention 40 15 "${suite[@]}" --presets "$ATTENTION" --sections attention
-# the arch/ switches on (MLA sdpa_pad_v), compiled only where compile is on: the last, least needed step
-PROPOSAL_MODES=(--no-eager --compile)
-[ "$compile" = 1 ] || PROPOSAL_MODES=(--eager --no-compile)
-step proposals 130 60 "${suite[@]}" --presets "$PAPER" --variants kimi --sections train --optimizers adamw --proposed-only \
-    "${PROPOSAL_MODES[@]}"
 
 {
     echo "== summary ($(( $(date +%s) - start ))s of a ${budget}s budget)"

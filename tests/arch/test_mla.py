@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arch.mla import MLA, MLACache, MLAConfig, attention_sdpa, use_sdpa_pad_v
+from arch.mla import MLA, MLACache, MLAConfig
 
 
 def make_mla(q_lora_rank: int, dtype=torch.float64, seed: int = 0, **kw) -> MLA:
@@ -229,68 +229,3 @@ def test_sdpa_accepts_value_dim_different_from_qk_dim():
     v = torch.randn(1, 2, 4, 10, dtype=torch.float64)
     out = F.scaled_dot_product_attention(q, q, v, is_causal=True)
     assert out.shape == (1, 2, 4, 10)
-
-
-# ----------------------------------------------------------------------------- sdpa_pad_v (flash-eligible)
-
-
-def _forward_backward(m: MLA, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    m.zero_grad(set_to_none=True)
-    out = m(x)
-    out.square().sum().backward()
-    return out.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])
-
-
-@pytest.mark.parametrize("q_lora_rank", [0, 16])
-def test_sdpa_pad_v_equals_unpadded_fp32(q_lora_rank):
-    """v padded from 10 to the qk head dim 14: outputs and every gradient as the unpadded path, within fp32
-    rounding (the padded call may take another SDPA kernel), and the fp64 reference still holds."""
-    plain = make_mla(q_lora_rank, dtype=torch.float32, seed=3)
-    padded = make_mla(q_lora_rank, dtype=torch.float32, seed=3, sdpa_pad_v=True)
-    assert padded.config.sdpa_pad_v and not plain.config.sdpa_pad_v
-    x = torch.randn(2, 20, 32, generator=torch.Generator().manual_seed(4))
-    out_a, grad_a = _forward_backward(plain, x)
-    out_b, grad_b = _forward_backward(padded, x)
-    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-5)
-    padded.double()
-    with torch.no_grad():
-        ref, _ = reference(padded, x.double())
-        torch.testing.assert_close(padded(x.double()), ref, rtol=0, atol=1e-10)
-
-
-def test_attention_sdpa_pads_only_a_narrower_v():
-    q = torch.randn(2, 3, 9, 14, dtype=torch.float64)
-    k = torch.randn(2, 3, 9, 14, dtype=torch.float64)
-    for dv in (10, 14, 18):
-        v = torch.randn(2, 3, 9, dv, dtype=torch.float64)
-        want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        got = attention_sdpa(q, k, v, pad_v=True, is_causal=True)
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-
-
-def test_use_sdpa_pad_v_switches_a_built_model():
-    from arch.kimi import Kimi, KimiConfig
-
-    model = Kimi(
-        KimiConfig(
-            vocab_size=64,
-            block_size=16,
-            n_layer=2,
-            dim=32,
-            n_heads=2,
-            kv_lora_rank=8,
-            qk_nope_head_dim=8,
-            qk_rope_head_dim=4,
-            v_head_dim=8,
-            n_routed_experts=2,
-            n_activated_experts=1,
-            moe_inter_dim=16,
-            inter_dim=48,
-        )
-    )
-    assert use_sdpa_pad_v(model) == 2
-    assert all(m.config.sdpa_pad_v for m in model.modules() if isinstance(m, MLA))
-    assert use_sdpa_pad_v(model, on=False) == 2
-    assert not any(m.config.sdpa_pad_v for m in model.modules() if isinstance(m, MLA))

@@ -213,6 +213,29 @@ def test_muonclip_needs_attention():
         OptimizerConfig(name="muonclip").build(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
+@pytest.mark.parametrize("opt_name", ["muon", "muonclip"])
+def test_muon_arms_batch_newton_schulz_by_shape(opt_name, monkeypatch):
+    """The trainer's Muon arms take the batched path: one Newton-Schulz call per matrix shape, not per
+    parameter (kimi: 3-D expert stacks, several layers of each projection)."""
+    import arch.muon as muon_module
+
+    model = kimi()
+    opt = OptimizerConfig(name=opt_name).build(model)
+    shapes, n_params = set(), 0
+    for g in (g for g in opt.param_groups if g["use_muon"]):
+        for p in g["params"]:
+            shapes.add((p.shape[-2] // g["split"], p.shape[-1]))
+            n_params += 1
+            p.grad = torch.randn_like(p)
+    calls = []
+    original = muon_module.zeropower_via_newtonschulz5
+    monkeypatch.setattr(
+        muon_module, "zeropower_via_newtonschulz5", lambda G, **kw: calls.append(G) or original(G, **kw)
+    )
+    opt.step()
+    assert opt.batched_ns and len(calls) == len(shapes) < n_params
+
+
 def test_fused_auto_is_off_on_cpu():
     opt = OptimizerConfig(name="adamw").build(gpt())
     assert not any(g["fused"] for g in opt.param_groups)

@@ -1,8 +1,7 @@
 """Section `attention`: which SDPA kernels take MLA's head shapes, and at what speed (causal fwd+bwd).
 
-Shapes at the preset's training size: MHA (head = dim / heads), MLA as trained (d_qk = nope + rope, d_v = v
-head) and MLA through arch.mla.attention_sdpa with pad_v (v zero-padded to d_qk: the MLAConfig.sdpa_pad_v
-switch), which the flash kernel accepts. A backend that refuses a shape gives a "not eligible" row, with
+Shapes at the preset's training size: MHA (head = dim / heads) and MLA as trained (d_qk = nope + rope, d_v = v
+head; the flash kernel refuses d_qk != d_v). A backend that refuses a shape gives a "not eligible" row, with
 torch's reason.
 """
 
@@ -13,8 +12,8 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from arch.mla import attention_sdpa
 from harness.measure.bench.kit import TimingSettings, free_memory, micro_batch_for, ms, preset_dims
 from harness.measure.bench.timing import time_fn
 
@@ -53,14 +52,10 @@ def bench_attention(
     B, T, H = micro_batch_for(preset, micro_batch), d.block_size, d.n_heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dqk_mla = d.qk_nope_head_dim + d.qk_rope_head_dim
-    shapes = [
-        ("mha", d.dim // H, d.dim // H, False),
-        ("mla", dqk_mla, d.v_head_dim, False),
-        ("mla sdpa_pad_v", dqk_mla, d.v_head_dim, True),
-    ]
+    shapes = [("mha", d.dim // H, d.dim // H), ("mla", dqk_mla, d.v_head_dim)]
     gen = torch.Generator(device=device).manual_seed(seed)
     rows = []
-    for kind, dqk, dv, pad_v in shapes:
+    for kind, dqk, dv in shapes:
         q, k = (torch.randn(B, H, T, dqk, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(2))
         v = torch.randn(B, H, T, dv, device=device, dtype=dtype, generator=gen).requires_grad_()
         grad = torch.randn(B, H, T, dv, device=device, dtype=dtype, generator=gen)
@@ -79,10 +74,10 @@ def bench_attention(
             }
             ctx = (lambda b=backend: sdpa_kernel([b])) if backend is not None else contextlib.nullcontext
 
-            def run(ctx=ctx, q=q, k=k, v=v, grad=grad, pad_v=pad_v):
+            def run(ctx=ctx, q=q, k=k, v=v, grad=grad):
                 q.grad = k.grad = v.grad = None
                 with ctx():
-                    attention_sdpa(q, k, v, pad_v=pad_v, is_causal=True).backward(grad)
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
             try:
                 with warnings.catch_warnings(record=True) as caught:

@@ -51,7 +51,6 @@ def bench_decode(
             row: dict[str, Any] = {
                 "preset": preset,
                 "variant": variant,
-                "impl": "default",
                 "batch": b,
                 "prompt": P,
                 "new_tokens": N,

@@ -2,9 +2,8 @@
 
 Each parameter gets a fixed random gradient; only `optimizer.step()` is timed (no forward/backward), after
 warm-up steps that create the optimizer state. The Muon row also times its Muon groups alone and its AdamW
-groups alone (the same groups, stepped by two separate optimizers), Muon with batched Newton-Schulz
-(arch.muon's `batched_ns` switch), and gives the exact Newton-Schulz GFLOP per step. NS runs in bf16 on
-CUDA, fp32 on CPU.
+groups alone (the same groups, stepped by two separate optimizers), and gives the exact Newton-Schulz GFLOP
+per step. NS runs batched by shape (arch.muon's single-process default), in bf16 on CUDA, fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -34,11 +33,6 @@ def split_muon(opt: Muon) -> tuple[Muon, Muon]:
         return Muon([dict(g) for g in opt.param_groups if g["use_muon"] == use_muon], batched_ns=opt.batched_ns)
 
     return sub(True), sub(False)
-
-
-def with_batched_ns(opt: Muon) -> Muon:
-    """The same groups (same hyperparameters) in a Muon with batched Newton-Schulz on."""
-    return Muon([dict(g) for g in opt.param_groups], batched_ns=True)
 
 
 def ns_gflop(opt: Muon) -> float:
@@ -74,10 +68,9 @@ def bench_optimizer_step(
     *,
     timing: TimingSettings = TimingSettings(),
     vocab_size: int | None = None,
-    batched: bool = True,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Rows: AdamW (fused on CUDA), then Muon with its groups apart and (batched) with batched_ns on."""
+    """Rows: AdamW (fused on CUDA), then Muon with its two kinds of groups also timed apart."""
     device = torch.device(device)
     dims = preset_dims(preset, vocab_size)
     torch.manual_seed(seed)
@@ -94,10 +87,7 @@ def bench_optimizer_step(
                 row["step_ms"] = _time_steps({"step": opt}, timing)["step"]
             else:
                 muon_part, adamw_part = split_muon(opt)
-                opts = {"step": opt, "muon_groups": muon_part, "adamw_groups": adamw_part}
-                if batched:
-                    opts["batched_muon_groups"] = with_batched_ns(muon_part)
-                times = _time_steps(opts, timing)
+                times = _time_steps({"step": opt, "muon_groups": muon_part, "adamw_groups": adamw_part}, timing)
                 row["step_ms"] = times["step"]
                 row.update({f"{k}_ms": v for k, v in times.items() if k != "step"})
                 row["muon_params"] = sum(p.numel() for g in muon_part.param_groups for p in g["params"])

@@ -108,7 +108,6 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("variant", lambda r: r["variant"]),
         ("optim", lambda r: r["optimizer"]),
         ("compile", lambda r: "yes" if r["compile"] else "no"),
-        ("impl", lambda r: r.get("impl", "default")),
         ("B x T", lambda r: f"{r['batch']}x{r['seq']}"),
         ("step ms (IQR)", lambda r: _spread(r, "step_ms", "step_iqr_ms")),
         ("fwd+bwd ms", lambda r: fmt(r.get("fwd_bwd_ms"))),
@@ -141,7 +140,6 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     "decode": [
         ("preset", lambda r: r["preset"]),
         ("variant", lambda r: r["variant"]),
-        ("impl", lambda r: r["impl"]),
         ("batch", lambda r: str(r["batch"])),
         ("prompt+new", lambda r: f"{r['prompt']}+{r['new_tokens']}"),
         ("ms/step (IQR)", lambda r: _spread(r, "step_ms", "step_iqr_ms", "{:.3f}")),
@@ -161,7 +159,6 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("step ms", lambda r: fmt(r.get("step_ms"))),
         ("Muon groups ms", lambda r: fmt(r.get("muon_groups_ms"))),
         ("AdamW groups ms", lambda r: fmt(r.get("adamw_groups_ms"))),
-        ("Muon groups ms, batched_ns", lambda r: fmt(r.get("batched_muon_groups_ms"))),
         ("NS GFLOP", lambda r: fmt(r.get("ns_gflop"), "{:,.1f}")),
         ("NS TFLOP/s", lambda r: fmt(r.get("ns_tflops"), "{:.3g}")),
         ("status", lambda r: r["status"]),
@@ -207,10 +204,9 @@ NOTES = {
     "step, zero_grad, MoE bias update (harness/trial/loop.py's step without data loading). MFU = "
     "flops_per_token (arch/counting.py: 6 x active matmul params + attention at full T^2, nanoGPT's "
     "convention) x tokens/s / datasheet dense bf16 peak. 'MFU fwd+bwd' leaves out clip/optimizer. "
-    "'of matmul peak': the same FLOP/s over the measured large-matmul rate. impl: the arch/ switches "
-    "on (sdpa_pad_v: MLA's v padded so flash attention takes it; batched_ns: one Newton-Schulz per "
-    "same-shape bucket). Muon rows run eager only (the optimizer step is never compiled). syncs/step: "
-    "synchronizing CUDA calls in one step (torch sync debug mode).",
+    "'of matmul peak': the same FLOP/s over the measured large-matmul rate. Muon rows run eager only (the "
+    "optimizer step is never compiled). syncs/step: synchronizing CUDA calls in one step (torch sync debug "
+    "mode).",
     "moe": "Same router and expert weights for every MoE row. dense-active: one SwiGLU of width "
     "top_k x inter + shared width, i.e. the MoE's active parameters without the router. all-experts: "
     "every expert on every token times a mostly-zero gate (nanoKimi's dispatch).",
@@ -218,11 +214,10 @@ NOTES = {
     "B/token: bytes of the allocated cache / (batch x positions), all layers; 'counting' is "
     "arch.counting.kv_cache_bytes_per_token in the same dtype.",
     "optim": "Fixed random gradients; only optimizer.step() is timed. Muon/AdamW groups: the Muon optimizer's "
-    "two kinds of groups stepped by two separate optimizers. NS GFLOP: exact Newton-Schulz matmul "
-    "FLOPs per step.",
+    "two kinds of groups stepped by two separate optimizers. Newton-Schulz runs one batched call per matrix "
+    "shape (arch.muon's single-process default). NS GFLOP: exact Newton-Schulz matmul FLOPs per step.",
     "attention": "Random q, k, v (bf16 on CUDA, fp32 on CPU) at the training shape (micro-batch x heads x "
-    "block). 'not eligible': the backend refused the shape (reason from torch's warning). "
-    "'mla sdpa_pad_v': arch.mla.attention_sdpa with v zero-padded to d_qk.",
+    "block). 'not eligible': the backend refused the shape (reason from torch's warning).",
 }
 
 

@@ -7,8 +7,7 @@
 
 One module per measured section (each a function returning rows, so tests and notebooks can call it alone):
 train_step.py (train), moe_layer.py (moe), decode.py (decode), optim_step.py (optim), attention.py (attention);
-targets.py states the targets over the rows, record.py writes the record. With --proposed, rows built with the
-arch/ switches that are off by default (MLAConfig.sdpa_pad_v, Muon batched_ns) are timed beside the default.
+targets.py states the targets over the rows, record.py writes the record.
 """
 
 from __future__ import annotations
@@ -69,8 +68,6 @@ class SuiteSettings:
     vocab_size: int | None
     peak_flops: float | None
     matmul_peak: float
-    proposed: bool
-    proposed_only: bool
     profile: bool
 
 
@@ -79,29 +76,20 @@ def _train_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
         for optimizer in s.optimizers:
             # the optimizer step is never compiled: other optimizers' rows run eager (if selected)
             modes = s.compile_modes if optimizer == "adamw" else tuple(m for m in s.compile_modes if not m)
-            switches = [dict(sdpa_pad_v=False, batched_ns=False)]
-            if s.proposed and optimizer == "adamw" and variant in MLA_VARIANTS:
-                switches.append(dict(sdpa_pad_v=True, batched_ns=False))
-            if s.proposed and optimizer != "adamw":
-                switches.append(dict(sdpa_pad_v=False, batched_ns=True))
-            if s.proposed_only:
-                switches = switches[1:]
-            for switch in switches:
-                for compiled in modes:
-                    yield bench_train_step(
-                        variant,
-                        preset,
-                        s.device,
-                        compile_model=compiled,
-                        optimizer=optimizer,
-                        micro_batch=s.micro_batch,
-                        timing=s.timing,
-                        vocab_size=s.vocab_size,
-                        peak_flops=s.peak_flops,
-                        matmul_peak=s.matmul_peak,
-                        profile=s.profile,
-                        **switch,
-                    )
+            for compiled in modes:
+                yield bench_train_step(
+                    variant,
+                    preset,
+                    s.device,
+                    compile_model=compiled,
+                    optimizer=optimizer,
+                    micro_batch=s.micro_batch,
+                    timing=s.timing,
+                    vocab_size=s.vocab_size,
+                    peak_flops=s.peak_flops,
+                    matmul_peak=s.matmul_peak,
+                    profile=s.profile,
+                )
 
 
 def _moe_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
@@ -129,9 +117,7 @@ def _decode_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
 
 def _optim_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
     for variant in s.variants:
-        yield from bench_optimizer_step(
-            variant, preset, s.device, timing=s.timing, vocab_size=s.vocab_size, batched=s.proposed
-        )
+        yield from bench_optimizer_step(variant, preset, s.device, timing=s.timing, vocab_size=s.vocab_size)
 
 
 def _attention_rows(s: SuiteSettings, preset: str) -> Iterator[dict]:
@@ -150,7 +136,6 @@ PROGRESS_KEYS = (
     "variant",
     "optimizer",
     "compile",
-    "impl",
     "batch",
     "layer",
     "kind",
@@ -200,8 +185,6 @@ def run_suite(
     new_tokens: int | None = None,
     vocab_size: int | None = None,
     peak_tflops: float | None = None,
-    proposed: bool = True,
-    proposed_only: bool = False,
     profile: bool = False,
     append: bool = False,
     command: str | None = None,
@@ -210,8 +193,7 @@ def run_suite(
     """Run the selected sections for every preset (and variant where it applies); print each section's table
     as it completes and rewrite the record (+ JSON) after each, so a run cut short keeps what it measured.
     out_md None: reports/benchmarks/<date>-<device-slug>.md. append: merge into the record already at out_md
-    (a prepared script's steps build one record). proposed_only: train rows with the arch/ switches only
-    (the default rows measured by an earlier step). Returns this run's results (merged, with append)."""
+    (a prepared script's steps build one record). Returns this run's results (merged, with append)."""
     dev = check_device(device)
     presets = check_choices("--presets", presets, tuple(PRESETS))
     variants = check_choices("--variants", variants, tuple(VARIANTS))
@@ -242,7 +224,6 @@ def run_suite(
         "micro_batch": micro_batch or "preset default",
         "decode_batches": ",".join(map(str, decode_batches)),
         "vocab_size": vocab_size or "preset default",
-        "proposed_rows": "only" if proposed_only else proposed,
         "profile": profile,
         "peak_flops": peak,
         "matmul_peak": matmul_peak,
@@ -266,8 +247,6 @@ def run_suite(
         vocab_size,
         peak,
         matmul_peak,
-        proposed or proposed_only,
-        proposed_only,
         profile,
     )
     console.print(
@@ -343,10 +322,6 @@ def bench_command(
     new_tokens: Annotated[int | None, typer.Option(help="decode steps per timed call (default 32)")] = None,
     vocab_size: Annotated[int | None, typer.Option(help="override the vocabulary (default: preset's or 50304)")] = None,
     peak_tflops: Annotated[float | None, typer.Option(help="MFU denominator (default: datasheet peak)")] = None,
-    proposed: Annotated[
-        bool, typer.Option("--proposed/--no-proposed", help="also time the arch/ switches that are off by default")
-    ] = True,
-    proposed_only: Annotated[bool, typer.Option("--proposed-only", help="train rows with the switches only")] = False,
     profile: Annotated[
         bool, typer.Option("--profile/--no-profile", help="top kernels (torch.profiler) of targets missed by >20%")
     ] = False,
@@ -379,8 +354,6 @@ def bench_command(
         new_tokens=new_tokens,
         vocab_size=vocab_size,
         peak_tflops=peak_tflops,
-        proposed=proposed,
-        proposed_only=proposed_only,
         profile=profile,
         append=append,
     )

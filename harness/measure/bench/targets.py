@@ -1,8 +1,7 @@
 """The speed targets (reports/benchmarks/README.md says what each means) and their verdicts over a run's rows.
 
-A verdict is stated on the current code (impl "default"); rows built with an arch/ switch on (sdpa_pad_v,
-batched_ns) appear in its note. A target missed by more than MISS_MARGIN carries the top-kernels table of the
-row that decided it, where the section profiled one.
+A target missed by more than MISS_MARGIN carries the top-kernels table of the row that decided it, where the
+section profiled one.
 """
 
 from __future__ import annotations
@@ -93,10 +92,6 @@ def describe_row(r: dict) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _default(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("impl", "default") == "default"]
-
-
 def _mfu_verdicts(train: list[dict]) -> list[dict]:
     out = []
     for key, preset, variant in (("mfu_gpt2", "gpt2-124m", "gpt"), ("mfu_kimi", "paper", "kimi")):
@@ -105,16 +100,13 @@ def _mfu_verdicts(train: list[dict]) -> list[dict]:
             for r in train
             if (r["preset"], r["variant"], r["optimizer"]) == (preset, variant, "adamw") and r.get("mfu") is not None
         ]
-        best = max(_default(rows), key=lambda r: r["mfu"], default=None)
+        best = max(rows, key=lambda r: r["mfu"], default=None)
         if best is None:
             out.append(
                 verdict(key, f"{variant} @ {preset}", None, "needs a CUDA run with a known peak (or --peak-tflops)")
             )
             continue
         note = f"{'compiled' if best['compile'] else 'eager'}; fwd+bwd alone {best['mfu_fwd_bwd']:.1%}"
-        for r in rows:
-            if r.get("impl", "default") != "default":
-                note += f"; {r['impl']} {'compiled' if r['compile'] else 'eager'}: {r['mfu']:.1%}"
         out.append(verdict(key, f"{variant} @ {preset}", best["mfu"], note, best))
     return out
 
@@ -140,29 +132,17 @@ def _muon_share(r: dict, fastest_fwd_bwd: float) -> float:
 
 def _muon_verdicts(train: list[dict], optim: list[dict]) -> list[dict]:
     out = []
-    muon_rows = [r for r in train if r["optimizer"] == "muon"]
-    for r in _default(muon_rows):
-        same = _default([x for x in train if (x["preset"], x["variant"]) == (r["preset"], r["variant"])])
-        fastest = min(x["fwd_bwd_ms"] for x in same)
+    for r in (r for r in train if r["optimizer"] == "muon"):
+        scope = (r["preset"], r["variant"])
+        fastest = min(x["fwd_bwd_ms"] for x in train if (x["preset"], x["variant"]) == scope)
         note = f"eager Muon row: {r['opt_ms'] / r['step_ms']:.1%} of its own step"
-        batched = [
-            x
-            for x in muon_rows
-            if "batched_ns" in x.get("impl", "") and (x["preset"], x["variant"]) == (r["preset"], r["variant"])
-        ]
-        for x in batched:
-            note += f"; batched_ns: {_muon_share(x, fastest):.1%}"
-        opt_rows = [
-            o
-            for o in optim
-            if o.get("batched_muon_groups_ms") is not None
-            and (o["preset"], o["variant"]) == (r["preset"], r["variant"])
-        ]
-        if opt_rows:
-            o = opt_rows[0]
+        o = next(
+            (o for o in optim if o.get("muon_groups_ms") is not None and (o["preset"], o["variant"]) == scope), None
+        )
+        if o is not None:
             note += (
-                f"; optimizer.step() alone: Muon groups {o['muon_groups_ms']:.2f} ms, batched_ns "
-                f"{o['batched_muon_groups_ms']:.2f} ms"
+                f"; optimizer.step() alone: Muon groups {o['muon_groups_ms']:.2f} ms, AdamW groups "
+                f"{o['adamw_groups_ms']:.2f} ms"
             )
         out.append(verdict("muon_share", f"{r['variant']} @ {r['preset']}", _muon_share(r, fastest), note, r))
     return out or [verdict("muon_share", "Muon", None)]
@@ -172,8 +152,8 @@ def _decode_verdicts(decode: list[dict]) -> list[dict]:
     out = []
     for preset in dict.fromkeys(r["preset"] for r in decode):
 
-        def pick(variant, impl="default", preset=preset):
-            return {r["batch"]: r for r in decode if (r["preset"], r["variant"], r["impl"]) == (preset, variant, impl)}
+        def pick(variant, preset=preset):
+            return {r["batch"]: r for r in decode if (r["preset"], r["variant"]) == (preset, variant)}
 
         mha, mla = pick("gpt"), pick("gpt-mla")
         common = sorted(set(mha) & set(mla))

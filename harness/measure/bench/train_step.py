@@ -11,12 +11,9 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
 
 from arch.counting import count_params, flops_per_token
-from arch.mla import use_sdpa_pad_v
 from arch.moe import moe_modules
-from arch.muon import Muon
 from harness.measure.bench.kit import (
     TimingSettings,
     count_host_syncs,
@@ -34,22 +31,6 @@ from harness.trial.step import autocast_dtype, synchronize, train_step
 PHASES = ("fwd_bwd", "clip", "opt", "rest")
 
 
-def impl_name(sdpa_pad_v: bool, batched_ns: bool) -> str:
-    """The train/optim rows' `impl` cell: which arch/ switches were on ("default": none)."""
-    on = [name for name, flag in (("sdpa_pad_v", sdpa_pad_v), ("batched_ns", batched_ns)) if flag]
-    return "+".join(on) or "default"
-
-
-def build_optimizer(name: str, model: nn.Module, batched_ns: bool = False) -> torch.optim.Optimizer:
-    """The harness's optimizer for `name`; batched_ns rebuilds a Muon over the same groups with the switch on."""
-    opt = resolve_optimizer(name).build(model)
-    if batched_ns and isinstance(opt, Muon):
-        batched = Muon([dict(g) for g in opt.param_groups], batched_ns=True)
-        batched.qk_clip_model, batched.qk_clip_tau = opt.qk_clip_model, opt.qk_clip_tau
-        return batched
-    return opt
-
-
 def bench_train_step(
     variant: str,
     preset: str,
@@ -62,15 +43,13 @@ def bench_train_step(
     vocab_size: int | None = None,
     peak_flops: float | None = None,
     matmul_peak: float | None = None,
-    sdpa_pad_v: bool = False,
-    batched_ns: bool = False,
     profile: bool = False,
     seed: int = 0,
     n_batches: int = 4,
 ) -> dict[str, Any]:
     """One training step (forward + aux loss, backward, clip 1.0, step, zero_grad, MoE bias update) on
-    n_batches random token blocks used in turn. `sdpa_pad_v`/`batched_ns` build with those arch/ switches;
-    `profile` adds the step's top kernels (torch.profiler) to the row. A failure is a row status."""
+    n_batches random token blocks used in turn, with the harness's optimizer `optimizer`. `profile` adds the
+    step's top kernels (torch.profiler) to the row. A failure is a row status."""
     device = torch.device(device)
     dims = preset_dims(preset, vocab_size)
     B, T = micro_batch_for(preset, micro_batch), dims.block_size
@@ -79,7 +58,6 @@ def bench_train_step(
         "variant": variant,
         "optimizer": optimizer,
         "compile": bool(compile_model),
-        "impl": impl_name(sdpa_pad_v, batched_ns),
         "batch": B,
         "seq": T,
         "status": "ok",
@@ -88,10 +66,8 @@ def bench_train_step(
     try:
         torch.manual_seed(seed)
         model = build_model(variant, dims).to(device)
-        if sdpa_pad_v:
-            use_sdpa_pad_v(model)
         model.train()
-        opt = build_optimizer(optimizer, model, batched_ns)
+        opt = resolve_optimizer(optimizer).build(model)
         if compile_model:
             torch._dynamo.reset()  # one compiled model at a time: no cache entries pile up across configs
         train_model = torch.compile(model) if compile_model else model

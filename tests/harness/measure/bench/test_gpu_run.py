@@ -24,7 +24,6 @@ STEPS = (
     "muon-gpt2",
     "optim",
     "attention",
-    "proposals",
 )
 
 
@@ -62,7 +61,13 @@ def test_cpu_rehearsal_writes_one_record(tmp_path):
     assert "skipped" in (tmp_path / "test_cuda.log").read_text()  # no GPU here: every CUDA test skips
     raw = json.loads((tmp_path / "record.json").read_text())
     assert len(raw["runs"]) == len(STEPS) - 1 and raw["env"]["git_commit"] == "rehearsal"
-    assert {r["impl"] for r in raw["train"]} == {"default", "sdpa_pad_v", "batched_ns"}
+    # train-gpt2, train-kimi, muon-kimi, muon-gpt2: one eager row each (tiny: both variants at the tiny preset)
+    assert [(r["variant"], r["optimizer"]) for r in raw["train"]] == [
+        ("gpt", "adamw"),
+        ("kimi", "adamw"),
+        ("kimi", "muon"),
+        ("gpt", "muon"),
+    ]
     for section in ("train", "moe", "decode", "optim", "attention"):
         assert raw[section] and all(
             r["status"] == "ok" or r["status"].startswith("not eligible") for r in raw[section]
@@ -114,7 +119,14 @@ def test_prepare_says_so_when_no_python_environment_is_there(tmp_path):
 
 def test_bad_options_are_one_line_errors(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    for args, message in ((["--device", "tpu"], "--device tpu"), (["--frobnicate"], "unknown option")):
+    for args, message in (
+        (["--device", "tpu"], "--device tpu"),
+        (["--frobnicate"], "unknown option"),
+        (
+            ["--steps", "moe,proposals"],
+            "--steps: unknown step proposals",
+        ),  # a removed name is an error, not a silent no-op
+    ):
         done = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr
     no_out = {k: v for k, v in env.items() if k != "OUT"}

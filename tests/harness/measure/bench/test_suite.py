@@ -56,9 +56,10 @@ def test_run_suite_writes_a_complete_record(tmp_path):
     assert "torch" in text and "driver" in text and "Not run" not in text
     assert {t["key"] for t in results["targets"]} == {t.key for t in TARGETS}
     raw = json.loads(out.with_suffix(".json").read_text())
-    # 3 variants x (adamw, muon, muon batched_ns) + the MLA variants' adamw with sdpa_pad_v
-    assert len(raw["train"]) == 3 * 3 + 2
-    assert {r["impl"] for r in raw["train"]} == {"default", "sdpa_pad_v", "batched_ns"}
+    # one eager row per variant and optimizer, in that order
+    assert [(r["variant"], r["optimizer"]) for r in raw["train"]] == [
+        (v, o) for v in ("gpt", "gpt-mla", "kimi") for o in ("adamw", "muon")
+    ]
     decode_verdicts = [t for t in results["targets"] if t["key"] in ("mla_decode", "mla_kv")]
     assert all(t["met"] is not None for t in decode_verdicts)  # gpt-mla vs gpt measured (at batch 2)
     assert raw["runs"][0]["seconds"] > 0
@@ -125,7 +126,7 @@ def test_append_builds_one_record_from_steps(tmp_path):
     assert len(raw["train"]) == 1 and len(raw["decode"]) == 2 and merged["decode"] == raw["decode"]
     assert raw["settings"]["sections"] == "train,decode"
     text = out.read_text()
-    assert "## Train step" in text and "| tiny | gpt-mla | default | 1 |" in text
+    assert "## Train step" in text and "| tiny | gpt-mla | 1 |" in text
     with pytest.raises(UserError, match="--append"):
         run_suite("cpu", ["tiny"], ["gpt"], [False], None, append=True, **FAST)
 
@@ -157,7 +158,6 @@ def test_merge_records_combines_runs(tmp_path):
         micro_batch=2,
         vocab_size=VOCAB,
         command="run b",
-        proposed=False,
         **FAST,
     )
     merged = merge_records([first.with_suffix(".json"), second.with_suffix(".json")], tmp_path / "m.md")
@@ -224,7 +224,6 @@ def test_bench_command_options(tmp_path):
             "2",
             "--vocab-size",
             str(VOCAB),
-            "--no-proposed",
             "--out",
             str(out),
         ],
@@ -232,7 +231,7 @@ def test_bench_command_options(tmp_path):
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert "## Train step" in text and "Not run (section not selected)" in text
-    assert "proposed_rows=False" in text and "rounds=1" in text
+    assert "profile=False" in text and "rounds=1" in text
 
 
 @pytest.mark.parametrize(
