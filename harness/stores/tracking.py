@@ -227,7 +227,13 @@ class Tracker:
                 tags = {schema.TAG_EXPERIMENT_KIND: schema.EXPERIMENT_KIND_TRAINING}
                 if description:
                     tags[schema.TAG_NOTE] = description
-                return self.client.create_experiment(name, tags=tags)
+                try:
+                    return self.client.create_experiment(name, tags=tags)
+                except Exception:
+                    # another process (a second Optuna worker on Ray) created it between the two calls
+                    exp = self.client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             if description and exp.tags.get(schema.TAG_NOTE) != description:

@@ -128,7 +128,16 @@ def tune_ray(
         interrupted = _wait_tune(
             ray, refs, names, url, tracking_uri, (n_trials or total_trials) * len(names), console, opts
         )
-        outcome = _tune_outcome(names, url, tracking_uri, matrix, refs, ray, interrupted)
+        results, failures = worker_results(ray, refs)
+        if failures and not interrupted:
+            for line in failures:
+                console.print(f"[red]failed[/] {line}")
+            raise UserError(
+                f"ray: {len(failures)} of {len(refs)} tuning worker(s) failed (above), so their share of the "
+                f"trials never ran; the trials that did are in {strip_credentials(url)}; fill each study with "
+                f"the same command and --total-trials {cap}"
+            )
+        outcome = _tune_outcome(names, url, tracking_uri, matrix, results, interrupted)
         return outcome if outcome is not None else TuneOutcome(strip_credentials(url), {}, interrupted)
     finally:
         if started:
@@ -209,18 +218,29 @@ def _wait_tune(
         return True
 
 
-def _tune_outcome(names: list[str], url: str, tracking_uri: str | None, matrix, refs: list, ray, interrupted: bool):
+def worker_results(ray, refs: list) -> tuple[list[dict], list[str]]:
+    """What each finished worker returned, and one line per worker that raised (its task failed for good,
+    or was cancelled): a lost worker is reported, never dropped in silence."""
+    from harness.stores.tracking import first_line
+
+    results, failures = [], []
+    for worker_id, ref in enumerate(refs):
+        try:
+            results.append(ray.get(ref, timeout=0))
+        except Exception as e:  # a RayTaskError carries the worker's own exception as .cause
+            cause = getattr(e, "cause", None) or e
+            failures.append(f"tuning worker {worker_id} on Ray: {type(cause).__name__}: {first_line(cause)}")
+    return results, failures
+
+
+def _tune_outcome(names: list[str], url: str, tracking_uri: str | None, matrix, results: list[dict], interrupted: bool):
     """The workers' studies, read back from the storage, for the CLI's summary (added = all workers)."""
     import optuna
 
     from harness.tune import ArmStudy, TuneOutcome, open_storage
 
     added: dict[str, int] = {}
-    for ref in refs:
-        try:
-            out = ray.get(ref, timeout=0)
-        except Exception:  # lost for good or cancelled: its trials are in the storage all the same
-            continue
+    for out in results:
         for arm, n in out["added"].items():
             added[arm] = added.get(arm, 0) + n
     st = open_storage(url, tracking_uri)

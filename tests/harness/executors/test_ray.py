@@ -22,7 +22,7 @@ import pytest
 from harness.executors.ray.claim_board import ClaimBoard
 from harness.executors.ray.cluster import check_shared_stores, pin_loopback, resolve_secret, secret_arg
 from harness.executors.ray.options import LOOPBACK_ENV, RayOptions
-from harness.executors.ray.tuning import worker_quotas
+from harness.executors.ray.tuning import worker_quotas, worker_results
 
 pin_loopback()  # before `import ray`: Ray reads it at import, and every process it starts inherits it
 
@@ -507,6 +507,30 @@ def test_worker_quotas_add_up_to_the_trials_per_arm():
     for n in range(1, 12):
         for w in range(1, 5):
             assert sum(worker_quotas(n, w)) == n
+
+
+def test_a_tuning_worker_that_raised_is_reported_not_dropped():
+    """A worker whose task failed (the team setup lost one to an experiment-creation race: 2 of 4 trials,
+    exit 0) is one line naming the worker and its own error; the finished workers' results are kept."""
+
+    class TaskError(Exception):  # ray.exceptions.RayTaskError's shape: the worker's exception as .cause
+        def __init__(self, cause):
+            super().__init__("ray.exceptions.RayTaskError(...): a page of traceback\n...")
+            self.cause = cause
+
+    class FakeRay:
+        def get(self, ref, timeout=None):
+            if isinstance(ref, Exception):
+                raise ref
+            return ref
+
+    done = {"added": {"gpt+adamw": 2}}
+    lost = TaskError(UserError("--tracking-uri http://u:secret@h:5000: cannot reach the tracking store (x)"))
+    results, failures = worker_results(FakeRay(), [done, lost])
+    assert results == [done]
+    assert failures == [
+        "tuning worker 1 on Ray: UserError: --tracking-uri http://h:5000: cannot reach the tracking store (x)"
+    ]
 
 
 def test_credentials_reach_tasks_through_the_environment_only(monkeypatch):

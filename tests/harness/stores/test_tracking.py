@@ -35,6 +35,23 @@ def test_experiment_is_created_once_and_restored_when_deleted(tracker):
 
 
 @pytest.mark.slow  # the store migration takes seconds
+def test_an_experiment_created_by_another_worker_in_between_is_joined(tracker, monkeypatch):
+    """Two Optuna workers on Ray both found no experiment and both created it; the second's create raised
+    RESOURCE_ALREADY_EXISTS, the worker died, and its share of the study's trials was never run (the team
+    setup test saw 2 of 4 trials). The loser of that race must join the winner's experiment."""
+    theirs = tracker.client.create_experiment("exp-race")  # the other worker, between our get and our create
+    real_get = tracker.client.get_experiment_by_name
+    looks = []
+
+    def get(name):  # our first look still saw nothing
+        looks.append(name)
+        return None if len(looks) == 1 else real_get(name)
+
+    monkeypatch.setattr(tracker.client, "get_experiment_by_name", get)
+    assert tracker.ensure_experiment("exp-race") == theirs and len(looks) == 2
+
+
+@pytest.mark.slow  # the store migration takes seconds
 def test_buffered_metrics_reach_the_store_only_when_flushed(tracker):
     exp = tracker.ensure_experiment("exp-buffer")
     run = tracker.start_trial(exp, None, "t", {}, {"optim.lr": 3e-4}, system_metrics=False)
