@@ -328,8 +328,7 @@ def tune(
     spec = load_matrix(matrix, sets)
     declared = spec.spec.tune
     if declared is not None and tune_kwargs.get("n_trials") is None and tune_kwargs.get("total_trials") is None:
-        # the matrix's own budget: each study ends holding [tune].trials, as `run --matrix` would leave it
-        tune_kwargs["total_trials"] = declared.trials
+        # TuneConfig takes the matrix's own budget: each study ends holding [tune] trials, as `run --matrix` leaves it
         console.print(
             f"tuning until each study holds {declared.trials} trials ([tune] trials of {spec.name})", markup=False
         )

@@ -46,7 +46,8 @@ class TuneConfig:
     """One tune invocation (the `kimi-bench tune` options). Validated on construction (one-line UserErrors)."""
 
     matrix: Matrix | str | Path
-    n_trials: int | None = None  # per worker and arm; DEFAULT_N_TRIALS when neither budget is given
+    n_trials: int | None = None  # per worker and arm; neither budget given: the matrix's [tune] trials
+    # (as total_trials), else DEFAULT_N_TRIALS
     total_trials: int | None = None  # per study, over all workers
     storage: str | None = None  # Optuna storage (harness.tune.storage); default ./optuna.db
     study_prefix: str | None = None  # studies are PREFIX/<arm>; default the matrix name
@@ -75,7 +76,16 @@ class TuneConfig:
         if isinstance(self.pruner, str):
             check_choice("--pruner", self.pruner, PRUNERS)
         if self.n_trials is None and self.total_trials is None:
-            self.n_trials = DEFAULT_N_TRIALS
+            declared = self._declared_tune()
+            if declared is not None:  # the matrix's own budget: each study ends holding [tune] trials
+                self.total_trials = declared.trials
+            else:
+                self.n_trials = DEFAULT_N_TRIALS
+
+    def _declared_tune(self):
+        """The matrix's [tune] section, or None (a matrix without one)."""
+        matrix = self.matrix if isinstance(self.matrix, Matrix) else load_matrix(self.matrix)
+        return matrix.spec.tune
 
     @property
     def target(self) -> int:

@@ -12,7 +12,7 @@ import harness.trial.loop
 from harness import schema
 from harness.commands import RunOptions, run
 from harness.status import status_table
-from tests.harness.tune.common import runs_of, write_matrix
+from tests.harness.tune.common import REPO, runs_of, write_matrix
 
 TUNE = """
 [tune]
@@ -163,3 +163,19 @@ def test_tune_command_fills_each_study_to_the_matrix_budget_and_no_further(env, 
     assert "tuning until each study holds 2 trials ([tune] trials of declared-tune)" in console.export_text()
     tune(matrix, [], console, n_trials=1, **kw)  # an explicit --n-trials still adds that many
     assert len(optuna.load_study(study_name="declared-tune/gpt+adamw", storage=storage).trials) == 3
+
+
+def test_a_library_call_without_a_budget_takes_the_matrix_tune_trials():
+    """harness.tune.tune(matrix) with neither budget: the [tune] section's trials per study (what `kimi-bench
+    tune` and `run --matrix` use), not DEFAULT_N_TRIALS; a matrix without [tune] keeps the default."""
+    from harness.spec.matrix import load_matrix
+    from harness.tune.run import DEFAULT_N_TRIALS, TuneConfig
+
+    declared = TuneConfig(load_matrix(REPO / "experiments" / "fair-cpu.toml"))
+    assert (declared.n_trials, declared.total_trials) == (None, 12)
+    by_path = TuneConfig(REPO / "experiments" / "fair-cpu.toml", out="x")
+    assert (by_path.n_trials, by_path.total_trials) == (None, 12)
+    plain = TuneConfig(load_matrix(REPO / "experiments" / "smoke.toml"))
+    assert (plain.n_trials, plain.total_trials) == (DEFAULT_N_TRIALS, None)
+    explicit = TuneConfig(load_matrix(REPO / "experiments" / "fair-cpu.toml"), n_trials=3)
+    assert (explicit.n_trials, explicit.total_trials) == (3, None)
