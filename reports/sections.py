@@ -13,7 +13,7 @@ from reports.collect import Collected, strip_credentials
 
 
 def speed_section(speed_rows: pd.DataFrame) -> str:
-    from reports.speed import SPEED_RULE, decode_batches, fmt_measured, measured, noisy_threshold, shape_label
+    from reports.speed import SPEED_RULE, decode_batches, fmt_measured, measured, noisy_threshold
 
     if speed_rows.empty:
         return (
@@ -32,7 +32,7 @@ def speed_section(speed_rows: pd.DataFrame) -> str:
     for r in speed_rows.to_dict("records"):
         rows.append(
             [
-                shape_label(r, speed_rows),
+                r["label"],
                 r.get("preset"),
                 r.get("shape") or "?",
                 f"{r.get('device') or '?'}, {r.get('threads') or '?'}"

@@ -207,7 +207,20 @@ def speed_rows_for(speed: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             pick = (mine if len(mine) else cand).sort_values("start_time").iloc[-1]
             arms = ",".join(sorted(trained["arm"].dropna().unique())) if "arm" in trained else ""
             out.append(pick.to_dict() | {"variant": variant, "preset": preset, "arms": arms})
-    return pd.DataFrame(out)
+    rows = pd.DataFrame(out)
+    if len(rows):
+        rows["label"] = _shape_labels(rows)
+    return rows
+
+
+def _shape_labels(rows: pd.DataFrame) -> list[str]:
+    """Each row's name in the tables: the variant, or 'variant (its arms)' where the variant trained more than
+    one shape at that preset."""
+    shapes_of = rows.groupby(["variant", "preset"], dropna=False)["variant"].transform("size")
+    return [
+        f"{r.variant} ({r.arms.replace(',', ', ')})" if n > 1 and r.arms else str(r.variant)
+        for r, n in zip(rows.itertuples(), shapes_of, strict=True)
+    ]
 
 
 def row_for_arm(speed_rows: pd.DataFrame, arm: str) -> dict | None:
@@ -216,13 +229,6 @@ def row_for_arm(speed_rows: pd.DataFrame, arm: str) -> dict | None:
         return None
     sel = speed_rows[speed_rows["arms"].map(lambda arms: arm in str(arms).split(","))]
     return sel.iloc[0].to_dict() if len(sel) else None
-
-
-def shape_label(row: dict, speed_rows: pd.DataFrame) -> str:
-    """The variant, or 'variant (its arms)' where the variant trained more than one shape."""
-    variant = str(row.get("variant"))
-    same = speed_rows[speed_rows.variant.eq(row.get("variant")) & speed_rows.preset.eq(row.get("preset"))]
-    return f"{variant} ({row['arms'].replace(',', ', ')})" if len(same) > 1 and row.get("arms") else variant
 
 
 def decode_batches(speed_rows: pd.DataFrame) -> list[int]:
@@ -236,17 +242,16 @@ def decode_batches(speed_rows: pd.DataFrame) -> list[int]:
     return sorted(out)
 
 
-def _arm_label(shape: str, metric_tail: str) -> str:
-    """'kimi+muon' for a train-step metric ('muon/train_tokens_per_s'; shape: the shape's variant), else the
-    shape's label (a shape's figure)."""
-    return f"{shape.split(' (')[0]}+{metric_tail.split('/')[0]}" if "/" in metric_tail else shape
+def _arm_label(variant: str, label: str, metric_tail: str) -> str:
+    """'kimi+muon' for a train-step metric ('muon/train_tokens_per_s'), else the shape's label (a shape's figure)."""
+    return f"{variant}+{metric_tail.split('/')[0]}" if "/" in metric_tail else label
 
 
 def ratio_table_rows(speed_rows: pd.DataFrame) -> list[list[str]]:
     """[A, B, measure, A/B with interval and rounds] for every paired ratio the speed runs logged, each pair of
     arms once (as logged on the first run that holds it)."""
     prefix = names.SPEED_RATIO.split("{")[0]
-    label_of = {r.get("shape"): shape_label(r, speed_rows) for r in speed_rows.to_dict("records")}
+    named = {r.get("shape"): (str(r.get("variant")), r["label"]) for r in speed_rows.to_dict("records")}
     out, seen = [], set()
     for r in speed_rows.to_dict("records"):
         for key in sorted(
@@ -266,8 +271,8 @@ def ratio_table_rows(speed_rows: pd.DataFrame) -> list[list[str]]:
                 continue
             out.append(
                 [
-                    _arm_label(label_of[r.get("shape")], what),
-                    _arm_label(label_of.get(shape, shape), other),
+                    _arm_label(*named[r.get("shape")], what),
+                    _arm_label(*named.get(shape, (shape, shape)), other),
                     what.split("/")[-1],
                     fmt_ratio(ratio),
                 ]
