@@ -83,9 +83,10 @@ class TuneConfig:
                 self.n_trials = DEFAULT_N_TRIALS
 
     def _declared_tune(self):
-        """The matrix's [tune] section, or None (a matrix without one)."""
-        matrix = self.matrix if isinstance(self.matrix, Matrix) else load_matrix(self.matrix)
-        return matrix.spec.tune
+        """The matrix's [tune] section, or None (a matrix without one); a path is loaded once, here."""
+        if not isinstance(self.matrix, Matrix):
+            self.matrix = load_matrix(self.matrix)
+        return self.matrix.spec.tune
 
     @property
     def target(self) -> int:
